@@ -1,0 +1,75 @@
+# celery-fleet developer entry points. `make demo` and `make test` are the two a newcomer needs.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export KUBECONFIG := $(CURDIR)/.local/kubeconfig
+export PATH := $(CURDIR)/.local/bin:$(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: help
+help: ## list targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+.PHONY: install
+install: $(STAMP) ## virtualenv with the project and dev deps (.venv)
+
+.PHONY: install-system
+install-system: ## system packages the tests need (redis-server)
+	@command -v redis-server >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get install -y -q redis-server || { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q redis-server; }; }
+
+.PHONY: binaries
+binaries: ## build the control-plane binaries into the cache (slow the first time)
+	hack/build-binaries.sh
+
+.PHONY: cluster-up
+cluster-up: ## start the local control plane (kwokctl binary runtime) -> .local/kubeconfig
+	hack/cluster.sh up
+
+.PHONY: cluster-down
+cluster-down: ## stop and delete the local control plane
+	hack/cluster.sh down
+
+.PHONY: crds
+crds: install ## regenerate CRDs (crds/ and the chart copy) from the pydantic models
+	$(PY) -m celery_fleet.api.crdgen
+
+.PHONY: verify
+verify: install ## fail when generated files are stale
+	$(PY) -m celery_fleet.api.crdgen --check
+
+.PHONY: lint
+lint: install ## ruff + import layering
+	$(VENV)/bin/ruff check operator tests bench
+	$(VENV)/bin/ruff format --check operator tests bench
+	$(VENV)/bin/lint-imports
+
+.PHONY: typecheck
+typecheck: install ## mypy --strict on the package
+	$(VENV)/bin/mypy
+
+.PHONY: unit
+unit: install ## unit tests only
+	$(VENV)/bin/pytest tests/unit -q
+
+.PHONY: test
+test: install install-system lint typecheck verify ## the whole suite: lint, types, generated files, unit + integration
+	$(VENV)/bin/pytest tests -q --durations=15
+
+.PHONY: demo
+demo: install install-system cluster-up ## bring up the local cluster and Redis, and show how to reach them
+	hack/demo.sh
+
+.PHONY: bench
+bench: install install-system ## benchmarks; results in bench/results/
+	hack/bench.sh

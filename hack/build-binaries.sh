@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# Build the local control plane (kube-apiserver, kube-controller-manager,
+# kube-scheduler, kubectl, etcd, kwok, kwokctl, helm) from Go modules into a
+# cache outside the repo, keyed by version. A second run is a no-op.
+#
+# Kubernetes and etcd cannot be `go install`ed directly (their go.mod files
+# carry replace directives), so each is built through a small wrapper module.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=versions.env
+source "$here/versions.env"
+
+cache_root="${CELERY_FLEET_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/celery-fleet}"
+bin_dir="$cache_root/bin/k8s-${KUBE_VERSION}_etcd-${ETCD_VERSION}_kwok-${KWOK_VERSION}_helm-${HELM_VERSION}"
+work="$cache_root/build"
+mkdir -p "$bin_dir" "$work"
+
+export GOWORK=off GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=mod
+export GOMODCACHE="${GOMODCACHE:-$cache_root/gomod}"
+export GOCACHE="${GOCACHE:-$cache_root/gocache}"
+
+log() { printf '[build-binaries] %s\n' "$*" >&2; }
+
+have() { [[ -x "$bin_dir/$1" ]]; }
+
+build_kubernetes() {
+  local cmds=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
+  local missing=0 c
+  for c in "${cmds[@]}"; do have "$c" || missing=1; done
+  [[ $missing == 0 ]] && return 0
+  local minor="${KUBE_VERSION#v1.}"; minor="${minor%%.*}"
+  local staging="v0.${KUBE_VERSION#v1.}"
+  local mod="$work/k8s-$KUBE_VERSION"
+  rm -rf "$mod"; mkdir -p "$mod"; cd "$mod"
+  go mod init local/k8sbin >/dev/null 2>&1
+  # The tag's own go.mod lists every staging module it replaces with ./staging/...;
+  # point each at its published v0.X.Y twin instead.
+  local gomod
+  gomod="$(go mod download -json "k8s.io/kubernetes@$KUBE_VERSION" | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')"
+  local replaces=()
+  while read -r m; do replaces+=("-replace=$m=$m@$staging"); done < <(
+    grep -E '^\s*k8s\.io/[^ ]+ => \./staging/' "$gomod" | awk '{print $1}' | sort -u)
+  log "kubernetes $KUBE_VERSION: ${#replaces[@]} staging modules -> $staging"
+  go mod edit "${replaces[@]}" "-require=k8s.io/kubernetes@$KUBE_VERSION" -godebug=default=go1.24
+  {
+    echo '//go:build tools'
+    echo 'package tools'
+    echo 'import ('
+    for c in "${cmds[@]}"; do echo "  _ \"k8s.io/kubernetes/cmd/$c\""; done
+    echo ')'
+  } > tools.go
+  go mod tidy >/dev/null
+  local ldflags="-s -w -X k8s.io/component-base/version.gitVersion=$KUBE_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/client-go/pkg/version.gitVersion=$KUBE_VERSION -X k8s.io/component-base/version.gitTreeState=clean"
+  for c in "${cmds[@]}"; do
+    have "$c" && continue
+    log "building $c"
+    go build -trimpath -tags selinux,notest -ldflags "$ldflags" -o "$bin_dir/$c.tmp" "k8s.io/kubernetes/cmd/$c"
+    mv "$bin_dir/$c.tmp" "$bin_dir/$c"
+  done
+}
+
+build_etcd() {
+  have etcd && return 0
+  local mod="$work/etcd-$ETCD_VERSION"
+  rm -rf "$mod"; mkdir -p "$mod"; cd "$mod"
+  go mod init local/etcdbin >/dev/null 2>&1
+  printf '//go:build tools\npackage tools\nimport _ "go.etcd.io/etcd/server/v3"\n' > tools.go
+  go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION" >/dev/null
+  go mod tidy >/dev/null
+  log "building etcd $ETCD_VERSION"
+  go build -trimpath -ldflags "-s -w" -o "$bin_dir/etcd.tmp" go.etcd.io/etcd/server/v3
+  mv "$bin_dir/etcd.tmp" "$bin_dir/etcd"
+}
+
+build_kwok() {
+  have kwok && have kwokctl && return 0
+  log "building kwok/kwokctl $KWOK_VERSION"
+  GOBIN="$bin_dir" go install -trimpath -ldflags "-s -w" \
+    "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION" "sigs.k8s.io/kwok/cmd/kwokctl@$KWOK_VERSION"
+}
+
+build_helm() {
+  have helm && return 0
+  log "building helm $HELM_VERSION"
+  GOBIN="$bin_dir" go install -trimpath -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
+    "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" 2>&1 || {
+    # helm's go.mod may carry replace lines on some tags; fall back to a wrapper module.
+    local mod="$work/helm-$HELM_VERSION"
+    rm -rf "$mod"; mkdir -p "$mod"; cd "$mod"
+    go mod init local/helmbin >/dev/null 2>&1
+    printf '//go:build tools\npackage tools\nimport _ "helm.sh/helm/v3/cmd/helm"\n' > tools.go
+    go get "helm.sh/helm/v3@$HELM_VERSION" >/dev/null
+    go mod tidy >/dev/null
+    go build -trimpath -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" -o "$bin_dir/helm" helm.sh/helm/v3/cmd/helm
+  }
+}
+
+targets=("$@")
+[[ ${#targets[@]} == 0 ]] && targets=(kwok etcd kubernetes helm)
+for t in "${targets[@]}"; do
+  case "$t" in
+    kubernetes) build_kubernetes ;;
+    etcd) build_etcd ;;
+    kwok) build_kwok ;;
+    helm) build_helm ;;
+    *) echo "unknown target $t" >&2; exit 2 ;;
+  esac
+done
+echo "$bin_dir"

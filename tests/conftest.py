@@ -1,0 +1,88 @@
+"""Shared fixtures: the real local control plane, real Redis, fresh namespaces."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.cluster import ROOT, Cluster, ensure_cluster
+from tests.support.redis_server import RedisServer
+from tests.support.wait import wait_for
+
+CRD_DIR = ROOT / "crds"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Everything under tests/integration is an integration test, marked or not.
+    for item in items:
+        if "integration" in Path(str(item.fspath)).parts:
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Cluster:
+    return ensure_cluster()
+
+
+@pytest.fixture(scope="session")
+def k8s_api(cluster: Cluster):  # type: ignore[no-untyped-def]
+    from kubernetes import client, config
+
+    cfg = client.Configuration()
+    config.load_kube_config(config_file=str(cluster.kubeconfig), client_configuration=cfg)
+    api = client.ApiClient(cfg)
+    yield api
+    api.close()
+
+
+@pytest.fixture(scope="session")
+def crds_installed(cluster: Cluster) -> list[str]:
+    files = sorted(CRD_DIR.glob("*.yaml"))
+    if not files:
+        pytest.fail(f"no generated CRDs in {CRD_DIR}: run `make crds`")
+    for f in files:
+        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(f))
+    names = []
+    for f in files:
+        import yaml
+
+        names.append(yaml.safe_load(f.read_text())["metadata"]["name"])
+    for name in names:
+        cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{name}")
+    return names
+
+
+@pytest.fixture
+def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]:
+    base = "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:40].strip("-")
+    name = f"t-{base}-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl("create", "namespace", name)
+    wait_for(
+        lambda: cluster.kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode == 0,
+        timeout=30,
+        message=f"default ServiceAccount in {name}",
+    )
+    yield name
+    if not os.environ.get("KEEP_NAMESPACES"):
+        cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_db(redis_server: RedisServer):  # type: ignore[no-untyped-def]
+    redis_server.start()  # a previous test may have stopped it on purpose
+    client = redis_server.client()
+    client.flushall()
+    yield client
+    client.close()
