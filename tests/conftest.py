@@ -10,10 +10,14 @@ from pathlib import Path
 import pytest
 
 from tests.support.cluster import ROOT, Cluster, ensure_cluster
+from tests.support.operator_process import OperatorProcess
 from tests.support.redis_server import RedisServer
 from tests.support.wait import wait_for
 
 CRD_DIR = ROOT / "crds"
+# Namespaces of this pytest session share a prefix, so this session's operator watches
+# only them and several test runs can share one local cluster.
+SESSION_PREFIX = f"t{uuid.uuid4().hex[:4]}"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -59,7 +63,7 @@ def crds_installed(cluster: Cluster) -> list[str]:
 @pytest.fixture
 def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]:
     base = "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:40].strip("-")
-    name = f"t-{base}-{uuid.uuid4().hex[:6]}"
+    name = f"{SESSION_PREFIX}-{base}"[:56].rstrip("-") + f"-{uuid.uuid4().hex[:6]}"
     cluster.kubectl("create", "namespace", name)
     wait_for(
         lambda: cluster.kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode == 0,
@@ -86,3 +90,14 @@ def redis_db(redis_server: RedisServer):  # type: ignore[no-untyped-def]
     client.flushall()
     yield client
     client.close()
+
+
+@pytest.fixture(scope="session")
+def operator(cluster: Cluster, crds_installed: list[str], tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """The real operator process watching this session's namespaces."""
+    proc = OperatorProcess(
+        cluster.kubeconfig, [f"{SESSION_PREFIX}-*"], tmp_path_factory.mktemp("operator") / "operator.log"
+    )
+    proc.start()
+    yield proc
+    proc.stop()

@@ -1,8 +1,9 @@
-"""The `celery-fleet` command line."""
+"""The `celery-fleet` command line: run the operator, elect a beat leader, print CRDs."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -10,18 +11,99 @@ from celery_fleet import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="celery-fleet", description=__doc__)
+    parser = argparse.ArgumentParser(prog="celery-fleet", description="Kubernetes operator for Celery worker fleets.")
     parser.add_argument("--version", action="version", version=f"celery-fleet {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the operator")
+    scope = run.add_mutually_exclusive_group()
+    scope.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace (default)")
+    scope.add_argument(
+        "--namespace", "-n", action="append", default=[], metavar="NS", help="watch only NS (repeatable)"
+    )
+    run.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"), help="default: in-cluster, then KUBECONFIG")
+    run.add_argument("--metrics-port", type=int, default=8000, help="Prometheus /metrics port (0: off)")
+    run.add_argument("--metrics-addr", default="0.0.0.0", help="address the metrics server binds")
+    run.add_argument(
+        "--health-endpoint",
+        default="http://0.0.0.0:8080/healthz",
+        help="liveness endpoint served by Kopf ('' disables)",
+    )
+    run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    run.add_argument("--json-logs", action="store_true", help="one JSON object per log line")
+    run.add_argument("--poll-interval", type=float, default=1.0, help="seconds between broker polls")
+    run.add_argument("--workers", type=int, default=4, help="concurrent reconciles")
+    run.add_argument(
+        "--elector-image",
+        default=os.environ.get("CELERY_FLEET_ELECTOR_IMAGE", f"ghcr.io/celery-fleet/celery-fleet:{__version__}"),
+        help="image whose /opt/celery-fleet/elector.py is copied into beat pods",
+    )
+    peering = run.add_mutually_exclusive_group()
+    peering.add_argument("--standalone", action="store_true", default=True, help="no peering (one replica; default)")
+    peering.add_argument(
+        "--peering", metavar="NAME", help="Kopf peering object NAME: several replicas, one active at a time"
+    )
+    run.add_argument("--priority", type=int, default=0, help="peering priority of this replica")
+
+    crds = sub.add_parser("crds", help="print the generated CRDs as YAML")
+    crds.add_argument("--check", action="store_true", help="fail when crds/ is stale")
+
+    sub.add_parser(
+        "elect",
+        help="run a command only while holding a Kubernetes Lease (see `celery-fleet elect -h`)",
+        add_help=False,
+    )
     return parser
 
 
+def _run(args: argparse.Namespace) -> int:
+    import kopf
+
+    from celery_fleet import logs, metrics
+    from celery_fleet.handlers import kopf_handlers  # noqa: F401  (registers the handlers)
+    from celery_fleet.handlers.fleet import Fleet, FleetConfig
+    from celery_fleet.kube.client import Kube, load_api_client
+
+    logs.configure(args.log_level, args.json_logs)
+    if args.kubeconfig:
+        os.environ["KUBECONFIG"] = args.kubeconfig  # Kopf's own login reads it too
+    kube = Kube(load_api_client(args.kubeconfig))
+    config = FleetConfig(
+        poll_interval=args.poll_interval, reconcile_workers=args.workers, elector_image=args.elector_image
+    )
+    metrics.serve(args.metrics_port, args.metrics_addr)
+    kopf.run(
+        clusterwide=not args.namespace,
+        namespaces=args.namespace,
+        standalone=args.peering is None,
+        peering_name=args.peering,
+        priority=args.priority,
+        liveness_endpoint=args.health_endpoint or None,
+        memo=kopf.Memo(fleet=Fleet(kube=kube, config=config)),
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "elect":
+        from celery_fleet import elector
+
+        return int(elector.main(argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
+    if args.command == "run":
+        return _run(args)
+    if args.command == "crds":
+        from celery_fleet.api import crdgen
+
+        if args.check:
+            return int(crdgen.main(["--check"]))
+        import yaml
+
+        sys.stdout.write(yaml.safe_dump_all(crdgen.generate_crds().values(), sort_keys=False))
         return 0
+    parser.print_help()
     return 0
 
 

@@ -42,8 +42,21 @@ class RedisServer:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
         args = [
-            self.binary, "--bind", self.host, "--port", str(self.port), "--dir", str(self.workdir),
-            "--save", "", "--appendonly", "no", "--protected-mode", "yes", "--daemonize", "no",
+            self.binary,
+            "--bind",
+            self.host,
+            "--port",
+            str(self.port),
+            "--dir",
+            str(self.workdir),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "yes",
+            "--daemonize",
+            "no",
         ]
         if self.password:
             args += ["--requirepass", self.password]

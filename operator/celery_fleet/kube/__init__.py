@@ -1,1 +1,1 @@
-"""celery_fleet.kube."""
+"""Kubernetes I/O: server-side apply, status, events, scale, over the official client."""

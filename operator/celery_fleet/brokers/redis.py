@@ -1,0 +1,442 @@
+"""Queue depth and in-flight work from a Redis broker, the way kombu's Redis transport lays them out.
+
+One poll is ONE pipelined round trip (``transaction=False``, so no MULTI/EXEC):
+
+* ``LLEN`` of every priority list of every queue: step 0 is the bare queue name, step ``s`` is
+  ``queue + "\\x06\\x16" + str(s)``; ``global_keyprefix`` prefixes every key.
+* one ``EVAL`` per key prefix of :data:`INFLIGHT_SCRIPT`, which walks the prefix's ``unacked`` hash
+  server-side (values are JSON ``[payload, exchange, routing_key]``) and returns only counts per
+  (exchange, routing key) plus the binding tables (``_kombu.binding.<exchange>``) of the exchanges
+  it saw. The payloads never cross the network. The walk stops after ``scan_limit`` entries; beyond
+  that the counts are scaled up to the hash size and flagged approximate (``UnackedSummary.exact``).
+  ``EVAL`` rather than ``EVALSHA``: Redis caches the compiled script by its SHA anyway, and
+  ``EVALSHA`` would need a NOSCRIPT retry (a second round trip after every Redis restart).
+
+Routing keys map to queues as kombu does on restore (``Channel._lookup``): an empty exchange
+means routing key == queue; otherwise the exchange's binding table is searched (exact routing key,
+or the stored regex for topic exchanges). Without a binding table the routing key is taken as the
+queue name, which is Celery's default (direct exchange named after the queue, routing key == name).
+
+The I/O is a single injected coroutine ``RoundTrip(commands) -> replies``; everything else here is
+pure and unit-tested without Redis. :func:`connect` builds the real one on ``redis.asyncio``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import ssl
+import time
+from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Final
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis import exceptions as rexc
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from celery_fleet.brokers.source import (
+    BrokerError,
+    DepthReading,
+    ErrorKind,
+    QueueRef,
+    UnackedSummary,
+)
+
+SEP: Final = "\x06\x16"  # kombu.transport.redis.Channel.sep
+UNACKED_KEY: Final = "unacked"
+BINDING_KEY_PREFIX: Final = "_kombu.binding."
+DEFAULT_SCAN_LIMIT: Final = 10_000
+
+Command = tuple[str | int, ...]
+Reply = object
+RoundTrip = Callable[[Sequence[Command]], Awaitable[list[Reply]]]
+
+# KEYS[1] = the unacked hash, ARGV[1] = scan limit, ARGV[2] = binding-table key prefix.
+# Returns {hlen, scanned, unparsed, {exchange, routing_key, count, ...}, {exchange, {members}, ...}}.
+# The routing key and exchange are the last two JSON strings of the value: matched on its tail so
+# the payload (often kilobytes) is never decoded; cjson handles anything the pattern cannot.
+INFLIGHT_SCRIPT: Final = r"""
+local size = redis.call('HLEN', KEYS[1])
+local limit = tonumber(ARGV[1])
+local counts, order = {}, {}
+local scanned, unparsed = 0, 0
+if size > 0 and limit > 0 then
+  local cursor = '0'
+  repeat
+    local page = redis.call('HSCAN', KEYS[1], cursor, 'COUNT', 500)
+    cursor = page[1]
+    local entries = page[2]
+    for i = 2, #entries, 2 do
+      local value = entries[i]
+      local ex, rk = string.match(string.sub(value, -1024), ',%s*"([^"\\]*)",%s*"([^"\\]*)"%]$')
+      if not ex then
+        local ok, decoded = pcall(cjson.decode, value)
+        if ok and type(decoded) == 'table' and type(decoded[2]) == 'string' and type(decoded[3]) == 'string' then
+          ex, rk = decoded[2], decoded[3]
+        end
+      end
+      if ex then
+        local key = ex .. '\0' .. rk
+        if counts[key] == nil then
+          counts[key] = 0
+          order[#order + 1] = {ex, rk, key}
+        end
+        counts[key] = counts[key] + 1
+      else
+        unparsed = unparsed + 1
+      end
+      scanned = scanned + 1
+    end
+  until cursor == '0' or scanned >= limit
+end
+local pairs_out, seen, bindings = {}, {}, {}
+for _, item in ipairs(order) do
+  pairs_out[#pairs_out + 1] = item[1]
+  pairs_out[#pairs_out + 1] = item[2]
+  pairs_out[#pairs_out + 1] = counts[item[3]]
+  if item[1] ~= '' and not seen[item[1]] then
+    seen[item[1]] = true
+    bindings[#bindings + 1] = item[1]
+    bindings[#bindings + 1] = redis.call('SMEMBERS', ARGV[2] .. item[1])
+  end
+end
+return {size, scanned, unparsed, pairs_out, bindings}
+"""
+
+
+# -- keys -----------------------------------------------------------------------------------------------
+
+
+def priority_key(ref: QueueRef, step: int) -> str:
+    """The Redis list holding ``ref``'s messages of one priority step (kombu's ``_q_for_pri``)."""
+    name = ref.name if step == 0 else f"{ref.name}{SEP}{step}"
+    return ref.keyprefix + name
+
+
+def unacked_key(keyprefix: str) -> str:
+    return keyprefix + UNACKED_KEY
+
+
+# -- one poll: the commands, then the replies -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PollPlan:
+    """The commands of one poll and which reply answers what."""
+
+    commands: tuple[Command, ...]
+    lengths: tuple[tuple[QueueRef, int], ...]  # (queue, step) per LLEN, in command order
+    prefixes: tuple[str, ...]  # key prefix per EVAL, after the LLENs
+
+
+def plan_poll(refs: Collection[QueueRef], scan_limit: int = DEFAULT_SCAN_LIMIT) -> PollPlan:
+    ordered = sorted(set(refs))
+    lengths = tuple((r, s) for r in ordered for s in r.priority_steps)
+    prefixes = tuple(sorted({r.keyprefix for r in ordered}))
+    commands: list[Command] = [("LLEN", priority_key(r, s)) for r, s in lengths]
+    commands += [("EVAL", INFLIGHT_SCRIPT, 1, unacked_key(p), scan_limit, p + BINDING_KEY_PREFIX) for p in prefixes]
+    return PollPlan(tuple(commands), lengths, prefixes)
+
+
+def parse_poll(plan: PollPlan, replies: Sequence[Reply], *, duration_seconds: float = 0.0) -> DepthReading:
+    """Build the reading from the replies (an exception object stands for a command's error)."""
+    if len(replies) != len(plan.commands):
+        raise BrokerError(
+            ErrorKind.RESPONSE_ERROR, f"expected {len(plan.commands)} replies in the pipeline, got {len(replies)}"
+        )
+    queued: dict[QueueRef, dict[int, int]] = defaultdict(dict)
+    queue_errors: dict[QueueRef, str] = {}
+    for (ref, step), reply in zip(plan.lengths, replies, strict=False):
+        if isinstance(reply, BaseException):
+            auth = _auth_error(reply)
+            if auth is not None:
+                raise auth
+            queue_errors[ref] = _first_line(reply)
+        elif isinstance(reply, int):
+            queued[ref][step] = reply
+        else:
+            queue_errors[ref] = f"LLEN answered {type(reply).__name__}, not an integer"
+    for ref in queue_errors:
+        queued.pop(ref, None)
+
+    in_flight: Counter[tuple[str, str]] = Counter()
+    unacked: dict[str, UnackedSummary] = {}
+    watched = {(r.keyprefix, r.name) for r, _ in plan.lengths}
+    for prefix, reply in zip(plan.prefixes, replies[len(plan.lengths) :], strict=True):
+        if isinstance(reply, BaseException):
+            auth = _auth_error(reply)
+            if auth is not None:
+                raise auth
+            unacked[prefix] = UnackedSummary(0, 0, error=_first_line(reply))
+            continue
+        try:
+            summary, counts = _parse_inflight(reply)
+        except (TypeError, ValueError, IndexError) as exc:
+            unacked[prefix] = UnackedSummary(0, 0, error=f"unexpected script reply ({exc})")
+            continue
+        unacked[prefix] = summary
+        for queue, n in counts.items():
+            if (prefix, queue) in watched:
+                in_flight[(prefix, queue)] += n
+    return DepthReading(
+        queued={r: dict(s) for r, s in queued.items()},
+        in_flight=dict(in_flight),
+        unacked=unacked,
+        duration_seconds=duration_seconds,
+        queue_errors=queue_errors,
+    )
+
+
+def _parse_inflight(reply: Reply) -> tuple[UnackedSummary, dict[str, int]]:
+    if not isinstance(reply, list) or len(reply) != 5:
+        raise ValueError("expected a list of 5")
+    size, scanned, unparsed, flat_pairs, flat_bindings = reply
+    size, scanned, unparsed = int(size), int(scanned), int(unparsed)
+    bindings: dict[str, list[tuple[str, str, str]]] = {}
+    for i in range(0, len(flat_bindings), 2):
+        exchange = _text(flat_bindings[i])
+        bindings[exchange] = [m for m in (_binding(raw) for raw in flat_bindings[i + 1]) if m is not None]
+    counts: Counter[str] = Counter()
+    unattributed = unparsed
+    for i in range(0, len(flat_pairs), 3):
+        exchange, routing_key, n = _text(flat_pairs[i]), _text(flat_pairs[i + 1]), int(flat_pairs[i + 2])
+        queues = route(exchange, routing_key, bindings.get(exchange, []))
+        if not queues:
+            unattributed += n
+        for q in queues:
+            counts[q] += n
+    if scanned and scanned < size:
+        # Scan limit hit: scale the sample up to the whole hash (HSCAN order is unrelated to queues).
+        factor = size / scanned
+        counts = Counter({q: math.ceil(n * factor) for q, n in counts.items()})
+    return UnackedSummary(size=size, scanned=scanned, unattributed=unattributed), dict(counts)
+
+
+def route(exchange: str, routing_key: str, table: Sequence[tuple[str, str, str]]) -> list[str]:
+    """The queues a message of (exchange, routing key) came from, as kombu would restore it."""
+    if not exchange:
+        return [routing_key] if routing_key else []
+    matched = sorted(
+        {
+            queue
+            for rk, pattern, queue in table
+            if (_regex(pattern).match(routing_key) if pattern else rk == routing_key)
+        }
+    )
+    if matched:
+        return matched
+    # No binding table (or no match): Celery's default is a direct exchange where routing key == queue.
+    return [routing_key] if routing_key else []
+
+
+@lru_cache(maxsize=256)
+def _regex(pattern: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error:
+        return re.compile(r"(?!)")  # an unreadable binding matches nothing
+
+
+def _binding(raw: object) -> tuple[str, str, str] | None:
+    parts = _text(raw).split(SEP)
+    return (parts[0], parts[1], parts[2]) if len(parts) == 3 else None
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+def _auth_error(exc: BaseException) -> BrokerError | None:
+    if isinstance(exc, rexc.NoPermissionError) or str(exc).startswith(("NOPERM", "NOAUTH", "WRONGPASS")):
+        return BrokerError(ErrorKind.AUTH_FAILED, _first_line(exc))
+    return None
+
+
+# -- the broker URL: safe to show, safe to connect with -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """A parsed broker URL. ``display`` (host:port/db) is what logs and labels may show."""
+
+    url: str = ""
+    display: str = ""
+    secrets: tuple[str, ...] = ()  # strings that must never appear in a message
+
+    def __repr__(self) -> str:  # never print the URL, even in a traceback
+        return f"RedisTarget({self.display})"
+
+    __str__ = __repr__
+
+    @classmethod
+    def parse(cls, url: str) -> RedisTarget:
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError:
+            raise BrokerError(ErrorKind.INVALID_URL, "the broker URL cannot be parsed") from None
+        if parts.scheme not in ("redis", "rediss"):
+            raise BrokerError(ErrorKind.INVALID_URL, f"unsupported scheme {parts.scheme!r}: use redis:// or rediss://")
+        secrets = tuple(s for s in {parts.password or "", unquote(parts.password or "")} if s)
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        secrets += tuple(v for k, v in query if k == "password" and v)
+        db = parts.path.lstrip("/") or "0"
+        display = f"{parts.scheme}://{parts.hostname or 'localhost'}:{port or 6379}/{db}"
+        return cls(url=_normalize_query(parts, query), display=display, secrets=secrets)
+
+    def scrub(self, text: str) -> str:
+        for s in sorted(self.secrets, key=len, reverse=True):
+            text = text.replace(s, "***").replace(quote(s, safe=""), "***")
+        return re.sub(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://\S+", "<broker-url>", text)
+
+
+def _normalize_query(parts: object, query: list[tuple[str, str]]) -> str:
+    # Celery writes ssl_cert_reqs=CERT_REQUIRED; redis-py wants required/optional/none.
+    fixed = [
+        (k, v[len("CERT_") :].lower() if k == "ssl_cert_reqs" and v.upper().startswith("CERT_") else v)
+        for k, v in query
+    ]
+    p = urlsplit(str(urlunsplit(parts)))  # type: ignore[call-overload]  # urlsplit result is a tuple
+    return urlunsplit(p._replace(query=urlencode(fixed)))
+
+
+# -- errors -----------------------------------------------------------------------------------------------
+
+
+def classify(exc: BaseException, target: RedisTarget) -> BrokerError:
+    """Name the failure; the message shows the broker as host:port/db and never a password."""
+    where = target.display
+
+    def error(kind: ErrorKind, what: str) -> BrokerError:
+        detail = target.scrub(_first_line(exc))
+        return BrokerError(kind, f"{what} {where}: {detail}" if detail else f"{what} {where}")
+
+    if isinstance(exc, BrokerError):
+        return BrokerError(exc.kind, target.scrub(exc.message))
+    if isinstance(exc, rexc.AuthenticationError | rexc.AuthenticationWrongNumberOfArgsError | rexc.NoPermissionError):
+        return error(ErrorKind.AUTH_FAILED, "authentication failed on")
+    if isinstance(exc, rexc.ResponseError) and str(exc).startswith(("NOAUTH", "WRONGPASS", "NOPERM")):
+        return error(ErrorKind.AUTH_FAILED, "authentication failed on")
+    if isinstance(exc, rexc.TimeoutError | asyncio.TimeoutError | TimeoutError):
+        return error(ErrorKind.TIMEOUT, "no answer in time from")
+    if isinstance(exc, ssl.SSLError):
+        return error(ErrorKind.UNREACHABLE, "TLS handshake failed with")
+    if isinstance(exc, rexc.ConnectionError | OSError):
+        return error(ErrorKind.UNREACHABLE, "cannot reach")
+    if isinstance(exc, rexc.ResponseError):
+        return error(ErrorKind.RESPONSE_ERROR, "error reply from")
+    if isinstance(exc, ValueError):
+        return error(ErrorKind.INVALID_URL, "cannot use the broker URL for")
+    return error(ErrorKind.RESPONSE_ERROR, "unexpected failure reading")
+
+
+# -- the source -------------------------------------------------------------------------------------------
+
+
+class RedisDepthSource:
+    """A :class:`~celery_fleet.brokers.source.QueueDepthSource` over one Redis broker."""
+
+    def __init__(
+        self,
+        round_trip: RoundTrip,
+        target: RedisTarget,
+        *,
+        scan_limit: int = DEFAULT_SCAN_LIMIT,
+        deadline_seconds: float = 3.0,
+        close: Callable[[], Awaitable[None]] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self._round_trip = round_trip
+        self.target = target
+        self.scan_limit = scan_limit
+        self.deadline_seconds = deadline_seconds
+        self._close = close
+        self._clock = clock
+
+    def __repr__(self) -> str:
+        return f"RedisDepthSource({self.target.display})"
+
+    async def read(self, refs: Collection[QueueRef]) -> DepthReading:
+        plan = plan_poll(refs, self.scan_limit)
+        started = self._clock()
+        try:
+            # The socket timeouts bound each connect/read; this bounds the whole poll (DNS included).
+            replies = await asyncio.wait_for(self._round_trip(plan.commands), self.deadline_seconds)
+            return parse_poll(plan, replies, duration_seconds=self._clock() - started)
+        except Exception as exc:
+            raise classify(exc, self.target) from None
+
+    async def aclose(self) -> None:
+        if self._close is not None:
+            await self._close()
+
+
+def connect(
+    url: str,
+    *,
+    connect_timeout: float = 1.0,
+    read_timeout: float = 2.0,
+    scan_limit: int = DEFAULT_SCAN_LIMIT,
+    client_name: str = "celery-fleet",
+) -> RedisDepthSource:
+    """A source on ``redis.asyncio`` (Kopf runs on asyncio; a sync client would stall its loop).
+
+    TLS comes from the URL: ``rediss://`` plus redis-py's query options, e.g.
+    ``?ssl_cert_reqs=required&ssl_ca_certs=/etc/redis-ca/ca.crt``. redis-py's own retries are off:
+    the :class:`~celery_fleet.brokers.poller.BrokerPoller` owns reconnects and their backoff, so a
+    dead broker costs one bounded timeout per attempt, not three.
+    """
+    target = RedisTarget.parse(url)
+    try:
+        client = aioredis.Redis.from_url(
+            target.url,
+            socket_connect_timeout=connect_timeout,
+            socket_timeout=read_timeout,
+            retry=Retry(NoBackoff(), 0),
+            retry_on_timeout=False,
+            client_name=client_name,
+            max_connections=4,
+            health_check_interval=0,
+        )
+    except Exception as exc:
+        raise classify(exc, target) from None
+
+    async def round_trip(commands: Sequence[Command]) -> list[Reply]:
+        async with client.pipeline(transaction=False) as pipe:
+            for command in commands:
+                pipe.execute_command(*command)
+            replies: list[Reply] = await pipe.execute(raise_on_error=False)
+            return replies
+
+    async def close() -> None:
+        await client.aclose()
+
+    return RedisDepthSource(
+        round_trip,
+        target,
+        scan_limit=scan_limit,
+        deadline_seconds=connect_timeout + 2 * read_timeout,
+        close=close,
+    )
+
+
+def queued_by_priority(reading: DepthReading) -> Mapping[tuple[str, int], int]:
+    """Depth per (queue, priority step), summed over key prefixes: what the queue-depth metric shows."""
+    out: Counter[tuple[str, int]] = Counter()
+    for ref, steps in reading.queued.items():
+        for step, n in steps.items():
+            out[(ref.name, step)] += n
+    return dict(out)

@@ -1,0 +1,128 @@
+"""What every queue-depth source reads, and how it fails: backend-neutral types and the Protocol."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+from celery_fleet.planning.scaling import Observation, ReadFailure, TierObservation
+
+DEFAULT_PRIORITY_STEPS: tuple[int, ...] = (0, 3, 6, 9)
+
+
+@dataclass(frozen=True, order=True)
+class QueueRef:
+    """One Celery queue as it lives on the broker: its name, the key prefix and its priority lists."""
+
+    name: str
+    keyprefix: str = ""
+    priority_steps: tuple[int, ...] = DEFAULT_PRIORITY_STEPS
+
+
+def queue_refs(
+    queues: Iterable[str], keyprefix: str = "", priority_steps: Iterable[int] = DEFAULT_PRIORITY_STEPS
+) -> list[QueueRef]:
+    steps = tuple(priority_steps)
+    return [QueueRef(q, keyprefix, steps) for q in dict.fromkeys(queues)]
+
+
+class ErrorKind(StrEnum):
+    """Classes of broker failure; the value is the reason in conditions, Events and metric labels."""
+
+    UNREACHABLE = "Unreachable"  # refused, DNS, TLS handshake, connection lost
+    TIMEOUT = "Timeout"  # connect or read took longer than allowed
+    AUTH_FAILED = "AuthFailed"  # wrong password/user, or the ACL user lacks a permission
+    RESPONSE_ERROR = "ResponseError"  # the server answered with an error (e.g. WRONGTYPE)
+    INVALID_URL = "InvalidUrl"  # the URL from the spec/Secret cannot be used
+
+
+class BrokerError(Exception):
+    """A failed read. ``str(error)`` is safe to log and publish: it never holds a URL or password."""
+
+    def __init__(self, kind: ErrorKind, message: str) -> None:
+        super().__init__(f"{kind.value}: {message}")
+        self.kind = kind
+        self.message = message
+
+    def as_failure(self) -> ReadFailure:
+        return ReadFailure(self.kind.value, self.message)
+
+
+@dataclass(frozen=True)
+class UnackedSummary:
+    """The ``unacked`` hash of one key prefix: how much of it was read to count in-flight work."""
+
+    size: int  # HLEN
+    scanned: int  # entries read; < size when the scan limit was hit and counts were extrapolated
+    unattributed: int = 0  # entries whose queue could not be determined (unparsable, unknown exchange)
+    error: str | None = None  # the script failed; in-flight counts for this prefix are unknown
+
+    @property
+    def exact(self) -> bool:
+        return self.scanned >= self.size
+
+
+@dataclass(frozen=True)
+class DepthReading:
+    """One poll of one broker.
+
+    ``queued[ref][step]`` is the length of each priority list; ``in_flight[(keyprefix, queue)]``
+    counts the queue's messages in the prefix's ``unacked`` hash (reserved by or running on a worker).
+    """
+
+    queued: Mapping[QueueRef, Mapping[int, int]]
+    in_flight: Mapping[tuple[str, str], int]
+    unacked: Mapping[str, UnackedSummary]
+    duration_seconds: float = 0.0
+    # Queues whose keys could not be read (e.g. WRONGTYPE: the name is taken by a non-list key).
+    queue_errors: Mapping[QueueRef, str] = field(default_factory=dict)
+
+    def covers(self, refs: Iterable[QueueRef]) -> bool:
+        return all(r in self.queued or r in self.queue_errors for r in refs)
+
+    def depth(self, ref: QueueRef) -> int:
+        return sum(self.queued.get(ref, {}).values())
+
+    def observe(self, refs: Sequence[QueueRef]) -> TierObservation:
+        """One tier's observation: queued and in-flight summed over its queues, or why not."""
+        for r in refs:
+            if r in self.queue_errors:
+                return ReadFailure(ErrorKind.RESPONSE_ERROR.value, f"queue {r.name}: {self.queue_errors[r]}")
+            if r not in self.queued:
+                return ReadFailure(ErrorKind.RESPONSE_ERROR.value, f"queue {r.name} was not part of this poll")
+        prefixes = {r.keyprefix for r in refs}
+        exact = True
+        for p in prefixes:
+            summary = self.unacked.get(p)
+            if summary is None or summary.error is not None:
+                why = summary.error if summary is not None else "not read"
+                return ReadFailure(ErrorKind.RESPONSE_ERROR.value, f"in-flight count unknown: {why}")
+            exact = exact and summary.exact
+        unique = list(dict.fromkeys(refs))
+        return Observation(
+            queue_depth=sum(self.depth(r) for r in unique),
+            in_flight=sum(self.in_flight.get((r.keyprefix, r.name), 0) for r in unique),
+            in_flight_exact=exact,
+        )
+
+
+class QueueDepthSource(Protocol):
+    """A broker that can report the depth and in-flight count of queues in one round trip."""
+
+    async def read(self, refs: Collection[QueueRef]) -> DepthReading:
+        """Read every priority list of every queue and the in-flight counts; raise BrokerError."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+def observe_tiers(
+    result: DepthReading | BrokerError, tiers: Mapping[str, Sequence[QueueRef]]
+) -> dict[str, TierObservation]:
+    """Turn one poll (or its failure) into the per-tier observations `planning.scaling.decide` takes."""
+    if isinstance(result, BrokerError):
+        failure = result.as_failure()
+        return dict.fromkeys(tiers, failure)
+    return {name: result.observe(refs) for name, refs in tiers.items()}

@@ -1,0 +1,105 @@
+"""What the operator's watches have seen: pools, beats and their children, by key.
+
+Filled only from watch events (Kopf), so reconciles and the autoscaler read cluster
+state without polling the apiserver.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery_fleet.planning.pool_status import TierScaling
+
+ObjKey = tuple[str, str]  # (namespace, name)
+ChildKey = tuple[str, str]  # (kind, name)
+
+POOL_LABEL = "celeryfleet.io/pool"
+BEAT_LABEL = "celeryfleet.io/beat"
+
+
+def _slim(body: Mapping[str, Any]) -> dict[str, Any]:
+    """Drop what we never read (managedFields is most of an object's size)."""
+    out = {k: copy.deepcopy(v) for k, v in body.items() if k != "metadata"}
+    meta = dict(body.get("metadata") or {})
+    meta.pop("managedFields", None)
+    out["metadata"] = copy.deepcopy(meta)
+    return out
+
+
+@dataclass
+class PoolRuntime:
+    """Per-pool state the autoscaler keeps between polls."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    desired: dict[str, int] = field(default_factory=dict)
+    scaling: dict[str, TierScaling] = field(default_factory=dict)
+    history: dict[str, Any] = field(default_factory=dict)
+    broker_url: str | None = None  # resolved (may come from a Secret): never logged
+    broker_problem: tuple[str, str] | None = None  # (reason, message) of the last failed read
+
+
+class FleetCache:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.pools: dict[ObjKey, dict[str, Any]] = {}
+        self.beats: dict[ObjKey, dict[str, Any]] = {}
+        self.children: dict[ObjKey, dict[ChildKey, dict[str, Any]]] = defaultdict(dict)
+        self.beat_children: dict[ObjKey, dict[ChildKey, dict[str, Any]]] = defaultdict(dict)
+        self.runtime: dict[ObjKey, PoolRuntime] = defaultdict(PoolRuntime)
+
+    # -- pools and beats
+    def put_pool(self, body: Mapping[str, Any]) -> ObjKey:
+        key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        with self._lock:
+            self.pools[key] = _slim(body)
+        return key
+
+    def drop_pool(self, key: ObjKey) -> None:
+        with self._lock:
+            self.pools.pop(key, None)
+            self.runtime.pop(key, None)
+
+    def pool(self, key: ObjKey) -> dict[str, Any] | None:
+        with self._lock:
+            return self.pools.get(key)
+
+    def put_beat(self, body: Mapping[str, Any]) -> ObjKey:
+        key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        with self._lock:
+            self.beats[key] = _slim(body)
+        return key
+
+    def drop_beat(self, key: ObjKey) -> None:
+        with self._lock:
+            self.beats.pop(key, None)
+
+    # -- children
+    def put_child(self, owner_label: str, body: Mapping[str, Any], deleted: bool = False) -> ObjKey | None:
+        meta = body.get("metadata") or {}
+        owner = (meta.get("labels") or {}).get(owner_label)
+        if not owner:
+            return None
+        key = (meta["namespace"], owner)
+        ckey = (body.get("kind", ""), meta["name"])
+        table = self.children if owner_label == POOL_LABEL else self.beat_children
+        with self._lock:
+            if deleted:
+                table[key].pop(ckey, None)
+            else:
+                table[key][ckey] = _slim(body)
+        return key
+
+    def children_of(self, key: ObjKey, *, beat: bool = False) -> dict[ChildKey, dict[str, Any]]:
+        table = self.beat_children if beat else self.children
+        with self._lock:
+            return dict(table.get(key, {}))
+
+    def counts(self) -> tuple[int, int, int]:
+        with self._lock:
+            tiers = sum(len((p.get("spec") or {}).get("tiers") or [1, 2, 3]) for p in self.pools.values())
+            return len(self.pools), tiers, len(self.beats)

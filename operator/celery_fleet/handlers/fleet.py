@@ -1,0 +1,59 @@
+"""The operator's runtime: watch cache, work queues, reconcilers and the autoscaler loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from celery_fleet import metrics
+from celery_fleet.handlers.cache import FleetCache, ObjKey
+from celery_fleet.handlers.pool_reconciler import PoolReconciler
+from celery_fleet.handlers.workqueue import WorkQueue
+from celery_fleet.kube.client import Kube
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """Operator settings from the command line."""
+
+    poll_interval: float = 1.0
+    reconcile_workers: int = 4
+    elector_image: str = "ghcr.io/celery-fleet/celery-fleet:0.1.0"
+    resync_seconds: float = 300.0
+
+
+@dataclass
+class Fleet:
+    kube: Kube
+    config: FleetConfig = field(default_factory=FleetConfig)
+    cache: FleetCache = field(default_factory=FleetCache)
+    pool_queue: WorkQueue[ObjKey] = field(default_factory=WorkQueue)
+    beat_queue: WorkQueue[ObjKey] = field(default_factory=WorkQueue)
+
+    def __post_init__(self) -> None:
+        self.pools = PoolReconciler(self.kube, self.cache)
+
+    async def _reconcile_pool(self, key: ObjKey) -> None:
+        try:
+            outcome = await asyncio.to_thread(self.pools.reconcile, key)
+        except Exception:  # a bug must not stop the queue; the key is retried with backoff
+            log.exception("pool %s/%s: reconcile crashed", *key)
+            metrics.RECONCILES.labels("CeleryWorkerPool", "crash").inc()
+            self.pool_queue.backoff(key)
+            return
+        if outcome.error:
+            self.pool_queue.backoff(key)
+        else:
+            self.pool_queue.forget(key)
+            if outcome.requeue_after:
+                self.pool_queue.add_after(key, outcome.requeue_after)
+        pools, tiers, beats = self.cache.counts()
+        metrics.POOLS.set(pools)
+        metrics.TIERS.set(tiers)
+        metrics.BEATS.set(beats)
+
+    async def run(self) -> None:
+        await asyncio.gather(self.pool_queue.run(self._reconcile_pool, self.config.reconcile_workers))

@@ -1,0 +1,74 @@
+"""Kopf handlers: watch events in, keys onto the work queues. No business logic here.
+
+Every handler is an `on.event` watcher: Kopf stores no handler progress on our
+objects and adds no finalizers, so deleting a namespace never waits on us and
+the garbage collector removes children through their ownerReferences.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import kopf
+
+from celery_fleet import GROUP, VERSION
+from celery_fleet.handlers.cache import POOL_LABEL
+from celery_fleet.handlers.fleet import Fleet
+
+log = logging.getLogger(__name__)
+MANAGED = {"app.kubernetes.io/managed-by": "celery-fleet"}
+
+
+def _fleet(memo: Any) -> Fleet:
+    fleet: Fleet = memo["fleet"]
+    return fleet
+
+
+@kopf.on.startup(id="start-fleet")
+async def start_fleet(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) -> None:
+    settings.persistence.finalizer = "celeryfleet.io/kopf-finalizer"  # unused: we register no deletion handlers
+    settings.watching.server_timeout = 600
+    settings.watching.client_timeout = 660
+    settings.posting.level = logging.WARNING
+    fleet = _fleet(memo)
+    memo["tasks"] = [asyncio.create_task(fleet.run(), name="celery-fleet-runtime")]
+
+
+@kopf.on.cleanup(id="stop-fleet")
+async def stop_fleet(memo: kopf.Memo, **_: Any) -> None:
+    for task in memo.get("tasks", []):
+        task.cancel()
+
+
+@kopf.on.event(GROUP, VERSION, "celeryworkerpools", id="pool-events")
+async def pool_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    fleet = _fleet(memo)
+    raw = event["object"]
+    key = (raw["metadata"]["namespace"], raw["metadata"]["name"])
+    if event["type"] == "DELETED":
+        fleet.cache.drop_pool(key)
+        return
+    fleet.cache.put_pool(raw)
+    fleet.pool_queue.add(key)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=MANAGED, id="pool-deployment-events")
+async def deployment_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    _child_event(_fleet(memo), event, "Deployment")
+
+
+@kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=MANAGED, id="pool-pdb-events")
+async def pdb_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    _child_event(_fleet(memo), event, "PodDisruptionBudget")
+
+
+def _child_event(fleet: Fleet, event: kopf.RawEvent, kind: str) -> None:
+    raw: dict[str, Any] = dict(event["object"])
+    raw["kind"] = kind
+    labels = raw.get("metadata", {}).get("labels") or {}
+    if POOL_LABEL in labels:
+        key = fleet.cache.put_child(POOL_LABEL, raw, deleted=event["type"] == "DELETED")
+        if key is not None and key in fleet.cache.pools:
+            fleet.pool_queue.add(key)

@@ -1,0 +1,225 @@
+"""Reconcile one CeleryWorkerPool: gather (watch cache) -> decide (pure) -> act (apply).
+
+Runs in a worker thread (the official client is blocking). Level-triggered: it is
+called for any event on the pool or its children and converges from whatever it
+finds, so a missed event, a restart mid-reconcile or a hand edit all end the same.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from celery_fleet import GROUP, VERSION, metrics
+from celery_fleet.api.models import CeleryWorkerPoolSpec, InvalidSpec, Tier, parse_pool
+from celery_fleet.handlers.cache import FleetCache, ObjKey
+from celery_fleet.kube.client import ApiError, Kube
+from celery_fleet.kube.events import ObjectRef, post_event
+from celery_fleet.planning.conditions import ConditionUpdate, conditions_equal, merge_conditions
+from celery_fleet.planning.drift import drifted_fields, has_drifted
+from celery_fleet.planning.pool_status import PoolStatusInput, Problem, observe_deployment, pool_status
+from celery_fleet.planning.workload import pool_children
+
+log = logging.getLogger(__name__)
+
+POOL_API_VERSION = f"{GROUP}/{VERSION}"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the work queue should do next with this key."""
+
+    requeue_after: float | None = None
+    error: bool = False
+
+
+def utcnow() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def replicas_for(tier: Tier, observed: Mapping[str, Any] | None, scaler_desired: int | None) -> int:
+    """The one value of spec.replicas: the autoscaler's, else the current one kept within bounds."""
+    if scaler_desired is not None:
+        return scaler_desired
+    if observed is not None:
+        current = int((observed.get("spec") or {}).get("replicas", tier.replicas.min))
+        return max(tier.replicas.min, min(tier.replicas.max, current))
+    return tier.replicas.min
+
+
+class PoolReconciler:
+    def __init__(self, kube: Kube, cache: FleetCache) -> None:
+        self.kube = kube
+        self.cache = cache
+
+    def reconcile(self, key: ObjKey) -> Outcome:
+        body = self.cache.pool(key)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return Outcome()  # deleted: the garbage collector removes the children
+        started = time.perf_counter()
+        try:
+            outcome = self._reconcile(key, body)
+            metrics.RECONCILES.labels("CeleryWorkerPool", "error" if outcome.error else "ok").inc()
+            return outcome
+        except ApiError as err:
+            metrics.RECONCILES.labels("CeleryWorkerPool", "error").inc()
+            log.warning("pool %s/%s: API error, will retry: %s", *key, err)
+            return Outcome(error=True)
+        finally:
+            metrics.RECONCILE_SECONDS.labels("CeleryWorkerPool").observe(time.perf_counter() - started)
+
+    def _reconcile(self, key: ObjKey, body: dict[str, Any]) -> Outcome:
+        namespace, name = key
+        ref = ObjectRef.from_body({**body, "apiVersion": POOL_API_VERSION, "kind": "CeleryWorkerPool"})
+        runtime = self.cache.runtime[key]
+
+        try:
+            spec = parse_pool(body)
+        except InvalidSpec as err:
+            invalid = Problem("InvalidSpec", f"{err.message}. Fix the manifest and apply it again.")
+            self._write_status(key, body, ref, spec=None, problem=invalid)
+            return Outcome()
+
+        problem = self._resolve_broker(namespace, spec, runtime)
+        if problem is not None:
+            self._write_status(key, body, ref, spec=spec, problem=problem)
+            return Outcome(requeue_after=5.0, error=True)
+
+        if not spec.paused:
+            self._apply_children(key, name, body, spec, ref)
+        self._write_status(key, body, ref, spec=spec, problem=None)
+        return Outcome()
+
+    def _resolve_broker(self, namespace: str, spec: CeleryWorkerPoolSpec, runtime: Any) -> Problem | None:
+        broker = spec.broker
+        if broker.url is not None:
+            runtime.broker_url = broker.url
+            return None
+        ref = broker.url_secret_ref
+        assert ref is not None  # exactly one of url / urlSecretRef (schema and model)
+        value = self.kube.secret_value(namespace, ref.name, ref.key)
+        if value is None:
+            return Problem(
+                "BrokerSecretMissing",
+                f"spec.broker.urlSecretRef: Secret {namespace}/{ref.name} has no key {ref.key!r} (or does not "
+                f"exist). Create it (kubectl create secret generic {ref.name} --from-literal={ref.key}=rediss://...)"
+                " or point urlSecretRef at an existing Secret.",
+            )
+        if not value.strip():
+            return Problem(
+                "BrokerSecretEmpty",
+                f"spec.broker.urlSecretRef: key {ref.key!r} of Secret {namespace}/{ref.name} is empty; "
+                "store the broker URL (redis:// or rediss://) in it.",
+            )
+        if not value.strip().startswith(("redis://", "rediss://")):
+            return Problem(
+                "BrokerSecretInvalid",
+                f"spec.broker.urlSecretRef: key {ref.key!r} of Secret {namespace}/{ref.name} does not hold a "
+                "redis:// or rediss:// URL; store the broker URL in it.",
+            )
+        runtime.broker_url = value.strip()
+        return None
+
+    def _apply_children(
+        self, key: ObjKey, name: str, body: Mapping[str, Any], spec: CeleryWorkerPoolSpec, ref: ObjectRef
+    ) -> None:
+        namespace = key[0]
+        observed = self.cache.children_of(key)
+        runtime = self.cache.runtime[key]
+        replicas = {
+            tier.name: replicas_for(
+                tier, observed.get(("Deployment", f"{name}-{tier.name}")), runtime.desired.get(tier.name)
+            )
+            for tier in spec.tiers
+        }
+        desired = pool_children(name, namespace, body["metadata"]["uid"], spec, replicas)
+        wanted: set[tuple[str, str]] = set()
+        for child in desired:
+            ckey = (child["kind"], child["metadata"]["name"])
+            wanted.add(ckey)
+            current = observed.get(ckey)
+            if not has_drifted(child, current):
+                continue
+            applied = self.kube.apply(child)
+            self.cache.put_child("celeryfleet.io/pool", {**applied, "kind": child["kind"]})
+            if current is None:
+                action, reason, message = "create", "Created", f"Created {child['kind']} {ckey[1]}"
+            else:
+                paths = drifted_fields(
+                    {k: child[k] for k in ("metadata", "spec") if k in child},
+                    current,
+                )
+                action, reason = "update", "Updated"
+                message = f"Updated {child['kind']} {ckey[1]} ({', '.join(p.lstrip('.') for p in paths[:3])})"
+            metrics.CHILD_WRITES.labels(child["kind"], action).inc()
+            log.info("pool %s/%s: %s", namespace, name, message)
+            post_event(self.kube, ref, reason, message)
+        for ckey, current in observed.items():
+            if ckey in wanted or current["metadata"].get("deletionTimestamp"):
+                continue
+            kind_api = {"Deployment": "apps/v1", "PodDisruptionBudget": "policy/v1"}.get(ckey[0])
+            if kind_api is None:
+                continue
+            tier = (current["metadata"].get("labels") or {}).get("celeryfleet.io/tier", "?")
+            if self.kube.delete(kind_api, ckey[0], namespace, ckey[1]):
+                message = f"Deleted {ckey[0]} {ckey[1]}: tier {tier} is no longer in the spec"
+                if ckey[0] == "PodDisruptionBudget":
+                    message = f"Deleted {ckey[0]} {ckey[1]}: tier {tier} has no podDisruptionBudget"
+                metrics.CHILD_WRITES.labels(ckey[0], "delete").inc()
+                log.info("pool %s/%s: %s", namespace, name, message)
+                post_event(self.kube, ref, "Deleted", message)
+            self.cache.put_child("celeryfleet.io/pool", {**current, "kind": ckey[0]}, deleted=True)
+
+    def _write_status(
+        self,
+        key: ObjKey,
+        body: Mapping[str, Any],
+        ref: ObjectRef,
+        *,
+        spec: CeleryWorkerPoolSpec | None,
+        problem: Problem | None,
+    ) -> None:
+        namespace, name = key
+        observed = self.cache.children_of(key)
+        runtime = self.cache.runtime[key]
+        tiers = spec.tiers if spec is not None else []
+        inp = PoolStatusInput(
+            generation=int(body["metadata"].get("generation", 0)),
+            tiers=[observe_deployment(t.name, observed.get(("Deployment", f"{name}-{t.name}"))) for t in tiers],
+            scaling=dict(runtime.scaling),
+            problem=problem,
+            paused=bool(spec and spec.paused),
+        )
+        status, updates = pool_status(inp)
+        if problem is None and runtime.broker_problem is not None:
+            reason, message = runtime.broker_problem
+            updates.append(ConditionUpdate("BrokerReachable", "False", reason, message))
+        elif problem is None and runtime.scaling:
+            updates.append(ConditionUpdate("BrokerReachable", "True", "Polled", "the broker answered the last poll"))
+        old = body.get("status") or {}
+        status["conditions"] = merge_conditions(old.get("conditions"), updates, generation=inp.generation, now=utcnow())
+        if _status_equal(old, status):
+            return
+        old_problem = _condition(old, "Degraded")
+        if problem is not None and (old_problem or {}).get("message") != problem.message:
+            post_event(self.kube, ref, problem.reason, problem.message, "Warning")
+            log.warning("pool %s/%s: %s: %s", namespace, name, problem.reason, problem.message)
+        self.kube.patch_status(POOL_API_VERSION, "CeleryWorkerPool", namespace, name, status)
+
+
+def _condition(status: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None:
+    for c in status.get("conditions") or []:
+        if c.get("type") == type_ and c.get("status") == "True":
+            return dict(c)
+    return None
+
+
+def _status_equal(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    if not conditions_equal(old.get("conditions"), new.get("conditions")):
+        return False
+    strip = {"conditions"}
+    return {k: v for k, v in old.items() if k not in strip} == {k: v for k, v in new.items() if k not in strip}

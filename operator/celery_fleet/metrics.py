@@ -1,0 +1,101 @@
+"""Prometheus metrics of the operator. Labels never carry broker URLs or credentials."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+RECONCILES = Counter(
+    "celery_fleet_reconciles_total",
+    "Reconciliations of pools and beats by kind and result.",
+    ["kind", "result"],
+    registry=REGISTRY,
+)
+RECONCILE_SECONDS = Histogram(
+    "celery_fleet_reconcile_duration_seconds",
+    "Time spent reconciling one object.",
+    ["kind"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    registry=REGISTRY,
+)
+POOLS = Gauge("celery_fleet_pools", "CeleryWorkerPools managed.", registry=REGISTRY)
+TIERS = Gauge("celery_fleet_tiers", "Tiers managed over all pools.", registry=REGISTRY)
+BEATS = Gauge("celery_fleet_beats", "CeleryBeats managed.", registry=REGISTRY)
+CHILD_WRITES = Counter(
+    "celery_fleet_child_writes_total",
+    "Child objects written, by kind and action.",
+    ["kind", "action"],
+    registry=REGISTRY,
+)
+
+QUEUE_DEPTH = Gauge(
+    "celery_fleet_queue_depth",
+    "Messages waiting in a queue's priority sub-list.",
+    ["namespace", "pool", "tier", "queue", "priority"],
+    registry=REGISTRY,
+)
+IN_FLIGHT = Gauge(
+    "celery_fleet_queue_in_flight",
+    "Messages reserved or running (kombu unacked) for a queue.",
+    ["namespace", "pool", "tier", "queue"],
+    registry=REGISTRY,
+)
+DESIRED_REPLICAS = Gauge(
+    "celery_fleet_tier_desired_replicas",
+    "Replicas the autoscaler wants.",
+    ["namespace", "pool", "tier"],
+    registry=REGISTRY,
+)
+CURRENT_REPLICAS = Gauge(
+    "celery_fleet_tier_replicas",
+    "spec.replicas of the tier Deployment.",
+    ["namespace", "pool", "tier"],
+    registry=REGISTRY,
+)
+MAX_REPLICAS = Gauge(
+    "celery_fleet_tier_max_replicas", "replicas.max of the tier.", ["namespace", "pool", "tier"], registry=REGISTRY
+)
+SCALING_DECISIONS = Counter(
+    "celery_fleet_scaling_decisions_total",
+    "Replica changes made by the autoscaler.",
+    ["namespace", "pool", "tier", "direction", "reason"],
+    registry=REGISTRY,
+)
+POLL_SECONDS = Histogram(
+    "celery_fleet_broker_poll_duration_seconds",
+    "One pipelined queue-depth read of one broker.",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+    registry=REGISTRY,
+)
+BROKER_ERRORS = Counter("celery_fleet_broker_errors_total", "Failed broker reads by kind.", ["kind"], registry=REGISTRY)
+BROKER_UP = Gauge(
+    "celery_fleet_broker_reachable",
+    "1 when the pool's broker answered the last poll.",
+    ["namespace", "pool"],
+    registry=REGISTRY,
+)
+BEAT_LEADER_CHANGES = Counter(
+    "celery_fleet_beat_leader_changes_total",
+    "Observed changes of a beat's Lease holder.",
+    ["namespace", "beat"],
+    registry=REGISTRY,
+)
+BEAT_HAS_LEADER = Gauge(
+    "celery_fleet_beat_has_leader",
+    "1 while a beat's Lease is held and renewed.",
+    ["namespace", "beat"],
+    registry=REGISTRY,
+)
+BEAT_LEADERLESS_SECONDS = Gauge(
+    "celery_fleet_beat_leaderless_seconds",
+    "Seconds since a beat's Lease was last held (0 while held).",
+    ["namespace", "beat"],
+    registry=REGISTRY,
+)
+
+
+def serve(port: int, addr: str = "0.0.0.0") -> None:
+    """Expose /metrics; port 0 disables it."""
+    if port:
+        start_http_server(port, addr=addr, registry=REGISTRY)

@@ -1,0 +1,298 @@
+"""Desired objects of a CeleryBeat: `celery beat` behind a Lease elector, with its RBAC. (pure)
+
+The elector must run inside the user's Celery image, which has Python but nothing of ours. The
+operator image ships the standard-library-only elector at ``ELECTOR_SOURCE``; an init container
+started from that image copies it into an emptyDir, and the beat container runs
+``python3 <elector> ... -- celery beat ...``. No wheel to install, no sidecar whose lifetime could
+drift from beat's: the elector is PID 1 of the beat container and beat its child.
+
+The elector's Role covers only the one Lease, and only get/update/patch: RBAC cannot restrict
+``create`` to a resourceName, so the operator creates the Lease itself (owned by the CeleryBeat)
+and the pods never need ``create``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from celery_fleet.api.models import BEAT_KIND, GROUP, CeleryBeatSpec, InvalidSpec
+from celery_fleet.planning.workload import (
+    MANAGED_BY,
+    POD_NAME_ENV,
+    POD_NAMESPACE_ENV,
+    Manifest,
+    container_base,
+    container_tail,
+    object_meta,
+    owner_reference,
+    pod_labels,
+    pod_spec_base,
+    with_config_hash,
+)
+
+BEAT_LABEL = f"{GROUP}/beat"
+BEAT_CONTAINER = "beat"
+INSTALL_CONTAINER = "install-elector"
+
+# Where the operator image carries the elector, and where the beat container finds it.
+ELECTOR_SOURCE = "/opt/celery-fleet/elector.py"
+ELECTOR_VOLUME = "celery-fleet"
+ELECTOR_DIR = "/celery-fleet"
+ELECTOR_PATH = f"{ELECTOR_DIR}/elector.py"
+# PersistentScheduler writes its state file into the working directory by default, which a
+# non-root user or a read-only root filesystem cannot; give it a writable place of its own.
+SCHEDULE_VOLUME = "beat-schedule"
+SCHEDULE_DIR = "/celery-beat"
+SCHEDULE_FILE = f"{SCHEDULE_DIR}/celerybeat-schedule"
+
+# CeleryBeatSpec has no log level; `--loglevel` in extraArgs overrides this (the last one wins).
+BEAT_LOG_LEVEL = "INFO"
+# On SIGTERM the elector stops beat and releases the Lease; a renewal in progress may take up to
+# the renew deadline first, and beat needs a moment to save its schedule.
+BEAT_GRACE_MARGIN_SECONDS = 20
+
+# Restricted-profile settings for the container we add; the user's containers follow their spec.
+# No runAsUser: the image's numeric USER is used (and platforms that assign UIDs keep working).
+RESTRICTED_CONTAINER_SECURITY: Manifest = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "runAsNonRoot": True,
+    "readOnlyRootFilesystem": True,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+# The copy is a single small file; explicit requests/limits keep namespaces with quotas happy.
+INSTALL_RESOURCES: Manifest = {
+    "requests": {"cpu": "10m", "memory": "32Mi"},
+    "limits": {"cpu": "100m", "memory": "64Mi"},
+}
+
+
+@dataclass(frozen=True)
+class BeatNames:
+    service_account: str
+    role: str
+    role_binding: str
+    lease: str
+    deployment: str
+
+
+def beat_names(beat_name: str) -> BeatNames:
+    return BeatNames(
+        service_account=f"{beat_name}-beat",
+        role=f"{beat_name}-beat-lease",
+        role_binding=f"{beat_name}-beat-lease",
+        lease=f"{beat_name}-beat",
+        deployment=f"{beat_name}-beat",
+    )
+
+
+def beat_selector_labels(beat_name: str) -> dict[str, str]:
+    return {BEAT_LABEL: beat_name}
+
+
+def beat_labels(beat_name: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "celery-beat",
+        "app.kubernetes.io/instance": beat_name,
+        "app.kubernetes.io/component": "beat",
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        **beat_selector_labels(beat_name),
+    }
+
+
+def beat_pod_service_account(beat_name: str, spec: CeleryBeatSpec) -> str:
+    """The account the beat pods run as, which the lease Role is bound to."""
+    return spec.service_account_name or beat_names(beat_name).service_account
+
+
+def _meta(name: str, namespace: str, beat_name: str, beat_uid: str) -> Manifest:
+    return object_meta(name, namespace, beat_labels(beat_name), owner_reference(BEAT_KIND, beat_name, beat_uid))
+
+
+def beat_service_account(beat_name: str, namespace: str, beat_uid: str) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _meta(beat_names(beat_name).service_account, namespace, beat_name, beat_uid),
+    }
+
+
+def beat_role(beat_name: str, namespace: str, beat_uid: str) -> Manifest:
+    names = beat_names(beat_name)
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": _meta(names.role, namespace, beat_name, beat_uid),
+        "rules": [
+            {
+                "apiGroups": ["coordination.k8s.io"],
+                "resources": ["leases"],
+                "resourceNames": [names.lease],
+                "verbs": ["get", "update", "patch"],
+            }
+        ],
+    }
+
+
+def beat_role_binding(beat_name: str, namespace: str, beat_uid: str, spec: CeleryBeatSpec) -> Manifest:
+    names = beat_names(beat_name)
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": _meta(names.role_binding, namespace, beat_name, beat_uid),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": names.role},
+        "subjects": [
+            {"kind": "ServiceAccount", "name": beat_pod_service_account(beat_name, spec), "namespace": namespace}
+        ],
+    }
+
+
+def beat_lease(beat_name: str, namespace: str, beat_uid: str, spec: CeleryBeatSpec) -> Manifest:
+    """The Lease, without holder fields: those belong to the electors (one writer per field)."""
+    return {
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": _meta(beat_names(beat_name).lease, namespace, beat_name, beat_uid),
+        "spec": {"leaseDurationSeconds": spec.lease.duration_seconds},
+    }
+
+
+def beat_command(beat_name: str, spec: CeleryBeatSpec) -> list[str]:
+    """The elector, then `celery beat` as the command it runs while it leads."""
+    lease = spec.lease
+    return [
+        "python3",
+        ELECTOR_PATH,
+        "--namespace",
+        f"$({POD_NAMESPACE_ENV})",
+        "--lease",
+        beat_names(beat_name).lease,
+        "--identity",
+        f"$({POD_NAME_ENV})",
+        "--duration",
+        str(lease.duration_seconds),
+        "--renew-deadline",
+        str(lease.renew_deadline_seconds),
+        "--retry-period",
+        str(lease.retry_period_seconds),
+        "--",
+        "celery",
+        "-A",
+        spec.app,
+        "beat",
+        "--scheduler",
+        spec.scheduler,
+        "--schedule",
+        SCHEDULE_FILE,
+        "--loglevel",
+        BEAT_LOG_LEVEL,
+        *spec.extra_args,
+    ]
+
+
+def beat_grace_period(spec: CeleryBeatSpec) -> int:
+    return spec.lease.renew_deadline_seconds + BEAT_GRACE_MARGIN_SECONDS
+
+
+def _check_reserved(spec: CeleryBeatSpec) -> None:
+    """Our volume names and mount paths must not collide with the user's (duplicate keys fail
+    server-side apply for the whole Deployment)."""
+    ours = {ELECTOR_VOLUME, SCHEDULE_VOLUME}
+    for index, volume in enumerate(spec.volumes):
+        if volume.get("name") in ours:
+            raise InvalidSpec(
+                f"spec.volumes[{index}].name: {volume.get('name')} is used by the operator for the beat pods; "
+                "rename the volume"
+            )
+    for index, mount in enumerate(spec.volume_mounts):
+        if mount.get("mountPath") in (ELECTOR_DIR, SCHEDULE_DIR):
+            raise InvalidSpec(
+                f"spec.volumeMounts[{index}].mountPath: {mount.get('mountPath')} is used by the operator "
+                "for the beat pods; mount the volume elsewhere"
+            )
+
+
+def _install_elector(elector_image: str, spec: CeleryBeatSpec) -> Manifest:
+    container: Manifest = {"name": INSTALL_CONTAINER, "image": elector_image}
+    if spec.image_pull_policy:
+        container["imagePullPolicy"] = spec.image_pull_policy
+    # Python rather than `cp`: the elector image surely has the interpreter, not necessarily a shell
+    # toolbox (distroless).
+    container["command"] = [
+        "python3",
+        "-c",
+        "import shutil, sys; shutil.copyfile(sys.argv[1], sys.argv[2])",
+        ELECTOR_SOURCE,
+        ELECTOR_PATH,
+    ]
+    container["resources"] = INSTALL_RESOURCES
+    container["volumeMounts"] = [{"name": ELECTOR_VOLUME, "mountPath": ELECTOR_DIR}]
+    container["securityContext"] = RESTRICTED_CONTAINER_SECURITY
+    return container
+
+
+def beat_pod_template(beat_name: str, spec: CeleryBeatSpec, default_elector_image: str) -> Manifest:
+    _check_reserved(spec)
+    beat: Manifest = {
+        **container_base(spec, BEAT_CONTAINER),
+        # Exec form: SIGTERM reaches the elector, which stops beat and releases the Lease.
+        "command": beat_command(beat_name, spec),
+        **container_tail(
+            spec,
+            spec.resources,
+            mounts=[
+                # Read-only: the application must not be able to replace the elector.
+                {"name": ELECTOR_VOLUME, "mountPath": ELECTOR_DIR, "readOnly": True},
+                {"name": SCHEDULE_VOLUME, "mountPath": SCHEDULE_DIR},
+            ],
+        ),
+    }
+    pod: Manifest = pod_spec_base(spec)
+    pod["serviceAccountName"] = beat_pod_service_account(beat_name, spec)
+    # The elector talks to the apiserver with this token.
+    pod["automountServiceAccountToken"] = True
+    pod["terminationGracePeriodSeconds"] = beat_grace_period(spec)
+    pod["initContainers"] = [_install_elector(spec.elector_image or default_elector_image, spec)]
+    pod["containers"] = [beat]
+    volumes: Sequence[Manifest] = [
+        {"name": ELECTOR_VOLUME, "emptyDir": {}},
+        {"name": SCHEDULE_VOLUME, "emptyDir": {}},
+        *spec.volumes,
+    ]
+    pod["volumes"] = list(volumes)
+    metadata: Manifest = {"labels": pod_labels(spec, beat_labels(beat_name))}
+    if spec.pod_annotations:
+        metadata["annotations"] = dict(spec.pod_annotations)
+    return with_config_hash({"metadata": metadata, "spec": pod})
+
+
+def beat_deployment(
+    beat_name: str, namespace: str, beat_uid: str, spec: CeleryBeatSpec, default_elector_image: str
+) -> Manifest:
+    """1 + standby pods; Recreate, so a new version never runs beside the old one."""
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(beat_names(beat_name).deployment, namespace, beat_name, beat_uid),
+        "spec": {
+            # The operator is the only writer of beat replicas (no autoscaling).
+            "replicas": 1 + spec.standby,
+            "selector": {"matchLabels": beat_selector_labels(beat_name)},
+            "strategy": {"type": "Recreate"},
+            "template": beat_pod_template(beat_name, spec, default_elector_image),
+        },
+    }
+
+
+def beat_children(
+    beat_name: str, namespace: str, beat_uid: str, spec: CeleryBeatSpec, default_elector_image: str
+) -> list[Manifest]:
+    """Every desired child, in apply order: identity and RBAC, the Lease, then the pods."""
+    return [
+        beat_service_account(beat_name, namespace, beat_uid),
+        beat_role(beat_name, namespace, beat_uid),
+        beat_role_binding(beat_name, namespace, beat_uid, spec),
+        beat_lease(beat_name, namespace, beat_uid, spec),
+        beat_deployment(beat_name, namespace, beat_uid, spec, default_elector_image),
+    ]

@@ -1,0 +1,150 @@
+"""What a CeleryWorkerPool's status should say, from what was observed (pure)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery_fleet.planning.conditions import ConditionUpdate
+
+
+@dataclass(frozen=True)
+class TierObservation:
+    """A tier Deployment as the watch cache last saw it (None fields: not created yet)."""
+
+    name: str
+    exists: bool
+    spec_replicas: int = 0
+    replicas: int = 0
+    ready_replicas: int = 0
+    updated_replicas: int = 0
+    available_replicas: int = 0
+    observed_generation: int = 0
+    generation: int = 0
+
+
+@dataclass(frozen=True)
+class TierScaling:
+    desired_replicas: int | None = None
+    queue_depth: int | None = None
+    in_flight: int | None = None
+    last_scale_time: str | None = None
+    last_scale_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Why the pool cannot be reconciled; goes to Degraded unchanged."""
+
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class PoolStatusInput:
+    generation: int
+    tiers: Sequence[TierObservation]
+    scaling: Mapping[str, TierScaling] = field(default_factory=dict)
+    problem: Problem | None = None
+    paused: bool = False
+
+
+def tier_rolled_out(t: TierObservation) -> bool:
+    return (
+        t.exists
+        and t.observed_generation >= t.generation
+        and t.updated_replicas >= t.spec_replicas
+        and t.available_replicas >= t.spec_replicas
+        and t.replicas == t.spec_replicas
+        and t.ready_replicas >= t.spec_replicas
+    )
+
+
+def pool_status(inp: PoolStatusInput) -> tuple[dict[str, Any], list[ConditionUpdate]]:
+    """The status body (without conditions) and the condition updates for it."""
+    tiers: list[dict[str, Any]] = []
+    for t in inp.tiers:
+        s = inp.scaling.get(t.name, TierScaling())
+        entry: dict[str, Any] = {
+            "name": t.name,
+            "replicas": t.replicas,
+            "readyReplicas": t.ready_replicas,
+            "desiredReplicas": s.desired_replicas if s.desired_replicas is not None else t.spec_replicas,
+        }
+        for key, value in (
+            ("queueDepth", s.queue_depth),
+            ("inFlight", s.in_flight),
+            ("lastScaleTime", s.last_scale_time),
+            ("lastScaleReason", s.last_scale_reason),
+        ):
+            if value is not None:
+                entry[key] = value
+        tiers.append(entry)
+
+    body: dict[str, Any] = {
+        "observedGeneration": inp.generation,
+        "tiers": tiers,
+        "replicas": sum(t["replicas"] for t in tiers),
+        "desiredReplicas": sum(t["desiredReplicas"] for t in tiers),
+        "queued": sum(t.get("queueDepth", 0) for t in tiers),
+    }
+
+    # "7/8": ready pods over pods the tiers should have, for the Ready printer column.
+    body["ready"] = f"{sum(t.ready_replicas for t in inp.tiers)}/{sum(t.spec_replicas for t in inp.tiers)}"
+    updates: list[ConditionUpdate] = []
+    if inp.problem is not None:
+        updates += [
+            ConditionUpdate("Ready", "False", inp.problem.reason, inp.problem.message),
+            ConditionUpdate("Degraded", "True", inp.problem.reason, inp.problem.message),
+            ConditionUpdate("Progressing", "False", inp.problem.reason, "reconcile is blocked; see Degraded"),
+        ]
+        return body, updates
+
+    updates.append(ConditionUpdate("Degraded", "False", "Reconciled", "all tier Deployments are applied"))
+    missing = [t.name for t in inp.tiers if not t.exists]
+    rolling = [t.name for t in inp.tiers if t.exists and not tier_rolled_out(t)]
+    if missing or rolling:
+        parts = []
+        if missing:
+            parts.append("creating " + ", ".join(missing))
+        if rolling:
+            parts.append(
+                "waiting for "
+                + ", ".join(
+                    f"{t.name} ({t.ready_replicas}/{t.spec_replicas} ready)" for t in inp.tiers if t.name in rolling
+                )
+            )
+        message = "; ".join(parts)
+        updates += [
+            ConditionUpdate("Ready", "False", "RollingOut", message),
+            ConditionUpdate("Progressing", "True", "RollingOut", message),
+        ]
+    else:
+        message = f"{len(inp.tiers)} tiers, {sum(t.ready_replicas for t in inp.tiers)} workers ready"
+        if inp.paused:
+            message += " (paused: changes are not applied)"
+        updates += [
+            ConditionUpdate("Ready", "True", "Paused" if inp.paused else "AllTiersReady", message),
+            ConditionUpdate("Progressing", "False", "RolledOut", "every tier is at its desired state"),
+        ]
+    return body, updates
+
+
+def observe_deployment(tier: str, deployment: Mapping[str, Any] | None) -> TierObservation:
+    if deployment is None:
+        return TierObservation(name=tier, exists=False)
+    spec = deployment.get("spec") or {}
+    status = deployment.get("status") or {}
+    meta = deployment.get("metadata") or {}
+    return TierObservation(
+        name=tier,
+        exists=True,
+        spec_replicas=int(spec.get("replicas", 1)),
+        replicas=int(status.get("replicas", 0)),
+        ready_replicas=int(status.get("readyReplicas", 0)),
+        updated_replicas=int(status.get("updatedReplicas", 0)),
+        available_replicas=int(status.get("availableReplicas", 0)),
+        observed_generation=int(status.get("observedGeneration", 0)),
+        generation=int(meta.get("generation", 0)),
+    )

@@ -1,0 +1,507 @@
+"""Autoscaling decisions for the worker tiers of one pool: a pure function of what was observed.
+
+``decide(tiers, observations, current, histories, now=..., max_total_replicas=..., paused=...)``
+returns one :class:`Decision` per tier, in tier order. Nothing here does I/O or reads a clock:
+the caller gathers (queue depth, in-flight count, current replicas), calls ``decide`` and acts on
+``Decision.desired``; it stores ``Decision.history`` for the next poll once the replicas were
+written (the history records the scale as done).
+
+The rules, per tier (``a`` is ``tier.autoscaling``):
+
+* demand = queued (every priority sub-list) + in-flight (when ``a.count_in_flight``);
+  recommendation = ceil(demand / ``a.target_depth_per_replica``), clamped to ``tier.replicas``.
+* Activation (``min: 0``): a tier at 0 starts only when demand > ``a.activation_depth``; it goes
+  back to 0 only after the queue was empty AND nothing was in flight for ``a.cooldown_seconds``
+  (in-flight work always blocks scale-to-zero, counted or not: that would kill running tasks).
+* Scale-up is immediate, at most ``a.scale_up_max_step`` replicas added per
+  ``a.scale_up_period_seconds`` when a step is set.
+* Scale-down follows the highest recommendation of the last ``a.scale_down_stabilization_seconds``
+  (as the HPA does), removing at most ``a.scale_down_max_step`` per ``a.scale_down_period_seconds``.
+  A fresh history (first poll, operator restart) starts the window with the current replica
+  count, so a restart never scales down before a full window of observations.
+* Read failure: hold the current replicas. ``a.fallback_replicas`` only ever raises (never lowers)
+  a tier: "never scale down because a read failed" wins over the fallback. A failed poll counts as
+  a recommendation of the held count, so the window after recovery still starts from it.
+* Budget (``max_total_replicas``): when the tiers want more in total, tiers are served in list
+  order (the first is the highest priority); each keeps at least its minimum (a tier whose read
+  failed keeps what it holds), lower tiers get what is left. The budget is a hard cap: it cuts
+  a lower tier at once, without waiting for the stabilization window.
+* Replica bounds are a hard cap too: a tier above ``max`` (the spec was lowered) goes to ``max``
+  at once, a tier below ``min`` goes to ``min``.
+* Paused pool: every tier holds its current replicas; nothing else is evaluated.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from enum import StrEnum
+
+from celery_fleet.api.models import Tier
+
+__all__ = [
+    "Decision",
+    "Direction",
+    "Observation",
+    "ReadFailure",
+    "Reason",
+    "Recommendation",
+    "ScaleEvent",
+    "TierHistory",
+    "TierObservation",
+    "decide",
+    "observe_tier",
+]
+
+
+# -- inputs ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What the broker says about one tier's queues (summed over them and their priority lists)."""
+
+    queue_depth: int
+    in_flight: int = 0
+    # False when the in-flight count was extrapolated from a sample of a very large unacked hash.
+    in_flight_exact: bool = True
+
+
+@dataclass(frozen=True)
+class ReadFailure:
+    """The broker could not be read; ``kind`` is a short CamelCase class such as ``Timeout``."""
+
+    kind: str
+    message: str
+
+
+TierObservation = Observation | ReadFailure
+
+
+def observe_tier(
+    queues: Sequence[str],
+    queue_depths: Mapping[str, int],
+    in_flight: Mapping[str, int],
+    *,
+    in_flight_exact: bool = True,
+) -> Observation:
+    """Sum per-queue readings into one tier observation (a queue nobody has declared yet is empty)."""
+    unique = dict.fromkeys(queues)
+    return Observation(
+        queue_depth=sum(queue_depths.get(q, 0) for q in unique),
+        in_flight=sum(in_flight.get(q, 0) for q in unique),
+        in_flight_exact=in_flight_exact,
+    )
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    at: float
+    replicas: int
+
+
+@dataclass(frozen=True)
+class ScaleEvent:
+    at: float
+    from_replicas: int
+    to_replicas: int
+
+
+@dataclass(frozen=True)
+class TierHistory:
+    """What one tier's decisions need to remember between polls; the caller stores it as is."""
+
+    recommendations: tuple[Recommendation, ...] = ()
+    scale_events: tuple[ScaleEvent, ...] = ()
+    # First time the queue was seen empty with nothing in flight, in the current idle stretch.
+    idle_since: float | None = None
+    last_scale_time: float | None = None
+    last_scale_reason: str | None = None
+
+
+# -- outputs --------------------------------------------------------------------------------------------
+
+
+class Direction(StrEnum):
+    UP = "up"
+    DOWN = "down"
+    HOLD = "hold"
+
+
+class Reason(StrEnum):
+    """Why a tier has its desired replica count; goes to status, Events, logs and metrics unchanged."""
+
+    QUEUE_BACKLOG = "QueueBacklog"  # scaled up to follow demand
+    QUEUE_DRAINED = "QueueDrained"  # scaled down to follow demand
+    STEADY = "Steady"  # the recommendation is the current count
+    ACTIVATION = "Activation"  # 0 -> n: demand crossed activationDepth
+    BELOW_ACTIVATION = "BelowActivation"  # stays at 0: demand does not exceed activationDepth
+    COOLDOWN = "Cooldown"  # stays at 1+ until idle for cooldownSeconds
+    IDLE = "Idle"  # scaled to 0 after the cooldown
+    STABILIZATION_WINDOW = "StabilizationWindow"  # a higher recommendation is still in the window
+    SCALE_UP_LIMITED = "ScaleUpLimited"  # scaleUpMaxStep used up for this period
+    SCALE_DOWN_LIMITED = "ScaleDownLimited"  # scaleDownMaxStep used up for this period
+    AT_MAXIMUM = "AtMaximum"  # demand wants more than replicas.max
+    ABOVE_MAXIMUM = "AboveMaximum"  # was above replicas.max (spec lowered): brought to max
+    BELOW_MINIMUM = "BelowMinimum"  # was below replicas.min: brought to min
+    BUDGET_LIMITED = "BudgetLimited"  # maxTotalReplicas left this tier less than it wants
+    BROKER_UNREACHABLE = "BrokerUnreachable"  # queue depth unknown: held
+    FALLBACK_REPLICAS = "FallbackReplicas"  # queue depth unknown: raised to fallbackReplicas
+    PAUSED = "Paused"  # the pool is paused: held
+
+
+@dataclass(frozen=True)
+class Decision:
+    tier: str
+    current: int | None  # None: the tier has no Deployment yet
+    desired: int
+    direction: Direction
+    reason: Reason
+    message: str
+    history: TierHistory
+    queue_depth: int | None = None  # None when the read failed
+    in_flight: int | None = None
+    # The tier's own recommendation before stabilization, step limits and the budget.
+    recommended: int | None = None
+
+    @property
+    def changed(self) -> bool:
+        return self.current != self.desired
+
+
+# -- the decision ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Proposal:
+    """One tier's wish before the pool budget is applied."""
+
+    spec: Tier
+    base: int  # current replicas, or min when there is no Deployment yet
+    current: int | None
+    desired: int
+    reason: Reason
+    detail: str  # why, appended to the message
+    floor: int  # the budget never takes the tier below this
+    history: TierHistory
+    observation: TierObservation
+    recommended: int | None = None
+    facts: str = ""  # "540 queued + 12 in flight, target 100 per replica"
+    budget_wanted: int | None = None
+
+
+def decide(
+    tiers: Sequence[Tier],
+    observations: Mapping[str, TierObservation],
+    current: Mapping[str, int | None],
+    histories: Mapping[str, TierHistory],
+    *,
+    now: float,
+    max_total_replicas: int | None = None,
+    paused: bool = False,
+) -> tuple[Decision, ...]:
+    """Decide the desired replicas of every tier of one pool; see the module docstring for the rules.
+
+    ``observations`` must have an entry for every tier (a missing one is treated as a read failure);
+    ``current`` and ``histories`` may lack tiers (no Deployment yet, first poll).
+    """
+    if paused:
+        return tuple(_paused(t, current.get(t.name), histories.get(t.name, TierHistory())) for t in tiers)
+
+    proposals = [
+        _propose(
+            t,
+            observations.get(t.name, ReadFailure("Missing", "no observation for this tier")),
+            current.get(t.name),
+            histories.get(t.name, TierHistory()),
+            now,
+        )
+        for t in tiers
+    ]
+    if max_total_replicas is not None:
+        _apply_budget(proposals, max_total_replicas)
+    return tuple(_finish(p, now) for p in proposals)
+
+
+def _paused(tier: Tier, current: int | None, history: TierHistory) -> Decision:
+    held = current if current is not None else tier.replicas.min
+    # Forget the window: after the pause, scale-down waits a full window of fresh observations.
+    return Decision(
+        tier=tier.name,
+        current=current,
+        desired=held,
+        direction=Direction.HOLD if current is None or held == current else _direction(current, held),
+        reason=Reason.PAUSED,
+        message=f"Tier {tier.name} holds {held}: the pool is paused",
+        history=replace(history, recommendations=(), scale_events=(), idle_since=None),
+    )
+
+
+def _clamp(value: int, tier: Tier) -> int:
+    return max(tier.replicas.min, min(tier.replicas.max, value))
+
+
+def _propose(tier: Tier, obs: TierObservation, current: int | None, history: TierHistory, now: float) -> _Proposal:
+    a = tier.autoscaling
+    lo, hi = tier.replicas.min, tier.replicas.max
+    base = current if current is not None else lo
+
+    if isinstance(obs, ReadFailure):
+        return _propose_on_failure(tier, obs, current, base, history, now)
+
+    counted_in_flight = obs.in_flight if a.count_in_flight else 0
+    demand = obs.queue_depth + counted_in_flight
+    wanted = math.ceil(demand / a.target_depth_per_replica)
+    recommended = _clamp(wanted, tier)
+    if lo == 0 and base == 0 and demand <= a.activation_depth:
+        recommended = 0
+
+    idle = obs.queue_depth == 0 and obs.in_flight == 0
+    idle_since = (history.idle_since if history.idle_since is not None else now) if idle else None
+
+    window = a.scale_down_stabilization_seconds
+    recs = history.recommendations
+    if not recs and window > 0:
+        recs = (Recommendation(now, base),)  # fresh history: the window starts from what runs now
+    recs = (*_within(recs, now, window), Recommendation(now, recommended))
+    new_history = replace(history, recommendations=recs, idle_since=idle_since)
+
+    p = _Proposal(
+        spec=tier,
+        base=base,
+        current=current,
+        desired=base,
+        reason=Reason.STEADY,
+        detail="",
+        floor=lo,
+        history=new_history,
+        observation=obs,
+        recommended=recommended,
+        facts=_facts(obs, a.count_in_flight, a.target_depth_per_replica),
+    )
+
+    if base > hi:
+        p.desired, p.reason, p.detail = hi, Reason.ABOVE_MAXIMUM, f"above replicas.max {hi}"
+        return p
+    if base < lo:
+        p.desired, p.reason, p.detail = lo, Reason.BELOW_MINIMUM, f"below replicas.min {lo}"
+        return p
+
+    if recommended > base:
+        _scale_up(p, recommended, now, wanted)
+    elif recommended < base:
+        _scale_down(p, recs, now, idle_since)
+    elif lo == 0 and base == 0 and demand > 0:
+        p.reason = Reason.BELOW_ACTIVATION
+        p.detail = f"demand {demand} does not exceed activationDepth {a.activation_depth}"
+    elif wanted > hi and base == hi:
+        p.reason, p.detail = Reason.AT_MAXIMUM, f"wants {wanted}, replicas.max is {hi}"
+    return p
+
+
+def _propose_on_failure(
+    tier: Tier, obs: ReadFailure, current: int | None, base: int, history: TierHistory, now: float
+) -> _Proposal:
+    a = tier.autoscaling
+    lo, hi = tier.replicas.min, tier.replicas.max
+    desired, reason = base, Reason.BROKER_UNREACHABLE
+    detail = f"queue depth unknown, broker read failed ({obs.kind}: {_scrub(obs.message)})"
+    if a.fallback_replicas is not None and _clamp(a.fallback_replicas, tier) > base:
+        desired, reason = _clamp(a.fallback_replicas, tier), Reason.FALLBACK_REPLICAS
+        detail += f"; raised to fallbackReplicas {a.fallback_replicas}"
+    if desired > hi:
+        desired, reason = hi, Reason.ABOVE_MAXIMUM
+        detail += f"; above replicas.max {hi}"
+    elif desired < lo:
+        desired, reason = lo, Reason.BELOW_MINIMUM
+        detail += f"; below replicas.min {lo}"
+    # The held count enters the window, so the first good read after an outage cannot shrink the tier.
+    window = a.scale_down_stabilization_seconds
+    recs = (*_within(history.recommendations, now, window), Recommendation(now, desired))
+    return _Proposal(
+        spec=tier,
+        base=base,
+        current=current,
+        desired=desired,
+        reason=reason,
+        detail=detail,
+        floor=desired,
+        history=replace(history, recommendations=recs, idle_since=None),
+        observation=obs,
+    )
+
+
+def _scale_up(p: _Proposal, recommended: int, now: float, wanted: int) -> None:
+    a = p.spec.autoscaling
+    target = recommended
+    if a.scale_up_max_step is not None:
+        added = sum(
+            max(0, e.to_replicas - e.from_replicas)
+            for e in p.history.scale_events
+            if e.at > now - a.scale_up_period_seconds
+        )
+        allowed = max(0, a.scale_up_max_step - added)
+        target = min(recommended, p.base + allowed)
+        if target == p.base:
+            p.reason = Reason.SCALE_UP_LIMITED
+            p.detail = (
+                f"wants {recommended}, scaleUpMaxStep {a.scale_up_max_step} per "
+                f"{a.scale_up_period_seconds}s already used"
+            )
+            return
+    p.desired = target
+    p.reason = Reason.ACTIVATION if p.base == 0 else Reason.QUEUE_BACKLOG
+    notes = []
+    if target < recommended:
+        notes.append(f"heading to {recommended}, at most {a.scale_up_max_step} per {a.scale_up_period_seconds}s")
+    if wanted > p.spec.replicas.max:
+        notes.append(f"wants {wanted}, replicas.max is {p.spec.replicas.max}")
+    if p.base == 0:
+        notes.append(f"demand above activationDepth {a.activation_depth}")
+    p.detail = "; ".join(notes)
+
+
+def _scale_down(p: _Proposal, recs: tuple[Recommendation, ...], now: float, idle_since: float | None) -> None:
+    a = p.spec.autoscaling
+    window = a.scale_down_stabilization_seconds
+    stabilized = _clamp(max(r.replicas for r in recs), p.spec)
+    if stabilized >= p.base:
+        p.reason = Reason.STABILIZATION_WINDOW
+        p.detail = (
+            f"recommends {p.recommended}, but {stabilized} was recommended within the "
+            f"{window}s scale-down stabilization window"
+        )
+        return
+    removed = sum(
+        max(0, e.from_replicas - e.to_replicas)
+        for e in p.history.scale_events
+        if e.at > now - a.scale_down_period_seconds
+    )
+    allowed = max(0, a.scale_down_max_step - removed)
+    target = max(stabilized, p.base - allowed)
+    if target == 0:
+        idle_for = 0.0 if idle_since is None else now - idle_since
+        if idle_for < a.cooldown_seconds:
+            target = 1
+            if p.base == 1:
+                p.reason = Reason.COOLDOWN
+                p.detail = f"idle for {idle_for:g}s of the {a.cooldown_seconds}s cooldown before scaling to 0"
+                return
+    if target == p.base:
+        p.reason = Reason.SCALE_DOWN_LIMITED
+        p.detail = (
+            f"recommends {stabilized}, scaleDownMaxStep {a.scale_down_max_step} per "
+            f"{a.scale_down_period_seconds}s already used"
+        )
+        return
+    p.desired = target
+    if target == 0:
+        p.reason = Reason.IDLE
+        p.detail = f"idle for the {a.cooldown_seconds}s cooldown"
+    else:
+        p.reason = Reason.QUEUE_DRAINED
+        if target > stabilized:
+            p.detail = f"heading to {stabilized}, at most {a.scale_down_max_step} per {a.scale_down_period_seconds}s"
+
+
+def _apply_budget(proposals: list[_Proposal], budget: int) -> None:
+    if sum(p.desired for p in proposals) <= budget:
+        return
+    # Every tier first gets its floor (min, or what a failed tier holds); then higher tiers first.
+    floors = sum(p.floor for p in proposals)
+    left = max(0, budget - floors)
+    cut: list[_Proposal] = []
+    for p in proposals:
+        extra = min(max(0, p.desired - p.floor), left)
+        left -= extra
+        if p.floor + extra < p.desired:
+            p.budget_wanted = p.desired
+            p.desired = p.floor + extra
+            cut.append(p)
+    total = sum(p.desired for p in proposals)
+    for p in cut:
+        p.reason = Reason.BUDGET_LIMITED
+        p.detail = (
+            f"wants {p.budget_wanted}, maxTotalReplicas {budget} leaves it {p.desired}"
+            f" ({total - p.desired} go to the other tiers)"
+        )
+        if floors > budget:
+            p.detail += f"; the tiers' minimums alone need {floors}"
+
+
+def _finish(p: _Proposal, now: float) -> Decision:
+    # A tier without a Deployment yet scales from 0; that start counts towards scaleUpMaxStep.
+    start = p.current if p.current is not None else 0
+    events = _within_events(p.history.scale_events, now, p.spec)
+    history = replace(p.history, scale_events=events)
+    if p.desired != start:
+        history = replace(
+            history,
+            scale_events=(*events, ScaleEvent(now, start, p.desired)),
+            last_scale_time=now,
+            last_scale_reason=p.reason.value,
+        )
+    direction = _direction(start, p.desired)
+
+    name = p.spec.name
+    if p.current is None:
+        head = f"Created tier {name} at {p.desired}"
+    elif p.desired != p.current:
+        head = f"Scaled tier {name} {p.current} -> {p.desired}"
+    else:
+        head = f"Tier {name} holds {p.desired}"
+    body = p.facts
+    if p.detail:
+        body = f"{body}; {p.detail}" if body else p.detail
+    message = f"{head}: {body}" if body else head
+
+    obs = p.observation
+    return Decision(
+        tier=name,
+        current=p.current,
+        desired=p.desired,
+        direction=direction,
+        reason=p.reason,
+        message=message,
+        history=history,
+        queue_depth=obs.queue_depth if isinstance(obs, Observation) else None,
+        in_flight=obs.in_flight if isinstance(obs, Observation) else None,
+        recommended=p.recommended,
+    )
+
+
+def _direction(current: int, desired: int) -> Direction:
+    if desired > current:
+        return Direction.UP
+    if desired < current:
+        return Direction.DOWN
+    return Direction.HOLD
+
+
+def _facts(obs: Observation, count_in_flight: bool, target: int) -> str:
+    approx = "" if obs.in_flight_exact else "~"
+    flight = f"{approx}{obs.in_flight} in flight"
+    if count_in_flight:
+        return f"{obs.queue_depth} queued + {flight}, target {target} per replica"
+    return f"{obs.queue_depth} queued ({flight}, not counted), target {target} per replica"
+
+
+def _within(recs: tuple[Recommendation, ...], now: float, window: float) -> tuple[Recommendation, ...]:
+    return tuple(r for r in recs if r.at > now - window)
+
+
+def _within_events(events: tuple[ScaleEvent, ...], now: float, tier: Tier) -> tuple[ScaleEvent, ...]:
+    a = tier.autoscaling
+    keep = max(a.scale_up_period_seconds, a.scale_down_period_seconds)
+    return tuple(e for e in events if e.at > now - keep)
+
+
+# Anything URL-shaped: a failure message comes from a broker adapter and must never carry a URL
+# (it may hold a password), whatever that adapter did.
+_URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://\S+")
+
+
+def _scrub(text: str) -> str:
+    return _URL.sub("<broker-url>", text)

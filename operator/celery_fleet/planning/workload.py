@@ -1,0 +1,420 @@
+"""Desired worker objects of a CeleryWorkerPool: one Deployment (and optional PDB) per tier. (pure)
+
+Everything here maps models to plain manifests; the handlers apply them with server-side apply
+under one field manager and never read them back.
+
+`spec.replicas` has one writer, the autoscaler (``planning.scaling`` already brings a new tier
+to ``replicas.min`` and clamps to the bounds). So the manifests leave it out by default: with
+server-side apply, a field manager that once applied ``spec.replicas`` and later omits it
+*removes* it (the Deployment falls back to 1 replica) unless another manager took it over.
+Write replicas through the scale subresource (or a separate field manager) instead.
+
+Probes: a worker is run in exec form, so Celery's main process is PID 1 and the kubelet restarts
+the container when it dies; a liveness probe that checked "the process is alive" would add
+nothing. Celery 5 has no local health endpoint, and anything that proves more (``celery inspect
+ping``) is a broadcast through the broker to every worker, the load we promise not to add. So
+there is no liveness probe. Readiness is local and free for the broker: the pod is ready once its
+network namespace holds an established TCP connection to the broker's port (read from
+``/proc/net/tcp*``), which is what a rolling update needs to know before it stops an old worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from celery_fleet.api.models import (
+    API_VERSION,
+    GROUP,
+    POOL_KIND,
+    Broker,
+    CeleryWorkerPoolSpec,
+    InvalidSpec,
+    Tier,
+    WorkloadSpec,
+)
+
+Manifest = dict[str, Any]
+
+MANAGED_BY = "celery-fleet"
+POOL_LABEL = f"{GROUP}/pool"
+TIER_LABEL = f"{GROUP}/tier"
+CONFIG_HASH_ANNOTATION = f"{GROUP}/config-hash"
+
+WORKER_CONTAINER = "worker"
+BROKER_URL_ENV = "CELERY_BROKER_URL"
+POD_NAME_ENV = "POD_NAME"
+POD_NAMESPACE_ENV = "POD_NAMESPACE"
+# Names the operator sets itself; a user entry with the same name would be a duplicate key,
+# which server-side apply rejects for the whole Deployment.
+OPERATOR_ENV = (POD_NAME_ENV, POD_NAMESPACE_ENV, BROKER_URL_ENV)
+
+# A warm shutdown (SIGTERM) lets running tasks finish; the margin covers the worker's own
+# shutdown (acks, closing the pool) after the last task hits its time limit.
+GRACE_MARGIN_SECONDS = 30
+# Without a task time limit we cannot know how long tasks run; five minutes covers typical
+# background work while keeping node drains bounded. Set the tier's value for longer tasks.
+DEFAULT_GRACE_SECONDS = 300
+
+DEFAULT_PDB_MAX_UNAVAILABLE = 1
+DEFAULT_REDIS_PORT = 6379
+
+# Run by the readiness probe with the interpreter of the user's image (Celery needs one).
+# It never prints the URL (probe output lands in Events), and when it cannot tell which port
+# to look for it reports ready rather than stall every rollout.
+BROKER_CONNECTED_PROBE = f"""\
+import os, sys, urllib.parse
+try:
+    url = urllib.parse.urlsplit(os.environ["{BROKER_URL_ENV}"].split(";")[0])
+    port = (url.port or {DEFAULT_REDIS_PORT}) if url.scheme in ("redis", "rediss") else None
+except Exception:
+    port = None
+if port is None:
+    sys.exit(0)
+for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    try:
+        with open(table) as rows:
+            for row in list(rows)[1:]:
+                cols = row.split()
+                if cols[3] == "01" and cols[2].rsplit(":", 1)[1] == "%04X" % port:
+                    sys.exit(0)
+    except OSError:
+        pass
+print("no established connection to the broker port", port)
+sys.exit(1)
+"""
+
+
+# -- names and labels ------------------------------------------------------------------------------
+
+
+def tier_child_name(pool_name: str, tier_name: str) -> str:
+    """Name of the tier's Deployment and PodDisruptionBudget."""
+    return f"{pool_name}-{tier_name}"
+
+
+def pool_selector(pool_name: str) -> str:
+    """Label selector matching every child of the pool (to find children of removed tiers)."""
+    return f"{POOL_LABEL}={pool_name},app.kubernetes.io/managed-by={MANAGED_BY}"
+
+
+def tier_selector_labels(pool_name: str, tier_name: str) -> dict[str, str]:
+    """The Deployment/PDB selector; immutable on a Deployment, so it holds only stable names."""
+    return {POOL_LABEL: pool_name, TIER_LABEL: tier_name}
+
+
+def tier_labels(pool_name: str, tier_name: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "celery-worker",
+        "app.kubernetes.io/instance": pool_name,
+        "app.kubernetes.io/component": "worker",
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        **tier_selector_labels(pool_name, tier_name),
+    }
+
+
+def owner_reference(kind: str, name: str, uid: str) -> Manifest:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": kind,
+        "name": name,
+        "uid": uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def object_meta(name: str, namespace: str, labels: Mapping[str, str], owner: Manifest) -> Manifest:
+    return {
+        "name": name,
+        "namespace": namespace,
+        "labels": dict(labels),
+        "ownerReferences": [owner],
+    }
+
+
+# -- pieces shared with the beat -------------------------------------------------------------------
+
+
+def broker_url_env(broker: Broker) -> Manifest:
+    """The broker URL for Celery: a literal (schema-checked to carry no password) or a Secret ref."""
+    if broker.url_secret_ref is not None:
+        ref = broker.url_secret_ref
+        return {"name": BROKER_URL_ENV, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+    # The model guarantees exactly one of the two.
+    assert broker.url is not None
+    return {"name": BROKER_URL_ENV, "value": broker.url}
+
+
+def container_env(spec: WorkloadSpec) -> list[Manifest]:
+    """Downward-API identity first (so `$(POD_NAME)` expands in args), the broker, then the user's."""
+    seen: dict[str, int] = {}
+    for index, var in enumerate(spec.env):
+        name = var.get("name")
+        if not isinstance(name, str) or not name:
+            raise InvalidSpec(f"spec.env[{index}].name: required (an EnvVar needs a name)")
+        if name in OPERATOR_ENV:
+            raise InvalidSpec(
+                f"spec.env[{index}].name: {name} is set by the operator "
+                f"({'from spec.broker' if name == BROKER_URL_ENV else 'from the downward API'}); "
+                "remove it from spec.env"
+            )
+        if name in seen:
+            raise InvalidSpec(
+                f"spec.env[{index}].name: {name} is already set by spec.env[{seen[name]}]; keep one of them"
+            )
+        seen[name] = index
+    return [
+        {"name": POD_NAME_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": POD_NAMESPACE_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        broker_url_env(spec.broker),
+        *spec.env,
+    ]
+
+
+def pod_labels(spec: WorkloadSpec, own: Mapping[str, str]) -> dict[str, str]:
+    # Ours win: a user label overriding the selector would orphan the pods.
+    return {**spec.pod_labels, **own}
+
+
+def pod_spec_base(spec: WorkloadSpec) -> Manifest:
+    """Pod-level fields copied from the spec; empty ones are left out (the apiserver drops them,
+    and a field we set but the live object lacks would read as drift forever)."""
+    pod: Manifest = {}
+    if spec.service_account_name:
+        pod["serviceAccountName"] = spec.service_account_name
+    optional: Sequence[tuple[str, Any]] = (
+        ("imagePullSecrets", spec.image_pull_secrets),
+        ("nodeSelector", spec.node_selector),
+        ("tolerations", spec.tolerations),
+        ("affinity", spec.affinity),
+        ("topologySpreadConstraints", spec.topology_spread_constraints),
+        ("priorityClassName", spec.priority_class_name),
+        ("securityContext", spec.security_context),
+    )
+    for key, value in optional:
+        if value:
+            pod[key] = value
+    return pod
+
+
+def container_base(spec: WorkloadSpec, name: str) -> Manifest:
+    container: Manifest = {"name": name, "image": spec.image}
+    if spec.image_pull_policy:
+        container["imagePullPolicy"] = spec.image_pull_policy
+    return container
+
+
+def container_tail(
+    spec: WorkloadSpec, resources: Mapping[str, Any] | None, mounts: Sequence[Manifest] = ()
+) -> Manifest:
+    """Fields after the command: env, resources, mounts, securityContext (empty ones left out)."""
+    tail: Manifest = {"env": container_env(spec)}
+    if spec.env_from:
+        tail["envFrom"] = spec.env_from
+    if resources:
+        tail["resources"] = dict(resources)
+    all_mounts = [*mounts, *spec.volume_mounts]
+    if all_mounts:
+        tail["volumeMounts"] = all_mounts
+    if spec.container_security_context:
+        tail["securityContext"] = spec.container_security_context
+    return tail
+
+
+def config_hash(template: Mapping[str, Any]) -> str:
+    """A short digest of a pod template, for the annotation that shows which config a pod runs."""
+    canonical = json.dumps(template, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def with_config_hash(template: Manifest) -> Manifest:
+    """The template with its own digest (taken before the annotation exists) in its annotations."""
+    digest = config_hash(template)
+    metadata = dict(template["metadata"])
+    metadata["annotations"] = {**metadata.get("annotations", {}), CONFIG_HASH_ANNOTATION: digest}
+    return {**template, "metadata": metadata}
+
+
+# -- the worker Deployment -------------------------------------------------------------------------
+
+
+def worker_args(app: str, tier: Tier) -> list[str]:
+    """`celery` arguments for one tier; `extra_args` come last so they can override ours."""
+    args = [
+        "-A",
+        app,
+        "worker",
+        "-Q",
+        ",".join(tier.queues),
+        "--concurrency",
+        str(tier.concurrency),
+        "--pool",
+        tier.pool,
+        "--prefetch-multiplier",
+        str(tier.prefetch_multiplier),
+    ]
+    if tier.max_tasks_per_child is not None:
+        args += ["--max-tasks-per-child", str(tier.max_tasks_per_child)]
+    if tier.max_memory_per_child_kib is not None:
+        args += ["--max-memory-per-child", str(tier.max_memory_per_child_kib)]
+    # Gossip, mingle and heartbeat are worker-to-worker broadcasts through the broker that a fleet
+    # of many workers pays for on every start and every few seconds; nothing here needs them.
+    args += ["-O", "fair", "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    if tier.soft_time_limit_seconds is not None:
+        args += ["--soft-time-limit", str(tier.soft_time_limit_seconds)]
+    if tier.time_limit_seconds is not None:
+        args += ["--time-limit", str(tier.time_limit_seconds)]
+    args += ["--loglevel", tier.log_level, "--hostname", f"celery@$({POD_NAME_ENV})"]
+    return [*args, *tier.extra_args]
+
+
+def termination_grace_period(tier: Tier) -> int:
+    """Seconds a SIGTERM'd worker gets for its warm shutdown (finishing the tasks it runs).
+
+    The tier's own value wins; else the longest a task may run (hard limit, or the soft limit
+    when only that is set) plus a margin; else a default.
+    """
+    if tier.termination_grace_period_seconds is not None:
+        return tier.termination_grace_period_seconds
+    limit = tier.time_limit_seconds or tier.soft_time_limit_seconds
+    if limit is not None:
+        return limit + GRACE_MARGIN_SECONDS
+    return DEFAULT_GRACE_SECONDS
+
+
+def broker_readiness_probe() -> Manifest:
+    return {
+        "exec": {"command": ["python3", "-c", BROKER_CONNECTED_PROBE]},
+        "periodSeconds": 10,
+        "timeoutSeconds": 5,
+        # A broker restart drops connections for a moment; don't flap readiness for that.
+        "failureThreshold": 3,
+    }
+
+
+def tier_pod_template(pool_name: str, spec: CeleryWorkerPoolSpec, tier: Tier) -> Manifest:
+    """The tier's pod template, config-hash annotation included."""
+    container: Manifest = {
+        **container_base(spec, WORKER_CONTAINER),
+        # Exec form, no shell: SIGTERM reaches Celery's main process, which starts a warm shutdown.
+        "command": ["celery"],
+        "args": worker_args(spec.app, tier),
+        **container_tail(spec, tier.resources),
+        "readinessProbe": broker_readiness_probe(),
+    }
+    pod: Manifest = pod_spec_base(spec)
+    if not spec.service_account_name:
+        # Workers don't talk to the Kubernetes API; don't hand them the default account's token.
+        pod["automountServiceAccountToken"] = False
+    pod["terminationGracePeriodSeconds"] = termination_grace_period(tier)
+    pod["containers"] = [container]
+    if spec.volumes:
+        pod["volumes"] = spec.volumes
+    metadata: Manifest = {"labels": pod_labels(spec, tier_labels(pool_name, tier.name))}
+    if spec.pod_annotations:
+        metadata["annotations"] = dict(spec.pod_annotations)
+    return with_config_hash({"metadata": metadata, "spec": pod})
+
+
+def tier_deployment(
+    pool_name: str,
+    namespace: str,
+    pool_uid: str,
+    spec: CeleryWorkerPoolSpec,
+    tier: Tier,
+    replicas: int | None = None,
+) -> Manifest:
+    """The tier's apps/v1 Deployment; `spec.replicas` only when `replicas` is given (see module doc)."""
+    owner = owner_reference(POOL_KIND, pool_name, pool_uid)
+    deployment_spec: Manifest = {}
+    if replicas is not None:
+        deployment_spec["replicas"] = replicas
+    deployment_spec |= {
+        "selector": {"matchLabels": tier_selector_labels(pool_name, tier.name)},
+        # Surge first, then stop an old worker: a rolling tier never runs below its replica count.
+        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+        "template": tier_pod_template(pool_name, spec, tier),
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": object_meta(
+            tier_child_name(pool_name, tier.name), namespace, tier_labels(pool_name, tier.name), owner
+        ),
+        "spec": deployment_spec,
+    }
+
+
+def tier_pdb(pool_name: str, namespace: str, pool_uid: str, tier: Tier) -> Manifest | None:
+    """The tier's policy/v1 PodDisruptionBudget, or None when the tier asks for none."""
+    budget = tier.pod_disruption_budget
+    if budget is None or not budget.enabled:
+        return None
+    pdb_spec: Manifest = {}
+    if budget.min_available is not None:
+        pdb_spec["minAvailable"] = budget.min_available
+    else:
+        pdb_spec["maxUnavailable"] = (
+            budget.max_unavailable if budget.max_unavailable is not None else DEFAULT_PDB_MAX_UNAVAILABLE
+        )
+    pdb_spec["selector"] = {"matchLabels": tier_selector_labels(pool_name, tier.name)}
+    # Workers go unready while the broker is down; such pods must not block a node drain.
+    pdb_spec["unhealthyPodEvictionPolicy"] = "AlwaysAllow"
+    owner = owner_reference(POOL_KIND, pool_name, pool_uid)
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": object_meta(
+            tier_child_name(pool_name, tier.name), namespace, tier_labels(pool_name, tier.name), owner
+        ),
+        "spec": pdb_spec,
+    }
+
+
+# -- the whole pool --------------------------------------------------------------------------------
+
+
+def pool_children(
+    pool_name: str,
+    namespace: str,
+    pool_uid: str,
+    spec: CeleryWorkerPoolSpec,
+    replicas: Mapping[str, int] | None = None,
+) -> list[Manifest]:
+    """Every desired child, tier by tier (Deployment, then its PDB if any).
+
+    `replicas` (tier name -> count) puts `spec.replicas` into those tiers' Deployments; tiers not
+    in it leave the field to the autoscaler, which is the normal case (see the module doc).
+    """
+    replicas = replicas or {}
+    children: list[Manifest] = []
+    for tier in spec.tiers:
+        children.append(tier_deployment(pool_name, namespace, pool_uid, spec, tier, replicas.get(tier.name)))
+        pdb = tier_pdb(pool_name, namespace, pool_uid, tier)
+        if pdb is not None:
+            children.append(pdb)
+    return children
+
+
+@dataclass(frozen=True)
+class PoolChildNames:
+    """Names of the children a pool should have; children found by `pool_selector` that are not
+    listed here belong to removed tiers (or disabled budgets) and are to be deleted."""
+
+    deployments: frozenset[str]
+    pod_disruption_budgets: frozenset[str]
+
+
+def child_names(pool_name: str, spec: CeleryWorkerPoolSpec) -> PoolChildNames:
+    return PoolChildNames(
+        deployments=frozenset(tier_child_name(pool_name, t.name) for t in spec.tiers),
+        pod_disruption_budgets=frozenset(
+            tier_child_name(pool_name, t.name)
+            for t in spec.tiers
+            if t.pod_disruption_budget is not None and t.pod_disruption_budget.enabled
+        ),
+    )
