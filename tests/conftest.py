@@ -14,7 +14,7 @@ from tests.support.operator_process import OperatorProcess
 from tests.support.redis_server import RedisServer
 from tests.support.wait import wait_for
 
-CRD_DIR = ROOT / "crds"
+CRD_DIR = Path(os.environ.get("CELERY_FLEET_CRD_DIR", ROOT / "crds"))
 # Namespaces of this pytest session share a prefix, so this session's operator watches
 # only them and several test runs can share one local cluster.
 SESSION_PREFIX = f"t{uuid.uuid4().hex[:4]}"

@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.kubeconfig:
+        # Before importing the client: it reads KUBECONFIG once, at import time, and Kopf's
+        # login (via that client) relies on it.
+        os.environ["KUBECONFIG"] = args.kubeconfig
     import kopf
 
     from celery_fleet import logs, metrics
@@ -65,8 +69,6 @@ def _run(args: argparse.Namespace) -> int:
     from celery_fleet.kube.client import Kube, load_api_client
 
     logs.configure(args.log_level, args.json_logs)
-    if args.kubeconfig:
-        os.environ["KUBECONFIG"] = args.kubeconfig  # Kopf's own login reads it too
     kube = Kube(load_api_client(args.kubeconfig))
     config = FleetConfig(
         poll_interval=args.poll_interval, reconcile_workers=args.workers, elector_image=args.elector_image

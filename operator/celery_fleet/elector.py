@@ -206,19 +206,19 @@ class Election:
         self.leading = False
         self.renewed_at = 0.0  # when we sent the last write that succeeded while leading
         self._written: LeaseRecord | None = None  # the record our last successful write stored
-        self._in_flight: tuple[LeaseRecord, float] | None = None  # a write whose outcome we never saw
+        self._unconfirmed: list[tuple[LeaseRecord, float]] = []  # writes whose outcome we never saw
 
     # -- reading
 
     def observe(self, lease: Lease | None, now: float) -> bool:
         """Take in a fresh read. Returns False when we were leading and have now lost."""
         record = lease.record if lease is not None else None
-        if self._in_flight is not None and record == self._in_flight[0]:
-            # A write whose response we missed did land: it is ours, sent at that time.
-            assert lease is not None
-            self.wrote(lease, self._in_flight[1], now)
-            return True
-        self._in_flight = None
+        for sent, sent_at in self._unconfirmed:
+            if lease is not None and record == sent:
+                # A write whose reply we missed did land: it is ours, sent at that time.
+                self.wrote(lease, sent_at, now)
+                return True
+        self._unconfirmed = []
         if lease is None:
             if self.lease is not None and self.observed is not None and self.observed.holder:
                 # Deleted under a holder: respect that holder until its record would have expired.
@@ -289,11 +289,15 @@ class Election:
     # -- writing
 
     def sending(self, record: LeaseRecord, sent_at: float) -> None:
-        self._in_flight = (record, sent_at)
+        self._unconfirmed.append((record, sent_at))
+
+    def rejected(self, record: LeaseRecord) -> None:
+        """The apiserver refused the write (409/404): it certainly did not land."""
+        self._unconfirmed = [(sent, at) for sent, at in self._unconfirmed if sent != record]
 
     def wrote(self, lease: Lease, sent_at: float, now: float) -> None:
         """A write succeeded; the server's echo is the record we now stand behind."""
-        self._in_flight = None
+        self._unconfirmed = []
         self.lease = lease
         self._written = lease.record
         if lease.record != self.observed:
@@ -555,7 +559,11 @@ class Elector:
         sent_at = self.clock.monotonic()
         timeout = self._timeout() if timeout is None else timeout
         self.election.sending(record, sent_at)
-        written = self.api.create(record, timeout) if lease is None else self.api.replace(lease, record, timeout)
+        try:
+            written = self.api.create(record, timeout) if lease is None else self.api.replace(lease, record, timeout)
+        except LeaseConflict:
+            self.election.rejected(record)
+            raise
         self.election.wrote(written, sent_at, self.clock.monotonic())
 
     def _timeout(self) -> float:

@@ -48,5 +48,6 @@ def configure(level: str = "INFO", json_logs: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("kubernetes.client.rest", "urllib3", "aiohttp.access"):
+    # kopf.objects logs every successful watch-event handler at INFO: noise at fleet scale.
+    for noisy in ("kubernetes.client.rest", "urllib3", "aiohttp.access", "kopf.objects"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

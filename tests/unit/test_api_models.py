@@ -270,17 +270,17 @@ INVALID_POOLS = [
     ),
     pytest.param(
         _set("tiers.0.replicas", {"min": 5, "max": 3}),
-        "spec.tiers[0].replicas: min (5) must be <= max (3)",
+        "spec.tiers[0].replicas: min must be <= max (got min 5, max 3)",
         id="replicas-min-over-max",
     ),
     pytest.param(
         _set("tiers.1.name", "high"),
-        "spec.tiers: tier names must be unique (repeated: high)",
+        "spec.tiers: tier names must be unique (got high more than once)",
         id="tier-names-unique",
     ),
     pytest.param(
         _set("tiers.1.queues", ["low_priority", "high_priority"]),
-        "spec.tiers: queue 'high_priority' is in tiers 'high' and 'low'; a queue may belong to at most one",
+        "spec.tiers: a queue may belong to at most one tier (got 'high_priority' in tiers 'high' and 'low')",
         id="queue-in-two-tiers",
     ),
     pytest.param(
@@ -308,19 +308,19 @@ INVALID_POOLS = [
     ),
     pytest.param(
         _all(_set("tiers.0.softTimeLimitSeconds", 60), _set("tiers.0.timeLimitSeconds", 60)),
-        "spec.tiers[0].softTimeLimitSeconds: softTimeLimitSeconds (60) must be < timeLimitSeconds (60)",
+        "spec.tiers[0].softTimeLimitSeconds: softTimeLimitSeconds must be < timeLimitSeconds (got 60 and 60)",
         id="soft-not-below-hard",
     ),
     pytest.param(
         _all(_set("tiers.0.timeLimitSeconds", 300), _set("tiers.0.terminationGracePeriodSeconds", 30)),
-        "spec.tiers[0].terminationGracePeriodSeconds: terminationGracePeriodSeconds (30) must be >= "
-        "timeLimitSeconds (300)",
+        "spec.tiers[0].terminationGracePeriodSeconds: terminationGracePeriodSeconds must be >= "
+        "timeLimitSeconds so scale-in never cuts a running task short (got 30 and 300)",
         id="grace-below-time-limit",
     ),
     pytest.param(
         _set("tiers.0.autoscaling", {"fallbackReplicas": 20}),
-        "spec.tiers[0].autoscaling.fallbackReplicas: fallbackReplicas (20) must lie within "
-        "replicas.min..replicas.max (2..8)",
+        "spec.tiers[0].autoscaling.fallbackReplicas: fallbackReplicas must lie within "
+        "replicas.min..replicas.max (got 20, bounds 2..8)",
         id="fallback-out-of-bounds",
     ),
     pytest.param(
@@ -335,7 +335,7 @@ INVALID_POOLS = [
     ),
     pytest.param(
         _set("maxTotalReplicas", 2),
-        "spec.maxTotalReplicas: maxTotalReplicas (2) must be >= the sum of the tiers' replicas.min (3)",
+        "spec.maxTotalReplicas: maxTotalReplicas must be >= the sum of the tiers' replicas.min (got 2, sum 3)",
         id="budget-below-minimums",
     ),
     pytest.param(_set("tiers", []), "spec.tiers: List should have at least 1", id="tiers-empty"),
@@ -365,12 +365,12 @@ INVALID_BEATS = [
     pytest.param(_set("standby", 2), "spec.standby: Input should be less than or equal to 1", id="standby-two"),
     pytest.param(
         _set("lease", {"durationSeconds": 10, "renewDeadlineSeconds": 10}),
-        "spec.lease.renewDeadlineSeconds: renewDeadlineSeconds (10) must be < durationSeconds (10)",
+        "spec.lease.renewDeadlineSeconds: renewDeadlineSeconds must be < durationSeconds (got 10 and 10)",
         id="renew-not-below-duration",
     ),
     pytest.param(
         _set("lease", {"retryPeriodSeconds": 10}),
-        "spec.lease.retryPeriodSeconds: retryPeriodSeconds (10) must be < renewDeadlineSeconds (10)",
+        "spec.lease.retryPeriodSeconds: retryPeriodSeconds must be < renewDeadlineSeconds (got 10 and 10)",
         id="retry-not-below-renew",
     ),
     pytest.param(_set("scheduler", ""), "spec.scheduler: String should have at least 1", id="scheduler-empty"),

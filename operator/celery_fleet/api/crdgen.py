@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import filecmp
+import json
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -129,6 +130,22 @@ def _ordered_rule(rule: Schema) -> Schema:
     return {k: rule[k] for k in _RULE_KEY_ORDER if k in rule}
 
 
+def _say_defaults(node: Any) -> Any:
+    """Append simple defaults to descriptions: `kubectl explain` does not print schema defaults."""
+    if not isinstance(node, dict):
+        return node
+    result = {k: (_say_defaults(v) if k in ("items", "additionalProperties") else v) for k, v in node.items()}
+    if "properties" in node:
+        result["properties"] = {name: _say_defaults(prop) for name, prop in node["properties"].items()}
+    default = node.get("default")
+    simple = isinstance(default, bool | int | str) or (
+        isinstance(default, list) and all(isinstance(v, int | str) for v in default)
+    )
+    if "default" in node and simple and "description" in node:
+        result["description"] = f"{node['description'].rstrip()} Default: {json.dumps(default)}."
+    return result
+
+
 def _without_defaults(node: Any) -> Any:
     if isinstance(node, dict):
         return {k: _without_defaults(v) for k, v in node.items() if k != "default"}
@@ -139,6 +156,8 @@ def _minimal_default(value: Any, node: Schema) -> Any:
     """The smallest default that, with the apiserver's nested defaulting, yields the same object.
 
     Empty values are dropped: an empty list written into every object is noise on read-back.
+    Objects that carry CEL rules keep their fields: the apiserver checks a default against the
+    rules before nested defaults are filled in, so the rules must find every field they read.
     """
     if value is None or value == [] or value == "":
         return None
@@ -146,10 +165,14 @@ def _minimal_default(value: Any, node: Schema) -> Any:
         return None
     if isinstance(value, dict):
         props = node.get("properties", {})
+        # Pydantic sorts the keys of defaults; the schema's field order reads better.
+        order = {name: i for i, name in enumerate(props)}
+        fields = sorted(value.items(), key=lambda kv: order.get(kv[0], len(order)))
         return {
             k: v
-            for k, v in ((k, _minimal_default(v, props.get(k, {}))) for k, v in value.items())
-            if v is not None and not ("default" in props.get(k, {}) and props[k]["default"] == v)
+            for k, v in ((k, _minimal_default(v, props.get(k, {}))) for k, v in fields)
+            if v is not None
+            and ("x-kubernetes-validations" in node or not ("default" in props.get(k, {}) and props[k]["default"] == v))
         }
     if isinstance(value, list) and "items" in node:
         items = [_minimal_default(v, node["items"]) for v in value]
@@ -190,7 +213,7 @@ def _status_schema(model: type[BaseModel]) -> Schema:
 
 
 def _root_schema(kind: str, spec: type[BaseModel], status: type[BaseModel]) -> Schema:
-    spec_schema = model_schema(spec)
+    spec_schema = _say_defaults(model_schema(spec))
     return {
         "description": f"{kind} ({models.API_VERSION}): {spec_schema.get('description', '')}",
         "type": "object",
@@ -205,7 +228,8 @@ def _root_schema(kind: str, spec: type[BaseModel], status: type[BaseModel]) -> S
                 "description": "Kind is a string value representing the REST resource this object represents.",
                 "type": "string",
             },
-            "metadata": {"type": "object"},
+            # Declared so the name rule can point its fieldPath at it.
+            "metadata": {"type": "object", "properties": {"name": {"type": "string"}}},
             "spec": spec_schema,
             "status": _status_schema(status),
         },

@@ -64,14 +64,16 @@ def _cel(
     rule: str,
     message: str,
     *,
-    message_expression: str | None = None,
     field_path: str | None = None,
     reason: str | None = None,
 ) -> dict[str, str]:
-    """One `x-kubernetes-validations` entry; `message` is the fallback if the expression fails."""
+    """One `x-kubernetes-validations` entry.
+
+    Messages are static: a messageExpression that formats numbers (`string(int)`) has an unbounded
+    estimated cost and the apiserver refuses it inside the tier list. The pydantic twin of each
+    rule adds the offending values after the same words.
+    """
     entry = {"rule": rule, "message": message}
-    if message_expression is not None:
-        entry["messageExpression"] = message_expression
     if field_path is not None:
         entry["fieldPath"] = field_path
     if reason is not None:
@@ -245,7 +247,6 @@ class ReplicaBounds(_Spec):
             _cel(
                 "self.min <= self.max",
                 "min must be <= max",
-                message_expression="'min (' + string(self.min) + ') must be <= max (' + string(self.max) + ')'",
             )
         )
     )
@@ -260,7 +261,7 @@ class ReplicaBounds(_Spec):
     @model_validator(mode="after")
     def _min_le_max(self) -> Self:
         if self.min > self.max:
-            raise _rule_error(f"min ({self.min}) must be <= max ({self.max})")
+            raise _rule_error(f"min must be <= max (got min {self.min}, max {self.max})")
         return self
 
 
@@ -332,6 +333,18 @@ class Autoscaling(_Spec):
     )
 
 
+_INT_OR_PERCENT = {
+    # maxLength bounds the CEL cost of matching the string form ("100%" is the longest).
+    "maxLength": 4,
+    **_rules(
+        _cel(
+            f"type(self) == int ? self >= 0 : string(self).matches('{_PERCENT}')",
+            "must be a non-negative integer or a percentage like '25%'",
+        )
+    ),
+}
+
+
 class PodDisruptionBudgetSpec(_Spec):
     """A PodDisruptionBudget for the tier's workers."""
 
@@ -349,22 +362,12 @@ class PodDisruptionBudgetSpec(_Spec):
         default=None,
         description="Pods that may be evicted at once: a number or a percentage like '25%'. "
         "When neither this nor minAvailable is set the operator uses maxUnavailable 1.",
-        json_schema_extra=_rules(
-            _cel(
-                "type(self) == int ? self >= 0 : string(self).matches('^(100|[1-9]?[0-9])%$')",
-                "must be a non-negative integer or a percentage like '25%'",
-            )
-        ),
+        json_schema_extra=_INT_OR_PERCENT,
     )
     min_available: int | str | None = Field(
         default=None,
         description="Pods that must stay available: a number or a percentage like '75%'.",
-        json_schema_extra=_rules(
-            _cel(
-                "type(self) == int ? self >= 0 : string(self).matches('^(100|[1-9]?[0-9])%$')",
-                "must be a non-negative integer or a percentage like '25%'",
-            )
-        ),
+        json_schema_extra=_INT_OR_PERCENT,
     )
 
     @field_validator("max_unavailable", "min_available", mode="before")
@@ -399,17 +402,12 @@ class Tier(_Spec):
                 "!has(self.softTimeLimitSeconds) || !has(self.timeLimitSeconds) "
                 "|| self.softTimeLimitSeconds < self.timeLimitSeconds",
                 "softTimeLimitSeconds must be < timeLimitSeconds",
-                message_expression="'softTimeLimitSeconds (' + string(self.softTimeLimitSeconds) "
-                "+ ') must be < timeLimitSeconds (' + string(self.timeLimitSeconds) + ')'",
                 field_path=".softTimeLimitSeconds",
             ),
             _cel(
                 "!has(self.terminationGracePeriodSeconds) || !has(self.timeLimitSeconds) "
                 "|| self.terminationGracePeriodSeconds >= self.timeLimitSeconds",
                 "terminationGracePeriodSeconds must be >= timeLimitSeconds so scale-in never cuts a running task short",
-                message_expression="'terminationGracePeriodSeconds (' "
-                "+ string(self.terminationGracePeriodSeconds) + ') must be >= timeLimitSeconds (' "
-                "+ string(self.timeLimitSeconds) + ') so scale-in never cuts a running task short'",
                 field_path=".terminationGracePeriodSeconds",
             ),
             _cel(
@@ -417,9 +415,6 @@ class Tier(_Spec):
                 "|| (self.autoscaling.fallbackReplicas >= self.replicas.min "
                 "&& self.autoscaling.fallbackReplicas <= self.replicas.max)",
                 "fallbackReplicas must lie within replicas.min..replicas.max",
-                message_expression="'fallbackReplicas (' + string(self.autoscaling.fallbackReplicas) "
-                "+ ') must lie within replicas.min..replicas.max (' + string(self.replicas.min) "
-                "+ '..' + string(self.replicas.max) + ')'",
                 field_path=".autoscaling.fallbackReplicas",
             ),
         )
@@ -525,21 +520,21 @@ class Tier(_Spec):
         soft, hard = self.soft_time_limit_seconds, self.time_limit_seconds
         if soft is not None and hard is not None and soft >= hard:
             raise _rule_error(
-                f"softTimeLimitSeconds ({soft}) must be < timeLimitSeconds ({hard})",
+                f"softTimeLimitSeconds must be < timeLimitSeconds (got {soft} and {hard})",
                 "softTimeLimitSeconds",
             )
         grace = self.termination_grace_period_seconds
         if grace is not None and hard is not None and grace < hard:
             raise _rule_error(
-                f"terminationGracePeriodSeconds ({grace}) must be >= timeLimitSeconds ({hard}) "
-                "so scale-in never cuts a running task short",
+                "terminationGracePeriodSeconds must be >= timeLimitSeconds so scale-in never cuts a running task "
+                f"short (got {grace} and {hard})",
                 "terminationGracePeriodSeconds",
             )
         fallback = self.autoscaling.fallback_replicas
         if fallback is not None and not self.replicas.min <= fallback <= self.replicas.max:
             raise _rule_error(
-                f"fallbackReplicas ({fallback}) must lie within replicas.min..replicas.max "
-                f"({self.replicas.min}..{self.replicas.max})",
+                "fallbackReplicas must lie within replicas.min..replicas.max "
+                f"(got {fallback}, bounds {self.replicas.min}..{self.replicas.max})",
                 "autoscaling.fallbackReplicas",
             )
         return self
@@ -618,10 +613,8 @@ def _tier_queue_owners(tiers: list[Tier]) -> str | None:
     for tier in tiers:
         for queue in tier.queues:
             if queue in owner and owner[queue] != tier.name:
-                return (
-                    f"queue {queue!r} is in tiers {owner[queue]!r} and {tier.name!r}; "
-                    "a queue may belong to at most one tier"
-                )
+                where = f"got {queue!r} in tiers {owner[queue]!r} and {tier.name!r}"
+                return f"a queue may belong to at most one tier ({where})"
             owner.setdefault(queue, tier.name)
     return None
 
@@ -644,9 +637,6 @@ class CeleryWorkerPoolSpec(WorkloadSpec):
             _cel(
                 "!has(self.maxTotalReplicas) || self.maxTotalReplicas >= self.tiers.map(t, t.replicas.min).sum()",
                 "maxTotalReplicas must be >= the sum of the tiers' replicas.min",
-                message_expression="'maxTotalReplicas (' + string(self.maxTotalReplicas) "
-                "+ ') must be >= the sum of the tiers\\' replicas.min (' "
-                "+ string(self.tiers.map(t, t.replicas.min).sum()) + ')'",
                 field_path=".maxTotalReplicas",
             ),
         )
@@ -677,14 +667,15 @@ class CeleryWorkerPoolSpec(WorkloadSpec):
         names = [t.name for t in self.tiers]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise _rule_error(f"tier names must be unique (repeated: {', '.join(duplicates)})", "tiers")
+            raise _rule_error(f"tier names must be unique (got {', '.join(duplicates)} more than once)", "tiers")
         clash = _tier_queue_owners(self.tiers)
         if clash:
             raise _rule_error(clash, "tiers")
         floor = sum(t.replicas.min for t in self.tiers)
         if self.max_total_replicas is not None and self.max_total_replicas < floor:
             raise _rule_error(
-                f"maxTotalReplicas ({self.max_total_replicas}) must be >= the sum of the tiers' replicas.min ({floor})",
+                "maxTotalReplicas must be >= the sum of the tiers' replicas.min "
+                f"(got {self.max_total_replicas}, sum {floor})",
                 "maxTotalReplicas",
             )
         return self
@@ -698,15 +689,11 @@ class LeaseSpec(_Spec):
             _cel(
                 "self.renewDeadlineSeconds < self.durationSeconds",
                 "renewDeadlineSeconds must be < durationSeconds",
-                message_expression="'renewDeadlineSeconds (' + string(self.renewDeadlineSeconds) "
-                "+ ') must be < durationSeconds (' + string(self.durationSeconds) + ')'",
                 field_path=".renewDeadlineSeconds",
             ),
             _cel(
                 "self.retryPeriodSeconds < self.renewDeadlineSeconds",
                 "retryPeriodSeconds must be < renewDeadlineSeconds",
-                message_expression="'retryPeriodSeconds (' + string(self.retryPeriodSeconds) "
-                "+ ') must be < renewDeadlineSeconds (' + string(self.renewDeadlineSeconds) + ')'",
                 field_path=".retryPeriodSeconds",
             ),
         )
@@ -736,14 +723,14 @@ class LeaseSpec(_Spec):
     def _ordered(self) -> Self:
         if self.renew_deadline_seconds >= self.duration_seconds:
             raise _rule_error(
-                f"renewDeadlineSeconds ({self.renew_deadline_seconds}) must be < durationSeconds "
-                f"({self.duration_seconds})",
+                "renewDeadlineSeconds must be < durationSeconds "
+                f"(got {self.renew_deadline_seconds} and {self.duration_seconds})",
                 "renewDeadlineSeconds",
             )
         if self.retry_period_seconds >= self.renew_deadline_seconds:
             raise _rule_error(
-                f"retryPeriodSeconds ({self.retry_period_seconds}) must be < renewDeadlineSeconds "
-                f"({self.renew_deadline_seconds})",
+                "retryPeriodSeconds must be < renewDeadlineSeconds "
+                f"(got {self.retry_period_seconds} and {self.renew_deadline_seconds})",
                 "retryPeriodSeconds",
             )
         return self

@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Final
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, quote, unquote, urlencode, urlsplit
 
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
@@ -303,14 +303,13 @@ class RedisTarget:
         return re.sub(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://\S+", "<broker-url>", text)
 
 
-def _normalize_query(parts: object, query: list[tuple[str, str]]) -> str:
+def _normalize_query(parts: SplitResult, query: list[tuple[str, str]]) -> str:
     # Celery writes ssl_cert_reqs=CERT_REQUIRED; redis-py wants required/optional/none.
     fixed = [
         (k, v[len("CERT_") :].lower() if k == "ssl_cert_reqs" and v.upper().startswith("CERT_") else v)
         for k, v in query
     ]
-    p = urlsplit(str(urlunsplit(parts)))  # type: ignore[call-overload]  # urlsplit result is a tuple
-    return urlunsplit(p._replace(query=urlencode(fixed)))
+    return parts._replace(query=urlencode(fixed)).geturl() if fixed else parts.geturl()
 
 
 # -- errors -----------------------------------------------------------------------------------------------
@@ -422,7 +421,7 @@ def connect(
             return replies
 
     async def close() -> None:
-        await client.aclose()
+        await client.aclose()  # type: ignore[attr-defined]  # types-redis 4.6 predates aclose (redis 5)
 
     return RedisDepthSource(
         round_trip,

@@ -6,17 +6,24 @@ started from that image copies it into an emptyDir, and the beat container runs
 ``python3 <elector> ... -- celery beat ...``. No wheel to install, no sidecar whose lifetime could
 drift from beat's: the elector is PID 1 of the beat container and beat its child.
 
-The elector's Role covers only the one Lease, and only get/update/patch: RBAC cannot restrict
-``create`` to a resourceName, so the operator creates the Lease itself (owned by the CeleryBeat)
-and the pods never need ``create``.
+The elector's Role covers only the one Lease, and only what the elector sends (GET and PUT):
+RBAC cannot restrict ``create`` to a resourceName, so the operator creates the Lease itself (owned
+by the CeleryBeat) and the pods never need ``create``.
+
+The operator's Lease carries no spec at all: the electors own every spec field. A release writes
+``leaseDurationSeconds: 1`` (free at once); an operator that re-applied the configured duration
+would turn that into a lease the standby must wait out, and bump the resourceVersion under the
+leader. An empty, never-held Lease is free at once, so the first pod starts beat without delay.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from celery_fleet.api.models import BEAT_KIND, GROUP, CeleryBeatSpec, InvalidSpec
+from celery_fleet.elector import UNKILLABLE_AFTER_SECONDS
 from celery_fleet.planning.workload import (
     MANAGED_BY,
     POD_NAME_ENV,
@@ -48,9 +55,9 @@ SCHEDULE_FILE = f"{SCHEDULE_DIR}/celerybeat-schedule"
 
 # CeleryBeatSpec has no log level; `--loglevel` in extraArgs overrides this (the last one wins).
 BEAT_LOG_LEVEL = "INFO"
-# On SIGTERM the elector stops beat and releases the Lease; a renewal in progress may take up to
-# the renew deadline first, and beat needs a moment to save its schedule.
-BEAT_GRACE_MARGIN_SECONDS = 20
+BEAT_GRACE_MARGIN_SECONDS = 5
+# A release is at most a PUT, a re-read after a conflict and a second PUT.
+RELEASE_REQUESTS = 3
 
 # Restricted-profile settings for the container we add; the user's containers follow their spec.
 # No runAsUser: the image's numeric USER is used (and platforms that assign UIDs keep working).
@@ -129,7 +136,7 @@ def beat_role(beat_name: str, namespace: str, beat_uid: str) -> Manifest:
                 "apiGroups": ["coordination.k8s.io"],
                 "resources": ["leases"],
                 "resourceNames": [names.lease],
-                "verbs": ["get", "update", "patch"],
+                "verbs": ["get", "update"],
             }
         ],
     }
@@ -148,13 +155,12 @@ def beat_role_binding(beat_name: str, namespace: str, beat_uid: str, spec: Celer
     }
 
 
-def beat_lease(beat_name: str, namespace: str, beat_uid: str, spec: CeleryBeatSpec) -> Manifest:
-    """The Lease, without holder fields: those belong to the electors (one writer per field)."""
+def beat_lease(beat_name: str, namespace: str, beat_uid: str) -> Manifest:
+    """The Lease, metadata only: its spec belongs to the electors (see the module doc)."""
     return {
         "apiVersion": "coordination.k8s.io/v1",
         "kind": "Lease",
         "metadata": _meta(beat_names(beat_name).lease, namespace, beat_name, beat_uid),
-        "spec": {"leaseDurationSeconds": spec.lease.duration_seconds},
     }
 
 
@@ -176,6 +182,8 @@ def beat_command(beat_name: str, spec: CeleryBeatSpec) -> list[str]:
         str(lease.renew_deadline_seconds),
         "--retry-period",
         str(lease.retry_period_seconds),
+        "--stop-grace",
+        f"{stop_grace(spec):g}",
         "--",
         "celery",
         "-A",
@@ -191,8 +199,31 @@ def beat_command(beat_name: str, spec: CeleryBeatSpec) -> list[str]:
     ]
 
 
+def stop_grace(spec: CeleryBeatSpec) -> float:
+    """Seconds beat gets between SIGTERM and SIGKILL when it must stop; passed to the elector
+    explicitly because the pod's grace period is computed from it. Half the gap between the renew
+    deadline and the lease duration, as the elector's own default: a leader that lost the lease
+    has then stopped beat well before a standby may acquire."""
+    lease = spec.lease
+    return (lease.duration_seconds - lease.renew_deadline_seconds) / 2
+
+
 def beat_grace_period(spec: CeleryBeatSpec) -> int:
-    return spec.lease.renew_deadline_seconds + BEAT_GRACE_MARGIN_SECONDS
+    """Time for the elector's graceful exit, so the Lease is released rather than left to expire.
+
+    On SIGTERM a renewal in flight may run to the renew deadline; then beat gets its stop grace,
+    the elector waits a bounded time for it to die after SIGKILL, and releases (a few requests,
+    each bounded by max(1 s, the retry period)).
+    """
+    lease = spec.lease
+    total = (
+        lease.renew_deadline_seconds
+        + stop_grace(spec)
+        + UNKILLABLE_AFTER_SECONDS
+        + RELEASE_REQUESTS * max(1, lease.retry_period_seconds)
+        + BEAT_GRACE_MARGIN_SECONDS
+    )
+    return math.ceil(total)
 
 
 def _check_reserved(spec: CeleryBeatSpec) -> None:
@@ -293,6 +324,6 @@ def beat_children(
         beat_service_account(beat_name, namespace, beat_uid),
         beat_role(beat_name, namespace, beat_uid),
         beat_role_binding(beat_name, namespace, beat_uid, spec),
-        beat_lease(beat_name, namespace, beat_uid, spec),
+        beat_lease(beat_name, namespace, beat_uid),
         beat_deployment(beat_name, namespace, beat_uid, spec, default_elector_image),
     ]

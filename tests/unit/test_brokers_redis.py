@@ -1,0 +1,309 @@
+"""The Redis depth reader without Redis: keys, the poll plan, reply parsing, routing, errors, URLs."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Sequence
+
+import pytest
+from redis import exceptions as rexc
+
+from celery_fleet.api.models import ReplicaBounds, Tier
+from celery_fleet.brokers import BrokerError, DepthReading, ErrorKind, QueueRef, observe_tiers, queue_refs
+from celery_fleet.brokers.redis import (
+    INFLIGHT_SCRIPT,
+    Command,
+    RedisDepthSource,
+    RedisTarget,
+    Reply,
+    classify,
+    parse_poll,
+    plan_poll,
+    priority_key,
+    queued_by_priority,
+    route,
+)
+from celery_fleet.planning.scaling import Observation, ReadFailure, Reason, decide
+
+SEP = "\x06\x16"
+HIGH = QueueRef("high_priority")
+LOW = QueueRef("low_priority")
+
+
+@pytest.mark.parametrize(
+    ("ref", "step", "key"),
+    [
+        pytest.param(HIGH, 0, "high_priority", id="step-0-is-the-bare-name"),
+        pytest.param(HIGH, 3, f"high_priority{SEP}3", id="step-3-is-a-sub-list"),
+        pytest.param(QueueRef("q", "app1:"), 0, "app1:q", id="prefix-on-the-bare-name"),
+        pytest.param(QueueRef("q", "app1:"), 9, f"app1:q{SEP}9", id="prefix-on-a-sub-list"),
+    ],
+)
+def test_priority_key(ref: QueueRef, step: int, key: str) -> None:
+    assert priority_key(ref, step) == key
+
+
+def test_plan_reads_every_priority_list_then_counts_unacked_once_per_prefix() -> None:
+    refs = [*queue_refs(["b", "a"]), QueueRef("c", "p:", (0, 5))]
+    plan = plan_poll(refs, scan_limit=123)
+    llens = [c for c in plan.commands if c[0] == "LLEN"]
+    evals = [c for c in plan.commands if c[0] == "EVAL"]
+    assert [c[1] for c in llens] == [
+        "a", f"a{SEP}3", f"a{SEP}6", f"a{SEP}9", "b", f"b{SEP}3", f"b{SEP}6", f"b{SEP}9", "p:c", f"p:c{SEP}5",
+    ]  # fmt: skip
+    assert evals == [
+        ("EVAL", INFLIGHT_SCRIPT, 1, "unacked", 123, "_kombu.binding."),
+        ("EVAL", INFLIGHT_SCRIPT, 1, "p:unacked", 123, "p:_kombu.binding."),
+    ]
+    assert plan.commands[: len(llens)] == tuple(llens)  # LLENs first, then the scripts
+
+
+def script_reply(
+    size: int, pairs: Sequence[tuple[str, str, int]], bindings: dict[str, list[str]] | None = None, **kw: int
+) -> list[object]:
+    flat_pairs: list[object] = []
+    for ex, rk, n in pairs:
+        flat_pairs += [ex.encode(), rk.encode(), n]
+    flat_bindings: list[object] = []
+    for ex, members in (bindings or {}).items():
+        flat_bindings += [ex.encode(), [m.encode() for m in members]]
+    scanned = kw.get("scanned", size)
+    return [size, scanned, kw.get("unparsed", 0), flat_pairs, flat_bindings]
+
+
+def poll(refs: Sequence[QueueRef], lengths: Sequence[Reply], *scripts: Reply) -> DepthReading:
+    return parse_poll(plan_poll(refs), [*lengths, *scripts])
+
+
+def test_depth_sums_every_priority_list() -> None:
+    reading = poll([HIGH, LOW], [1, 2, 3, 4, 0, 0, 0, 5], script_reply(0, []))
+    assert reading.depth(HIGH) == 10
+    assert reading.observe([HIGH, LOW]) == Observation(15, 0)
+    assert queued_by_priority(reading) == {
+        ("high_priority", 0): 1, ("high_priority", 3): 2, ("high_priority", 6): 3, ("high_priority", 9): 4,
+        ("low_priority", 0): 0, ("low_priority", 3): 0, ("low_priority", 6): 0, ("low_priority", 9): 5,
+    }  # fmt: skip
+
+
+def test_prioritised_messages_only_still_scale_the_tier() -> None:
+    # What plain `LLEN high_priority` (KEDA, celery-exporter) reads as 0.
+    reading = poll([HIGH], [0, 30, 0, 15], script_reply(0, []))
+    seen = observe_tiers(reading, {"high": [HIGH]})
+    assert seen == {"high": Observation(45, 0)}
+    tier = Tier(name="high", queues=["high_priority"], concurrency=4, replicas=ReplicaBounds(min=2, max=8))
+    (d,) = decide([tier], seen, {"high": 2}, {}, now=0.0)
+    assert (d.desired, d.reason) == (5, Reason.QUEUE_BACKLOG)
+
+
+@pytest.mark.parametrize(
+    ("pairs", "bindings", "expect_high", "expect_low", "unattributed"),
+    [
+        pytest.param([("high_priority", "high_priority", 7)], {}, 7, 0, 0, id="celery-default-direct-exchange"),
+        pytest.param([("", "low_priority", 2)], {}, 0, 2, 0, id="anonymous-exchange-routing-key-is-queue"),
+        pytest.param(
+            [("tasks", "urgent", 4)],
+            {"tasks": [f"urgent{SEP}{SEP}high_priority", f"bulk{SEP}{SEP}low_priority"]},
+            4,
+            0,
+            0,
+            id="direct-binding-table",
+        ),
+        pytest.param(
+            [("events", "user.signup", 3), ("events", "report.daily", 1)],
+            {"events": [f"user.*{SEP}^user\\.[^.]+$" + f"{SEP}high_priority", f"#{SEP}^.*$" + f"{SEP}low_priority"]},
+            3,
+            4,
+            0,
+            id="topic-binding-patterns",
+        ),
+        pytest.param([("other", "someone_elses_queue", 9)], {}, 0, 0, 0, id="unwatched-queue-ignored"),
+        pytest.param([("", "", 2)], {}, 0, 0, 2, id="no-routing-key-unattributed"),
+    ],
+)
+def test_in_flight_routing(
+    pairs: list[tuple[str, str, int]],
+    bindings: dict[str, list[str]],
+    expect_high: int,
+    expect_low: int,
+    unattributed: int,
+) -> None:
+    size = sum(n for *_, n in pairs)
+    reading = poll([HIGH, LOW], [0] * 8, script_reply(size, pairs, bindings))
+    assert reading.observe([HIGH]).in_flight == expect_high
+    assert reading.observe([LOW]).in_flight == expect_low
+    assert reading.unacked[""].unattributed == unattributed
+
+
+@pytest.mark.parametrize(
+    ("exchange", "routing_key", "table", "queues"),
+    [
+        pytest.param("", "q1", [], ["q1"], id="anonymous"),
+        pytest.param("x", "q1", [], ["q1"], id="no-table-falls-back-to-routing-key"),
+        pytest.param("x", "k", [("k", "", "q1"), ("k", "", "q2"), ("j", "", "q3")], ["q1", "q2"], id="direct-fan-in"),
+        pytest.param("x", "a.b", [("a.*", r"^a\.[^.]+$", "q1")], ["q1"], id="topic"),
+        pytest.param("x", "a.b", [("(", "(", "q1")], ["a.b"], id="broken-pattern-matches-nothing"),
+    ],
+)
+def test_route(exchange: str, routing_key: str, table: list[tuple[str, str, str]], queues: list[str]) -> None:
+    assert route(exchange, routing_key, table) == queues
+
+
+def test_scan_limit_extrapolates_and_says_so() -> None:
+    reading = poll([HIGH], [0] * 4, script_reply(100_000, [("high_priority", "high_priority", 1000)], scanned=10_000))
+    seen = reading.observe([HIGH])
+    assert seen == Observation(0, 10_000, in_flight_exact=False)
+    assert not reading.unacked[""].exact
+
+
+def test_queue_with_a_non_list_key_fails_only_its_tier() -> None:
+    wrongtype = rexc.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value")
+    reading = poll([HIGH, LOW], [1, 0, 0, 0, wrongtype, 0, 0, 0], script_reply(0, []))
+    seen = observe_tiers(reading, {"high": [HIGH], "low": [LOW]})
+    assert seen["high"] == Observation(1, 0)
+    assert isinstance(seen["low"], ReadFailure) and "WRONGTYPE" in seen["low"].message
+
+
+def test_script_error_makes_in_flight_unknown() -> None:
+    reading = poll([HIGH], [5, 0, 0, 0], rexc.ResponseError("ERR Error running script"))
+    seen = reading.observe([HIGH])
+    assert isinstance(seen, ReadFailure) and seen.kind == "ResponseError"
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        pytest.param(rexc.ResponseError("NOAUTH Authentication required."), id="noauth"),
+        pytest.param(rexc.NoPermissionError("NOPERM this user has no permissions to run 'eval'"), id="noperm"),
+    ],
+)
+def test_auth_error_in_a_reply_fails_the_poll(reply: Exception) -> None:
+    with pytest.raises(BrokerError) as err:
+        poll([HIGH], [reply, 0, 0, 0], script_reply(0, []))
+    assert err.value.kind is ErrorKind.AUTH_FAILED
+
+
+def test_wrong_number_of_replies_is_an_error() -> None:
+    with pytest.raises(BrokerError) as err:
+        parse_poll(plan_poll([HIGH]), [0, 0])
+    assert err.value.kind is ErrorKind.RESPONSE_ERROR
+
+
+def test_observe_tiers_on_failure_fails_every_tier() -> None:
+    err = BrokerError(ErrorKind.TIMEOUT, "no answer in time from redis://r:6379/0")
+    assert observe_tiers(err, {"a": [HIGH], "b": [LOW]}) == {
+        "a": ReadFailure("Timeout", err.message),
+        "b": ReadFailure("Timeout", err.message),
+    }
+
+
+# -- URLs and errors ----------------------------------------------------------------------------------------
+
+PASSWORD = "s3cr3t/pa:ss"
+URL = "rediss://celery:s3cr3t%2Fpa%3Ass@redis.prod.svc:6380/2?ssl_cert_reqs=CERT_REQUIRED"
+TARGET = RedisTarget.parse(URL)
+
+
+def test_target_shows_no_credentials() -> None:
+    assert TARGET.display == "rediss://redis.prod.svc:6380/2"
+    assert PASSWORD not in repr(TARGET) and "s3cr3t" not in str(TARGET)
+    assert "ssl_cert_reqs=required" in TARGET.url  # Celery's spelling, translated for redis-py
+
+
+@pytest.mark.parametrize(
+    ("url", "display"),
+    [
+        pytest.param("redis://localhost", "redis://localhost:6379/0", id="defaults"),
+        pytest.param("redis://:pw@10.0.0.1:7000/3", "redis://10.0.0.1:7000/3", id="password-only"),
+    ],
+)
+def test_target_display(url: str, display: str) -> None:
+    assert RedisTarget.parse(url).display == display
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        pytest.param("amqp://guest:guest@rabbit//", id="other-scheme"),
+        pytest.param("redis://host:notaport/0", id="bad-port"),
+    ],
+)
+def test_target_rejects_unusable_urls_without_echoing_them(url: str) -> None:
+    with pytest.raises(BrokerError) as err:
+        RedisTarget.parse(url)
+    assert err.value.kind is ErrorKind.INVALID_URL
+    assert "guest" not in str(err.value) and "notaport" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("exc", "kind"),
+    [
+        pytest.param(rexc.AuthenticationError(f"invalid password {PASSWORD}"), ErrorKind.AUTH_FAILED, id="auth"),
+        pytest.param(
+            rexc.ResponseError("WRONGPASS invalid username-password pair"), ErrorKind.AUTH_FAILED, id="wrongpass"
+        ),
+        pytest.param(rexc.TimeoutError("Timeout reading from socket"), ErrorKind.TIMEOUT, id="read-timeout"),
+        pytest.param(TimeoutError(), ErrorKind.TIMEOUT, id="deadline"),
+        pytest.param(
+            rexc.ConnectionError(f"Error 111 connecting to {URL}. Connection refused."),
+            ErrorKind.UNREACHABLE,
+            id="refused",
+        ),
+        pytest.param(ssl.SSLError(1, "[SSL: CERTIFICATE_VERIFY_FAILED]"), ErrorKind.UNREACHABLE, id="tls"),
+        pytest.param(OSError(-2, "Name or service not known"), ErrorKind.UNREACHABLE, id="dns"),
+        pytest.param(
+            rexc.BusyLoadingError("LOADING Redis is loading the dataset"), ErrorKind.UNREACHABLE, id="loading"
+        ),
+        pytest.param(rexc.ResponseError("ERR unknown command"), ErrorKind.RESPONSE_ERROR, id="error-reply"),
+        pytest.param(ValueError(f"Invalid value for 'db' in {URL}"), ErrorKind.INVALID_URL, id="bad-url-option"),
+    ],
+)
+def test_classify(exc: BaseException, kind: ErrorKind) -> None:
+    err = classify(exc, TARGET)
+    assert err.kind is kind
+    text = str(err)
+    assert "redis.prod.svc:6380/2" in text
+    for secret in (PASSWORD, "s3cr3t", "s3cr3t%2Fpa%3Ass"):
+        assert secret not in text
+
+
+# -- the source, over a fake round trip ------------------------------------------------------------------------
+
+
+class FakeRedis:
+    """Answers a poll from in-memory lists; records the round trips it served."""
+
+    def __init__(self, lists: dict[str, int], script: list[object] | None = None) -> None:
+        self.lists = lists
+        self.script = script if script is not None else [0, 0, 0, [], []]
+        self.round_trips: list[Sequence[Command]] = []
+        self.fail: BaseException | None = None
+
+    async def __call__(self, commands: Sequence[Command]) -> list[Reply]:
+        self.round_trips.append(commands)
+        if self.fail is not None:
+            raise self.fail
+        return [self.lists.get(str(c[1]), 0) if c[0] == "LLEN" else self.script for c in commands]
+
+
+def test_source_reads_in_one_round_trip() -> None:
+    fake = FakeRedis({"high_priority": 2, f"high_priority{SEP}6": 40, "low_priority": 1})
+    source = RedisDepthSource(fake, TARGET)
+    reading = asyncio.run(source.read(queue_refs(["high_priority", "low_priority"])))
+    assert len(fake.round_trips) == 1
+    assert reading.observe([HIGH]) == Observation(42, 0)
+
+
+def test_source_failure_is_classified_and_scrubbed() -> None:
+    fake = FakeRedis({})
+    fake.fail = rexc.ConnectionError(f"Error connecting with {URL} (password {PASSWORD})")
+    with pytest.raises(BrokerError) as err:
+        asyncio.run(RedisDepthSource(fake, TARGET).read([HIGH]))
+    assert err.value.kind is ErrorKind.UNREACHABLE
+    assert PASSWORD not in str(err.value) and "s3cr3t" not in str(err.value)
+    assert err.value.__cause__ is None and err.value.__suppress_context__  # no traceback chain with the URL
+
+
+def test_source_never_shows_its_url() -> None:
+    source = RedisDepthSource(FakeRedis({}), TARGET)
+    assert "s3cr3t" not in repr(source) and "s3cr3t" not in repr(source.target)
