@@ -403,6 +403,44 @@ def test_invalid_objects_are_rejected_naming_the_field(
         assert any(re.match(rf"{re.escape(field)}[:\[.]", p) for p in caught.value.problems), caught.value.problems
 
 
+VALID_EDGES = [
+    pytest.param(put("spec.broker.url", "redis://default@redis:6379/0"), id="url-user-without-password"),
+    pytest.param(put("spec.broker.url", "rediss://redis:6380/0?ssl_cert_reqs=required"), id="url-tls-with-query"),
+    pytest.param(put("spec.broker", {"urlSecretRef": {"name": "broker", "key": "url"}}), id="url-from-secret"),
+    pytest.param(put("spec.broker.prioritySteps", [0]), id="one-priority-step"),
+    pytest.param(put("spec.tiers.0.podDisruptionBudget", {"maxUnavailable": "25%"}), id="pdb-percentage"),
+    pytest.param(put("spec.tiers.0.podDisruptionBudget", {"minAvailable": 0}), id="pdb-min-available-zero"),
+    pytest.param(put("spec.tiers.1.replicas", {"min": 0, "max": 1}), id="tier-scales-to-zero"),
+    pytest.param(put("spec.maxTotalReplicas", 3), id="budget-equals-minimums"),
+    pytest.param(
+        both(put("spec.tiers.0.softTimeLimitSeconds", 59), put("spec.tiers.0.timeLimitSeconds", 60)),
+        id="soft-just-below-hard",
+    ),
+    pytest.param(
+        both(put("spec.tiers.0.timeLimitSeconds", 60), put("spec.tiers.0.terminationGracePeriodSeconds", 60)),
+        id="grace-equals-time-limit",
+    ),
+    pytest.param(put("spec.tiers.0.autoscaling", {"fallbackReplicas": 8}), id="fallback-at-max"),
+    pytest.param(put("spec.tiers", [tier(f"t{i}") for i in range(10)]), id="ten-tiers"),
+    pytest.param(drop("spec.tiers"), id="default-tiers"),
+]
+
+
+@pytest.mark.parametrize("mutate", VALID_EDGES)
+def test_edge_cases_are_accepted_by_both(
+    k8s_api: Any, crds_installed: list[str], namespace: str, mutate: Mutation
+) -> None:
+    """The rules reject what they should and nothing more."""
+    from kubernetes import client
+
+    obj = base_pool()
+    mutate(obj)
+    parse_pool(obj)
+    client.CustomObjectsApi(k8s_api).create_namespaced_custom_object(
+        "celeryfleet.io", "v1alpha1", namespace, "celeryworkerpools", obj, dry_run="All", field_validation="Strict"
+    )
+
+
 def test_the_bases_of_the_invalid_table_are_valid(k8s_api: Any, crds_installed: list[str], namespace: str) -> None:
     from kubernetes import client
 

@@ -130,8 +130,8 @@ def test_in_flight_routing(
 ) -> None:
     size = sum(n for *_, n in pairs)
     reading = poll([HIGH, LOW], [0] * 8, script_reply(size, pairs, bindings))
-    assert reading.observe([HIGH]).in_flight == expect_high
-    assert reading.observe([LOW]).in_flight == expect_low
+    assert reading.observe([HIGH]) == Observation(0, expect_high)
+    assert reading.observe([LOW]) == Observation(0, expect_low)
     assert reading.unacked[""].unattributed == unattributed
 
 

@@ -53,7 +53,7 @@ def deployments(spec: CeleryWorkerPoolSpec) -> dict[str, dict[str, Any]]:
 
 def container(deployment: dict[str, Any]) -> dict[str, Any]:
     (only,) = deployment["spec"]["template"]["spec"]["containers"]
-    return only
+    return dict(only)
 
 
 def template_hash(deployment: dict[str, Any]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -156,7 +157,7 @@ def test_the_elector_accepts_the_command_line(monkeypatch: pytest.MonkeyPatch) -
     spec = beat(lease={"durationSeconds": 20, "renewDeadlineSeconds": 12, "retryPeriodSeconds": 3})
     (main,) = pod(spec)["containers"]
     argv = [a.replace("$(POD_NAMESPACE)", "prod").replace("$(POD_NAME)", "nightly-beat-0") for a in main["command"][2:]]
-    monkeypatch.setattr(elector.shutil, "which", lambda _: "/usr/local/bin/celery")
+    monkeypatch.setattr(shutil, "which", lambda _: "/usr/local/bin/celery")
     invocation = elector.parse_invocation(
         argv, {"KUBERNETES_SERVICE_HOST": "10.0.0.1", "KUBERNETES_SERVICE_PORT": "443"}
     )

@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass, field
 
 from celery_fleet import metrics
+from celery_fleet.handlers.autoscaler import Autoscaler
 from celery_fleet.handlers.cache import FleetCache, ObjKey
 from celery_fleet.handlers.pool_reconciler import PoolReconciler
 from celery_fleet.handlers.workqueue import WorkQueue
@@ -35,6 +36,7 @@ class Fleet:
 
     def __post_init__(self) -> None:
         self.pools = PoolReconciler(self.kube, self.cache)
+        self.autoscaler = Autoscaler(self.kube, self.cache, self.pool_queue.add, interval=self.config.poll_interval)
 
     async def _reconcile_pool(self, key: ObjKey) -> None:
         try:
@@ -56,4 +58,7 @@ class Fleet:
         metrics.BEATS.set(beats)
 
     async def run(self) -> None:
-        await asyncio.gather(self.pool_queue.run(self._reconcile_pool, self.config.reconcile_workers))
+        await asyncio.gather(
+            self.pool_queue.run(self._reconcile_pool, self.config.reconcile_workers),
+            self.autoscaler.run(),
+        )

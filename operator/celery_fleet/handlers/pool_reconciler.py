@@ -44,7 +44,7 @@ def utcnow() -> str:
 def replicas_for(tier: Tier, observed: Mapping[str, Any] | None, scaler_desired: int | None) -> int:
     """The one value of spec.replicas: the autoscaler's, else the current one kept within bounds."""
     if scaler_desired is not None:
-        return scaler_desired
+        return max(tier.replicas.min, min(tier.replicas.max, scaler_desired))
     if observed is not None:
         current = int((observed.get("spec") or {}).get("replicas", tier.replicas.min))
         return max(tier.replicas.min, min(tier.replicas.max, current))

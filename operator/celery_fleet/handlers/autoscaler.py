@@ -1,0 +1,206 @@
+"""The autoscaler loop: every poll, read each broker once, decide every tier, act on changes.
+
+gather (one pipelined read per broker, shared by its pools) -> decide (pure,
+`planning.scaling.decide`) -> act (the scale subresource, an Event, metrics, and a
+status refresh through the pool's work queue). A failed read never scales anything
+down: `decide` holds the replicas and the pool gets BrokerReachable=False.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from celery_fleet import metrics
+from celery_fleet.api.models import CeleryWorkerPoolSpec, InvalidSpec, parse_pool
+from celery_fleet.brokers import redis as redis_broker
+from celery_fleet.brokers.poller import BrokerRegistry
+from celery_fleet.brokers.source import BrokerError, DepthReading, QueueRef, queue_refs
+from celery_fleet.handlers.cache import FleetCache, ObjKey, PoolRuntime
+from celery_fleet.handlers.pool_reconciler import POOL_API_VERSION
+from celery_fleet.kube.client import ApiError, Kube
+from celery_fleet.kube.events import ObjectRef, post_event
+from celery_fleet.planning.pool_status import TierScaling
+from celery_fleet.planning.scaling import Decision, Direction, TierObservation, decide
+
+log = logging.getLogger(__name__)
+
+# Queue depth and in-flight change on every poll under load; writing them to status that
+# often would cost an apiserver write per pool per second, so only decisions and broker
+# state changes refresh status at once, and plain depth changes at most this often.
+STATUS_REFRESH_SECONDS = 5.0
+
+
+def _display(url: str) -> str:
+    try:
+        return redis_broker.RedisTarget.parse(url).display
+    except BrokerError:
+        return "<invalid broker url>"
+
+
+class Autoscaler:
+    def __init__(
+        self,
+        kube: Kube,
+        cache: FleetCache,
+        refresh_status: Callable[[ObjKey], None],
+        *,
+        interval: float = 1.0,
+        registry: BrokerRegistry | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.kube = kube
+        self.cache = cache
+        self.refresh_status = refresh_status
+        self.interval = interval
+        self.clock = clock
+        self.registry = registry or BrokerRegistry(redis_broker.connect, max_age=interval / 2, display=_display)
+        self._specs: dict[ObjKey, tuple[int, CeleryWorkerPoolSpec]] = {}
+        self._last_status: dict[ObjKey, float] = {}
+
+    async def run(self) -> None:
+        while True:
+            started = self.clock()
+            try:
+                await self.tick()
+            except Exception:  # one bad tick must not end autoscaling for every pool
+                log.exception("autoscaler tick failed")
+            await asyncio.sleep(max(0.0, self.interval - (self.clock() - started)))
+
+    async def tick(self) -> None:
+        pools = dict(self.cache.pools)
+        for gone in [k for k in self._specs if k not in pools]:
+            self._specs.pop(gone, None)
+            self._last_status.pop(gone, None)
+            await self.registry.release(f"{gone[0]}/{gone[1]}")
+        await asyncio.gather(*(self.scale_pool(key, body) for key, body in pools.items()))
+
+    def _spec(self, key: ObjKey, body: Mapping[str, Any]) -> CeleryWorkerPoolSpec | None:
+        generation = int(body["metadata"].get("generation", 0))
+        cached = self._specs.get(key)
+        if cached is not None and cached[0] == generation:
+            return cached[1]
+        try:
+            spec = parse_pool(body)
+        except InvalidSpec:
+            return None  # the reconciler reports it as Degraded
+        self._specs[key] = (generation, spec)
+        return spec
+
+    async def scale_pool(self, key: ObjKey, body: Mapping[str, Any]) -> None:
+        spec = self._spec(key, body)
+        runtime = self.cache.runtime[key]
+        if spec is None or runtime.broker_url is None or body["metadata"].get("deletionTimestamp"):
+            return
+        namespace, name = key
+        owner = f"{namespace}/{name}"
+        refs = {
+            t.name: queue_refs(t.queues, spec.broker.global_keyprefix, spec.broker.priority_steps) for t in spec.tiers
+        }
+        all_refs = [r for rs in refs.values() for r in rs]
+        observations: dict[str, TierObservation]
+        broker_problem: tuple[str, str] | None = None
+        try:
+            poller = await self.registry.poller_for(owner, runtime.broker_url)
+            reading = await poller.read(owner, all_refs)
+            observations = {tier: reading.observe(tier_refs) for tier, tier_refs in refs.items()}
+            self._record_depth(namespace, name, refs, reading)
+        except BrokerError as err:
+            failure = err.as_failure()
+            observations = {t.name: failure for t in spec.tiers}
+            broker_problem = (f"Broker{err.kind.value}", f"cannot read queue depth: {err}; replicas are held")
+            metrics.BROKER_ERRORS.labels(err.kind.value).inc()
+
+        children = self.cache.children_of(key)
+        current: dict[str, int | None] = {}
+        for t in spec.tiers:
+            dep = children.get(("Deployment", f"{name}-{t.name}"))
+            current[t.name] = None if dep is None else int((dep.get("spec") or {}).get("replicas", 0))
+        decisions = decide(
+            spec.tiers,
+            observations,
+            current,
+            runtime.history,
+            now=self.clock(),
+            max_total_replicas=spec.max_total_replicas,
+            paused=spec.paused,
+        )
+        await self._act(key, body, runtime, decisions, broker_problem)
+
+    def _record_depth(
+        self, namespace: str, pool: str, refs: Mapping[str, list[QueueRef]], reading: DepthReading
+    ) -> None:
+        metrics.POLL_SECONDS.observe(reading.duration_seconds)
+        metrics.BROKER_UP.labels(namespace, pool).set(1)
+        for tier, tier_refs in refs.items():
+            for ref in tier_refs:
+                for step, n in reading.queued.get(ref, {}).items():
+                    metrics.QUEUE_DEPTH.labels(namespace, pool, tier, ref.name, str(step)).set(n)
+                metrics.IN_FLIGHT.labels(namespace, pool, tier, ref.name).set(
+                    reading.in_flight.get((ref.keyprefix, ref.name), 0)
+                )
+
+    async def _act(
+        self,
+        key: ObjKey,
+        body: Mapping[str, Any],
+        runtime: PoolRuntime,
+        decisions: tuple[Decision, ...],
+        broker_problem: tuple[str, str] | None,
+    ) -> None:
+        namespace, name = key
+        ref = ObjectRef.from_body({**body, "apiVersion": POOL_API_VERSION, "kind": "CeleryWorkerPool"})
+        urgent = False
+        for d in decisions:
+            runtime.history[d.tier] = d.history
+            previous = runtime.scaling.get(d.tier, TierScaling())
+            last_time, last_reason = previous.last_scale_time, previous.last_scale_reason
+            if d.current is not None and d.desired != d.current and not (broker_problem and d.desired < d.current):
+                try:
+                    await asyncio.to_thread(self.kube.scale, namespace, f"{name}-{d.tier}", d.desired)
+                except ApiError as err:
+                    log.warning("pool %s/%s: could not scale tier %s: %s", namespace, name, d.tier, err)
+                    continue
+                runtime.desired[d.tier] = d.desired
+                last_time = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+                last_reason = d.message
+                urgent = True
+                direction = "ScaledUp" if d.direction is Direction.UP else "ScaledDown"
+                metrics.SCALING_DECISIONS.labels(namespace, name, d.tier, d.direction.value, d.reason.value).inc()
+                log.info("pool %s/%s: %s", namespace, name, d.message)
+                await asyncio.to_thread(post_event, self.kube, ref, direction, d.message)
+            elif d.current is None:
+                runtime.desired[d.tier] = d.desired
+            scaling = TierScaling(
+                desired_replicas=d.desired,
+                queue_depth=d.queue_depth if d.queue_depth is not None else previous.queue_depth,
+                in_flight=d.in_flight if d.in_flight is not None else previous.in_flight,
+                last_scale_time=last_time,
+                last_scale_reason=last_reason,
+            )
+            if scaling.desired_replicas != previous.desired_replicas:
+                urgent = True
+            runtime.scaling[d.tier] = scaling
+            metrics.DESIRED_REPLICAS.labels(namespace, name, d.tier).set(d.desired)
+            if d.current is not None:
+                metrics.CURRENT_REPLICAS.labels(namespace, name, d.tier).set(d.current)
+
+        if broker_problem != runtime.broker_problem:
+            urgent = True
+            if broker_problem is not None:
+                metrics.BROKER_UP.labels(namespace, name).set(0)
+                log.warning("pool %s/%s: %s", namespace, name, broker_problem[1])
+                await asyncio.to_thread(post_event, self.kube, ref, broker_problem[0], broker_problem[1], "Warning")
+            elif runtime.broker_problem is not None:
+                await asyncio.to_thread(
+                    post_event, self.kube, ref, "BrokerReachable", "the broker answers again; autoscaling resumed"
+                )
+            runtime.broker_problem = broker_problem
+        now = self.clock()
+        if urgent or now - self._last_status.get(key, 0.0) >= STATUS_REFRESH_SECONDS:
+            self._last_status[key] = now
+            self.refresh_status(key)
