@@ -22,18 +22,19 @@ import os
 import platform
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
 
 from celery_fleet.brokers import BrokerPoller, queue_refs
 from celery_fleet.brokers.redis import DEFAULT_SCAN_LIMIT, Command, RedisDepthSource, RedisTarget, Reply, connect
+from celery_fleet.planning.scaling import Observation
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "redis_depth.md"
@@ -82,6 +83,38 @@ class Server:
         return {k.removeprefix("cmdstat_"): (int(v["calls"]), int(v["usec"])) for k, v in stats.items()}
 
 
+@dataclass(frozen=True)
+class PoolRow:
+    pools: int
+    queues: int
+    round_trips: float
+    per_command: dict[str, float]
+    p50: float
+    p99: float
+
+    @property
+    def commands(self) -> float:
+        return sum(self.per_command.values())
+
+
+@dataclass(frozen=True)
+class UnackedRow:
+    size: int
+    scan_limit: int
+    p50: float
+    p99: float
+    eval_usec: float
+    in_flight: int
+    exact: bool
+
+
+@dataclass(frozen=True)
+class HgetallRow:
+    size: int
+    p50: float
+    nbytes: int
+
+
 def pct(values: Sequence[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
@@ -89,10 +122,6 @@ def pct(values: Sequence[float], p: float) -> float:
 
 def ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f}"
-
-
-class CountingSource(RedisDepthSource):
-    round_trips = 0
 
 
 def counting_connect(url: str, scan_limit: int = DEFAULT_SCAN_LIMIT) -> tuple[RedisDepthSource, list[int]]:
@@ -112,7 +141,7 @@ def counting_connect(url: str, scan_limit: int = DEFAULT_SCAN_LIMIT) -> tuple[Re
 # -- 1. pools x tiers on one broker -----------------------------------------------------------------------
 
 
-async def bench_pools(server: Server, pools: int, polls: int) -> dict[str, object]:
+async def bench_pools(server: Server, pools: int, polls: int) -> PoolRow:
     server.client.flushall()
     refs_by_pool = {f"ns/pool-{i}": queue_refs([f"pool{i}-{t}" for t in TIERS]) for i in range(pools)}
     pipe = server.client.pipeline(transaction=False)
@@ -137,15 +166,7 @@ async def bench_pools(server: Server, pools: int, polls: int) -> dict[str, objec
     stats = server.commandstats()
     await poller.aclose()
     per_poll = {k: calls_ / polls for k, (calls_, _) in stats.items() if k not in ("config|resetstat", "info")}
-    return {
-        "pools": pools,
-        "queues": pools * len(TIERS),
-        "round_trips": calls[0] / polls,
-        "commands": sum(per_poll.values()),
-        "per_command": per_poll,
-        "p50": pct(latencies, 50),
-        "p99": pct(latencies, 99),
-    }
+    return PoolRow(pools, pools * len(TIERS), calls[0] / polls, per_poll, pct(latencies, 50), pct(latencies, 99))
 
 
 # -- 2. in-flight cost vs unacked size ----------------------------------------------------------------------
@@ -164,11 +185,11 @@ def real_celery_payload(server: Server) -> bytes:
     return bytes(raw)
 
 
-def fill_unacked(server: Server, size: int, payload: bytes) -> None:
+def fill_unacked(server: Server, start: int, stop: int, payload: bytes) -> None:
     message = json.loads(payload)
     queues = [f"pool0-{t}" for t in TIERS]
     pipe = server.client.pipeline(transaction=False)
-    for i in range(size):
+    for i in range(start, stop):
         q = queues[i % 3]
         pipe.hset("unacked", f"tag-{i:08d}", json.dumps([message, q, q]))
         if i % 5000 == 4999:
@@ -176,7 +197,7 @@ def fill_unacked(server: Server, size: int, payload: bytes) -> None:
     pipe.execute()
 
 
-async def bench_unacked(server: Server, size: int, polls: int, payload: bytes, scan_limit: int) -> dict[str, object]:
+async def bench_unacked(server: Server, size: int, polls: int, payload: bytes, scan_limit: int) -> UnackedRow:
     refs = queue_refs([f"pool0-{t}" for t in TIERS])
     source, _ = counting_connect(server.url, scan_limit=scan_limit)
     reading = await source.read(refs)
@@ -190,25 +211,21 @@ async def bench_unacked(server: Server, size: int, polls: int, payload: bytes, s
     await source.aclose()
     calls, usec = stats.get("eval", (0, 0))
     observed = reading.observe(refs)
-    return {
-        "size": size,
-        "scan_limit": scan_limit,
-        "p50": pct(latencies, 50),
-        "p99": pct(latencies, 99),
-        "eval_usec": usec / max(1, calls),
-        "in_flight": getattr(observed, "in_flight", None),
-        "exact": reading.unacked[""].exact,
-    }
+    assert isinstance(observed, Observation), observed
+    return UnackedRow(
+        size, scan_limit, pct(latencies, 50), pct(latencies, 99), usec / max(1, calls), observed.in_flight,
+        reading.unacked[""].exact,
+    )  # fmt: skip
 
 
-def bench_hgetall(server: Server, size: int, repeats: int) -> dict[str, float]:
+def bench_hgetall(server: Server, size: int, repeats: int) -> HgetallRow:
     latencies, nbytes = [], 0
     for _ in range(repeats):
         started = time.perf_counter()
         values = server.client.hgetall("unacked")
         latencies.append(time.perf_counter() - started)
         nbytes = sum(len(k) + len(v) for k, v in values.items())
-    return {"size": size, "p50": pct(latencies, 50), "bytes": nbytes}
+    return HgetallRow(size, pct(latencies, 50), nbytes)
 
 
 # -- report ---------------------------------------------------------------------------------------------
@@ -227,11 +244,13 @@ async def main(argv: Sequence[str] | None = None) -> None:
         pool_rows = [await bench_pools(server, n, args.polls) for n in (1, 10, 100)]
         server.client.flushall()
         payload = real_celery_payload(server)
-        unacked_rows, hgetall_rows = [], []
+        unacked_rows: list[UnackedRow] = []
+        hgetall_rows: list[HgetallRow] = []
         filled = 0
         for size in (0, 1_000, 10_000, 100_000):
-            fill_unacked(server, size - filled, payload) if size > filled else None
+            fill_unacked(server, filled, size, payload)
             filled = size
+            assert server.client.hlen("unacked") == size
             for limit in (DEFAULT_SCAN_LIMIT, 10**9):
                 if limit != DEFAULT_SCAN_LIMIT and size <= DEFAULT_SCAN_LIMIT:
                     continue  # same as the default limit
@@ -264,12 +283,11 @@ async def main(argv: Sequence[str] | None = None) -> None:
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in pool_rows:
-        per = r["per_command"]
-        assert isinstance(per, dict)
+        per = r.per_command
         inside = sum(per.get(c, 0) for c in ("hlen", "hscan", "smembers"))
         lines.append(
-            f"| {r['pools']} | {r['queues']} | {r['round_trips']:.0f} | {r['commands']:.0f} | {per.get('llen', 0):.0f} "
-            f"| {per.get('eval', 0):.0f} | {inside:.0f} | {ms(r['p50'])} | {ms(r['p99'])} |"  # type: ignore[arg-type]
+            f"| {r.pools} | {r.queues} | {r.round_trips:.0f} | {r.commands:.0f} | {per.get('llen', 0):.0f} "
+            f"| {per.get('eval', 0):.0f} | {inside:.0f} | {ms(r.p50)} | {ms(r.p99)} |"
         )
     lines += [
         "",
@@ -284,11 +302,11 @@ async def main(argv: Sequence[str] | None = None) -> None:
         "| unacked entries | scan limit | poll p50 ms | poll p99 ms | EVAL µs (server) | in-flight read | exact |",
         "|---:|---:|---:|---:|---:|---:|:---:|",
     ]
-    for r in unacked_rows:
-        limit = "none" if r["scan_limit"] == 10**9 else f"{r['scan_limit']:,}"
+    for u in unacked_rows:
+        shown = "none" if u.scan_limit == 10**9 else f"{u.scan_limit:,}"
         lines.append(
-            f"| {r['size']:,} | {limit} | {ms(r['p50'])} | {ms(r['p99'])} | {r['eval_usec']:,.0f} "  # type: ignore[arg-type]
-            f"| {r['in_flight']:,} | {'yes' if r['exact'] else 'approx.'} |"
+            f"| {u.size:,} | {shown} | {ms(u.p50)} | {ms(u.p99)} | {u.eval_usec:,.0f} "
+            f"| {u.in_flight:,} | {'yes' if u.exact else 'approx.'} |"
         )
     lines += [
         "",
@@ -298,8 +316,8 @@ async def main(argv: Sequence[str] | None = None) -> None:
         "| unacked entries | HGETALL p50 ms | bytes transferred |",
         "|---:|---:|---:|",
     ]
-    for r in hgetall_rows:
-        lines.append(f"| {r['size']:,} | {ms(r['p50'])} | {r['bytes']:,.0f} |")
+    for h in hgetall_rows:
+        lines.append(f"| {h.size:,} | {ms(h.p50)} | {h.nbytes:,} |")
     lines += [
         "",
         "Reading: a poll is one round trip whatever the number of pools; its cost grows with the number of "

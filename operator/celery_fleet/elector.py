@@ -494,7 +494,7 @@ class Elector:
                 if code is not None:
                     return self._command_died(code)
             now = self.clock.monotonic()
-            if False:
+            if self.election.leading and now >= self.election.deadline():
                 self._lose("renew-deadline", f"no successful renewal for {self.timings.renew_deadline:g}s")
                 continue
             if now >= next_attempt:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -19,9 +20,17 @@ from pathlib import Path
 import pytest
 import redis
 
-from celery_fleet.brokers import BrokerError, DepthReading, ErrorKind, QueueRef, queue_refs, redis_registry
+from celery_fleet.brokers import (
+    BrokerError,
+    DepthReading,
+    ErrorKind,
+    QueueRef,
+    UnackedSummary,
+    queue_refs,
+    redis_registry,
+)
 from celery_fleet.brokers.redis import connect
-from celery_fleet.planning.scaling import Observation
+from celery_fleet.planning.scaling import Observation, ReadFailure
 from tests.support.celery_depth_app import HOLD
 from tests.support.cluster import ROOT
 from tests.support.redis_server import RedisServer, free_port
@@ -30,6 +39,7 @@ from tests.support.wait import wait_for
 pytestmark = pytest.mark.integration
 
 QUEUE = "high_priority"
+SEP = "\x06\x16"
 
 
 def read(url: str, refs: list[QueueRef], connect_timeout: float = 1.0, read_timeout: float = 2.0) -> DepthReading:
@@ -118,6 +128,32 @@ def test_pools_on_one_broker_share_one_poll(redis_db: redis.Redis[bytes], redis_
     results = asyncio.run(main())
     for owner, reading in results.items():
         assert seen(reading, pools[owner][:1]).queue_depth == 7
+
+
+def test_poll_script_parses_every_unacked_shape(redis_db: redis.Redis[bytes], redis_server: RedisServer) -> None:
+    """The Lua side: the fast tail walk, its cjson fallback, bindings, and a queue name taken by a hash."""
+    body = {"body": "eyJ4IjogWyIsIiwgIlwiIl19", "headers": {"argsrepr": '[", \\"q\\"]'}}
+    entries = {
+        "plain": json.dumps([body, "q1", "q1"]),
+        "compact": json.dumps([body, "q1", "q1"], separators=(",", ":")),
+        "anonymous": json.dumps([body, "", "q2"]),
+        "unicode-key": json.dumps([body, "", "q\u00e9"]),  # escaped in JSON: cjson decodes it
+        "quote-in-key": json.dumps([body, "", 'q"3']),
+        "bound": json.dumps([body, "tasks", "urgent"]),
+        "garbage": "not json",
+    }
+    redis_db.hset("unacked", mapping=entries)
+    redis_db.sadd("_kombu.binding.tasks", f"urgent{SEP}{SEP}q4")
+    redis_db.hset("broken", "field", "value")  # a queue name taken by a non-list key
+    redis_db.rpush(f"q1{SEP}6", "m1", "m2")
+    refs = queue_refs(["q1", "q2", "qé", 'q"3', "q4", "broken"])
+    reading = read(redis_server.url, refs)
+    by_name = {r.name: r for r in refs}
+    assert seen(reading, [by_name["q1"]]) == Observation(2, 2)
+    assert [seen(reading, [by_name[q]]).in_flight for q in ("q2", "qé", 'q"3', "q4")] == [1, 1, 1, 1]
+    assert reading.unacked[""] == UnackedSummary(size=7, scanned=7, unattributed=1)
+    broken = reading.observe([by_name["broken"]])
+    assert isinstance(broken, ReadFailure) and "WRONGTYPE" in broken.message
 
 
 def commandstats(client: redis.Redis[bytes]) -> dict[str, int]:

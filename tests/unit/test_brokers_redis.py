@@ -12,7 +12,7 @@ from redis import exceptions as rexc
 from celery_fleet.api.models import ReplicaBounds, Tier
 from celery_fleet.brokers import BrokerError, DepthReading, ErrorKind, QueueRef, observe_tiers, queue_refs
 from celery_fleet.brokers.redis import (
-    INFLIGHT_SCRIPT,
+    POLL_SCRIPT,
     Command,
     RedisDepthSource,
     RedisTarget,
@@ -44,24 +44,20 @@ def test_priority_key(ref: QueueRef, step: int, key: str) -> None:
     assert priority_key(ref, step) == key
 
 
-def test_plan_reads_every_priority_list_then_counts_unacked_once_per_prefix() -> None:
+def test_plan_is_one_eval_per_prefix_reading_every_priority_list() -> None:
     refs = [*queue_refs(["b", "a"]), QueueRef("c", "p:", (0, 5))]
     plan = plan_poll(refs, scan_limit=123)
-    llens = [c for c in plan.commands if c[0] == "LLEN"]
-    evals = [c for c in plan.commands if c[0] == "EVAL"]
-    assert [c[1] for c in llens] == [
-        "a", f"a{SEP}3", f"a{SEP}6", f"a{SEP}9", "b", f"b{SEP}3", f"b{SEP}6", f"b{SEP}9", "p:c", f"p:c{SEP}5",
-    ]  # fmt: skip
-    assert evals == [
-        ("EVAL", INFLIGHT_SCRIPT, 1, "unacked", 123, "_kombu.binding."),
-        ("EVAL", INFLIGHT_SCRIPT, 1, "p:unacked", 123, "p:_kombu.binding."),
-    ]
-    assert plan.commands[: len(llens)] == tuple(llens)  # LLENs first, then the scripts
+    assert plan.commands == (
+        ("EVAL", POLL_SCRIPT, 9, "a", f"a{SEP}3", f"a{SEP}6", f"a{SEP}9", "b", f"b{SEP}3", f"b{SEP}6", f"b{SEP}9",
+         "unacked", 123, "_kombu.binding."),
+        ("EVAL", POLL_SCRIPT, 3, "p:c", f"p:c{SEP}5", "p:unacked", 123, "p:_kombu.binding."),
+    )  # fmt: skip
 
 
 def script_reply(
     size: int, pairs: Sequence[tuple[str, str, int]], bindings: dict[str, list[str]] | None = None, **kw: int
 ) -> list[object]:
+    """The in-flight part of the poll script's reply (after the list lengths)."""
     flat_pairs: list[object] = []
     for ex, rk, n in pairs:
         flat_pairs += [ex.encode(), rk.encode(), n]
@@ -72,12 +68,17 @@ def script_reply(
     return [size, scanned, kw.get("unparsed", 0), flat_pairs, flat_bindings]
 
 
-def poll(refs: Sequence[QueueRef], lengths: Sequence[Reply], *scripts: Reply) -> DepthReading:
-    return parse_poll(plan_poll(refs), [*lengths, *scripts])
+def poll(
+    refs: Sequence[QueueRef], lengths: Sequence[Reply], inflight: Sequence[Reply] | BaseException = ()
+) -> DepthReading:
+    """Parse a one-prefix poll whose script answered `lengths` and `inflight` (or failed as a whole)."""
+    if isinstance(inflight, BaseException):
+        return parse_poll(plan_poll(refs), [inflight])
+    return parse_poll(plan_poll(refs), [[list(lengths), *(inflight or script_reply(0, []))]])
 
 
 def test_depth_sums_every_priority_list() -> None:
-    reading = poll([HIGH, LOW], [1, 2, 3, 4, 0, 0, 0, 5], script_reply(0, []))
+    reading = poll([HIGH, LOW], [1, 2, 3, 4, 0, 0, 0, 5])
     assert reading.depth(HIGH) == 10
     assert reading.observe([HIGH, LOW]) == Observation(15, 0)
     assert queued_by_priority(reading) == {
@@ -88,7 +89,7 @@ def test_depth_sums_every_priority_list() -> None:
 
 def test_prioritised_messages_only_still_scale_the_tier() -> None:
     # What plain `LLEN high_priority` (KEDA, celery-exporter) reads as 0.
-    reading = poll([HIGH], [0, 30, 0, 15], script_reply(0, []))
+    reading = poll([HIGH], [0, 30, 0, 15])
     seen = observe_tiers(reading, {"high": [HIGH]})
     assert seen == {"high": Observation(45, 0)}
     tier = Tier(name="high", queues=["high_priority"], concurrency=4, replicas=ReplicaBounds(min=2, max=8))
@@ -158,16 +159,29 @@ def test_scan_limit_extrapolates_and_says_so() -> None:
 
 def test_queue_with_a_non_list_key_fails_only_its_tier() -> None:
     wrongtype = rexc.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value")
-    reading = poll([HIGH, LOW], [1, 0, 0, 0, wrongtype, 0, 0, 0], script_reply(0, []))
+    reading = poll([HIGH, LOW], [1, 0, 0, 0, wrongtype, 0, 0, 0])
     seen = observe_tiers(reading, {"high": [HIGH], "low": [LOW]})
     assert seen["high"] == Observation(1, 0)
     assert isinstance(seen["low"], ReadFailure) and "WRONGTYPE" in seen["low"].message
 
 
-def test_script_error_makes_in_flight_unknown() -> None:
-    reading = poll([HIGH], [5, 0, 0, 0], rexc.ResponseError("ERR Error running script"))
+def test_failed_script_fails_every_tier_of_the_prefix() -> None:
+    reading = poll([HIGH], [], rexc.ResponseError("ERR Error running script (call to f_1234): @user_script:12"))
     seen = reading.observe([HIGH])
-    assert isinstance(seen, ReadFailure) and seen.kind == "ResponseError"
+    assert isinstance(seen, ReadFailure) and seen.kind == "ResponseError" and "Error running script" in seen.message
+
+
+def test_unexpected_script_reply_is_an_error() -> None:
+    with pytest.raises(BrokerError) as err:
+        parse_poll(plan_poll([HIGH]), [[[0, 0], 0, 0, 0, [], []]])  # 2 lengths for 4 lists
+    assert err.value.kind is ErrorKind.RESPONSE_ERROR
+
+
+def test_malformed_in_flight_part_makes_in_flight_unknown() -> None:
+    reading = poll([HIGH], [3, 0, 0, 0], [0, 0, 0, b"not-a-list", []])
+    assert reading.depth(HIGH) == 3
+    seen = reading.observe([HIGH])
+    assert isinstance(seen, ReadFailure) and "in-flight count unknown" in seen.message
 
 
 @pytest.mark.parametrize(
@@ -179,13 +193,13 @@ def test_script_error_makes_in_flight_unknown() -> None:
 )
 def test_auth_error_in_a_reply_fails_the_poll(reply: Exception) -> None:
     with pytest.raises(BrokerError) as err:
-        poll([HIGH], [reply, 0, 0, 0], script_reply(0, []))
+        poll([HIGH], [], reply)
     assert err.value.kind is ErrorKind.AUTH_FAILED
 
 
 def test_wrong_number_of_replies_is_an_error() -> None:
     with pytest.raises(BrokerError) as err:
-        parse_poll(plan_poll([HIGH]), [0, 0])
+        parse_poll(plan_poll([HIGH]), [])
     assert err.value.kind is ErrorKind.RESPONSE_ERROR
 
 
@@ -283,7 +297,12 @@ class FakeRedis:
         self.round_trips.append(commands)
         if self.fail is not None:
             raise self.fail
-        return [self.lists.get(str(c[1]), 0) if c[0] == "LLEN" else self.script for c in commands]
+        replies: list[Reply] = []
+        for c in commands:
+            assert c[0] == "EVAL"
+            keys = [str(k) for k in c[3 : 3 + int(c[2])]]
+            replies.append([[self.lists.get(k, 0) for k in keys[:-1]], *self.script])
+        return replies
 
 
 def test_source_reads_in_one_round_trip() -> None:

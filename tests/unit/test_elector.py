@@ -589,6 +589,11 @@ class Simulation:
         self.now += seconds
 
     def wait_for_turn(self, identity: str, seconds: float) -> None:
+        rig = self.rigs.get(identity)
+        if rig is not None:
+            rig.idle_waits = rig.idle_waits + 1 if seconds <= 0 else 0
+            if rig.idle_waits > 1000:
+                raise SimulationOver(f"{identity} is spinning without waiting at t={self.now:.3f}")
         with self._cv:
             self._due[identity] = self.now + max(seconds, 1e-6)
             self._turn = None
@@ -606,7 +611,7 @@ class Simulation:
             with self._cv:
                 self._cv.wait_for(lambda: self._turn is None and len(self._due) == self._live())
                 if not self._due:
-                    return
+                    break
                 identity, due = min(self._due.items(), key=lambda item: (item[1], item[0]))
                 while self._actions and self._actions[0][0] <= due:
                     when, _, action = heapq.heappop(self._actions)
@@ -618,6 +623,9 @@ class Simulation:
                 del self._due[identity]
                 self._turn = identity
                 self._cv.notify_all()
+        errors = [rig.error for rig in self.rigs.values() if rig.error is not None]
+        if errors:
+            raise errors[0]
 
     def _live(self) -> int:
         return sum(1 for rig in self.rigs.values() if not rig.finished)
@@ -668,6 +676,8 @@ class SimRig:
         self.sim = sim
         self.identity = identity
         self.finished = False
+        self.idle_waits = 0
+        self.error: BaseException | None = None
         self.exit_status: int | None = None
         self.api = FakeLeaseApi(sim.server, identity)
         self.command = FakeCommand(_SimTime(sim))  # type: ignore[arg-type]
@@ -685,6 +695,8 @@ class SimRig:
         self.sim.wait_for_turn(self.identity, 0.0)
         try:
             self.exit_status = self.elector.run()
+        except BaseException as exc:  # surfaced by Simulation.run in the test's thread
+            self.error = exc
         finally:
             self.sim.finished(self.identity)
 

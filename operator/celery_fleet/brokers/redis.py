@@ -1,16 +1,21 @@
 """Queue depth and in-flight work from a Redis broker, the way kombu's Redis transport lays them out.
 
-One poll is ONE pipelined round trip (``transaction=False``, so no MULTI/EXEC):
+One poll is ONE round trip carrying one ``EVAL`` of :data:`POLL_SCRIPT` per key prefix (almost
+always exactly one command), which runs inside Redis:
 
 * ``LLEN`` of every priority list of every queue: step 0 is the bare queue name, step ``s`` is
-  ``queue + "\\x06\\x16" + str(s)``; ``global_keyprefix`` prefixes every key.
-* one ``EVAL`` per key prefix of :data:`INFLIGHT_SCRIPT`, which walks the prefix's ``unacked`` hash
-  server-side (values are JSON ``[payload, exchange, routing_key]``) and returns only counts per
-  (exchange, routing key) plus the binding tables (``_kombu.binding.<exchange>``) of the exchanges
-  it saw. The payloads never cross the network. The walk stops after ``scan_limit`` entries; beyond
-  that the counts are scaled up to the hash size and flagged approximate (``UnackedSummary.exact``).
-  ``EVAL`` rather than ``EVALSHA``: Redis caches the compiled script by its SHA anyway, and
-  ``EVALSHA`` would need a NOSCRIPT retry (a second round trip after every Redis restart).
+  ``queue + "\x06\x16" + str(s)``; ``global_keyprefix`` prefixes every key. Done server-side
+  because redis-py's asyncio pipeline spends ~50 µs of operator CPU per reply: 1,200 LLEN replies
+  (100 pools x 3 tiers x 4 steps) cost ~65 ms per poll as a pipeline, ~2 ms as one array reply.
+* the in-flight count: a walk over the prefix's ``unacked`` hash (values are JSON
+  ``[payload, exchange, routing_key]``) that returns only counts per (exchange, routing key), plus
+  the binding tables (``_kombu.binding.<exchange>``) of the exchanges it saw. Payloads never cross
+  the network. The walk stops after ``scan_limit`` entries; beyond that the counts are scaled up
+  to the hash size and flagged approximate (``UnackedSummary.exact``). Cost: see
+  ``bench/results/redis_depth.md``.
+
+``EVAL`` rather than ``EVALSHA``: Redis caches the compiled script by its SHA anyway, and ``EVALSHA``
+would need a NOSCRIPT retry (a second round trip after every Redis restart). The script only reads.
 
 Routing keys map to queues as kombu does on restore (``Channel._lookup``): an empty exchange
 means routing key == queue; otherwise the exchange's binding table is searched (exact routing key,
@@ -51,30 +56,53 @@ from celery_fleet.brokers.source import (
 SEP: Final = "\x06\x16"  # kombu.transport.redis.Channel.sep
 UNACKED_KEY: Final = "unacked"
 BINDING_KEY_PREFIX: Final = "_kombu.binding."
-DEFAULT_SCAN_LIMIT: Final = 10_000
+DEFAULT_SCAN_LIMIT: Final = 5_000  # ~6 µs of Redis time per 1 KB entry: ~30 ms at the limit
 
 Command = tuple[str | int, ...]
 Reply = object
 RoundTrip = Callable[[Sequence[Command]], Awaitable[list[Reply]]]
 
-# KEYS[1] = the unacked hash, ARGV[1] = scan limit, ARGV[2] = binding-table key prefix.
-# Returns {hlen, scanned, unparsed, {exchange, routing_key, count, ...}, {exchange, {members}, ...}}.
-# The routing key and exchange are the last two JSON strings of the value: matched on its tail so
-# the payload (often kilobytes) is never decoded; cjson handles anything the pattern cannot.
-INFLIGHT_SCRIPT: Final = r"""
-local size = redis.call('HLEN', KEYS[1])
+# KEYS[1..n-1] = priority lists, KEYS[n] = the unacked hash; ARGV[1] = scan limit, ARGV[2] = the
+# binding-table key prefix. Returns {{LLEN or error per list}, hlen, scanned, unparsed,
+# {exchange, routing_key, count, ...}, {exchange, {members}, ...}}.
+# The exchange and routing key are the last two JSON strings of each value: they are located by
+# walking back from the end, so the payload (often kilobytes) is never decoded or pattern-matched
+# (an unanchored string.match costs ~8x more); cjson handles what the walk cannot (escapes).
+POLL_SCRIPT: Final = r"""
+local function tail_strings(v)
+  local j = #v - 1
+  if string.byte(v, j + 1) ~= 93 or string.byte(v, j) ~= 34 then return nil end
+  local k = j - 1
+  while k > 0 and string.byte(v, k) ~= 34 do k = k - 1 end
+  local m = k - 1
+  while m > 0 and (string.byte(v, m) == 32 or string.byte(v, m) == 44) do m = m - 1 end
+  if m < 1 or string.byte(v, m) ~= 34 then return nil end
+  local q = m - 1
+  while q > 0 and string.byte(v, q) ~= 34 do q = q - 1 end
+  if q < 1 or string.byte(v, q - 1) == 92 or string.byte(v, k - 1) == 92 then return nil end
+  local ex, rk = string.sub(v, q + 1, m - 1), string.sub(v, k + 1, j - 1)
+  if string.find(ex, '\\', 1, true) or string.find(rk, '\\', 1, true) then return nil end
+  return ex, rk
+end
+local lists, unacked = #KEYS - 1, KEYS[#KEYS]
+local lengths = {}
+for i = 1, lists do
+  -- pcall: a name taken by a non-list key fails that queue only (the error goes back in place).
+  lengths[i] = redis.pcall('LLEN', KEYS[i])
+end
+local size = redis.call('HLEN', unacked)
 local limit = tonumber(ARGV[1])
 local counts, order = {}, {}
 local scanned, unparsed = 0, 0
 if size > 0 and limit > 0 then
   local cursor = '0'
   repeat
-    local page = redis.call('HSCAN', KEYS[1], cursor, 'COUNT', 500)
+    local page = redis.call('HSCAN', unacked, cursor, 'COUNT', 500)
     cursor = page[1]
     local entries = page[2]
     for i = 2, #entries, 2 do
       local value = entries[i]
-      local ex, rk = string.match(string.sub(value, -1024), ',%s*"([^"\\]*)",%s*"([^"\\]*)"%]$')
+      local ex, rk = tail_strings(value)
       if not ex then
         local ok, decoded = pcall(cjson.decode, value)
         if ok and type(decoded) == 'table' and type(decoded[2]) == 'string' and type(decoded[3]) == 'string' then
@@ -106,7 +134,7 @@ for _, item in ipairs(order) do
     bindings[#bindings + 1] = redis.call('SMEMBERS', ARGV[2] .. item[1])
   end
 end
-return {size, scanned, unparsed, pairs_out, bindings}
+return {lengths, size, scanned, unparsed, pairs_out, bindings}
 """
 
 
@@ -128,62 +156,66 @@ def unacked_key(keyprefix: str) -> str:
 
 @dataclass(frozen=True)
 class PollPlan:
-    """The commands of one poll and which reply answers what."""
+    """The commands of one poll (one EVAL per key prefix) and which reply answers what."""
 
     commands: tuple[Command, ...]
-    lengths: tuple[tuple[QueueRef, int], ...]  # (queue, step) per LLEN, in command order
-    prefixes: tuple[str, ...]  # key prefix per EVAL, after the LLENs
+    batches: tuple[tuple[str, tuple[tuple[QueueRef, int], ...]], ...]  # (prefix, ((queue, step), ...))
 
 
 def plan_poll(refs: Collection[QueueRef], scan_limit: int = DEFAULT_SCAN_LIMIT) -> PollPlan:
     ordered = sorted(set(refs))
-    lengths = tuple((r, s) for r in ordered for s in r.priority_steps)
-    prefixes = tuple(sorted({r.keyprefix for r in ordered}))
-    commands: list[Command] = [("LLEN", priority_key(r, s)) for r, s in lengths]
-    commands += [("EVAL", INFLIGHT_SCRIPT, 1, unacked_key(p), scan_limit, p + BINDING_KEY_PREFIX) for p in prefixes]
-    return PollPlan(tuple(commands), lengths, prefixes)
+    prefixes = sorted({r.keyprefix for r in ordered})
+    batches = tuple((p, tuple((r, s) for r in ordered if r.keyprefix == p for s in r.priority_steps)) for p in prefixes)
+    commands: list[Command] = []
+    for p, lists in batches:
+        keys = [priority_key(r, s) for r, s in lists] + [unacked_key(p)]
+        commands.append(("EVAL", POLL_SCRIPT, len(keys), *keys, scan_limit, p + BINDING_KEY_PREFIX))
+    return PollPlan(tuple(commands), batches)
 
 
 def parse_poll(plan: PollPlan, replies: Sequence[Reply], *, duration_seconds: float = 0.0) -> DepthReading:
     """Build the reading from the replies (an exception object stands for a command's error)."""
     if len(replies) != len(plan.commands):
         raise BrokerError(
-            ErrorKind.RESPONSE_ERROR, f"expected {len(plan.commands)} replies in the pipeline, got {len(replies)}"
+            ErrorKind.RESPONSE_ERROR, f"expected {len(plan.commands)} replies in the round trip, got {len(replies)}"
         )
     queued: dict[QueueRef, dict[int, int]] = defaultdict(dict)
     queue_errors: dict[QueueRef, str] = {}
-    for (ref, step), reply in zip(plan.lengths, replies, strict=False):
-        if isinstance(reply, BaseException):
-            auth = _auth_error(reply)
-            if auth is not None:
-                raise auth
-            queue_errors[ref] = _first_line(reply)
-        elif isinstance(reply, int):
-            queued[ref][step] = reply
-        else:
-            queue_errors[ref] = f"LLEN answered {type(reply).__name__}, not an integer"
-    for ref in queue_errors:
-        queued.pop(ref, None)
-
     in_flight: Counter[tuple[str, str]] = Counter()
     unacked: dict[str, UnackedSummary] = {}
-    watched = {(r.keyprefix, r.name) for r, _ in plan.lengths}
-    for prefix, reply in zip(plan.prefixes, replies[len(plan.lengths) :], strict=True):
+    for (prefix, lists), reply in zip(plan.batches, replies, strict=True):
         if isinstance(reply, BaseException):
             auth = _auth_error(reply)
             if auth is not None:
                 raise auth
-            unacked[prefix] = UnackedSummary(0, 0, error=_first_line(reply))
+            why = _first_line(reply)
+            queue_errors.update((r, why) for r, _ in lists)
+            unacked[prefix] = UnackedSummary(0, 0, error=why)
             continue
+        if not isinstance(reply, list) or len(reply) != 6 or not isinstance(reply[0], list):
+            raise BrokerError(ErrorKind.RESPONSE_ERROR, "unexpected reply to the poll script")
+        lengths = reply[0]
+        if len(lengths) != len(lists):
+            raise BrokerError(ErrorKind.RESPONSE_ERROR, f"expected {len(lists)} list lengths, got {len(lengths)}")
+        for (ref, step), n in zip(lists, lengths, strict=True):
+            if isinstance(n, BaseException):
+                queue_errors[ref] = _first_line(n)
+            elif isinstance(n, int):
+                queued[ref][step] = n
+            else:
+                queue_errors[ref] = f"LLEN answered {type(n).__name__}, not an integer"
         try:
-            summary, counts = _parse_inflight(reply)
+            summary, counts = _parse_inflight(reply[1:])
         except (TypeError, ValueError, IndexError) as exc:
-            unacked[prefix] = UnackedSummary(0, 0, error=f"unexpected script reply ({exc})")
+            unacked[prefix] = UnackedSummary(0, 0, error=f"unexpected in-flight reply ({exc})")
             continue
         unacked[prefix] = summary
+        watched = {r.name for r, _ in lists}
         for queue, n in counts.items():
-            if (prefix, queue) in watched:
+            if queue in watched:
                 in_flight[(prefix, queue)] += n
+    for ref in queue_errors:
+        queued.pop(ref, None)
     return DepthReading(
         queued={r: dict(s) for r, s in queued.items()},
         in_flight=dict(in_flight),
@@ -193,11 +225,11 @@ def parse_poll(plan: PollPlan, replies: Sequence[Reply], *, duration_seconds: fl
     )
 
 
-def _parse_inflight(reply: Reply) -> tuple[UnackedSummary, dict[str, int]]:
-    if not isinstance(reply, list) or len(reply) != 5:
-        raise ValueError("expected a list of 5")
+def _parse_inflight(reply: Sequence[Reply]) -> tuple[UnackedSummary, dict[str, int]]:
     size, scanned, unparsed, flat_pairs, flat_bindings = reply
-    size, scanned, unparsed = int(size), int(scanned), int(unparsed)
+    if not isinstance(flat_pairs, list) or not isinstance(flat_bindings, list):
+        raise ValueError("expected lists of pairs and bindings")
+    size, scanned, unparsed = _int(size), _int(scanned), _int(unparsed)
     bindings: dict[str, list[tuple[str, str, str]]] = {}
     for i in range(0, len(flat_bindings), 2):
         exchange = _text(flat_bindings[i])
@@ -205,7 +237,7 @@ def _parse_inflight(reply: Reply) -> tuple[UnackedSummary, dict[str, int]]:
     counts: Counter[str] = Counter()
     unattributed = unparsed
     for i in range(0, len(flat_pairs), 3):
-        exchange, routing_key, n = _text(flat_pairs[i]), _text(flat_pairs[i + 1]), int(flat_pairs[i + 2])
+        exchange, routing_key, n = _text(flat_pairs[i]), _text(flat_pairs[i + 1]), _int(flat_pairs[i + 2])
         queues = route(exchange, routing_key, bindings.get(exchange, []))
         if not queues:
             unattributed += n
@@ -246,6 +278,12 @@ def _regex(pattern: str) -> re.Pattern[str]:
 def _binding(raw: object) -> tuple[str, str, str] | None:
     parts = _text(raw).split(SEP)
     return (parts[0], parts[1], parts[2]) if len(parts) == 3 else None
+
+
+def _int(value: object) -> int:
+    if isinstance(value, int):
+        return value
+    raise ValueError(f"expected an integer, got {type(value).__name__}")
 
 
 def _text(value: object) -> str:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from celery_fleet import metrics
 from celery_fleet.handlers.autoscaler import Autoscaler
+from celery_fleet.handlers.beat_reconciler import BeatReconciler
 from celery_fleet.handlers.cache import FleetCache, ObjKey
 from celery_fleet.handlers.pool_reconciler import PoolReconciler
 from celery_fleet.handlers.workqueue import WorkQueue
@@ -36,6 +37,7 @@ class Fleet:
 
     def __post_init__(self) -> None:
         self.pools = PoolReconciler(self.kube, self.cache)
+        self.beats = BeatReconciler(self.kube, self.cache, self.config.elector_image)
         self.autoscaler = Autoscaler(self.kube, self.cache, self.pool_queue.add, interval=self.config.poll_interval)
 
     async def _reconcile_pool(self, key: ObjKey) -> None:
@@ -57,8 +59,24 @@ class Fleet:
         metrics.TIERS.set(tiers)
         metrics.BEATS.set(beats)
 
+    async def _reconcile_beat(self, key: ObjKey) -> None:
+        try:
+            outcome = await asyncio.to_thread(self.beats.reconcile, key)
+        except Exception:  # a bug must not stop the queue; the key is retried with backoff
+            log.exception("beat %s/%s: reconcile crashed", *key)
+            metrics.RECONCILES.labels("CeleryBeat", "crash").inc()
+            self.beat_queue.backoff(key)
+            return
+        if outcome.error:
+            self.beat_queue.backoff(key)
+        else:
+            self.beat_queue.forget(key)
+            if outcome.requeue_after:
+                self.beat_queue.add_after(key, outcome.requeue_after)
+
     async def run(self) -> None:
         await asyncio.gather(
             self.pool_queue.run(self._reconcile_pool, self.config.reconcile_workers),
+            self.beat_queue.run(self._reconcile_beat, 2),
             self.autoscaler.run(),
         )

@@ -14,7 +14,7 @@ from typing import Any
 import kopf
 
 from celery_fleet import GROUP, VERSION
-from celery_fleet.handlers.cache import POOL_LABEL
+from celery_fleet.handlers.cache import BEAT_LABEL, POOL_LABEL
 from celery_fleet.handlers.fleet import Fleet
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,23 @@ async def pool_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_
     fleet.pool_queue.add(key)
 
 
+@kopf.on.event(GROUP, VERSION, "celerybeats", id="beat-events")
+async def beat_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    fleet = _fleet(memo)
+    raw = event["object"]
+    key = (raw["metadata"]["namespace"], raw["metadata"]["name"])
+    if event["type"] == "DELETED":
+        fleet.cache.drop_beat(key)
+        return
+    fleet.cache.put_beat(raw)
+    fleet.beat_queue.add(key)
+
+
+@kopf.on.event("coordination.k8s.io", "v1", "leases", labels={BEAT_LABEL: kopf.PRESENT}, id="beat-lease-events")
+async def lease_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    _child_event(_fleet(memo), event, "Lease")
+
+
 @kopf.on.event("apps", "v1", "deployments", labels=MANAGED, id="pool-deployment-events")
 async def deployment_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     _child_event(_fleet(memo), event, "Deployment")
@@ -68,7 +85,12 @@ def _child_event(fleet: Fleet, event: kopf.RawEvent, kind: str) -> None:
     raw: dict[str, Any] = dict(event["object"])
     raw["kind"] = kind
     labels = raw.get("metadata", {}).get("labels") or {}
+    deleted = event["type"] == "DELETED"
     if POOL_LABEL in labels:
-        key = fleet.cache.put_child(POOL_LABEL, raw, deleted=event["type"] == "DELETED")
+        key = fleet.cache.put_child(POOL_LABEL, raw, deleted=deleted)
         if key is not None and key in fleet.cache.pools:
             fleet.pool_queue.add(key)
+    elif BEAT_LABEL in labels:
+        key = fleet.cache.put_child(BEAT_LABEL, raw, deleted=deleted)
+        if key is not None and key in fleet.cache.beats:
+            fleet.beat_queue.add(key)

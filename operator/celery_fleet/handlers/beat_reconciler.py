@@ -1,0 +1,201 @@
+"""Reconcile one CeleryBeat: its ServiceAccount, Role, RoleBinding, Lease and Deployment, and status.
+
+The Lease decides who runs beat (the elector in each pod); the operator only creates
+the objects, reports the Lease's holder, and raises Degraded when nobody has held it
+for longer than its duration.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery_fleet import GROUP, VERSION, metrics
+from celery_fleet.api.models import CeleryBeatSpec, InvalidSpec, parse_beat
+from celery_fleet.handlers.cache import BEAT_LABEL, FleetCache, ObjKey
+from celery_fleet.handlers.pool_reconciler import Outcome, utcnow
+from celery_fleet.kube.client import ApiError, Kube
+from celery_fleet.kube.events import ObjectRef, post_event
+from celery_fleet.planning.beat_status import BeatStatusInput, beat_status, current_leader, view_lease
+from celery_fleet.planning.beat_workload import beat_children, beat_names
+from celery_fleet.planning.conditions import merge_conditions
+from celery_fleet.planning.drift import has_drifted
+from celery_fleet.planning.pool_status import Problem
+
+log = logging.getLogger(__name__)
+
+BEAT_API_VERSION = f"{GROUP}/{VERSION}"
+# renewTime moves every retry period; status follows it only this often unless the leader changes.
+RENEW_TIME_REFRESH = dt.timedelta(seconds=30)
+# Children we do not watch (to keep watches few) are re-applied at most this often.
+UNWATCHED_REAPPLY_SECONDS = 300.0
+WATCHED_KINDS = frozenset({"Deployment", "Lease"})
+
+
+@dataclass
+class BeatRuntime:
+    applied: dict[tuple[str, str], tuple[str, float]] = field(default_factory=dict)  # child -> (digest, when)
+    leader: str | None = None
+    leaderless_since: dt.datetime | None = None
+
+
+class BeatReconciler:
+    def __init__(self, kube: Kube, cache: FleetCache, elector_image: str) -> None:
+        self.kube = kube
+        self.cache = cache
+        self.elector_image = elector_image
+        self.runtime: dict[ObjKey, BeatRuntime] = {}
+
+    def reconcile(self, key: ObjKey) -> Outcome:
+        body = self.cache.beats.get(key)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            self.runtime.pop(key, None)
+            return Outcome()
+        started = time.perf_counter()
+        try:
+            outcome = self._reconcile(key, body)
+            metrics.RECONCILES.labels("CeleryBeat", "error" if outcome.error else "ok").inc()
+            return outcome
+        except ApiError as err:
+            metrics.RECONCILES.labels("CeleryBeat", "error").inc()
+            log.warning("beat %s/%s: API error, will retry: %s", *key, err)
+            return Outcome(error=True)
+        finally:
+            metrics.RECONCILE_SECONDS.labels("CeleryBeat").observe(time.perf_counter() - started)
+
+    def _reconcile(self, key: ObjKey, body: dict[str, Any]) -> Outcome:
+        namespace = key[0]
+        ref = ObjectRef.from_body({**body, "apiVersion": BEAT_API_VERSION, "kind": "CeleryBeat"})
+        runtime = self.runtime.setdefault(key, BeatRuntime())
+        try:
+            spec = parse_beat(body)
+        except InvalidSpec as err:
+            invalid = Problem("InvalidSpec", f"{err.message}. Fix the manifest and apply it again.")
+            self._write_status(key, body, ref, runtime, None, invalid)
+            return Outcome()
+        problem: Problem | None = None
+        if spec.broker.url_secret_ref is not None:
+            sref = spec.broker.url_secret_ref
+            if not self.kube.secret_value(namespace, sref.name, sref.key):
+                problem = Problem(
+                    "BrokerSecretMissing",
+                    f"spec.broker.urlSecretRef: Secret {namespace}/{sref.name} has no (non-empty) key {sref.key!r}. "
+                    "Create it or point urlSecretRef at an existing Secret.",
+                )
+        if problem is None and not spec.paused:
+            try:
+                self._apply_children(key, body, spec, ref, runtime)
+            except InvalidSpec as err:
+                problem = Problem("InvalidSpec", f"{err.message}. Fix the manifest and apply it again.")
+        requeue = self._write_status(key, body, ref, runtime, spec, problem)
+        if problem is not None and problem.reason.startswith("BrokerSecret"):
+            return Outcome(requeue_after=5.0, error=True)
+        return Outcome(requeue_after=requeue)
+
+    def _apply_children(
+        self, key: ObjKey, body: dict[str, Any], spec: CeleryBeatSpec, ref: ObjectRef, runtime: BeatRuntime
+    ) -> None:
+        namespace, name = key
+        observed = self.cache.children_of(key, beat=True)
+        now = time.monotonic()
+        for child in beat_children(name, namespace, body["metadata"]["uid"], spec, self.elector_image):
+            ckey = (child["kind"], child["metadata"]["name"])
+            if ckey[0] in WATCHED_KINDS:
+                current = observed.get(ckey)
+                if not has_drifted(child, current):
+                    continue
+                created = current is None
+            else:
+                digest = repr(child)
+                last = runtime.applied.get(ckey)
+                if last is not None and last[0] == digest and now - last[1] < UNWATCHED_REAPPLY_SECONDS:
+                    continue
+                created = last is None
+            applied = self.kube.apply(child)
+            runtime.applied[ckey] = (repr(child), now)
+            if ckey[0] in WATCHED_KINDS:
+                self.cache.put_child(BEAT_LABEL, {**applied, "kind": ckey[0]})
+            if created or ckey[0] in WATCHED_KINDS:
+                verb = "Created" if created else "Updated"
+                message = f"{verb} {ckey[0]} {ckey[1]}"
+                metrics.CHILD_WRITES.labels(ckey[0], verb.lower()).inc()
+                if ckey[0] in WATCHED_KINDS or created:
+                    log.info("beat %s/%s: %s", namespace, name, message)
+                    post_event(self.kube, ref, verb, message)
+
+    def _write_status(
+        self,
+        key: ObjKey,
+        body: dict[str, Any],
+        ref: ObjectRef,
+        runtime: BeatRuntime,
+        spec: CeleryBeatSpec | None,
+        problem: Problem | None,
+    ) -> float | None:
+        namespace, name = key
+        observed = self.cache.children_of(key, beat=True)
+        names = beat_names(name)
+        duration = spec.lease.duration_seconds if spec else 15
+        lease = view_lease(observed.get(("Lease", names.lease)), duration)
+        now = dt.datetime.now(dt.UTC)
+        leader = current_leader(lease, now)
+        if leader is None and runtime.leaderless_since is None:
+            runtime.leaderless_since = now
+        elif leader is not None:
+            runtime.leaderless_since = None
+        if leader != runtime.leader:
+            if leader is not None:
+                message = f"{leader} now leads (lease transitions: {lease.transitions})"
+                post_event(self.kube, ref, "LeaderElected", message)
+                metrics.BEAT_LEADER_CHANGES.labels(namespace, name).inc()
+            elif runtime.leader is not None:
+                post_event(self.kube, ref, "LeaderLost", f"{runtime.leader} no longer holds the lease", "Warning")
+            runtime.leader = leader
+        metrics.BEAT_HAS_LEADER.labels(namespace, name).set(1 if leader else 0)
+        leaderless = (now - runtime.leaderless_since).total_seconds() if runtime.leaderless_since else 0.0
+        metrics.BEAT_LEADERLESS_SECONDS.labels(namespace, name).set(leaderless)
+
+        inp = BeatStatusInput(
+            generation=int(body["metadata"].get("generation", 0)),
+            lease=lease,
+            now=now,
+            leaderless_since=runtime.leaderless_since,
+            configured_duration=duration,
+            deployment_exists=("Deployment", names.deployment) in observed,
+            problem=problem,
+        )
+        status, updates = beat_status(inp)
+        old = body.get("status") or {}
+        status["conditions"] = merge_conditions(old.get("conditions"), updates, generation=inp.generation, now=utcnow())
+        if not self._status_same(old, status):
+            self.kube.patch_status(BEAT_API_VERSION, "CeleryBeat", namespace, name, status)
+            body["status"] = status  # until the watch brings it back
+        # If renewals stop, no event will wake us: look again when the lease would expire, and
+        # while nobody leads, often enough to raise Degraded on time.
+        if problem is not None:
+            return None
+        if leader is None:
+            return float(duration) / 2
+        assert lease.renew_time is not None
+        expires = lease.renew_time + dt.timedelta(seconds=lease.duration_seconds)
+        return max(0.5, (expires - now).total_seconds() + 0.5)
+
+    @staticmethod
+    def _status_same(old: dict[str, Any], new: dict[str, Any]) -> bool:
+        from celery_fleet.planning.conditions import conditions_equal
+
+        if not conditions_equal(old.get("conditions"), new.get("conditions")):
+            return False
+        for k in ("observedGeneration", "leader", "leaseTransitions"):
+            if old.get(k) != new.get(k):
+                return False
+        old_renew, new_renew = old.get("renewTime"), new.get("renewTime")
+        if old_renew == new_renew:
+            return True
+        from celery_fleet.planning.beat_status import parse_time
+
+        a, b = parse_time(old_renew), parse_time(new_renew)
+        return a is not None and b is not None and abs(b - a) < RENEW_TIME_REFRESH
