@@ -1260,6 +1260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, ssl.SSLError, OSError) as exc:
         sys.stderr.write(f"elector: {exc}\n")
         return EXIT_USAGE
+    except SystemExit as exc:  # argparse has printed the usage or --help
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     clock = SystemClock()
     shutdown = Shutdown()
     install_signal_handlers(shutdown)

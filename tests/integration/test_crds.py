@@ -454,9 +454,11 @@ def test_the_bases_of_the_invalid_table_are_valid(k8s_api: Any, crds_installed: 
 # --- kubectl experience ------------------------------------------------------------------------
 
 
-def test_printer_columns_and_the_celery_category(cluster: Cluster, crds_installed: list[str], namespace: str) -> None:
+def test_printer_columns_and_the_celery_category(
+    cluster: Cluster, crds_installed: list[str], unwatched_namespace: str
+) -> None:
     for sample in ("pool-minimal.yaml", "beat.yaml"):
-        cluster.kubectl("apply", "--server-side", "-n", namespace, "-f", str(SAMPLES / sample))
+        cluster.kubectl("apply", "--server-side", "-n", unwatched_namespace, "-f", str(SAMPLES / sample))
     pool_status = {"status": {"replicas": 7, "desiredReplicas": 9, "queued": 42, "ready": "6/7"}}
     beat_status = {
         "status": {
@@ -469,26 +471,33 @@ def test_printer_columns_and_the_celery_category(cluster: Cluster, crds_installe
     }
     for resource, patch in (("cwp/shop", pool_status), ("cbeat/shop", beat_status)):
         cluster.kubectl(
-            "patch", resource, "-n", namespace, "--subresource=status", "--type=merge", "-p", json.dumps(patch)
+            "patch",
+            resource,
+            "-n",
+            unwatched_namespace,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            json.dumps(patch),
         )
 
-    pools = cluster.kubectl("get", "cwp", "-n", namespace).stdout.splitlines()
+    pools = cluster.kubectl("get", "cwp", "-n", unwatched_namespace).stdout.splitlines()
     assert pools[0].split() == ["NAME", "READY", "REPLICAS", "DESIRED", "QUEUED", "AGE"]
     assert pools[1].split()[:5] == ["shop", "6/7", "7", "9", "42"]
-    beats = cluster.kubectl("get", "cbeat", "-n", namespace).stdout.splitlines()
+    beats = cluster.kubectl("get", "cbeat", "-n", unwatched_namespace).stdout.splitlines()
     assert beats[0].split() == ["NAME", "LEADER", "READY", "TRANSITIONS", "AGE"]
     assert beats[1].split()[:4] == ["shop", "shop-beat-7d9f-abcde", "True", "3"]
-    assert "PAUSED" in cluster.kubectl("get", "cwp", "-n", namespace, "-o", "wide").stdout
+    assert "PAUSED" in cluster.kubectl("get", "cwp", "-n", unwatched_namespace, "-o", "wide").stdout
 
-    listed = cluster.kubectl("get", "celery", "-n", namespace, "-o", "name").stdout.split()
+    listed = cluster.kubectl("get", "celery", "-n", unwatched_namespace, "-o", "name").stdout.split()
     assert sorted(listed) == ["celerybeat.celeryfleet.io/shop", "celeryworkerpool.celeryfleet.io/shop"]
 
 
-def test_status_is_a_subresource(cluster: Cluster, crds_installed: list[str], namespace: str) -> None:
-    cluster.kubectl("apply", "--server-side", "-n", namespace, "-f", str(SAMPLES / "pool-minimal.yaml"))
+def test_status_is_a_subresource(cluster: Cluster, crds_installed: list[str], unwatched_namespace: str) -> None:
+    cluster.kubectl("apply", "--server-side", "-n", unwatched_namespace, "-f", str(SAMPLES / "pool-minimal.yaml"))
     # A spec write cannot set status: only the status subresource can.
-    cluster.kubectl("patch", "cwp/shop", "-n", namespace, "--type=merge", "-p", '{"status": {"queued": 5}}')
-    assert get_json(cluster, "cwp", "shop", "-n", namespace).get("status", {}).get("queued") != 5
+    cluster.kubectl("patch", "cwp/shop", "-n", unwatched_namespace, "--type=merge", "-p", '{"status": {"queued": 5}}')
+    assert get_json(cluster, "cwp", "shop", "-n", unwatched_namespace).get("status", {}).get("queued") != 5
 
 
 def _words(text: str) -> str:

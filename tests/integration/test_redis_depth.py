@@ -133,7 +133,7 @@ def test_pools_on_one_broker_share_one_poll(redis_db: redis.Redis[bytes], redis_
 def test_poll_script_parses_every_unacked_shape(redis_db: redis.Redis[bytes], redis_server: RedisServer) -> None:
     """The Lua side: the fast tail walk, its cjson fallback, bindings, and a queue name taken by a hash."""
     body = {"body": "eyJ4IjogWyIsIiwgIlwiIl19", "headers": {"argsrepr": '[", \\"q\\"]'}}
-    entries = {
+    entries: dict[str | bytes, bytes | float | int | str] = {
         "plain": json.dumps([body, "q1", "q1"]),
         "compact": json.dumps([body, "q1", "q1"], separators=(",", ":")),
         "anonymous": json.dumps([body, "", "q2"]),

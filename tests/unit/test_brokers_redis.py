@@ -326,3 +326,48 @@ def test_source_failure_is_classified_and_scrubbed() -> None:
 def test_source_never_shows_its_url() -> None:
     source = RedisDepthSource(FakeRedis({}), TARGET)
     assert "s3cr3t" not in repr(source) and "s3cr3t" not in repr(source.target)
+
+
+class StepClock:
+    """Each call advances 10 ms, so every poll "takes" 10 ms; `now` can be moved on by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 0.010
+        return self.now
+
+
+def limits(fake: FakeRedis) -> list[int]:
+    return [int(c[-2]) for c in fake.round_trips[-1]]
+
+
+def test_in_flight_walk_is_held_to_its_budget_of_redis_time() -> None:
+    fake = FakeRedis({"high_priority": 1}, script=[50, 50, 0, [b"high_priority", b"high_priority", 50], []])
+    clock = StepClock()
+    source = RedisDepthSource(fake, TARGET, inflight_budget=0.02, clock=clock)  # 10 ms poll -> walk every 0.5 s
+
+    async def main() -> None:
+        first = await source.read([HIGH])
+        assert limits(fake) == [source.scan_limit] and first.observe([HIGH]) == Observation(1, 50)
+        fake.script = [60, 0, 0, [], []]  # what a skipped walk answers: HLEN only
+        second = await source.read([HIGH])
+        assert limits(fake) == [0]
+        assert second.observe([HIGH]) == Observation(1, 50)  # the last counts, with their age
+        assert second.unacked[""].age_seconds == pytest.approx(0.02)
+        third = await source.read([HIGH, LOW])  # a queue the last walk did not count: walk now
+        assert limits(fake) == [source.scan_limit] and third.unacked[""].age_seconds == 0
+        clock.now += 0.5
+        await source.read([HIGH, LOW])
+        assert limits(fake) == [source.scan_limit]
+
+    asyncio.run(main())
+
+
+def test_zero_budget_walks_every_poll() -> None:
+    fake = FakeRedis({})
+    source = RedisDepthSource(fake, TARGET, inflight_budget=0)
+    for _ in range(3):
+        asyncio.run(source.read([HIGH]))
+        assert limits(fake) == [source.scan_limit]

@@ -55,6 +55,7 @@ def redis_registry(
     connect_timeout: float = 1.0,
     read_timeout: float = 2.0,
     scan_limit: int | None = None,
+    inflight_budget: float = 0.02,
     **kwargs: Any,
 ) -> BrokerRegistry:
     """A registry whose pollers read Redis brokers (``redis://`` / ``rediss://`` URLs)."""

@@ -58,6 +58,7 @@ class UnackedSummary:
     scanned: int  # entries read; < size when the scan limit was hit and counts were extrapolated
     unattributed: int = 0  # entries whose queue could not be determined (unparsable, unknown exchange)
     error: str | None = None  # the script failed; in-flight counts for this prefix are unknown
+    age_seconds: float = 0.0  # > 0: counts reused from an earlier poll (the scan budget was spent)
 
     @property
     def exact(self) -> bool:

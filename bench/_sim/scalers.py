@@ -1,0 +1,58 @@
+"""The operator's real decision function, and a static fleet, behind the simulator's Autoscaler interface."""
+
+from __future__ import annotations
+
+from celery_fleet.api.models import Tier
+from celery_fleet.planning.scaling import Decision, Observation, TierHistory, decide
+
+from .view import FleetView
+
+__all__ = ["OperatorScaler", "StaticFleet"]
+
+
+class OperatorScaler:
+    """celery-fleet: `planning.scaling.decide` on every poll, fed what the Redis reader sees.
+
+    The reader sums every priority sub-list of the tier's queues and counts the queue's entries in
+    `unacked`; `current` is the Deployment's spec.replicas, as in `handlers.autoscaler`.
+    """
+
+    def __init__(self, tier: Tier, *, poll_interval: float = 1.0, phase: float = 0.0, name: str = "celery-fleet"):
+        self.name = name
+        self.tier = tier
+        self.poll_interval = poll_interval
+        self.history = TierHistory()
+        self.decisions: list[tuple[float, Decision]] = []
+        self._next = phase
+
+    def due(self) -> float:
+        return self._next
+
+    def tick(self, now: float, view: FleetView) -> int | None:
+        self._next += self.poll_interval
+        observation = Observation(queue_depth=sum(view.list_lengths.values()), in_flight=view.in_flight)
+        (decision,) = decide(
+            [self.tier],
+            {self.tier.name: observation},
+            {self.tier.name: view.spec_replicas},
+            {self.tier.name: self.history},
+            now=now,
+        )
+        self.history = decision.history
+        if decision.changed:
+            self.decisions.append((now, decision))
+        return decision.desired
+
+
+class StaticFleet:
+    """Always ``replicas`` (a fleet sized for the peak, never scaled)."""
+
+    def __init__(self, replicas: int, name: str = "static max"):
+        self.name = name
+        self.replicas = replicas
+
+    def due(self) -> float:
+        return float("inf")
+
+    def tick(self, now: float, view: FleetView) -> int | None:
+        return self.replicas

@@ -1,0 +1,545 @@
+"""The operator's RBAC: every permission it holds, each beside the reason and the code that needs it.
+
+This module is the one source. `python -m celery_fleet.rbac` writes it into the Helm chart
+(`charts/celery-fleet/templates/rbac.yaml`, templated for cluster-wide or a list of namespaces)
+and the kustomize base (`deploy/rbac.yaml`, cluster-wide; plus `deploy/crds/`, a copy of the
+generated CRDs, because kustomize refuses files outside its directory). `--check` regenerates
+into a temporary directory and fails with "RBAC is stale: run make generate".
+
+Least privilege, and why each choice:
+- Only the verbs the code sends. Server-side apply is a PATCH, but a PATCH that creates the
+  object is also authorized as `create`, so every applied kind gets both.
+- Secrets: `get` only (no list/watch), in the watched namespaces only. RBAC cannot follow the
+  Secret names that pools reference (they live in the pools' specs); the operator granting
+  itself per-Secret Roles would need `escalate`, which is worse. When the names are known up
+  front, the chart's `rbac.brokerSecretNames` narrows the rule to them.
+- Beat Roles: the operator creates a Role granting `get`/`update` on one Lease. RBAC lets a
+  subject create a Role only with permissions it holds itself (or with `escalate`, which would
+  let it grant anything). So the operator holds `get`/`update` on leases where it works, a
+  strict subset of what it can already do to Leases with `patch`, and never `escalate`/`bind`.
+  Binding that Role needs no `bind` either, for the same reason.
+- Children carry ownerReferences with blockOwnerDeletion; clusters that enforce
+  OwnerReferencesPermissionEnforcement (OpenShift) then require `update` on the owner's
+  `finalizers` subresource. The operator adds no finalizers itself.
+- No Kopf peering objects: the chart runs one replica (Kopf peering pauses peers of equal
+  priority, so it is not leader election and buys no availability here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import filecmp
+import importlib
+import re
+import sys
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from celery_fleet import GROUP
+
+STALE_MESSAGE = "RBAC is stale: run make generate"
+CHART_RBAC = Path("charts/celery-fleet/templates/rbac.yaml")
+DEPLOY_RBAC = Path("deploy/rbac.yaml")
+DEPLOY_CRD_DIR = Path("deploy/crds")
+# Names of the kustomize base (deploy/): the namespace and the ServiceAccount the operator runs as.
+DEPLOY_NAMESPACE = "celery-fleet"
+DEPLOY_NAME = "celery-fleet"
+
+
+class Scope(enum.Enum):
+    """Where a rule applies."""
+
+    WATCHED = "watched"  # namespaced resources in the namespaces the operator serves
+    CLUSTER = "cluster"  # cluster-scoped resources: always a ClusterRole
+
+
+class When(enum.Enum):
+    """Install modes a rule is needed in (a rule with none is always needed)."""
+
+    LISTED_NAMESPACES = "listed-namespaces"  # the operator watches a list of namespaces
+    ALL_NAMESPACES = "all-namespaces"  # the operator watches every namespace
+
+
+@dataclass(frozen=True)
+class Rule:
+    api_groups: tuple[str, ...]
+    resources: tuple[str, ...]
+    verbs: tuple[str, ...]
+    why: str
+    # "module:qualified.name" of the code that sends these requests; a unit test resolves each.
+    used_by: tuple[str, ...]
+    scope: Scope = Scope.WATCHED
+    when: frozenset[When] = frozenset()
+    # A chart value (list of names) that, when set, narrows the rule to those resourceNames.
+    resource_names_value: str | None = None
+
+    def as_policy_rule(self, resource_names: Sequence[str] = ()) -> dict[str, Any]:
+        rule: dict[str, Any] = {
+            "apiGroups": list(self.api_groups),
+            "resources": list(self.resources),
+            "verbs": list(self.verbs),
+        }
+        if resource_names:
+            rule["resourceNames"] = list(resource_names)
+        return rule
+
+
+_POOL_RECONCILER = "celery_fleet.handlers.pool_reconciler:PoolReconciler"
+_BEAT_RECONCILER = "celery_fleet.handlers.beat_reconciler:BeatReconciler"
+_HANDLERS = "celery_fleet.handlers.kopf_handlers"
+
+RULES: tuple[Rule, ...] = (
+    # --- Kopf: the watches behind the operator's cache (list + watch per watched resource).
+    Rule(
+        (GROUP,),
+        ("celeryworkerpools", "celerybeats"),
+        ("list", "watch"),
+        "Kopf watches the pools and beats (the operator's only trigger).",
+        (f"{_HANDLERS}:pool_event", f"{_HANDLERS}:beat_event"),
+    ),
+    Rule(
+        ("apps",),
+        ("deployments",),
+        ("list", "watch"),
+        "Kopf watches the tier and beat Deployments (managed-by label) to see drift and readiness.",
+        (f"{_HANDLERS}:deployment_event",),
+    ),
+    Rule(
+        ("policy",),
+        ("poddisruptionbudgets",),
+        ("list", "watch"),
+        "Kopf watches the tier PodDisruptionBudgets (managed-by label).",
+        (f"{_HANDLERS}:pdb_event",),
+    ),
+    Rule(
+        ("coordination.k8s.io",),
+        ("leases",),
+        ("list", "watch"),
+        "Kopf watches the beat Leases (beat label) to report the leader.",
+        (f"{_HANDLERS}:lease_event",),
+    ),
+    # --- Status, Events, ownership.
+    Rule(
+        (GROUP,),
+        ("celeryworkerpools/status", "celerybeats/status"),
+        ("patch",),
+        "Status (conditions, tiers, leader) is a merge patch of the status subresource.",
+        ("celery_fleet.kube.client:Kube.patch_status", _POOL_RECONCILER, _BEAT_RECONCILER),
+    ),
+    Rule(
+        (GROUP,),
+        ("celeryworkerpools/finalizers", "celerybeats/finalizers"),
+        ("update",),
+        "Children are owned with blockOwnerDeletion, which OwnerReferencesPermissionEnforcement checks.",
+        ("celery_fleet.planning.workload:owner_reference",),
+    ),
+    Rule(
+        ("",),
+        ("events",),
+        ("create",),
+        "An Event per scaling decision and child change (and Kopf's own warnings).",
+        ("celery_fleet.kube.events:post_event",),
+    ),
+    # --- Children, written with server-side apply (PATCH; create when absent).
+    Rule(
+        ("apps",),
+        ("deployments",),
+        ("create", "patch", "delete"),
+        "Tier and beat Deployments are applied; a tier removed from the spec has its Deployment deleted.",
+        ("celery_fleet.kube.client:Kube.apply", "celery_fleet.kube.client:Kube.delete", _POOL_RECONCILER),
+    ),
+    Rule(
+        ("apps",),
+        ("deployments/scale",),
+        ("patch",),
+        "The autoscaler's only write: spec.replicas through the scale subresource.",
+        ("celery_fleet.kube.client:Kube.scale", "celery_fleet.handlers.autoscaler:Autoscaler"),
+    ),
+    Rule(
+        ("policy",),
+        ("poddisruptionbudgets",),
+        ("create", "patch", "delete"),
+        "A PodDisruptionBudget per tier that asks for one; deleted when the tier stops asking.",
+        ("celery_fleet.kube.client:Kube.apply", "celery_fleet.kube.client:Kube.delete", _POOL_RECONCILER),
+    ),
+    Rule(
+        ("",),
+        ("serviceaccounts",),
+        ("create", "patch"),
+        "Each CeleryBeat gets a ServiceAccount for its elector (unless the spec names one).",
+        ("celery_fleet.planning.beat_workload:beat_service_account", _BEAT_RECONCILER),
+    ),
+    Rule(
+        ("rbac.authorization.k8s.io",),
+        ("roles", "rolebindings"),
+        ("create", "patch"),
+        "Each CeleryBeat gets a Role on its one Lease, bound to the beat pods' ServiceAccount.",
+        (
+            "celery_fleet.planning.beat_workload:beat_role",
+            "celery_fleet.planning.beat_workload:beat_role_binding",
+            _BEAT_RECONCILER,
+        ),
+    ),
+    Rule(
+        ("coordination.k8s.io",),
+        ("leases",),
+        ("create", "patch"),
+        "Each CeleryBeat's Lease is created by the operator (the electors may not create).",
+        ("celery_fleet.planning.beat_workload:beat_lease", _BEAT_RECONCILER),
+    ),
+    Rule(
+        ("coordination.k8s.io",),
+        ("leases",),
+        ("get", "update"),
+        "Held only so the operator may grant them in the beat's Role (RBAC forbids granting more than"
+        " one holds; the alternative, escalate, would let it grant anything).",
+        ("celery_fleet.planning.beat_workload:beat_role",),
+    ),
+    Rule(
+        ("",),
+        ("secrets",),
+        ("get",),
+        "The broker URL of a pool or beat may come from a Secret (spec.broker.urlSecretRef); never listed.",
+        ("celery_fleet.kube.client:Kube.secret_value", _POOL_RECONCILER, _BEAT_RECONCILER),
+        resource_names_value="rbac.brokerSecretNames",
+    ),
+    # --- Kopf's discovery of namespaces and resources (cluster-scoped).
+    Rule(
+        ("apiextensions.k8s.io",),
+        ("customresourcedefinitions",),
+        ("list", "watch"),
+        "Kopf notices the CRDs being installed or removed while it runs (GitOps may apply them later).",
+        ("kopf._core.reactor.observation:resource_observer",),
+        scope=Scope.CLUSTER,
+    ),
+    Rule(
+        ("",),
+        ("namespaces",),
+        ("list", "watch"),
+        "Kopf resolves the watched namespace names and notices them being created or deleted.",
+        ("kopf._core.reactor.observation:namespace_observer",),
+        scope=Scope.CLUSTER,
+        when=frozenset({When.LISTED_NAMESPACES}),
+    ),
+)
+
+
+# --- evaluation (what a given install grants), used by the kustomize base and the tests
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One install: every namespace or a list of them."""
+
+    all_namespaces: bool = True
+    resource_names: Mapping[str, Sequence[str]] | None = None
+
+    def holds(self, when: Iterable[When]) -> bool:
+        facts = {
+            When.ALL_NAMESPACES: self.all_namespaces,
+            When.LISTED_NAMESPACES: not self.all_namespaces,
+        }
+        return all(facts[w] for w in when)
+
+
+def policy_rules(scope: Scope, mode: Mode = Mode()) -> list[dict[str, Any]]:
+    """The PolicyRules of one scope in one install mode."""
+    names = mode.resource_names or {}
+    return [
+        r.as_policy_rule(names.get(r.resource_names_value or "", ()))
+        for r in RULES
+        if r.scope is scope and mode.holds(r.when)
+    ]
+
+
+@dataclass(frozen=True)
+class Request:
+    """The authorization attributes of one API request, as the apiserver derives them."""
+
+    verb: str
+    api_group: str
+    resource: str  # with the subresource, e.g. "deployments/scale"
+    namespace: str | None
+    name: str | None
+
+
+_PATH = re.compile(
+    r"^/(?:api/(?P<core>v1)|apis/(?P<group>[^/]+)/(?P<version>[^/]+))"
+    r"(?:/namespaces/(?P<namespace>[^/]+))?/(?P<resource>[^/]+)(?:/(?P<name>[^/]+)(?:/(?P<sub>[^/]+))?)?$"
+)
+_VERBS = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
+
+
+def requests_for(method: str, path: str, query: Mapping[str, str] | None = None, *, apply: bool = False) -> list[Request]:
+    """What RBAC checks for a request; an apply PATCH may create, so it is checked as both."""
+    m = _PATH.match(path.split("?", 1)[0])
+    if m is None:
+        raise ValueError(f"not a resource path: {path}")
+    group = "" if m["core"] else m["group"]
+    resource = m["resource"] + (f"/{m['sub']}" if m["sub"] else "")
+    query = query or {}
+    if method == "GET":
+        verb = "get" if m["name"] else ("watch" if query.get("watch") in ("true", "1") else "list")
+    elif method == "DELETE" and not m["name"]:
+        verb = "deletecollection"
+    else:
+        verb = _VERBS[method]
+    found = [Request(verb, group, resource, m["namespace"], m["name"])]
+    if apply and method == "PATCH" and not m["sub"]:
+        found.append(Request("create", group, resource, m["namespace"], m["name"]))
+    return found
+
+
+def allows(rules: Iterable[Mapping[str, Any]], request: Request) -> bool:
+    """RBAC's rule matching (no wildcards are used here, but they are honoured)."""
+    for rule in rules:
+        if not _matches(rule.get("apiGroups", []), request.api_group):
+            continue
+        if not _matches(rule.get("resources", []), request.resource):
+            continue
+        if not _matches(rule.get("verbs", []), request.verb):
+            continue
+        names = rule.get("resourceNames") or []
+        # RBAC cannot narrow create (and list/watch without a fieldSelector) by name.
+        if names and (request.name is None or request.name not in names):
+            continue
+        return True
+    return False
+
+
+def _matches(allowed: Sequence[str], value: str) -> bool:
+    return "*" in allowed or value in allowed
+
+
+# --- rendering
+
+_HEADER = "Generated by `make generate` (python -m celery_fleet.rbac) from operator/celery_fleet/rbac.py. Do not edit."
+_HELM_CONDITIONS = {
+    When.LISTED_NAMESPACES: "$.Values.watchNamespaces",
+    When.ALL_NAMESPACES: "(not $.Values.watchNamespaces)",
+}
+
+
+def _flow(values: Sequence[str]) -> str:
+    return "[" + ", ".join(f'"{v}"' for v in values) + "]"
+
+
+def _rule_lines(rule: Rule, indent: str, *, helm: bool) -> list[str]:
+    lines = [
+        f"{indent}# {rule.why}",
+        f"{indent}- apiGroups: {_flow(rule.api_groups)}",
+        f"{indent}  resources: {_flow(rule.resources)}",
+        f"{indent}  verbs: {_flow(rule.verbs)}",
+    ]
+    if helm and rule.resource_names_value:
+        lines += [
+            f"{indent}  {{{{- with $.Values.{rule.resource_names_value} }}}}",
+            f"{indent}  resourceNames: {{{{- toYaml . | nindent {len(indent) + 4} }}}}",
+            f"{indent}  {{{{- end }}}}",
+        ]
+    if helm and rule.when:
+        conditions = [_HELM_CONDITIONS[w] for w in sorted(rule.when, key=lambda w: w.value)]
+        test = conditions[0] if len(conditions) == 1 else "and " + " ".join(conditions)
+        lines = [f"{indent}{{{{- if {test} }}}}", *lines, f"{indent}{{{{- end }}}}"]
+    return lines
+
+
+def _helm_rules(scope: Scope) -> list[str]:
+    lines: list[str] = []
+    for rule in RULES:
+        if rule.scope is scope:
+            lines += _rule_lines(rule, "  ", helm=True)
+    return lines
+
+
+def render_chart_rbac() -> str:
+    """The chart's RBAC template: ClusterRoles cluster-wide, or a Role per listed namespace."""
+    subject = [
+        "subjects:",
+        "  - kind: ServiceAccount",
+        '    name: {{ include "celery-fleet.serviceAccountName" $ }}',
+        "    namespace: {{ $.Release.Namespace }}",
+    ]
+    out = [
+        f"{{{{- /* {_HEADER} */}}}}",
+        "{{- if .Values.rbac.create }}",
+        "# Cluster-scoped resources the operator reads in every install mode.",
+        "apiVersion: rbac.authorization.k8s.io/v1",
+        "kind: ClusterRole",
+        "metadata:",
+        '  name: {{ include "celery-fleet.fullname" $ }}-cluster',
+        "  labels:",
+        '    {{- include "celery-fleet.labels" $ | nindent 4 }}',
+        "rules:",
+        *_helm_rules(Scope.CLUSTER),
+        "---",
+        "apiVersion: rbac.authorization.k8s.io/v1",
+        "kind: ClusterRoleBinding",
+        "metadata:",
+        '  name: {{ include "celery-fleet.fullname" $ }}-cluster',
+        "  labels:",
+        '    {{- include "celery-fleet.labels" $ | nindent 4 }}',
+        "roleRef:",
+        "  apiGroup: rbac.authorization.k8s.io",
+        "  kind: ClusterRole",
+        '  name: {{ include "celery-fleet.fullname" $ }}-cluster',
+        *subject,
+        "{{- if not .Values.watchNamespaces }}",
+        "---",
+        "# Every namespace: the operator's work, granted cluster-wide.",
+        "apiVersion: rbac.authorization.k8s.io/v1",
+        "kind: ClusterRole",
+        "metadata:",
+        '  name: {{ include "celery-fleet.fullname" $ }}',
+        "  labels:",
+        '    {{- include "celery-fleet.labels" $ | nindent 4 }}',
+        "rules:",
+        *_helm_rules(Scope.WATCHED),
+        "---",
+        "apiVersion: rbac.authorization.k8s.io/v1",
+        "kind: ClusterRoleBinding",
+        "metadata:",
+        '  name: {{ include "celery-fleet.fullname" $ }}',
+        "  labels:",
+        '    {{- include "celery-fleet.labels" $ | nindent 4 }}',
+        "roleRef:",
+        "  apiGroup: rbac.authorization.k8s.io",
+        "  kind: ClusterRole",
+        '  name: {{ include "celery-fleet.fullname" $ }}',
+        *subject,
+        "{{- else }}",
+        "{{- range $namespace := .Values.watchNamespaces }}",
+        "---",
+        "# Only the listed namespaces: the same rules, one Role each.",
+        "apiVersion: rbac.authorization.k8s.io/v1",
+        "kind: Role",
+        "metadata:",
+        '  name: {{ include "celery-fleet.fullname" $ }}',
+        "  namespace: {{ $namespace }}",
+        "  labels:",
+        '    {{- include "celery-fleet.labels" $ | nindent 4 }}',
+        "rules:",
+        *_helm_rules(Scope.WATCHED),
+        "---",
+        "apiVersion: rbac.authorization.k8s.io/v1",
+        "kind: RoleBinding",
+        "metadata:",
+        '  name: {{ include "celery-fleet.fullname" $ }}',
+        "  namespace: {{ $namespace }}",
+        "  labels:",
+        '    {{- include "celery-fleet.labels" $ | nindent 4 }}',
+        "roleRef:",
+        "  apiGroup: rbac.authorization.k8s.io",
+        "  kind: Role",
+        '  name: {{ include "celery-fleet.fullname" $ }}',
+        *subject,
+        "{{- end }}",
+        "{{- end }}",
+        "{{- end }}",
+    ]
+    return "\n".join(out) + "\n"
+
+
+def render_deploy_rbac() -> str:
+    """The kustomize base's RBAC: cluster-wide."""
+    mode = Mode(all_namespaces=True)
+    labels = {"app.kubernetes.io/name": "celery-fleet", "app.kubernetes.io/part-of": "celery-fleet"}
+    subjects = [{"kind": "ServiceAccount", "name": DEPLOY_NAME, "namespace": DEPLOY_NAMESPACE}]
+    docs: list[str] = []
+    for scope, name in ((Scope.CLUSTER, f"{DEPLOY_NAME}-cluster"), (Scope.WATCHED, DEPLOY_NAME)):
+        lines = [
+            "apiVersion: rbac.authorization.k8s.io/v1",
+            "kind: ClusterRole",
+            "metadata:",
+            f"  name: {name}",
+            "  labels:",
+            *(f"    {k}: {v}" for k, v in labels.items()),
+            "rules:",
+        ]
+        for rule in RULES:
+            if rule.scope is scope and mode.holds(rule.when):
+                lines += _rule_lines(rule, "  ", helm=False)
+        docs.append("\n".join(lines))
+        binding = {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": name, "labels": labels},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+            "subjects": subjects,
+        }
+        docs.append(yaml.safe_dump(binding, sort_keys=False).rstrip())
+    return f"# {_HEADER}\n" + "\n---\n".join(docs) + "\n"
+
+
+def generated_files() -> dict[Path, str]:
+    """Every file this module writes, relative to the checkout root."""
+    from celery_fleet.api import crdgen
+
+    files = {CHART_RBAC: render_chart_rbac(), DEPLOY_RBAC: render_deploy_rbac()}
+    for name, crd in crdgen.generate_crds().items():
+        files[DEPLOY_CRD_DIR / name] = crdgen.render(crd)
+    return files
+
+
+def write(root: Path) -> list[Path]:
+    written = []
+    for relative, text in generated_files().items():
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        written.append(path)
+    return written
+
+
+def stale_files(root: Path) -> list[Path]:
+    """Generated files under `root` that are missing or differ from a fresh generation."""
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh = Path(tmp)
+        write(fresh)
+        return [
+            root / relative
+            for relative in generated_files()
+            if not (root / relative).exists() or not filecmp.cmp(root / relative, fresh / relative, shallow=False)
+        ]
+
+
+def resolve(reference: str) -> object:
+    """The object named by a `module:qualified.name` reference in `Rule.used_by`."""
+    module_name, _, qualname = reference.partition(":")
+    target: object = importlib.import_module(module_name)
+    for part in qualname.split(".") if qualname else ():
+        target = getattr(target, part)
+    return target
+
+
+def repo_root() -> Path:
+    # operator/celery_fleet/rbac.py -> the checkout root (the package is installed editable).
+    return Path(__file__).resolve().parents[2]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m celery_fleet.rbac", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="fail if the files on disk are stale")
+    parser.add_argument("--root", type=Path, default=repo_root(), help="checkout root (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.check:
+        stale = stale_files(args.root)
+        for path in stale:
+            print(f"stale: {path}", file=sys.stderr)
+        if stale:
+            print(STALE_MESSAGE, file=sys.stderr)
+            return 1
+        return 0
+    for path in write(args.root):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
