@@ -74,7 +74,10 @@ up() {
   if ! exists; then
     log "creating cluster $name (kwokctl binary runtime)"
     "$kwokctl" -c "$local_dir/kwok.yaml" --name "$name" create cluster \
-      --kubeconfig "$kubeconfig" --wait 180s >&2
+      --kubeconfig "$kubeconfig" --wait 180s \
+      --extra-args kube-controller-manager=concurrent-deployment-syncs=25 \
+      --extra-args kube-controller-manager=concurrent-replicaset-syncs=25 \
+      --extra-args kube-controller-manager=concurrent-gc-syncs=25 >&2
   fi
   "$kwokctl" --name "$name" get kubeconfig > "$kubeconfig.tmp" && mv "$kubeconfig.tmp" "$kubeconfig"
   "$kwokctl" --name "$name" scale node --replicas "$nodes" >&2

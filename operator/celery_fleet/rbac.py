@@ -196,7 +196,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         ("coordination.k8s.io",),
         ("leases",),
-        ("get", "update"),
+        ("get",),
         "Held only so the operator may grant them in the beat's Role (RBAC forbids granting more than"
         " one holds; the alternative, escalate, would let it grant anything).",
         ("celery_fleet.planning.beat_workload:beat_role",),
@@ -276,7 +276,9 @@ _PATH = re.compile(
 _VERBS = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
 
 
-def requests_for(method: str, path: str, query: Mapping[str, str] | None = None, *, apply: bool = False) -> list[Request]:
+def requests_for(
+    method: str, path: str, query: Mapping[str, str] | None = None, *, apply: bool = False
+) -> list[Request]:
     """What RBAC checks for a request; an apply PATCH may create, so it is checked as both."""
     m = _PATH.match(path.split("?", 1)[0])
     if m is None:

@@ -52,8 +52,8 @@ class Source:
         self.closed = True
 
 
-DOWN = BrokerError(ErrorKind.UNREACHABLE, "cannot reach redis://r:6379/0")
-SLOW = BrokerError(ErrorKind.TIMEOUT, "no answer in time from redis://r:6379/0")
+DOWN = BrokerError(ErrorKind.UNREACHABLE, "cannot reach r:6379/0")
+SLOW = BrokerError(ErrorKind.TIMEOUT, "no answer in time from r:6379/0")
 
 
 def poller(source: Source, clock: Clock, max_age: float = 0.5) -> BrokerPoller:

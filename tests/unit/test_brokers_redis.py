@@ -204,7 +204,7 @@ def test_wrong_number_of_replies_is_an_error() -> None:
 
 
 def test_observe_tiers_on_failure_fails_every_tier() -> None:
-    err = BrokerError(ErrorKind.TIMEOUT, "no answer in time from redis://r:6379/0")
+    err = BrokerError(ErrorKind.TIMEOUT, "no answer in time from r:6379/0")
     assert observe_tiers(err, {"a": [HIGH], "b": [LOW]}) == {
         "a": ReadFailure("Timeout", err.message),
         "b": ReadFailure("Timeout", err.message),
@@ -219,7 +219,7 @@ TARGET = RedisTarget.parse(URL)
 
 
 def test_target_shows_no_credentials() -> None:
-    assert TARGET.display == "rediss://redis.prod.svc:6380/2"
+    assert TARGET.display == "redis.prod.svc:6380/2 (TLS)"
     assert PASSWORD not in repr(TARGET) and "s3cr3t" not in str(TARGET)
     assert "ssl_cert_reqs=required" in TARGET.url  # Celery's spelling, translated for redis-py
 
@@ -227,8 +227,8 @@ def test_target_shows_no_credentials() -> None:
 @pytest.mark.parametrize(
     ("url", "display"),
     [
-        pytest.param("redis://localhost", "redis://localhost:6379/0", id="defaults"),
-        pytest.param("redis://:pw@10.0.0.1:7000/3", "redis://10.0.0.1:7000/3", id="password-only"),
+        pytest.param("redis://localhost", "localhost:6379/0", id="defaults"),
+        pytest.param("redis://:pw@10.0.0.1:7000/3", "10.0.0.1:7000/3", id="password-only"),
     ],
 )
 def test_target_display(url: str, display: str) -> None:
@@ -371,3 +371,12 @@ def test_zero_budget_walks_every_poll() -> None:
     for _ in range(3):
         asyncio.run(source.read([HIGH]))
         assert limits(fake) == [source.scan_limit]
+
+
+def test_a_classified_failure_reaches_the_event_readable_and_without_secrets() -> None:
+    err = classify(rexc.ConnectionError(f"Error 111 connecting to {URL}. Connection refused."), TARGET)
+    tier = Tier(name="high", queues=["high_priority"], concurrency=4, replicas=ReplicaBounds(min=2, max=8))
+    (d,) = decide([tier], observe_tiers(err, {"high": [HIGH]}), {"high": 3}, {}, now=0.0)
+    assert (d.desired, d.reason) == (3, Reason.BROKER_UNREACHABLE)
+    assert "broker read failed (Unreachable: cannot reach redis.prod.svc:6380/2 (TLS)" in d.message
+    assert "s3cr3t" not in d.message and "://" not in d.message

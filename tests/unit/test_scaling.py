@@ -404,6 +404,7 @@ SCENARIOS = [
         ),
         id="paused-pool-ignores-budget",
     ),
+    pytest.param(one(HIGH, None, q(50), 2, R.PAUSED, paused=True), id="paused-pool-starts-a-new-tier-at-min"),
     pytest.param(one(HIGH, 11, q(0), 8, R.ABOVE_MAXIMUM), id="max-lowered-applies-at-once"),
     pytest.param(one(HIGH, 0, q(0), 2, R.BELOW_MINIMUM), id="min-raised-applies-at-once"),
     pytest.param(one(HIGH, 11, DOWN, 8, R.ABOVE_MAXIMUM), id="max-lowered-applies-during-outage"),

@@ -312,7 +312,7 @@ def _auth_error(exc: BaseException) -> BrokerError | None:
 
 @dataclass(frozen=True)
 class RedisTarget:
-    """A parsed broker URL. ``display`` (host:port/db) is what logs and labels may show."""
+    """A parsed broker URL. ``display`` ("host:port/db", " (TLS)" for rediss) is what may be shown."""
 
     url: str = ""
     display: str = ""
@@ -336,7 +336,9 @@ class RedisTarget:
         query = parse_qsl(parts.query, keep_blank_values=True)
         secrets += tuple(v for k, v in query if k == "password" and v)
         db = parts.path.lstrip("/") or "0"
-        display = f"{parts.scheme}://{parts.hostname or 'localhost'}:{port or 6379}/{db}"
+        # Not URL-shaped on purpose: Events and status drop anything that looks like a URL.
+        tls = " (TLS)" if parts.scheme == "rediss" else ""
+        display = f"{parts.hostname or 'localhost'}:{port or 6379}/{db}{tls}"
         return cls(url=_normalize_query(parts, query), display=display, secrets=secrets)
 
     def scrub(self, text: str) -> str:
@@ -427,6 +429,7 @@ class RedisDepthSource:
         self._clock = clock
         self._scans: dict[str, _Scan] = {}
         self._next_scan_at = 0.0
+        self._plans: dict[tuple[frozenset[QueueRef], frozenset[str]], PollPlan] = {}
 
     def __repr__(self) -> str:
         return f"RedisDepthSource({self.target.display})"
@@ -441,7 +444,7 @@ class RedisDepthSource:
             for p, queues in names.items()
             if started < self._next_scan_at and p in self._scans and queues <= self._scans[p].watched
         }
-        plan = plan_poll(refs, self.scan_limit, skip)
+        plan = self._plan(frozenset(refs), frozenset(skip))
         try:
             # The socket timeouts bound each connect/read; this bounds the whole poll (DNS included).
             replies = await asyncio.wait_for(self._round_trip(plan.commands), self.deadline_seconds)
@@ -449,6 +452,15 @@ class RedisDepthSource:
         except Exception as exc:
             raise classify(exc, self.target) from None
         return self._account(reading, names, skip, started)
+
+    def _plan(self, refs: frozenset[QueueRef], skip: frozenset[str]) -> PollPlan:
+        # Polls repeat the same queues: keep the plans (building one for 300 queues costs ~3 ms).
+        plan = self._plans.get((refs, skip))
+        if plan is None:
+            if len(self._plans) >= 4:  # queues changed: forget the old ones
+                self._plans.clear()
+            plan = self._plans[(refs, skip)] = plan_poll(refs, self.scan_limit, skip)
+        return plan
 
     def _account(
         self, reading: DepthReading, names: Mapping[str, set[str]], skip: set[str], started: float

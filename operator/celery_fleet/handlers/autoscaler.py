@@ -59,8 +59,12 @@ class Autoscaler:
         self.interval = interval
         self.clock = clock
         self.registry = registry or BrokerRegistry(redis_broker.connect, max_age=interval / 2, display=_display)
-        self._specs: dict[ObjKey, tuple[int, CeleryWorkerPoolSpec]] = {}
+        self._specs: dict[ObjKey, tuple[int, CeleryWorkerPoolSpec, dict[str, list[QueueRef]]]] = {}
+        # Last value written per metric child: label lookups dominate a tick at fleet scale, so a
+        # gauge is only touched when its value changes.
+        self._gauges: dict[tuple[Any, ...], float] = {}
         self._last_status: dict[ObjKey, float] = {}
+        self._last_reading: dict[int, int] = {}
 
     async def run(self) -> None:
         while True:
@@ -79,34 +83,46 @@ class Autoscaler:
             await self.registry.release(f"{gone[0]}/{gone[1]}")
         await asyncio.gather(*(self.scale_pool(key, body) for key, body in pools.items()))
 
-    def _spec(self, key: ObjKey, body: Mapping[str, Any]) -> CeleryWorkerPoolSpec | None:
+    def _spec(
+        self, key: ObjKey, body: Mapping[str, Any]
+    ) -> tuple[CeleryWorkerPoolSpec, dict[str, list[QueueRef]]] | None:
         generation = int(body["metadata"].get("generation", 0))
         cached = self._specs.get(key)
         if cached is not None and cached[0] == generation:
-            return cached[1]
+            return cached[1], cached[2]
         try:
             spec = parse_pool(body)
         except InvalidSpec:
             return None  # the reconciler reports it as Degraded
-        self._specs[key] = (generation, spec)
-        return spec
-
-    async def scale_pool(self, key: ObjKey, body: Mapping[str, Any]) -> None:
-        spec = self._spec(key, body)
-        runtime = self.cache.runtime[key]
-        if spec is None or runtime.broker_url is None or body["metadata"].get("deletionTimestamp"):
-            return
-        namespace, name = key
-        owner = f"{namespace}/{name}"
         refs = {
             t.name: queue_refs(t.queues, spec.broker.global_keyprefix, spec.broker.priority_steps) for t in spec.tiers
         }
+        self._specs[key] = (generation, spec, refs)
+        return spec, refs
+
+    def _gauge(self, gauge: Any, labels: tuple[str, ...], value: float) -> None:
+        k = (id(gauge), *labels)
+        if self._gauges.get(k) != value:
+            self._gauges[k] = value
+            gauge.labels(*labels).set(value)
+
+    async def scale_pool(self, key: ObjKey, body: Mapping[str, Any]) -> None:
+        parsed = self._spec(key, body)
+        runtime = self.cache.runtime[key]
+        if parsed is None or runtime.broker_url is None or body["metadata"].get("deletionTimestamp"):
+            return
+        spec, refs = parsed
+        namespace, name = key
+        owner = f"{namespace}/{name}"
         all_refs = [r for rs in refs.values() for r in rs]
         observations: dict[str, TierObservation]
         broker_problem: tuple[str, str] | None = None
         try:
             poller = await self.registry.poller_for(owner, runtime.broker_url)
             reading = await poller.read(owner, all_refs)
+            if id(reading) != self._last_reading.get(id(poller)):
+                self._last_reading[id(poller)] = id(reading)
+                metrics.POLL_SECONDS.observe(reading.duration_seconds)
             observations = {tier: reading.observe(tier_refs) for tier, tier_refs in refs.items()}
             self._record_depth(namespace, name, refs, reading)
         except BrokerError as err:
@@ -134,15 +150,13 @@ class Autoscaler:
     def _record_depth(
         self, namespace: str, pool: str, refs: Mapping[str, list[QueueRef]], reading: DepthReading
     ) -> None:
-        metrics.POLL_SECONDS.observe(reading.duration_seconds)
-        metrics.BROKER_UP.labels(namespace, pool).set(1)
+        self._gauge(metrics.BROKER_UP, (namespace, pool), 1)
         for tier, tier_refs in refs.items():
             for ref in tier_refs:
                 for step, n in reading.queued.get(ref, {}).items():
-                    metrics.QUEUE_DEPTH.labels(namespace, pool, tier, ref.name, str(step)).set(n)
-                metrics.IN_FLIGHT.labels(namespace, pool, tier, ref.name).set(
-                    reading.in_flight.get((ref.keyprefix, ref.name), 0)
-                )
+                    self._gauge(metrics.QUEUE_DEPTH, (namespace, pool, tier, ref.name, str(step)), n)
+                in_flight = reading.in_flight.get((ref.keyprefix, ref.name), 0)
+                self._gauge(metrics.IN_FLIGHT, (namespace, pool, tier, ref.name), in_flight)
 
     async def _act(
         self,
@@ -185,14 +199,14 @@ class Autoscaler:
             if scaling.desired_replicas != previous.desired_replicas:
                 urgent = True
             runtime.scaling[d.tier] = scaling
-            metrics.DESIRED_REPLICAS.labels(namespace, name, d.tier).set(d.desired)
+            self._gauge(metrics.DESIRED_REPLICAS, (namespace, name, d.tier), d.desired)
             if d.current is not None:
-                metrics.CURRENT_REPLICAS.labels(namespace, name, d.tier).set(d.current)
+                self._gauge(metrics.CURRENT_REPLICAS, (namespace, name, d.tier), d.current)
 
         if broker_problem != runtime.broker_problem:
             urgent = True
             if broker_problem is not None:
-                metrics.BROKER_UP.labels(namespace, name).set(0)
+                self._gauge(metrics.BROKER_UP, (namespace, name), 0)
                 log.warning("pool %s/%s: %s", namespace, name, broker_problem[1])
                 await asyncio.to_thread(post_event, self.kube, ref, broker_problem[0], broker_problem[1], "Warning")
             elif runtime.broker_problem is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from celery_fleet import metrics
@@ -37,6 +38,7 @@ class Fleet:
 
     def __post_init__(self) -> None:
         self.pools = PoolReconciler(self.kube, self.cache)
+        metrics.KUBE_REQUESTS.set_function(lambda: float(self.kube.requests))
         self.beats = BeatReconciler(self.kube, self.cache, self.config.elector_image)
         self.autoscaler = Autoscaler(self.kube, self.cache, self.pool_queue.add, interval=self.config.poll_interval)
 
@@ -75,6 +77,11 @@ class Fleet:
                 self.beat_queue.add_after(key, outcome.requeue_after)
 
     async def run(self) -> None:
+        # Reconciles and scale calls use the blocking client in threads; asyncio's default pool
+        # (cores + 4) would cap a 2-core operator at 6 concurrent apiserver calls.
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(max_workers=self.config.reconcile_workers * 2 + 4, thread_name_prefix="kube")
+        )
         await asyncio.gather(
             self.pool_queue.run(self._reconcile_pool, self.config.reconcile_workers),
             self.beat_queue.run(self._reconcile_beat, 2),

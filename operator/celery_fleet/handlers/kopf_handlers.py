@@ -71,6 +71,17 @@ async def lease_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     _child_event(_fleet(memo), event, "Lease")
 
 
+@kopf.index("apps", "v1", "deployments", labels=MANAGED, id="deployments-listed")
+def deployments_listed(**_: Any) -> None:
+    """Indexes nothing: a Kopf index holds every handler until the Deployments have been listed.
+
+    Without it a restarted operator may reconcile a pool before its tiers' Deployments reach
+    the cache, take them for missing and apply them at replicas.min, cutting every tier the
+    autoscaler had scaled up.
+    """
+    return None
+
+
 @kopf.on.event("apps", "v1", "deployments", labels=MANAGED, id="pool-deployment-events")
 async def deployment_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     _child_event(_fleet(memo), event, "Deployment")

@@ -137,7 +137,7 @@ def _key_ref(
     if key not in values:
         if optional:
             return None
-        raise ContainerConfigError(f'couldn\'t find key {key} in {kind} {namespace}/{name}')
+        raise ContainerConfigError(f"couldn't find key {key} in {kind} {namespace}/{name}")
     return values[key]
 
 
@@ -160,8 +160,8 @@ def container_env(pod: Manifest, container: Manifest, objects: ObjectSource) -> 
                 if ref.get("optional"):
                     continue
                 raise ContainerConfigError(f'envFrom[{index}]: {kind} "{ref.get("name")}" not found')
-            for name, value in values.items():
-                env[prefix + name] = value
+            for key_name, key_value in values.items():
+                env[prefix + key_name] = key_value
     for var in container.get("env") or []:
         name = str(var.get("name") or "")
         value_from = var.get("valueFrom")
@@ -187,9 +187,7 @@ def container_env(pod: Manifest, container: Manifest, objects: ObjectSource) -> 
 # -- files ------------------------------------------------------------------------------------------
 
 
-def _items(
-    values: Mapping[str, str], items: Sequence[Manifest] | None, where: str
-) -> dict[str, bytes]:
+def _items(values: Mapping[str, str], items: Sequence[Manifest] | None, where: str) -> dict[str, bytes]:
     if not items:
         return {key: value.encode() for key, value in values.items()}
     files: dict[str, bytes] = {}
@@ -248,7 +246,9 @@ def _projected(
             if values is None:
                 if ref.get("optional"):
                     continue
-                raise ContainerConfigError(f'{where}: {"secret" if is_secret else "configmap"} "{ref.get("name")}" not found')
+                raise ContainerConfigError(
+                    f'{where}: {"secret" if is_secret else "configmap"} "{ref.get("name")}" not found'
+                )
             files.update(_items(values, ref.get("items"), where))
         elif "downwardAPI" in source:
             for item in source["downwardAPI"].get("items") or []:
@@ -361,12 +361,19 @@ def process_spec(
 
 
 def grace_seconds(pod: Manifest) -> float:
-    """Seconds between SIGTERM and SIGKILL: the deletion's grace period, else the pod's."""
-    meta = pod.get("metadata") or {}
-    if meta.get("deletionGracePeriodSeconds") is not None:
-        return float(meta["deletionGracePeriodSeconds"])
+    """Seconds between SIGTERM and SIGKILL: the pod's terminationGracePeriodSeconds, or a shorter
+    grace the deletion asked for (`kubectl delete --grace-period=5`).
+
+    A deletion grace of 0 is not taken at its word: kwok removes every deleted pod at once by
+    deleting it again with grace 0, so 0 is almost always kwok's cleanup, not anyone's intent
+    (`kubectl delete --force` cannot be told apart and gets the pod's grace too).
+    """
     value = (pod.get("spec") or {}).get("terminationGracePeriodSeconds")
-    return float(DEFAULT_GRACE_SECONDS if value is None else value)
+    own = float(DEFAULT_GRACE_SECONDS if value is None else value)
+    asked = (pod.get("metadata") or {}).get("deletionGracePeriodSeconds")
+    if asked is not None and 0 < float(asked) < own:
+        return float(asked)
+    return own
 
 
 def service_account_kubeconfig(server: str, ca_file: str | None, token_file: Path, namespace: str) -> dict[str, Any]:

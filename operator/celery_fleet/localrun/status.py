@@ -94,6 +94,10 @@ def container_status(c: ContainerView, now: dt.datetime) -> dict[str, Any]:
     }
 
 
+def _cond(type_: str, status: str, reason: str, message: str, since: str) -> dict[str, str]:
+    return {"type": type_, "status": status, "reason": reason, "message": message, "lastTransitionTime": since}
+
+
 def _condition(pod: Manifest, type_: str) -> Manifest:
     for cond in (pod.get("status") or {}).get("conditions") or []:
         if cond.get("type") == type_:
@@ -128,7 +132,13 @@ def status_patch(pod: Manifest, view: PodView, now: dt.datetime) -> dict[str, An
         return None
     since = ready.get("lastTransitionTime") if ready.get("status") == status else None
     conditions = [
-        {"type": t, "status": status, "reason": reason, "message": message, "lastTransitionTime": since or timestamp(now)}
+        {
+            "type": t,
+            "status": status,
+            "reason": reason,
+            "message": message,
+            "lastTransitionTime": since or timestamp(now),
+        }
         for t in ("Ready", "ContainersReady")
     ]
     patch: dict[str, Any] = {"status": {"conditions": conditions, "containerStatuses": statuses}}
@@ -137,13 +147,19 @@ def status_patch(pod: Manifest, view: PodView, now: dt.datetime) -> dict[str, An
     return patch
 
 
-def stopped_patch(pod: Manifest, now: dt.datetime) -> dict[str, Any]:
+def stopped_patch(now: dt.datetime) -> dict[str, Any]:
     """On the runtime's exit: the pods it ran are no longer backed by a process."""
     message = "the local runtime stopped; no process runs for this pod"
     return {
         "status": {
             "conditions": [
-                {"type": t, "status": "False", "reason": STOPPED, "message": message, "lastTransitionTime": timestamp(now)}
+                {
+                    "type": t,
+                    "status": "False",
+                    "reason": STOPPED,
+                    "message": message,
+                    "lastTransitionTime": timestamp(now),
+                }
                 for t in ("Ready", "ContainersReady")
             ]
         }

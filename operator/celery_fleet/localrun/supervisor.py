@@ -226,9 +226,14 @@ def is_live(pod: Manifest) -> bool:
     """Scheduled to a node, not being deleted, not finished: its containers should run."""
     meta = pod.get("metadata") or {}
     phase = (pod.get("status") or {}).get("phase")
-    return bool((pod.get("spec") or {}).get("nodeName")) and not meta.get("deletionTimestamp") and phase not in (
-        "Succeeded",
-        "Failed",
+    return (
+        bool((pod.get("spec") or {}).get("nodeName"))
+        and not meta.get("deletionTimestamp")
+        and phase
+        not in (
+            "Succeeded",
+            "Failed",
+        )
     )
 
 
@@ -276,7 +281,7 @@ class Supervisor:
             if uid not in seen and local.phase not in (Phase.TERMINATING, Phase.DONE):
                 self._terminate(local, now, grace_seconds(local.pod), "is gone")
 
-    def terminate_all(self, reason: str = "the local runtime stops") -> None:
+    def terminate_all(self, reason: str = "stops with the local runtime") -> None:
         now = self.clock()
         for local in self.pods.values():
             if local.phase not in (Phase.TERMINATING, Phase.DONE):
@@ -359,7 +364,8 @@ class Supervisor:
             return
         run.started_at = self.wall()
         run.started_mono = now
-        run.ready = False
+        # Without the broker probe a started container is ready, as with the kubelet.
+        run.ready = run.spec.broker_port is None
         run.probe_failures = 0
         run.next_probe = now
         log.info("pod %s: container %s started as pid %d", local.label, run.name, run.process.pid)
@@ -383,7 +389,8 @@ class Supervisor:
                 local.label, run.name, run.process.pid, code, now - run.terminated_by_us, how,
             )  # fmt: skip
         else:
-            log.warning(
+            log.log(
+                logging.INFO if code == 0 else logging.WARNING,
                 "pod %s: container %s pid %d exited with %d after %.1fs",
                 local.label, run.name, run.process.pid, code, ran_for,
             )  # fmt: skip

@@ -28,7 +28,8 @@ The rules, per tier (``a`` is ``tier.autoscaling``):
   a lower tier at once, without waiting for the stabilization window.
 * Replica bounds are a hard cap too: a tier above ``max`` (the spec was lowered) goes to ``max``
   at once, a tier below ``min`` goes to ``min``.
-* Paused pool: every tier holds its current replicas; nothing else is evaluated.
+* Paused pool: every tier holds its current replicas; nothing else is evaluated, and the
+  window is forgotten, so after the pause scale-down waits a full window of fresh observations.
 """
 
 from __future__ import annotations
@@ -232,7 +233,7 @@ def _paused(tier: Tier, current: int | None, history: TierHistory) -> Decision:
         tier=tier.name,
         current=current,
         desired=held,
-        direction=Direction.HOLD if current is None or held == current else _direction(current, held),
+        direction=_direction(current if current is not None else 0, held),
         reason=Reason.PAUSED,
         message=f"Tier {tier.name} holds {held}: the pool is paused",
         history=replace(history, recommendations=(), scale_events=(), idle_since=None),

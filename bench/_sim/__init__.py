@@ -1,0 +1,72 @@
+"""Trace-driven simulation of Celery queues and worker fleets under different autoscalers.
+
+Public surface: traces (`step_burst`, `poisson_bursts`, `diurnal`), the simulator (`simulate`,
+`FleetParams`), the autoscalers (`OperatorScaler` = the operator's real `decide`, `KedaHpaScaler`,
+`StaticFleet`), summaries and plots, and the closed-loop check helpers (`predict_waits`,
+`compare_waits`, `closed_loop_trace`, `write_trace`, `read_trace`).
+"""
+
+from .closed_loop import (
+    CLOSED_LOOP_TIER,
+    Agreement,
+    Prediction,
+    Tolerance,
+    closed_loop_trace,
+    compare_waits,
+    predict_waits,
+    read_trace,
+    write_trace,
+)
+from .engine import FleetParams, Samples, SimResult, list_key, percentile, simulate
+from .keda_hpa import (
+    HorizontalPodAutoscaler,
+    HpaBehavior,
+    HpaPolicy,
+    KedaHpaConfig,
+    KedaHpaScaler,
+    KedaRedisListsTrigger,
+)
+from .plots import plot_trace
+from .scalers import OperatorScaler, StaticFleet
+from .summary import Summary, summarize
+from .traces import DEFAULT_PRIORITY_STEPS, Durations, Task, Trace, diurnal, poisson_bursts, priority_step, step_burst
+from .view import Autoscaler, FleetView
+
+__all__ = [
+    "CLOSED_LOOP_TIER",
+    "DEFAULT_PRIORITY_STEPS",
+    "Agreement",
+    "Autoscaler",
+    "Durations",
+    "FleetParams",
+    "FleetView",
+    "HorizontalPodAutoscaler",
+    "HpaBehavior",
+    "HpaPolicy",
+    "KedaHpaConfig",
+    "KedaHpaScaler",
+    "KedaRedisListsTrigger",
+    "OperatorScaler",
+    "Prediction",
+    "Samples",
+    "SimResult",
+    "StaticFleet",
+    "Summary",
+    "Task",
+    "Tolerance",
+    "Trace",
+    "closed_loop_trace",
+    "compare_waits",
+    "diurnal",
+    "list_key",
+    "percentile",
+    "plot_trace",
+    "poisson_bursts",
+    "predict_waits",
+    "priority_step",
+    "read_trace",
+    "simulate",
+    "step_burst",
+    "summarize",
+    "write_trace",
+]

@@ -1,0 +1,518 @@
+"""Benchmark autoscaling quality: trace-driven simulation of celery-fleet vs KEDA + HPA vs a static fleet.
+
+Each scenario (a trace on a tier) is replayed for several seeds against three autoscalers:
+
+1. celery-fleet: the operator's real `celery_fleet.planning.scaling.decide` with the real `Tier` /
+   `Autoscaling` defaults, polled every 1 s, seeing every priority sub-list plus in-flight work;
+2. KEDA's Redis Lists scaler + the HPA at their defaults (see `_sim/keda_hpa.py`): LLEN of the
+   bare queue name only, listLength = the tier's targetDepthPerReplica, HPA sync 15 s, tolerance
+   0.1, 300 s scale-down stabilization, KEDA pollingInterval 30 s;
+3. a static fleet at replicas.max.
+
+Then variants that show what closes the misses, and the closed-loop check's prediction.
+Writes bench/results/autoscale_sim.md and bench/results/autoscale_<scenario>.png. Run: `make bench`
+or `.venv/bin/python bench/autoscale_sim.py [--seeds N] [--only SCENARIO]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import platform
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from _sim import (
+    CLOSED_LOOP_TIER,
+    Autoscaler,
+    Durations,
+    FleetParams,
+    HpaBehavior,
+    KedaHpaConfig,
+    KedaHpaScaler,
+    KedaRedisListsTrigger,
+    OperatorScaler,
+    SimResult,
+    StaticFleet,
+    Summary,
+    Tolerance,
+    Trace,
+    closed_loop_trace,
+    diurnal,
+    percentile,
+    plot_trace,
+    poisson_bursts,
+    predict_waits,
+    simulate,
+    step_burst,
+    summarize,
+)
+
+from celery_fleet.api.models import Autoscaling, ReplicaBounds, Tier, default_tiers
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+HIGH, MEDIUM, _LOW = default_tiers()
+# A tier sized for its peaks, as production fleets are: the same defaults, a higher replicas.max.
+WIDE = Tier(
+    name="burst", queues=["burst"], concurrency=4, replicas=ReplicaBounds(min=2, max=40), autoscaling=Autoscaling()
+)
+STARTUP = (10.0, 20.0)
+DURATIONS = Durations()
+OURS, KEDA, STATIC = "celery-fleet", "KEDA+HPA", "static max"
+SCALERS = (OURS, KEDA, STATIC)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    key: str
+    title: str
+    tier: Tier
+    trace: Callable[[int], Trace]
+    burst: bool  # the issue's target applies to burst traces
+    plot_until: float | None = None
+
+
+SCENARIOS: tuple[Scenario, ...] = (
+    Scenario(
+        "step-burst-high",
+        "step burst, mixed priorities, default high tier (2-8 pods x 4)",
+        HIGH,
+        lambda seed: step_burst(seed, name="step-burst-high"),
+        burst=True,
+        plot_until=600,
+    ),
+    Scenario(
+        "step-burst-wide",
+        "step burst, mixed priorities, a tier sized for the peak (2-40 pods x 4)",
+        WIDE,
+        lambda seed: step_burst(seed, name="step-burst-wide"),
+        burst=True,
+        plot_until=600,
+    ),
+    Scenario(
+        "step-burst-wide-p0",
+        "step burst, priority 0 only, a tier sized for the peak (2-40 pods x 4)",
+        WIDE,
+        lambda seed: step_burst(seed, name="step-burst-wide-p0", prioritised_fraction=0.0),
+        burst=True,
+        plot_until=600,
+    ),
+    Scenario(
+        "poisson-bursts-high",
+        "Poisson bursts, mixed priorities, default high tier (2-8 pods x 4)",
+        HIGH,
+        lambda seed: poisson_bursts(seed, name="poisson-bursts-high"),
+        burst=True,
+    ),
+    Scenario(
+        "poisson-bursts-wide",
+        "Poisson bursts, mixed priorities, a tier sized for the peak (2-40 pods x 4)",
+        WIDE,
+        lambda seed: poisson_bursts(seed, name="poisson-bursts-wide", size_range=(100, 600)),
+        burst=True,
+    ),
+    Scenario(
+        "diurnal-medium",
+        "diurnal wave, mixed priorities, default medium tier (4-12 pods x 6)",
+        MEDIUM,
+        lambda seed: diurnal(seed, name="diurnal-medium", peak_rate=12.0),
+        burst=False,
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """An autoscaler with some settings changed, to show what a setting is worth."""
+
+    label: str
+    kind: str
+    autoscaling: dict[str, Any] = field(default_factory=dict)  # celery-fleet: Autoscaling overrides
+    keda: dict[str, Any] = field(default_factory=dict)  # KEDA+HPA: KedaHpaConfig overrides
+    fleet: dict[str, Any] = field(default_factory=dict)  # FleetParams overrides
+
+    def tier(self, tier: Tier) -> Tier:
+        if not self.autoscaling:
+            return tier
+        values = {k: (tier.replicas.max if v == "max" else v) for k, v in self.autoscaling.items()}
+        return tier.model_copy(update={"autoscaling": tier.autoscaling.model_copy(update=values)})
+
+
+BASELINE = {kind: Variant(kind, kind) for kind in SCALERS}
+VARIANTS: tuple[Variant, ...] = (
+    Variant(f"{OURS}, scaleDownMaxStep = replicas.max", OURS, autoscaling={"scale_down_max_step": "max"}),
+    Variant(f"{OURS}, idle pods removed first (pod-deletion-cost)", OURS, fleet={"scale_in": "idle-first"}),
+    Variant(
+        f"{OURS}, both of the above, 30 s stabilization",
+        OURS,
+        autoscaling={"scale_down_max_step": "max", "scale_down_stabilization_seconds": 30},
+        fleet={"scale_in": "idle-first"},
+    ),
+    Variant(f"{OURS}, pod start-up 2-5 s", OURS, fleet={"startup_delay": (2.0, 5.0)}),
+    Variant(f"{KEDA}, pod start-up 2-5 s", KEDA, fleet={"startup_delay": (2.0, 5.0)}),
+    Variant(f"{KEDA}, useCachedMetrics: true", KEDA, keda={"use_cached_metrics": True}),
+    Variant(f"{KEDA}, HPA behavior = API defaults", KEDA, keda={"behavior": HpaBehavior()}),
+)
+
+
+def make_scaler(variant: Variant, tier: Tier, seed: int) -> tuple[Autoscaler, FleetParams]:
+    # Loop phases differ per seed: where a burst lands relative to the HPA's 15 s sync matters.
+    phases = random.Random(f"phase/{seed}")
+    keda_phase, hpa_phase, poll_phase = phases.uniform(0, 30), phases.uniform(0, 15), phases.uniform(0, 1)
+    tier = variant.tier(tier)
+    fleet: dict[str, Any] = {"startup_delay": STARTUP, **variant.fleet}
+    if variant.kind == OURS:
+        return OperatorScaler(tier, poll_interval=1.0, phase=poll_phase), FleetParams.for_tier(tier, **fleet)
+    if variant.kind == KEDA:
+        config = KedaHpaConfig(
+            trigger=KedaRedisListsTrigger(
+                list_name=tier.queues[0], list_length=tier.autoscaling.target_depth_per_replica
+            ),
+            min_replica_count=tier.replicas.min,
+            max_replica_count=tier.replicas.max,
+            keda_phase=keda_phase,
+            hpa_phase=hpa_phase,
+        )
+        config = dataclasses.replace(config, **variant.keda)
+        return KedaHpaScaler(config), FleetParams.for_tier(tier, **fleet)
+    if variant.kind == STATIC:
+        return StaticFleet(tier.replicas.max), FleetParams.for_tier(
+            tier, initial_replicas=tier.replicas.max, **fleet
+        )
+    raise ValueError(f"unknown autoscaler {variant.kind!r}")
+
+
+def run(s: Scenario, variant: Variant, traces: Sequence[Trace], seeds: Sequence[int]) -> tuple[Summary, SimResult]:
+    """Summary over all seeds, and the first seed's run (for the plot)."""
+    runs = []
+    for seed, trace in zip(seeds, traces, strict=True):
+        scaler, params = make_scaler(variant, s.tier, seed)
+        runs.append(simulate(trace, scaler, params, seed=seed))
+    return summarize(runs), runs[0]
+
+
+def _f(x: float) -> str:
+    return "-" if math.isnan(x) else f"{x:,.1f}"
+
+
+def _ratios(ours: Summary, keda: Summary) -> tuple[float, float]:
+    return ours.p95 / keda.p95 if keda.p95 > 0 else math.inf, ours.worker_seconds / keda.worker_seconds
+
+
+def _row(key: str, label: str, m: Summary) -> str:
+    return (
+        f"| {key} | {label} | {m.tasks:,} | {_f(m.p50)} | {_f(m.p95)} | {_f(m.p99)} | {_f(m.max_wait)} | "
+        f"{_f(m.p95_priority0)} | {_f(m.p95_prioritised)} | {m.worker_seconds:,.0f} | {m.peak_replicas} | "
+        f"{m.busy_removals:.1f} | {m.drain_seconds:,.0f} |"
+    )
+
+
+TABLE_HEAD = [
+    "| scenario | autoscaler | tasks | p50 | p95 | p99 | max | p95 prio 0 | p95 prio>0 | worker-s | "
+    "peak replicas | busy pods removed | drain worker-s |",
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+]
+
+
+@dataclass
+class ClosedLoopNumbers:
+    base: tuple[float, float, int, float]  # p50, p95, peak, worker-s
+    perturbed: list[tuple[str, float, float, int]]  # label, p50, p95, peak
+
+
+def closed_loop_numbers() -> ClosedLoopNumbers:
+    """The live check's prediction, and how far plausible unmodelled latencies move it."""
+    trace = closed_loop_trace()
+    startup = (2.0, 4.0)
+
+    def predict(tr: Trace, **kw: Any) -> tuple[float, float, int, float]:
+        p = predict_waits(tr, CLOSED_LOOP_TIER, **{"startup_delay": startup, **kw})
+        waits = list(p.waits.values())
+        return percentile(waits, 50), percentile(waits, 95), p.peak_replicas, p.worker_seconds
+
+    slower = dataclasses.replace(
+        trace, tasks=tuple(dataclasses.replace(t, duration=t.duration + 0.02) for t in trace.tasks)
+    )
+    cases: list[tuple[str, Trace, dict[str, Any]]] = [
+        ("operator poll at phase 0 s", trace, {"poll_phase": 0.0}),
+        ("operator poll at phase 1 s", trace, {"poll_phase": 1.0}),
+        ("start-up 1 s slower (3-5 s)", trace, {"startup_delay": (3.0, 5.0)}),
+        ("start-up 1 s faster (1-3 s)", trace, {"startup_delay": (1.0, 3.0)}),
+        ("20 ms Celery overhead per task", slower, {}),
+        ("another start-up draw (seed 7)", trace, {"seed": 7}),
+    ]
+    perturbed = []
+    for label, tr, kw in cases:
+        p50, p95, peak, _ = predict(tr, **kw)
+        perturbed.append((label, p50, p95, peak))
+    return ClosedLoopNumbers(base=predict(trace), perturbed=perturbed)
+
+
+def render(
+    main: dict[str, dict[str, Summary]],
+    variants: dict[str, dict[str, Summary]],
+    closed: ClosedLoopNumbers | None,
+    seeds: Sequence[int],
+    command: str,
+    elapsed: float,
+) -> str:
+    by_key = {s.key: s for s in SCENARIOS}
+    out = [
+        "# Autoscaling quality: celery-fleet vs KEDA + HPA vs a static fleet (simulation)",
+        "",
+        f"Produced by `{command}` (also run by `make bench`) in {elapsed:.0f} s on {platform.machine()}, "
+        f"Python {platform.python_version()}; {len(seeds)} seeds per scenario ({seeds[0]}-{seeds[-1]}). "
+        "Deterministic: the same command gives the same numbers. Code: `bench/autoscale_sim.py`, "
+        "`bench/_sim/`.",
+        "",
+        "## What is simulated",
+        "",
+        "- One Celery queue on Redis as kombu lays it out: priority steps `[0, 3, 6, 9]`, step 0 is the "
+        "bare queue name, `queue\\x06\\x16<step>` the others; producers LPUSH, workers BRPOP the lists in "
+        "step order (step 0 first), each list FIFO. 'Mixed priorities': half the messages have priority "
+        "3, 6 or 9 (a third each), the rest priority 0.",
+        f"- Task run times lognormal, median {DURATIONS.median:g} s, sigma {DURATIONS.sigma:g} (mean "
+        f"{DURATIONS.mean:.2f} s), capped at {DURATIONS.cap:g} s. Workers: the tier's concurrency, "
+        "`--prefetch-multiplier=1`, `-O fair`. A new pod consumes after a start-up delay uniform in "
+        f"{STARTUP[0]:g}-{STARTUP[1]:g} s (scheduling, image, celery boot), drawn per pod. The pods at "
+        "replicas.min are warm at t=0; the static fleet's replicas.max pods too.",
+        "- Scale-in as the ReplicaSet controller picks pods (not-ready first, then the most recently "
+        "ready; it does not know which are busy) -- for both autoscalers, since celery-fleet does not "
+        "set `pod-deletion-cost` yet. A removed worker gets a warm shutdown: its reserved messages go "
+        "back to the head of their lists, its running tasks finish, and it costs worker-seconds until "
+        "then ('busy pods removed', 'drain worker-s').",
+        "- Discrete time, step 0.1 s; task starts and finishes keep exact times inside a step. Wait = "
+        "enqueue -> start. Worker-seconds = pod lifetimes from creation to exit (start-up and draining "
+        "included) over the trace horizon, or longer until every task ran (each autoscaler pays its own "
+        "tail). Percentiles pool every task of every seed; worker-seconds and busy removals are means "
+        "per run; peak replicas is the highest spec.replicas of any run. Seeds change the trace, the "
+        "pods' start-up delays and the phase of every control loop.",
+        "",
+        "Autoscalers:",
+        "",
+        "- **celery-fleet**: the real `celery_fleet.planning.scaling.decide` with the tier's real "
+        "`Autoscaling` defaults (targetDepthPerReplica 10, countInFlight, no scale-up step limit, "
+        "scale-down after a 60 s stabilization window by at most 2 pods per 15 s), polled every 1 s on "
+        "queued (all sub-lists) + in flight (kombu `unacked`: reserved + running).",
+        "- **KEDA+HPA**, modelled from KEDA's `pkg/scalers/redis_scaler.go`, `pkg/scaling/` and "
+        "`controllers/keda/hpa.go` and Kubernetes' `pkg/controller/podautoscaler/horizontal.go` and "
+        "`replica_calculator.go`: a Redis Lists trigger with `listName` = the queue name, so LLEN of the "
+        "bare list only; `listLength` 10 (the same per-replica target; metric type AverageValue); "
+        "`activationListLength` 0; `pollingInterval` 30 s; `cooldownPeriod` 300 s; `useCachedMetrics` "
+        "false. The HPA KEDA creates: sync every 15 s, tolerance 0.1, min/max = the tier's, "
+        "replicas = ceil(LLEN / 10) unless |1 - LLEN / (10 x replicas)| <= 0.1. KEDA leaves "
+        "`spec.behavior` nil, so the controller's built-in limits apply: the highest recommendation of "
+        "the last 300 s on the way down, at most max(2 x current, 4) replicas per sync on the way up "
+        "(the API's default behavior, max(4 pods, 100 %) per 15 s, differs only below 4 replicas; a "
+        "variant below uses it). With `useCachedMetrics` false the HPA reads LLEN afresh at each sync; "
+        "the 30 s pollingInterval only drives activation from 0, which tiers with min >= 1 never need "
+        "(a variant below reads the 30 s cached value instead). One trigger per priority sub-list would "
+        "not fix the blind spot: the HPA scales on the highest of its metrics, not their sum.",
+        "- **static max**: replicas.max pods, warm, for the whole run.",
+        "",
+        "## Results",
+        "",
+        "Waits in seconds. 'p95 prio>0': the messages in the priority sub-lists, which LLEN of the bare "
+        "list never sees.",
+        "",
+        *TABLE_HEAD,
+    ]
+    for key, per in main.items():
+        out += [_row(key, kind, per[kind]) for kind in SCALERS]
+
+    out += [
+        "",
+        "## The target (burst traces): p95 wait at most half of KEDA + HPA's, at no more worker-seconds",
+        "",
+        "| scenario | trace | tier | target met | celery-fleet / KEDA+HPA: p95, worker-s |",
+        "|---|---|---|:---:|---|",
+    ]
+    for key, per in main.items():
+        s = by_key[key]
+        p95, cost = _ratios(per[OURS], per[KEDA])
+        tier = f"{s.tier.name}: {s.tier.replicas.min}-{s.tier.replicas.max} pods x {s.tier.concurrency}"
+        mark = ("yes" if p95 <= 0.5 and cost <= 1.0 else "**no**") if s.burst else "n/a (not a burst)"
+        out.append(f"| {key} | {s.trace(1).description} | {tier} | {mark} | {p95:.2f}x, {cost:.2f}x |")
+
+    out += ["", "### Why a trace misses, and what closes it", ""]
+    out += _reading(main, variants)
+
+    if variants:
+        out += [
+            "",
+            "## Variants: what each setting is worth",
+            "",
+            "Same seeds and traces; one thing changed per row. celery-fleet rows use the real `decide` with "
+            "the named `Autoscaling` fields changed; 'idle pods removed first' models an operator that sets "
+            "`controller.kubernetes.io/pod-deletion-cost` from each worker's in-flight count (not built).",
+            "",
+            *TABLE_HEAD,
+        ]
+        for key, per in variants.items():
+            out += [_row(key, label, m) for label, m in per.items()]
+
+    if closed is not None:
+        out += _closed_loop_section(closed)
+    out += ["", "Plots (first seed): " + ", ".join(f"`autoscale_{k}.png`" for k in main), ""]
+    return "\n".join(out) + "\n"
+
+
+def _reading(main: dict[str, dict[str, Summary]], variants: dict[str, dict[str, Summary]]) -> list[str]:
+    lines: list[str] = []
+
+    def get(key: str, label: str) -> Summary | None:
+        return variants.get(key, {}).get(label) or main.get(key, {}).get(label)
+
+    k = "step-burst-high"
+    if k in main:
+        ours, keda, static = main[k][OURS], main[k][KEDA], main[k][STATIC]
+        lines.append(
+            f"- **{k}**: the burst wants far more than replicas.max = 8, both autoscalers reach 8 within a "
+            f"few syncs, and the drain at 8 pods dominates every wait. Even {static.peak_replicas} warm pods "
+            f"from t=0 (static max) have a p95 of {static.p95:.1f} s, more than half of KEDA + HPA's "
+            f"{keda.p95:.1f} s ({keda.p95 / 2:.1f} s): no autoscaler can meet the target on this tier. "
+            f"celery-fleet still waits less ({ours.p95:.1f} s) at {ours.worker_seconds / keda.worker_seconds:.0%} "
+            "of the cost. What closes it: a replicas.max sized for the burst (step-burst-wide)."
+        )
+    k = "poisson-bursts-high"
+    if k in main:
+        ours, keda, static = main[k][OURS], main[k][KEDA], main[k][STATIC]
+        fast_o, fast_k = get(k, f"{OURS}, pod start-up 2-5 s"), get(k, f"{KEDA}, pod start-up 2-5 s")
+        fast = ""
+        if fast_o and fast_k:
+            fast = (
+                f" With pods that start in 2-5 s (images pre-pulled, a light app import) it is met: "
+                f"{fast_o.p95:.1f} s vs {fast_k.p95:.1f} s ({fast_o.p95 / fast_k.p95:.2f}x)."
+            )
+        lines.append(
+            f"- **{k}**: celery-fleet reacts within a second, but every burst then waits for pods that take "
+            f"10-20 s to start, and most bursts exceed what 8 pods drain quickly: its p95 ({ours.p95:.1f} s) "
+            f"is start-up + drain, {ours.p95 / keda.p95:.2f}x KEDA + HPA's ({keda.p95:.1f} s, which adds up "
+            f"to 15 s of sync delay and a second doubling step). Warm pods (static max) get {static.p95:.1f} s."
+            + fast
+            + " The decision function has no more to give here; start-up time or a higher replicas.min does."
+        )
+    for k in ("step-burst-wide", "poisson-bursts-wide"):
+        if k not in main:
+            continue
+        ours, keda = main[k][OURS], main[k][KEDA]
+        p95, cost = _ratios(ours, keda)
+        if cost <= 1.0:
+            continue
+        fix = get(k, f"{OURS}, scaleDownMaxStep = replicas.max")
+        both = get(k, f"{OURS}, both of the above, 30 s stabilization")
+        extra = ""
+        if fix:
+            extra += (
+                f" With `scaleDownMaxStep` = replicas.max the same run costs {fix.worker_seconds:,.0f} "
+                f"worker-s ({fix.worker_seconds / keda.worker_seconds:.2f}x) at p95 {fix.p95:.1f} s"
+            )
+        if both:
+            extra += (
+                f"; adding idle-first scale-in and a 30 s window, {both.worker_seconds:,.0f} worker-s "
+                f"({both.worker_seconds / keda.worker_seconds:.2f}x) at p95 {both.p95:.1f} s "
+                f"({both.p95 / keda.p95:.2f}x)"
+            )
+        lines.append(
+            f"- **{k}**: the wait target is met ({p95:.2f}x) but not the cost ({cost:.2f}x). celery-fleet "
+            "counts the whole burst (every sub-list + in flight) and goes to replicas.max at once, then "
+            "steps down by at most 2 pods per 15 s: 40 -> 2 takes ~285 s after the 60 s window. KEDA + HPA, "
+            "seeing only the bare list, never scales as high (its 'savings' are the prioritised half "
+            "waiting longer)." + extra + ". What closes it: a scale-down step proportional to the tier's "
+            "size (the HPA's default is 100 % per 15 s) instead of the fixed default of 2."
+        )
+    k = "diurnal-medium"
+    if k in main:
+        ours, keda = main[k][OURS], main[k][KEDA]
+        lines.append(
+            f"- **{k}** (not a burst trace): once the bare list drains first, LLEN stays near 0 while the "
+            "priority sub-lists pile up; KEDA + HPA sits near replicas.min and the prioritised half waits "
+            f"minutes (p95 prio>0 {keda.p95_prioritised:.0f} s). celery-fleet follows the wave (p95 "
+            f"{ours.p95:.1f} s) and spends {ours.worker_seconds / keda.worker_seconds:.2f}x the worker-seconds "
+            "doing the work KEDA + HPA leaves queued."
+        )
+    return lines
+
+
+def _closed_loop_section(c: ClosedLoopNumbers) -> list[str]:
+    p50, p95, peak, ws = c.base
+    tol = Tolerance()
+    tier = CLOSED_LOOP_TIER
+    trace = closed_loop_trace()
+    lines = [
+        "",
+        "## The real closed-loop check (design; the live part runs in the local runtime)",
+        "",
+        f"Trace `closed_loop_trace()`: {trace.description}; run times lognormal median 1 s, sigma 0.5; "
+        f"{trace.horizon:g} s. Tier: `{tier.name}`, queue `{tier.queues[0]}`, {tier.replicas.min}-"
+        f"{tier.replicas.max} pods x {tier.concurrency} threads, `Autoscaling` defaults. With a measured "
+        f"start-up of 2-4 s, `predict_waits` says: p50 {p50:.1f} s, p95 {p95:.1f} s, peak {peak} replicas, "
+        f"{ws:,.0f} worker-s. Tolerance (`Tolerance()`): p50 and p95 within max({tol.absolute:g} s, "
+        f"{tol.relative:.0%}), peak replicas within {tol.replicas}. How far latencies the simulation leaves "
+        "out move the prediction (each alone):",
+        "",
+        "| perturbation | p50 | p95 | peak | p95 shift |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for label, q50, q95, pk in c.perturbed:
+        lines.append(f"| {label} | {q50:.1f} | {q95:.1f} | {pk} | {q95 - p95:+.1f} s |")
+    lines += [
+        "",
+        f"Each moves p95 by well under the allowed {tol.allowed(p95):.1f} s; a few together stay inside; a "
+        "model error (start-up off by a factor, in-flight not counted, sub-lists drained in another order) "
+        "does not.",
+    ]
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
+    parser.add_argument("--seeds", type=int, default=10, help="seeds per scenario (default 10)")
+    parser.add_argument("--only", action="append", choices=[s.key for s in SCENARIOS], help="run these only")
+    parser.add_argument("--no-variants", action="store_true", help="skip the variants and the closed-loop section")
+    parser.add_argument("--output", type=Path, default=RESULTS, help="directory for the .md and PNGs")
+    args = parser.parse_args(argv)
+    seeds = list(range(1, args.seeds + 1))
+    started = time.monotonic()
+    main_results: dict[str, dict[str, Summary]] = {}
+    variant_results: dict[str, dict[str, Summary]] = {}
+    for s in SCENARIOS:
+        if args.only and s.key not in args.only:
+            continue
+        t0 = time.monotonic()
+        traces = [s.trace(seed) for seed in seeds]
+        per = {kind: run(s, BASELINE[kind], traces, seeds) for kind in SCALERS}
+        main_results[s.key] = {kind: summary for kind, (summary, _) in per.items()}
+        plot_trace(
+            [first for _, first in per.values()],
+            s.title,
+            args.output / f"autoscale_{s.key}.png",
+            subtitle=f"{traces[0].description} (seed {seeds[0]})",
+            until=s.plot_until,
+        )
+        ours, keda = per[OURS][0], per[KEDA][0]
+        if s.burst and not args.no_variants:
+            variant_results[s.key] = {v.label: run(s, v, traces, seeds)[0] for v in VARIANTS}
+        print(
+            f"{s.key:22s} p95 {ours.p95:7.1f} s vs KEDA+HPA {keda.p95:7.1f} s; worker-s {ours.worker_seconds:8,.0f}"
+            f" vs {keda.worker_seconds:8,.0f}  ({time.monotonic() - t0:.1f} s)",
+            flush=True,
+        )
+    closed = None if args.no_variants else closed_loop_numbers()
+    command = "python bench/autoscale_sim.py" + (" " + " ".join(sys.argv[1:]) if argv is None and sys.argv[1:] else "")
+    text = render(main_results, variant_results, closed, seeds, command, time.monotonic() - started)
+    out = args.output / "autoscale_sim.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""The local runtime's reads and writes against the apiserver (pods, Secrets, tokens, pod status)."""
+
+from __future__ import annotations
+
+import base64
+import fnmatch
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
+
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from celery_fleet.kube.client import ApiError
+
+MANAGED_SELECTOR = "app.kubernetes.io/managed-by=celery-fleet"
+
+
+class LocalCluster:
+    def __init__(self, api: client.ApiClient, namespaces: Sequence[str] = (), selector: str = MANAGED_SELECTOR):
+        """`namespaces`: names or shell patterns (`t1234-*`); empty means every namespace."""
+        self.api = api
+        self.namespaces = list(namespaces)
+        self.selector = selector
+
+    @property
+    def server(self) -> str:
+        return str(self.api.configuration.host)
+
+    @property
+    def ca_file(self) -> str | None:
+        ca = self.api.configuration.ssl_ca_cert
+        return str(ca) if ca else None
+
+    def _call(self, method: str, path: str, body: Any = None, query: list[tuple[str, str]] | None = None,
+              content_type: str = "application/json", timeout: float = 10) -> Any:  # fmt: skip
+        try:
+            data, _status, _headers = self.api.call_api(
+                path,
+                method,
+                query_params=query or [],
+                header_params={"Content-Type": content_type, "Accept": "application/json"},
+                body=body,
+                auth_settings=["BearerToken"],
+                response_type="object",
+                _preload_content=True,
+                _request_timeout=timeout,
+            )
+        except ApiException as exc:
+            raise ApiError.from_exception(exc) from None
+        return data
+
+    def in_scope(self, namespace: str) -> bool:
+        return not self.namespaces or any(fnmatch.fnmatchcase(namespace, p) for p in self.namespaces)
+
+    def pods(self) -> list[dict[str, Any]]:
+        """Pods managed by celery-fleet in the namespaces in scope (one list over all namespaces)."""
+        data = self._call("GET", "/api/v1/pods", query=[("labelSelector", self.selector)])
+        items = cast(list[dict[str, Any]], (data or {}).get("items") or [])
+        return [p for p in items if self.in_scope(str(p["metadata"].get("namespace")))]
+
+    def _data(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return cast(dict[str, Any], self._call("GET", f"/api/v1/namespaces/{namespace}/{kind}/{name}"))
+        except ApiError as err:
+            if err.status == 404:
+                return None
+            raise
+
+    def secret_data(self, namespace: str, name: str) -> Mapping[str, str] | None:
+        secret = self._data("secrets", namespace, name)
+        if secret is None:
+            return None
+        return {k: base64.b64decode(v).decode("utf-8", errors="replace") for k, v in (secret.get("data") or {}).items()}
+
+    def config_map_data(self, namespace: str, name: str) -> Mapping[str, str] | None:
+        config_map = self._data("configmaps", namespace, name)
+        if config_map is None:
+            return None
+        values = {str(k): str(v) for k, v in (config_map.get("data") or {}).items()}
+        for k, v in (config_map.get("binaryData") or {}).items():
+            values[k] = base64.b64decode(v).decode("utf-8", errors="replace")
+        return values
+
+    def service_account_token(
+        self, namespace: str, service_account: str, audiences: Sequence[str], seconds: int
+    ) -> str:
+        """A token for a projected token volume. Unlike the kubelet's it is not bound to the pod:
+        kwok removes a deleted pod at once, and a bound token would die with it, while a real pod's
+        token stays valid through its grace period (the beat elector releases its Lease then)."""
+        spec: dict[str, Any] = {"expirationSeconds": max(600, seconds)}
+        if audiences:
+            spec["audiences"] = list(audiences)
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec}
+        path = f"/api/v1/namespaces/{namespace}/serviceaccounts/{service_account}/token"
+        data = self._call("POST", path, body=body)
+        return str(data["status"]["token"])
+
+    def patch_pod_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The updated pod, or None when the pod is gone."""
+        path = f"/api/v1/namespaces/{namespace}/pods/{name}/status"
+        try:
+            return cast(
+                dict[str, Any],
+                self._call("PATCH", path, body=json.loads(json.dumps(patch)),
+                           content_type="application/strategic-merge-patch+json"),
+            )  # fmt: skip
+        except ApiError as err:
+            if err.status in (404, 409):
+                return None
+            raise

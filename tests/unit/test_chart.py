@@ -1,0 +1,405 @@
+"""The Helm chart: lint, golden renders, the values schema, RBAC modes, the observability bundle.
+
+`helm` is the locally built binary (no cluster, no network: `helm lint` and `helm template` only).
+Regenerate the goldens after an intended change with
+`UPDATE_GOLDENS=1 pytest tests/unit/test_chart.py` and review the diff.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from celery_fleet import metrics, rbac
+from celery_fleet.planning.beat_workload import ELECTOR_SOURCE
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "celery-fleet"
+GOLDEN_DIR = Path(__file__).parent / "golden" / "chart"
+CUSTOM_VALUES = GOLDEN_DIR / "custom-values.yaml"
+RELEASE = "celery-fleet"
+RELEASE_NAMESPACE = "celery-fleet"
+KUBE_VERSION = "1.34.0"  # a locally built helm would otherwise assume v1.20 and refuse kubeVersion
+ALERTS = {
+    "CeleryFleetQueueBacklog",
+    "CeleryFleetTierAtMaxReplicas",
+    "CeleryFleetBrokerUnreachable",
+    "CeleryFleetBeatWithoutLeader",
+    "CeleryFleetOperatorDown",
+    "CeleryFleetReconcileErrors",
+}
+
+
+def helm_binary() -> str | None:
+    candidates = [
+        str(ROOT / ".local" / "bin" / "helm"),
+        shutil.which("helm") or "",
+        *sorted(glob.glob(os.path.expanduser("~/.cache/celery-fleet/bin/*/helm"))),
+    ]
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    binary = helm_binary()
+    if binary is None:
+        pytest.skip("helm is not built yet: run `make binaries`")
+    proc = subprocess.run([binary, *args], capture_output=True, text=True, timeout=60)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed:\n{proc.stderr}{proc.stdout}")
+    return proc
+
+
+def template_args(*extra: str) -> list[str]:
+    return ["template", RELEASE, str(CHART), "--namespace", RELEASE_NAMESPACE, "--kube-version", KUBE_VERSION, *extra]
+
+
+@cache
+def rendered_text(*extra: str) -> str:
+    return helm(*template_args(*extra)).stdout
+
+
+def rendered(*extra: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(rendered_text(*extra)) if d]
+
+
+def find(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+
+
+def one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = find(docs, kind, name)
+    assert len(found) == 1, f"{kind} {name or ''}: {len(found)} rendered"
+    return found[0]
+
+
+CUSTOM = ("--values", str(CUSTOM_VALUES))
+
+
+# --- lint and goldens
+
+
+@pytest.mark.parametrize("values", [pytest.param((), id="default"), pytest.param(CUSTOM, id="custom")])
+def test_helm_lint_is_clean(values: tuple[str, ...]) -> None:
+    proc = helm("lint", "--strict", str(CHART), *values)
+    assert "0 chart(s) failed" in proc.stdout
+    assert "[WARNING]" not in proc.stdout and "[ERROR]" not in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("name", "values"), [pytest.param("default", (), id="default"), pytest.param("custom", CUSTOM, id="custom")]
+)
+def test_template_matches_golden(name: str, values: tuple[str, ...]) -> None:
+    text = rendered_text(*values)
+    path = GOLDEN_DIR / f"{name}.yaml"
+    if os.environ.get("UPDATE_GOLDENS") == "1":
+        path.write_text(text)
+    if not path.exists():
+        pytest.fail(f"{path} is missing: run `UPDATE_GOLDENS=1 pytest {__file__}` and review it")
+    assert text == path.read_text(), f"{path} differs: run `UPDATE_GOLDENS=1 pytest {__file__}` and review the diff"
+
+
+def test_default_install_objects() -> None:
+    kinds = sorted((d["kind"], d["metadata"]["name"]) for d in rendered())
+    assert kinds == [
+        ("ClusterRole", "celery-fleet"),
+        ("ClusterRole", "celery-fleet-cluster"),
+        ("ClusterRoleBinding", "celery-fleet"),
+        ("ClusterRoleBinding", "celery-fleet-cluster"),
+        ("Deployment", "celery-fleet"),
+        ("Service", "celery-fleet-metrics"),
+        ("ServiceAccount", "celery-fleet"),
+    ]
+
+
+def test_crds_are_the_generated_copy() -> None:
+    with_crds = rendered("--include-crds")
+    names = sorted(d["metadata"]["name"] for d in find(with_crds, "CustomResourceDefinition"))
+    assert names == ["celerybeats.celeryfleet.io", "celeryworkerpools.celeryfleet.io"]
+
+
+# --- the operator Deployment
+
+
+def test_operator_pod_is_restricted() -> None:
+    pod = one(rendered(), "Deployment")["spec"]["template"]["spec"]
+    assert pod["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 65532,
+        "runAsGroup": 65532,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    (container,) = pod["containers"]
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+
+
+def test_operator_args_probes_and_ports() -> None:
+    deployment = one(rendered(), "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    args = container["args"]
+    assert args[0] == "run"
+    assert "--all-namespaces" in args
+    assert "--health-endpoint=http://0.0.0.0:8080/healthz" in args
+    assert "--elector-image=ghcr.io/celery-fleet/celery-fleet:0.1.0" in args
+    assert container["image"] == "ghcr.io/celery-fleet/celery-fleet:0.1.0"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http-metrics": 8000, "http-health": 8080}
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "http-health"}
+    service = one(rendered(), "Service")
+    assert service["spec"]["ports"] == [
+        {"name": "http-metrics", "port": 8000, "targetPort": "http-metrics", "protocol": "TCP"}
+    ]
+
+
+def test_custom_values_reach_the_operator() -> None:
+    docs = rendered(*CUSTOM)
+    (container,) = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    digest = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+    assert container["image"] == f"registry.example/platform/celery-fleet@{digest}"
+    args = container["args"]
+    assert "--namespace=shop" in args and "--namespace=billing" in args and "--all-namespaces" not in args
+    assert "--json-logs" not in args and "--log-level=DEBUG" in args and "--poll-interval=0.5" in args
+    assert "--elector-image=registry.example/platform/celery-fleet-elector:0.1.0" in args
+    assert "--metrics-port=9100" in args and "--health-endpoint=http://0.0.0.0:9180/healthz" in args
+
+
+def test_elector_image_defaults_to_the_operator_image() -> None:
+    docs = rendered("--set", "image.tag=1.2.3")
+    (container,) = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == "ghcr.io/celery-fleet/celery-fleet:1.2.3"
+    assert "--elector-image=ghcr.io/celery-fleet/celery-fleet:1.2.3" in container["args"]
+    assert ELECTOR_SOURCE == "/opt/celery-fleet/elector.py"  # where the Dockerfile puts it
+
+
+def test_deploy_base_runs_the_same_operator_as_the_chart() -> None:
+    # deploy/operator.yaml is hand-kept; it must not drift from the chart's defaults.
+    chart = rendered()
+    base = list(yaml.safe_load_all((ROOT / "deploy" / "operator.yaml").read_text()))
+    for kind in ("Deployment", "Service"):
+        chart_obj, base_obj = one(chart, kind), one(base, kind)
+        assert chart_obj["metadata"]["name"] == base_obj["metadata"]["name"]
+        if kind == "Deployment":
+            assert base_obj["spec"]["template"]["spec"] == chart_obj["spec"]["template"]["spec"]
+            assert base_obj["spec"]["strategy"] == chart_obj["spec"]["strategy"]
+        else:
+            assert base_obj["spec"] == chart_obj["spec"]
+    assert one(base, "ServiceAccount")["metadata"]["name"] == one(chart, "ServiceAccount")["metadata"]["name"]
+
+
+# --- RBAC modes
+
+
+def _rules(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(doc["rules"])
+
+
+def test_all_namespaces_rbac_is_generated_from_the_rules() -> None:
+    docs = rendered()
+    mode = rbac.Mode(all_namespaces=True)
+    assert _rules(one(docs, "ClusterRole", "celery-fleet")) == rbac.policy_rules(rbac.Scope.WATCHED, mode)
+    assert _rules(one(docs, "ClusterRole", "celery-fleet-cluster")) == rbac.policy_rules(rbac.Scope.CLUSTER, mode)
+    assert not find(docs, "Role") and not find(docs, "RoleBinding")
+    for binding in find(docs, "ClusterRoleBinding"):
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "celery-fleet", "namespace": "celery-fleet"}]
+
+
+def test_listed_namespaces_get_a_role_each_and_nothing_cluster_wide() -> None:
+    docs = rendered(*CUSTOM)
+    names = {"rbac.brokerSecretNames": ["shop-broker", "billing-broker"]}
+    mode = rbac.Mode(all_namespaces=False, resource_names=names)
+    roles = find(docs, "Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["billing", "shop"]
+    for role in roles:
+        assert _rules(role) == rbac.policy_rules(rbac.Scope.WATCHED, mode)
+    bindings = find(docs, "RoleBinding")
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["billing", "shop"]
+    for binding in bindings:
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": "fleet-operator", "namespace": RELEASE_NAMESPACE}
+        ]
+    (cluster_role,) = find(docs, "ClusterRole")
+    assert _rules(cluster_role) == rbac.policy_rules(rbac.Scope.CLUSTER, mode)
+    secrets = [r for r in _rules(roles[0]) if "secrets" in r["resources"]]
+    assert secrets == [
+        {
+            "apiGroups": [""],
+            "resources": ["secrets"],
+            "verbs": ["get"],
+            "resourceNames": ["shop-broker", "billing-broker"],
+        }
+    ]
+
+
+def test_rbac_can_be_left_to_the_cluster_admin() -> None:
+    docs = rendered(
+        "--set", "rbac.create=false", "--set", "serviceAccount.create=false", "--set", "serviceAccount.name=x"
+    )
+    kinds = {d["kind"] for d in docs}
+    assert not kinds & {"ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "ServiceAccount"}
+    assert one(docs, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "x"
+
+
+# --- the values schema
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        pytest.param("operator.logLevel=LOUD", "at '/operator/logLevel': value must be one of", id="log-level"),
+        pytest.param("replicaCount=2", "at '/replicaCount': maximum: got 2, want 1", id="two-replicas"),
+        pytest.param("watchNamespaces={Shop_NS}", "at '/watchNamespaces/0': 'Shop_NS' does not match", id="ns-name"),
+        pytest.param("operator.pollIntervalSeconds=0", "at '/operator/pollIntervalSeconds'", id="poll-interval"),
+        pytest.param("prometheusRule.queueBacklog.for=ten", "at '/prometheusRule/queueBacklog/for': 'ten'", id="for"),
+        pytest.param("image.digest=latest", "at '/image/digest': 'latest' does not match", id="digest"),
+        pytest.param("image.pullPolicy=Sometimes", "at '/image/pullPolicy'", id="pull-policy"),
+        pytest.param("rbac.create=yes", "at '/rbac/create': got string, want boolean", id="boolean"),
+        pytest.param("watchNamespace={shop}", "additional properties 'watchNamespace' not allowed", id="typo"),
+        pytest.param(
+            "prometheusRule.reconcileErrors.ratio=5", "at '/prometheusRule/reconcileErrors/ratio'", id="ratio"
+        ),
+    ],
+)
+def test_schema_rejects_bad_values_naming_them(setting: str, message: str) -> None:
+    proc = helm(*template_args("--set", setting), check=False)
+    assert proc.returncode != 0, f"{setting} was accepted"
+    assert "values don't meet the specifications of the schema" in proc.stderr
+    assert message in proc.stderr, proc.stderr
+
+
+def test_schema_covers_every_default_value() -> None:
+    # additionalProperties=false everywhere: a value missing from the schema would be rejected,
+    # so the defaults rendering at all proves the schema knows them; this keeps it explicit.
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+
+    def walk(value: Any, node: dict[str, Any], path: str) -> None:
+        if isinstance(value, dict) and node.get("properties") is not None:
+            for key, sub in value.items():
+                assert key in node["properties"], f"{path}.{key} is not in values.schema.json"
+                walk(sub, node["properties"][key], f"{path}.{key}")
+
+    walk(values, schema, "")
+
+
+# --- observability
+
+
+def _metric_names() -> set[str]:
+    names: set[str] = set()
+    suffixes = {"counter": ["_total", "_created"], "histogram": ["_bucket", "_count", "_sum", "_created"]}
+    for family in metrics.REGISTRY.collect():
+        names.add(family.name)
+        names.update(family.name + s for s in suffixes.get(family.type, []))
+    return names
+
+
+def _referenced(expr: str) -> set[str]:
+    return set(re.findall(r"\bcelery_fleet_[a-z_]+\b", expr))
+
+
+def _alerts() -> dict[str, dict[str, Any]]:
+    rule = one(rendered("--set", "prometheusRule.enabled=true"), "PrometheusRule")
+    return {r["alert"]: r for group in rule["spec"]["groups"] for r in group["rules"]}
+
+
+def _dashboard() -> dict[str, Any]:
+    cm = one(rendered("--set", "grafanaDashboard.enabled=true"), "ConfigMap")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    return dict(json.loads(cm["data"]["celery-fleet.json"]))
+
+
+def _dashboard_exprs() -> dict[str, list[str]]:
+    return {p["title"]: [t["expr"] for t in p.get("targets", [])] for p in _dashboard()["panels"] if p["type"] != "row"}
+
+
+def test_the_alerts_are_all_there() -> None:
+    alerts = _alerts()
+    assert set(alerts) == ALERTS
+    for rule in alerts.values():
+        assert rule["labels"]["severity"] in ("warning", "critical")
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+    assert alerts["CeleryFleetQueueBacklog"]["for"] == "10m"
+    assert alerts["CeleryFleetQueueBacklog"]["expr"].endswith("> 100")
+
+
+def test_alert_and_dashboard_metrics_exist_in_the_operator() -> None:
+    known = _metric_names()
+    exprs = [r["expr"] for r in _alerts().values()] + [e for es in _dashboard_exprs().values() for e in es]
+    for expr in exprs:
+        unknown = _referenced(expr) - known
+        assert not unknown, f"{expr!r} uses metrics the operator does not export: {unknown}"
+    used = set().union(*(_referenced(e) for e in exprs))
+    for required in (
+        "celery_fleet_queue_depth",
+        "celery_fleet_queue_in_flight",
+        "celery_fleet_tier_desired_replicas",
+        "celery_fleet_tier_replicas",
+        "celery_fleet_scaling_decisions_total",
+        "celery_fleet_beat_has_leader",
+        "celery_fleet_broker_reachable",
+    ):
+        assert required in used, f"{required} is neither alerted on nor on the dashboard"
+
+
+def _selectors(expr: str) -> set[str]:
+    promql = pytest.importorskip("promql_parser", reason="PromQL syntax check needs promql-parser (dev extra)")
+    tree = promql.parse(expr)  # raises ValueError on a syntax error
+    found: set[str] = set()
+
+    def visit(node: Any) -> None:
+        if isinstance(node, promql.VectorSelector) and node.name:
+            found.add(node.name)
+
+    promql.walk(tree, visit)
+    return found
+
+
+def test_alert_expressions_are_valid_promql() -> None:
+    for name, rule in _alerts().items():
+        try:
+            selectors = _selectors(rule["expr"])
+        except ValueError as err:
+            pytest.fail(f"{name}: {err}: {rule['expr']}")
+        assert selectors, name
+
+
+def test_dashboard_expressions_are_valid_promql() -> None:
+    dashboard = _dashboard()
+    assert dashboard["uid"] == "celery-fleet"
+    variables = {"$namespace": ".*", "$pool": ".*", "$__rate_interval": "1m"}
+    for title, exprs in _dashboard_exprs().items():
+        assert exprs, f"panel {title!r} has no query"
+        for expr in exprs:
+            for var, value in variables.items():
+                expr = expr.replace(var, value)
+            try:
+                _selectors(expr)
+            except ValueError as err:
+                pytest.fail(f"panel {title!r}: {err}: {expr}")
+
+
+def test_operator_down_alert_matches_the_scrape_job() -> None:
+    # The Prometheus Operator names the job after the Service; the alert must look for that job.
+    docs = rendered("--set", "prometheusRule.enabled=true", "--set", "metrics.serviceMonitor.enabled=true")
+    service = one(docs, "Service")["metadata"]["name"]
+    assert f'job="{service}"' in _alerts()["CeleryFleetOperatorDown"]["expr"]
+    monitor = one(docs, "ServiceMonitor")
+    assert monitor["spec"]["endpoints"][0]["port"] == "http-metrics"
+    assert monitor["spec"]["endpoints"][0]["honorLabels"] is True

@@ -1,0 +1,259 @@
+"""The operator's RBAC (celery_fleet.rbac): complete for what the code sends, nothing more, and fresh.
+
+The requests are not listed by hand here: the real reconcilers run against a recording API
+client, and every request they send must be allowed by the generated rules. The Kopf watches
+come from Kopf's own registry of our handlers.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import kopf
+import pytest
+import yaml
+
+from celery_fleet import rbac
+from celery_fleet.handlers import kopf_handlers
+from celery_fleet.handlers.beat_reconciler import BeatReconciler
+from celery_fleet.handlers.cache import POOL_LABEL, FleetCache
+from celery_fleet.handlers.pool_reconciler import PoolReconciler
+from celery_fleet.kube.client import Kube
+from celery_fleet.planning.beat_workload import beat_role
+
+ROOT = Path(__file__).resolve().parents[2]
+NAMESPACE = "shop"
+BROKER_URL = "redis://redis.shop.svc:6379/0"
+
+ALL = rbac.Mode(all_namespaces=True)
+LISTED = rbac.Mode(all_namespaces=False)
+MODES = [pytest.param(ALL, id="all-namespaces"), pytest.param(LISTED, id="listed-namespaces")]
+
+
+class RecordingApi:
+    """Stands in for kubernetes.client.ApiClient: records (method, path, query, content type)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, dict[str, str], str]] = []
+
+    def call_api(self, path: str, method: str, **kwargs: Any) -> tuple[Any, int, dict[str, str]]:
+        query = dict(kwargs.get("query_params") or [])
+        content_type = (kwargs.get("header_params") or {}).get("Content-Type", "")
+        self.calls.append((method, path, query, content_type))
+        body = kwargs.get("body")
+        if method == "GET" and "/secrets/" in path:
+            return {"data": {"url": base64.b64encode(BROKER_URL.encode()).decode()}}, 200, {}
+        if method == "PATCH" and content_type == "application/apply-patch+yaml":
+            applied = json.loads(json.dumps(body))
+            applied["metadata"].setdefault("uid", "child-uid")
+            return applied, 200, {}
+        return {}, 200, {}
+
+    def requests(self) -> list[rbac.Request]:
+        found: list[rbac.Request] = []
+        for method, path, query, content_type in self.calls:
+            found += rbac.requests_for(method, path, query, apply=content_type == "application/apply-patch+yaml")
+        return found
+
+
+def _sample(name: str, kind: str) -> dict[str, Any]:
+    docs = yaml.safe_load_all((ROOT / "deploy" / "samples" / name).read_text())
+    body = next(d for d in docs if d["kind"] == kind)
+    body["metadata"].update(namespace=NAMESPACE, uid=f"{kind.lower()}-uid", generation=1)
+    return dict(body)
+
+
+def _pool_requests() -> list[rbac.Request]:
+    """A pool with a broker Secret and a PodDisruptionBudget, plus a stale tier to delete."""
+    api = RecordingApi()
+    kube = Kube(api)  # type: ignore[arg-type]  # duck-typed ApiClient
+    cache = FleetCache()
+    pool = _sample("pool-three-tiers.yaml", "CeleryWorkerPool")
+    key = cache.put_pool(pool)
+    stale = {
+        "kind": "Deployment",
+        "metadata": {"name": "billing-gone", "namespace": NAMESPACE, "labels": {POOL_LABEL: "billing"}},
+        "spec": {"replicas": 1},
+    }
+    cache.put_child(POOL_LABEL, stale)
+    outcome = PoolReconciler(kube, cache).reconcile(key)
+    assert not outcome.error, api.calls
+    kube.scale(NAMESPACE, "billing-high", 3)  # the autoscaler's one write
+    return api.requests()
+
+
+def _beat_requests() -> list[rbac.Request]:
+    api = RecordingApi()
+    kube = Kube(api)  # type: ignore[arg-type]  # duck-typed ApiClient
+    cache = FleetCache()
+    beat = _sample("beat.yaml", "CeleryBeat")
+    beat["spec"]["broker"] = {"urlSecretRef": {"name": "shop-broker", "key": "url"}}
+    key = cache.put_beat(beat)
+    outcome = BeatReconciler(kube, cache, "ghcr.io/celery-fleet/celery-fleet:0.1.0").reconcile(key)
+    assert not outcome.error, api.calls
+    return api.requests()
+
+
+def _verbs_seen(requests: list[rbac.Request]) -> set[tuple[str, str]]:
+    return {(r.resource, r.verb) for r in requests}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("gather", [_pool_requests, _beat_requests], ids=["pool", "beat"])
+def test_every_request_of_a_reconcile_is_allowed(mode: rbac.Mode, gather: Any) -> None:
+    requests = gather()
+    rules = rbac.policy_rules(rbac.Scope.WATCHED, mode)
+    refused = [r for r in requests if not rbac.allows(rules, r)]
+    assert not refused, f"operator requests not granted by celery_fleet.rbac: {refused}"
+
+
+def test_the_recorded_flows_exercise_every_kind_of_write() -> None:
+    # Guards the test above: a reconcile that silently did nothing would pass it.
+    seen = _verbs_seen(_pool_requests()) | _verbs_seen(_beat_requests())
+    expected = {
+        ("deployments", "patch"),
+        ("deployments", "create"),
+        ("deployments", "delete"),
+        ("deployments/scale", "patch"),
+        ("poddisruptionbudgets", "patch"),
+        ("secrets", "get"),
+        ("events", "create"),
+        ("celeryworkerpools/status", "patch"),
+        ("celerybeats/status", "patch"),
+        ("serviceaccounts", "patch"),
+        ("roles", "patch"),
+        ("rolebindings", "patch"),
+        ("leases", "patch"),
+    }
+    assert expected <= seen, f"not exercised: {expected - seen}"
+
+
+def _watched_by_kopf() -> set[tuple[str, str]]:
+    assert kopf_handlers.pool_event  # importing the module registers the handlers
+    registry = kopf.get_default_registry()
+    # Kopf keeps event handlers in its (private) watching registry; there is no public listing.
+    found = set()
+    for handler in registry._watching.get_all_handlers():
+        selector = handler.selector
+        assert selector is not None
+        plural = selector.plural or selector.any_name
+        found.add(("" if selector.group in (None, "v1") else selector.group, plural))
+    return found
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_kopf_watch_has_list_and_watch(mode: rbac.Mode) -> None:
+    rules = rbac.policy_rules(rbac.Scope.WATCHED, mode)
+    for group, plural in sorted(_watched_by_kopf()):
+        for verb in ("list", "watch"):
+            request = rbac.Request(verb, group, plural, "shop", None)
+            assert rbac.allows(rules, request), f"Kopf watches {group}/{plural} but RBAC has no {verb}"
+
+
+def test_list_and_watch_only_where_kopf_watches() -> None:
+    # Reading every object of a kind is a broad grant: only for what a handler watches.
+    watched = _watched_by_kopf()
+    for rule in rbac.RULES:
+        if rule.scope is rbac.Scope.WATCHED and {"list", "watch"} & set(rule.verbs):
+            for group in rule.api_groups:
+                for resource in rule.resources:
+                    assert (group, resource) in watched, f"{group}/{resource}: list/watch without a Kopf watch"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_operator_holds_what_it_grants_to_beat_pods(mode: rbac.Mode) -> None:
+    # RBAC refuses to create a Role that grants more than its creator holds (without escalate).
+    rules = rbac.policy_rules(rbac.Scope.WATCHED, mode)
+    role = beat_role("nightly", "shop", "uid")
+    for rule in role["rules"]:
+        for verb in rule["verbs"]:
+            for name in rule.get("resourceNames") or [None]:
+                for resource in rule["resources"]:
+                    request = rbac.Request(verb, rule["apiGroups"][0], resource, "shop", name)
+                    assert rbac.allows(rules, request), f"beat Role grants {request} the operator lacks"
+
+
+def test_no_dangerous_grants() -> None:
+    for rule in rbac.RULES:
+        assert "*" not in rule.verbs and "*" not in rule.resources and "*" not in rule.api_groups, rule
+        assert not {"escalate", "bind", "impersonate"} & set(rule.verbs), rule
+        if "secrets" in rule.resources:
+            assert set(rule.verbs) == {"get"}, "Secrets: get by name only, never list/watch"
+        assert rule.why.strip(), f"{rule.resources}: every rule says why"
+
+
+@pytest.mark.parametrize("rule", rbac.RULES, ids=lambda r: f"{'+'.join(r.resources)}:{'+'.join(r.verbs)}")
+def test_every_rule_names_code_that_exists(rule: rbac.Rule) -> None:
+    assert rule.used_by, "a rule without the code that needs it cannot be reviewed"
+    for reference in rule.used_by:
+        assert rbac.resolve(reference) is not None
+
+
+def test_secret_rule_narrows_to_named_secrets() -> None:
+    mode = rbac.Mode(all_namespaces=False, resource_names={"rbac.brokerSecretNames": ["shop-broker"]})
+    rules = rbac.policy_rules(rbac.Scope.WATCHED, mode)
+    assert rbac.allows(rules, rbac.Request("get", "", "secrets", "shop", "shop-broker"))
+    assert not rbac.allows(rules, rbac.Request("get", "", "secrets", "shop", "db-password"))
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "query", "apply", "expected"),
+    [
+        pytest.param("GET", "/api/v1/namespaces/a/secrets/s", {}, False, [("get", "", "secrets", "s")], id="get"),
+        pytest.param("GET", "/apis/apps/v1/deployments", {}, False, [("list", "apps", "deployments", None)], id="list"),
+        pytest.param(
+            "GET", "/apis/apps/v1/namespaces/a/deployments", {"watch": "true"}, False,
+            [("watch", "apps", "deployments", None)], id="watch",
+        ),
+        pytest.param(
+            "PATCH", "/apis/apps/v1/namespaces/a/deployments/d", {}, True,
+            [("patch", "apps", "deployments", "d"), ("create", "apps", "deployments", "d")], id="apply-may-create",
+        ),
+        pytest.param(
+            "PATCH", "/apis/apps/v1/namespaces/a/deployments/d/scale", {}, False,
+            [("patch", "apps", "deployments/scale", "d")], id="subresource",
+        ),
+        pytest.param("POST", "/api/v1/namespaces/a/events", {}, False, [("create", "", "events", None)], id="create"),
+        pytest.param(
+            "DELETE", "/apis/policy/v1/namespaces/a/poddisruptionbudgets", {}, False,
+            [("deletecollection", "policy", "poddisruptionbudgets", None)], id="deletecollection",
+        ),
+    ],
+)  # fmt: skip
+def test_request_attributes(
+    method: str, path: str, query: dict[str, str], apply: bool, expected: list[tuple[str, str, str, str | None]]
+) -> None:
+    got = [(r.verb, r.api_group, r.resource, r.name) for r in rbac.requests_for(method, path, query, apply=apply)]
+    assert got == expected
+
+
+def test_generated_files_are_fresh() -> None:
+    stale = rbac.stale_files(ROOT)
+    assert not stale, f"{[str(p) for p in stale]}: {rbac.STALE_MESSAGE}"
+
+
+def test_check_fails_with_the_fix_when_stale(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rbac.write(tmp_path)
+    assert rbac.main(["--check", "--root", str(tmp_path)]) == 0
+    target = tmp_path / rbac.DEPLOY_RBAC
+    target.write_text(target.read_text().replace('"patch"', '"patch", "update"', 1))
+    assert rbac.main(["--check", "--root", str(tmp_path)]) == 1
+    assert rbac.STALE_MESSAGE in capsys.readouterr().err
+    (tmp_path / rbac.CHART_RBAC).unlink()
+    assert rbac.main(["--check", "--root", str(tmp_path)]) == 1
+
+
+def test_deploy_rbac_is_the_cluster_wide_rules() -> None:
+    docs = list(yaml.safe_load_all((ROOT / rbac.DEPLOY_RBAC).read_text()))
+    roles = {d["metadata"]["name"]: d["rules"] for d in docs if d["kind"] == "ClusterRole"}
+    assert roles == {
+        "celery-fleet-cluster": rbac.policy_rules(rbac.Scope.CLUSTER, ALL),
+        "celery-fleet": rbac.policy_rules(rbac.Scope.WATCHED, ALL),
+    }
+    bindings = [d for d in docs if d["kind"] == "ClusterRoleBinding"]
+    assert {b["roleRef"]["name"] for b in bindings} == set(roles)
+    for b in bindings:
+        assert b["subjects"] == [{"kind": "ServiceAccount", "name": "celery-fleet", "namespace": "celery-fleet"}]
