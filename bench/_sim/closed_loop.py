@@ -171,7 +171,9 @@ class Agreement:
         if self.missing:
             lines.append(f"{len(self.missing)} tasks never reported a start (first ids: {list(self.missing[:5])})")
         if self.unknown:
-            lines.append(f"{len(self.unknown)} reported tasks are not in the trace (first ids: {list(self.unknown[:5])})")
+            lines.append(
+                f"{len(self.unknown)} reported tasks are not in the trace (first ids: {list(self.unknown[:5])})"
+            )
         return "\n".join(lines)
 
 
@@ -193,7 +195,5 @@ def compare_waits(
         s, m = percentile(sim, q), percentile(live, q)
         checks.append(Check(f"p{q:g} wait (s)", s, m, tol.allowed(s)))
     if live_peak_replicas is not None:
-        checks.append(
-            Check("peak replicas", prediction.peak_replicas, live_peak_replicas, float(tol.replicas))
-        )
+        checks.append(Check("peak replicas", prediction.peak_replicas, live_peak_replicas, float(tol.replicas)))
     return Agreement(checks=tuple(checks), missing=missing, unknown=unknown)

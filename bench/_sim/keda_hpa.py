@@ -25,9 +25,9 @@ from typing import Literal
 from .view import FleetView
 
 __all__ = [
+    "HorizontalPodAutoscaler",
     "HpaBehavior",
     "HpaPolicy",
-    "HorizontalPodAutoscaler",
     "KedaHpaConfig",
     "KedaHpaScaler",
     "KedaRedisListsTrigger",

@@ -9,9 +9,9 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on a build machine
 
-import matplotlib.pyplot as plt  # noqa: E402  # the backend must be chosen before pyplot loads
+import matplotlib.pyplot as plt  # the backend must be chosen before pyplot loads
 
-from .engine import SimResult  # noqa: E402
+from .engine import SimResult
 
 __all__ = ["plot_trace"]
 
@@ -26,7 +26,7 @@ def plot_trace(
     fig, (depth, replicas) = plt.subplots(2, 1, figsize=(11, 7), sharex=True, constrained_layout=True)
     for r in results:
         s = r.samples
-        color = COLORS.get(r.scaler, None)
+        color = COLORS.get(r.scaler)
         depth.plot(s.t, s.queued, color=color, lw=1.4, label=f"{r.scaler}: queued (all priority lists)")
         if r.scaler == "KEDA+HPA" and any(a != b for a, b in zip(s.queued, s.queued_bare, strict=True)):
             depth.plot(s.t, s.queued_bare, color=color, lw=1.0, ls="--", label=f"{r.scaler}: LLEN of the bare list")

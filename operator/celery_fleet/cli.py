@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     crds.add_argument("--check", action="store_true", help="fail when crds/ is stale")
 
     sub.add_parser(
+        "localrun",
+        help="DEVELOPMENT ONLY: run real Celery processes for the local cluster's managed Deployments",
+        add_help=False,
+    )
+    sub.add_parser(
         "elect",
         help="run a command only while holding a Kubernetes Lease (see `celery-fleet elect -h`)",
         add_help=False,
@@ -88,6 +93,10 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "localrun":
+        from celery_fleet import localrun
+
+        return int(localrun.main(argv[1:]))
     if argv and argv[0] == "elect":
         from celery_fleet import elector
 

@@ -196,7 +196,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         ("coordination.k8s.io",),
         ("leases",),
-        ("get",),
+        ("get", "update"),
         "Held only so the operator may grant them in the beat's Role (RBAC forbids granting more than"
         " one holds; the alternative, escalate, would let it grant anything).",
         ("celery_fleet.planning.beat_workload:beat_role",),

@@ -17,7 +17,11 @@ from kubernetes import client
 from tests.support.cluster import Cluster
 from tests.support.faults import (
     EVIDENCE,
+    GROUP,
+    POOLS,
+    VERSION,
     ReplicaRecorder,
+    apiserver_address,
     apply,
     assert_single_owner,
     broker_secret,
@@ -25,6 +29,7 @@ from tests.support.faults import (
     get_pool,
     own_namespace,
     pool_manifest,
+    proxied_kubeconfig,
     push_backlog,
     replicas,
     started_operator,
@@ -33,6 +38,7 @@ from tests.support.faults import (
 )
 from tests.support.operator_process import OperatorProcess
 from tests.support.redis_server import RedisServer
+from tests.support.tcp_proxy import TcpProxy
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.integration
@@ -62,6 +68,12 @@ def _expect_children(k8s_api: client.ApiClient, namespace: str, pool: str) -> di
     all_in_ns = client.AppsV1Api(k8s_api).list_namespaced_deployment(namespace, label_selector="!decoy").items
     assert sorted(d.metadata.name for d in all_in_ns) == sorted(deps), "orphaned or stray Deployments"
     return deps
+
+
+def _wait_log(op: OperatorProcess, offset: int, text: str, timeout: float = 30) -> None:
+    """Wait until `text` appears in the operator's log after byte `offset`."""
+    wait_for(lambda: text in op.logs()[offset:], timeout=timeout,
+             message=lambda: f"{text!r} in the log:\n{op.logs()[offset:][-3000:]}")  # fmt: skip
 
 
 def _slow_down_deployment_listing(k8s_api: client.ApiClient, namespace: str, count: int = 10) -> None:
@@ -135,4 +147,62 @@ def test_sigkill_mid_reconcile_and_mid_scale_keeps_replicas(
             EVIDENCE.capture_namespace(k8s_api, ns)
             EVIDENCE.capture_operator(op, f"operator of {ns}") if op.proc else EVIDENCE.add("log", op.logs())
             op.stop(signal.SIGTERM)
+    EVIDENCE.assert_clean()
+
+
+def test_apiserver_outage_during_scaling_reconnects_and_converges(
+    cluster: Cluster, k8s_api: client.ApiClient, crds_installed: list[str], secured_redis: RedisServer,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """The apiserver goes away (every connection reset, new ones refused) and comes back, as in a restart.
+
+    The shared cluster cannot be restarted, so a proxy between this test's operator and the
+    apiserver is cut instead: from the operator's side it is the same.
+    """
+    host, port = apiserver_address(cluster.kubeconfig)
+    with own_namespace(cluster) as ns, TcpProxy(host, port) as proxy:
+        kubeconfig = proxied_kubeconfig(cluster.kubeconfig, tmp_path / "kubeconfig", proxy.url)
+        broker_secret(k8s_api, ns, "broker", {"url": secured_redis.url})
+        op = started_operator(kubeconfig, [ns], tmp_path / "operator.log")
+        try:
+            apply(cluster, ns, pool_manifest("orders", {"urlSecretRef": {"name": "broker", "key": "url"}}))
+            wait_ready(k8s_api, ns, "orders")
+            redis = secured_redis.client()
+            push_backlog(redis, "high_priority", 30)
+            wait_for(lambda: replicas(k8s_api, ns, "orders-high") == 3, timeout=30, message="high scaled to 3")
+
+            for mode in ("reset", "blackhole"):
+                proxy.cut(mode)
+                before = len(op.logs())
+                # While the operator cannot reach the apiserver: more work arrives and the spec changes.
+                push_backlog(redis, "high_priority", 20)
+                wanted = replicas(k8s_api, ns, "orders-high") + 2
+                pool = get_pool(k8s_api, ns, "orders")
+                tiers = pool["spec"]["tiers"]
+                tiers[2]["concurrency"] += 1
+                client.CustomObjectsApi(k8s_api).patch_namespaced_custom_object(
+                    GROUP, VERSION, ns, POOLS, "orders", {"spec": {"tiers": tiers}}
+                )
+                if mode == "reset":  # the operator notices at once and keeps trying
+                    _wait_log(op, before, "could not scale tier high")
+                else:  # a black hole answers nothing: its requests hang until restored
+                    wait_for(lambda: proxy.connections() > 0 and proxy.accepted > 0, timeout=10,
+                             message="the operator talking into the black hole")  # fmt: skip
+                assert replicas(k8s_api, ns, "orders-high") == wanted - 2
+                proxy.restore()
+
+                def converged(want: int = wanted, concurrency: int = tiers[2]["concurrency"]) -> bool:
+                    pool = wait_ready(k8s_api, ns, "orders", timeout=5)
+                    args = deployments(k8s_api, ns, "orders")["orders-low"].spec.template.spec.containers[0].args
+                    return (replicas(k8s_api, ns, "orders-high") == want
+                            and tier_status(pool, "high").get("desiredReplicas") == want
+                            and args[args.index("--concurrency") + 1] == str(concurrency))  # fmt: skip
+
+                wait_for(converged, timeout=60, message=f"converged after the {mode} outage")
+            _expect_children(k8s_api, ns, "orders")
+            assert op.proc is not None and op.proc.poll() is None, "the operator died in the outage"
+        finally:
+            EVIDENCE.capture_namespace(k8s_api, ns)
+            EVIDENCE.capture_operator(op, f"operator of {ns}")
+            op.stop()
     EVIDENCE.assert_clean()

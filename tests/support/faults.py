@@ -120,9 +120,11 @@ def wait_ready(k8s_api: client.ApiClient, namespace: str, name: str, timeout: fl
 
 
 def deployments(k8s_api: client.ApiClient, namespace: str, pool: str) -> dict[str, client.V1Deployment]:
-    items = client.AppsV1Api(k8s_api).list_namespaced_deployment(
-        namespace, label_selector=f"celeryfleet.io/pool={pool}"
-    ).items
+    items = (
+        client.AppsV1Api(k8s_api)
+        .list_namespaced_deployment(namespace, label_selector=f"celeryfleet.io/pool={pool}")
+        .items
+    )
     return {d.metadata.name: d for d in items}
 
 
