@@ -44,9 +44,15 @@ cluster-down: ## stop and delete the local control plane
 crds: install ## regenerate CRDs (crds/ and the chart copy) from the pydantic models
 	$(PY) -m celery_fleet.api.crdgen
 
+.PHONY: generate
+generate: install ## regenerate every generated file: CRDs (crds/, chart, deploy/) and RBAC (chart, deploy/)
+	$(PY) -m celery_fleet.api.crdgen
+	$(PY) -m celery_fleet.rbac
+
 .PHONY: verify
 verify: install ## fail when generated files are stale
 	$(PY) -m celery_fleet.api.crdgen --check
+	$(PY) -m celery_fleet.rbac --check
 
 .PHONY: lint
 lint: install ## ruff + import layering

@@ -1,6 +1,6 @@
 """Send a burst of demo tasks with `apply_async`: mixed priorities, durations around a mean.
 
-    python demo/produce.py --broker redis://127.0.0.1:6379/0 --queue high_priority=360:1.0 --queue low_priority=80:2.0
+python demo/produce.py --broker redis://127.0.0.1:6379/0 --queue high_priority=360:1.0 --queue low_priority=80:2.0
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from demoapp import PRIORITY_STEPS, QUEUES, app  # noqa: E402 (after the path is set)
-from demoapp.tasks import work  # noqa: E402
+from demoapp import PRIORITY_STEPS, QUEUES, app
+from demoapp.tasks import work
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import json
 import math
 import shutil
@@ -83,11 +84,24 @@ class Cluster:
         self.namespace, self.pool, self.beat = namespace, pool, beat
 
     def pool_object(self) -> dict[str, Any]:
-        return dict(self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, "celeryworkerpools", self.pool))
+        return dict(
+            self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, "celeryworkerpools", self.pool)
+        )
 
     def deployments(self) -> dict[str, Any]:
         items = self.apps.list_namespaced_deployment(self.namespace, label_selector=f"{GROUP}/pool={self.pool}").items
         return {d.metadata.name: d for d in items}
+
+    def running_workers(self) -> Counter[str]:
+        """Pods per tier whose worker process the local runtime reports as connected to the broker
+        (kwok alone would call every pod Ready at once)."""
+        counts: Counter[str] = Counter()
+        pods = self.core.list_namespaced_pod(self.namespace, label_selector=f"{GROUP}/pool={self.pool}").items
+        for pod in pods:
+            ready = next((c for c in pod.status.conditions or [] if c.type == "Ready"), None)
+            if ready is not None and ready.status == "True" and ready.reason == "LocalProcessReady":
+                counts[pod.metadata.labels.get(f"{GROUP}/tier", "")] += 1
+        return counts
 
     def leader(self) -> str | None:
         try:
@@ -174,7 +188,9 @@ def sample(cluster: Cluster, broker: Broker, run: Run) -> dict[str, Any]:
 
 
 def bar(ready: int, replicas: int, maximum: int) -> str:
-    return f"{GREEN}{'■' * ready}{RESET}{YELLOW}{'□' * max(0, replicas - ready)}{RESET}{DIM}{'·' * max(0, maximum - max(ready, replicas))}{RESET}"
+    starting = max(0, replicas - ready)
+    room = max(0, maximum - max(ready, replicas))
+    return f"{GREEN}{'■' * ready}{RESET}{YELLOW}{'□' * starting}{RESET}{DIM}{'·' * room}{RESET}"
 
 
 def frame(run: Run, cluster: Cluster, broker: Broker, leader: str | None, expect: dict[str, int],
@@ -186,7 +202,8 @@ def frame(run: Run, cluster: Cluster, broker: Broker, leader: str | None, expect
         f"{BOLD}celery-fleet demo{RESET}  namespace {cluster.namespace}  "
         f"{int(elapsed) // 60:02d}:{int(elapsed) % 60:02d} since the burst   {DIM}(Ctrl-C ends it early){RESET}",
         "",
-        f"{BOLD}{'TIER':<8}{'QUEUE':<17}{'QUEUED':>7}{'IN-FLIGHT':>10}{'DONE':>10}   WORKERS ready/replicas (max){RESET}",
+        f"{BOLD}{'TIER':<8}{'QUEUE':<17}{'QUEUED':>7}{'IN-FLIGHT':>10}{'DONE':>10}   "
+        f"WORKERS ready/replicas (max){RESET}",
     ]
     for s in run.tiers.values():
         queue = ",".join(s.queues)
@@ -205,9 +222,15 @@ def frame(run: Run, cluster: Cluster, broker: Broker, leader: str | None, expect
     standby = [p for p in pods if p != leader]
     ticks = broker.ticks()
     leader_text = leader or f"{YELLOW}none{RESET}"
-    lines.append(f"{BOLD}beat{RESET}    leader {leader_text}   standby {', '.join(standby) or '-'}   ticks {len(ticks)}")
+    lines.append(
+        f"{BOLD}beat{RESET}    leader {leader_text}   standby {', '.join(standby) or '-'}   ticks {len(ticks)}"
+    )
     if run.failover_deleted:
-        took = f"new leader after {run.failover_seconds:.1f}s" if run.failover_seconds is not None else "waiting for a new leader"
+        took = (
+            f"new leader after {run.failover_seconds:.1f}s"
+            if run.failover_seconds is not None
+            else "waiting for a new leader"
+        )
         lines.append(f"{DIM}        demo deleted the leader pod {run.failover_deleted[1]}: {took}{RESET}")
     lines += ["", f"{BOLD}recent events{RESET}"]
     start = dt.datetime.fromtimestamp(run.started, dt.UTC)
@@ -245,7 +268,7 @@ def summarize(run: Run, broker: Broker, expect: dict[str, int], ended: float) ->
         if r.get("sent") is not None:
             waits[tier].append(float(r["started"]) - float(r["sent"]))
     ticks = [t for t in broker.ticks() if t >= run.started]
-    gaps = [b - a for a, b in zip(ticks, ticks[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(ticks)]
     tiers = {}
     for s in run.tiers.values():
         tiers[s.name] = {
@@ -270,7 +293,9 @@ def summarize(run: Run, broker: Broker, expect: dict[str, int], ended: float) ->
 
 
 def print_summary(summary: dict[str, Any]) -> None:
-    print(f"\n{BOLD}Summary{RESET} ({summary['seconds']:.0f} s from the burst until every tier was back at its minimum)")
+    print(
+        f"\n{BOLD}Summary{RESET} ({summary['seconds']:.0f} s from the burst until every tier was back at its minimum)"
+    )
     print(f"  {'tier':<8}{'tasks done':>12}{'wait p50':>10}{'wait p95':>10}{'peak replicas':>15}{'worker-seconds':>16}")
     for name, t in summary["tiers"].items():
         done = f"{t['tasks_done']}/{t['tasks_expected']}" if t["tasks_expected"] else str(t["tasks_done"])
@@ -282,7 +307,9 @@ def print_summary(summary: dict[str, Any]) -> None:
     failover = f"; failover {beat['failover_s']:.1f} s after the leader pod was deleted" if beat["failover_s"] else ""
     gap = f", never two within {beat['min_gap_s']:.1f} s" if beat["min_gap_s"] is not None else ""
     print(f"  beat: {beat['ticks']} ticks (one per 5 s){gap}; leaders {' -> '.join(beat['leaders']) or '-'}{failover}")
-    print(f"  {DIM}(medium runs the beat's ticks; waits are task start minus apply_async time, from Redis records){RESET}")
+    print(
+        f"  {DIM}(medium runs the beat's ticks; waits are task start minus apply_async time, from Redis records){RESET}"
+    )
 
 
 def parse_expect(items: list[str]) -> dict[str, int]:
@@ -300,12 +327,8 @@ def cmd_ready(args: argparse.Namespace) -> int:
     while time.monotonic() < deadline:
         try:
             pool = cluster.pool_object()
-            deployments = cluster.deployments()
-            states = []
-            for tier in pool["spec"]["tiers"]:
-                dep = deployments.get(f"{args.pool}-{tier['name']}")
-                ready = int(dep.status.ready_replicas or 0) if dep else 0
-                states.append((tier["name"], ready, tier["replicas"]["min"]))
+            running = cluster.running_workers()
+            states = [(t["name"], running[t["name"]], t["replicas"]["min"]) for t in pool["spec"]["tiers"]]
             leader = cluster.leader()
         except client.ApiException:
             time.sleep(0.5)

@@ -48,7 +48,7 @@ stop_pid() {  # pidfile pattern timeout
 
 stop_all() {
   # The local runtime first: its workers finish their tasks (warm shutdown) while Redis is still up.
-  stop_pid "$dir/localrun.pid" "celery_fleet.localrun" 70
+  stop_pid "$dir/localrun.pid" "celery-fleet localrun" 70
   stop_pid "$dir/operator.pid" "celery-fleet run" 20
   "$kubectl" delete namespace "$ns" --wait=false --ignore-not-found >/dev/null 2>&1 || true
   stop_pid "$dir/redis.pid" "redis-server" 10
@@ -124,7 +124,7 @@ for _ in $(seq 1 300); do
 done
 
 say "starting the local runtime (development only; log: .local/demo/localrun.log)"
-"$py" -m celery_fleet.localrun --namespace "$ns" --kubeconfig "$KUBECONFIG" \
+"$root/.venv/bin/celery-fleet" localrun --namespace "$ns" --kubeconfig "$KUBECONFIG" \
   --state-dir "$dir/localrun" --pythonpath "$root/demo" >"$dir/localrun.log" 2>&1 &
 echo $! > "$dir/localrun.pid"
 

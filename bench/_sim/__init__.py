@@ -2,8 +2,9 @@
 
 Public surface: traces (`step_burst`, `poisson_bursts`, `diurnal`), the simulator (`simulate`,
 `FleetParams`), the autoscalers (`OperatorScaler` = the operator's real `decide`, `KedaHpaScaler`,
-`StaticFleet`), summaries and plots, and the closed-loop check helpers (`predict_waits`,
-`compare_waits`, `closed_loop_trace`, `write_trace`, `read_trace`).
+`StaticFleet`), summaries, and the closed-loop check helpers (`predict_waits`,
+`compare_waits`, `closed_loop_trace`, `write_trace`, `read_trace`). Plots live in `_sim.plots`
+(matplotlib), imported only by the benchmark, so the simulator and its tests do without it.
 """
 
 from .closed_loop import (
@@ -17,7 +18,7 @@ from .closed_loop import (
     read_trace,
     write_trace,
 )
-from .engine import FleetParams, Samples, SimResult, list_key, percentile, simulate
+from .engine import PRIORITY_SEP, FleetParams, Samples, SimResult, list_key, percentile, simulate
 from .keda_hpa import (
     HorizontalPodAutoscaler,
     HpaBehavior,
@@ -26,7 +27,6 @@ from .keda_hpa import (
     KedaHpaScaler,
     KedaRedisListsTrigger,
 )
-from .plots import plot_trace
 from .scalers import OperatorScaler, StaticFleet
 from .summary import Summary, summarize
 from .traces import DEFAULT_PRIORITY_STEPS, Durations, Task, Trace, diurnal, poisson_bursts, priority_step, step_burst
@@ -35,6 +35,7 @@ from .view import Autoscaler, FleetView
 __all__ = [
     "CLOSED_LOOP_TIER",
     "DEFAULT_PRIORITY_STEPS",
+    "PRIORITY_SEP",
     "Agreement",
     "Autoscaler",
     "Durations",
@@ -60,7 +61,6 @@ __all__ = [
     "diurnal",
     "list_key",
     "percentile",
-    "plot_trace",
     "poisson_bursts",
     "predict_waits",
     "priority_step",

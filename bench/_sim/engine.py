@@ -10,8 +10,9 @@ What is modelled, and why:
   (step 0 is the bare queue name, others ``queue + "\\x06\\x16" + step``); producers LPUSH, workers
   BRPOP the lists in step order, so step 0 always drains first and each list is FIFO.
 * Workers: ``concurrency`` processes per pod and ``concurrency * prefetch_multiplier`` messages
-  reserved at most (-O fair: a process only gets a message when free); idle capacity is served in
-  the order it became idle, as Redis serves blocked BRPOP clients.
+  reserved at most (-O fair: a process only gets a message when free). A worker with room issues
+  one BRPOP and takes one message per reply; Redis serves blocked clients first come, first served,
+  so workers with room take turns (a worker goes to the back of the line after each message).
 * In flight: reserved + running messages (kombu's ``unacked``), what the operator counts.
 * Pods: created when spec.replicas rises, consuming after a start-up delay (scheduling, image,
   celery boot; uniform in ``startup_delay``, drawn per pod from the seed).
@@ -118,7 +119,18 @@ class SimResult:
 
 
 class _Pod:
-    __slots__ = ("created", "draining", "ended", "id", "ready", "ready_at", "removed_at", "reserved", "running")
+    __slots__ = (
+        "created",
+        "draining",
+        "ended",
+        "id",
+        "ready",
+        "ready_at",
+        "removed_at",
+        "reserved",
+        "running",
+        "waiting",
+    )
 
     def __init__(self, pod_id: int, created: float, ready_at: float) -> None:
         self.id = pod_id
@@ -130,6 +142,7 @@ class _Pod:
         self.removed_at: float | None = None
         self.running = 0
         self.reserved: deque[Task] = deque()
+        self.waiting = False  # blocked in BRPOP (it has room for another message)
 
 
 class _World:
@@ -150,7 +163,8 @@ class _World:
         self.pods: list[_Pod] = []
         self.deployment: list[_Pod] = []  # the ReplicaSet's pods: not terminating
         self.pending: list[tuple[float, int]] = []  # (ready_at, pod id)
-        self.idle: deque[tuple[_Pod, float]] = deque()  # one entry per free unit of prefetch capacity
+        self.capacity = params.concurrency * params.prefetch_multiplier
+        self.blocked: deque[tuple[_Pod, float]] = deque()  # workers in BRPOP, and since when
         self.running: list[tuple[float, int, int]] = []  # (end, task id, pod id)
         self.in_flight = 0
         self.spec = params.initial_replicas
@@ -172,21 +186,26 @@ class _World:
         heapq.heappush(self.pending, (ready_at, pod.id))
 
     def _become_ready(self, until: float) -> None:
-        capacity = self.p.concurrency * self.p.prefetch_multiplier
         while self.pending and self.pending[0][0] <= until:
             ready_at, pod_id = heapq.heappop(self.pending)
             pod = self.pods[pod_id]
             if pod.ended is not None or pod.draining:
                 continue
             pod.ready = True
-            self.idle.extend((pod, ready_at) for _ in range(capacity))
+            self._block(pod, ready_at)
+
+    def _block(self, pod: _Pod, since: float) -> None:
+        if not pod.waiting and not pod.draining and pod.running + len(pod.reserved) < self.capacity:
+            pod.waiting = True
+            self.blocked.append((pod, since))
 
     def _rank(self, pod: _Pod) -> tuple[float, ...]:
         # Lowest first is removed first (ReplicaSet: not ready < ready; newer readiness first).
+        # Ties go to the newer pod, as the ReplicaSet's last resort compares creation times.
         age = -pod.ready_at if pod.ready else -pod.created
         if self.p.scale_in == "idle-first":
-            return (float(pod.ready), float(pod.running + len(pod.reserved)), age)
-        return (float(pod.ready), age)
+            return (float(pod.ready), float(pod.running + len(pod.reserved)), age, -pod.id)
+        return (float(pod.ready), age, -pod.id)
 
     def _reconcile(self, now: float) -> None:
         alive = len(self.deployment)
@@ -237,24 +256,26 @@ class _World:
                 if pod.running == 0:
                     pod.ended = end
             else:
-                self.idle.append((pod, end))
+                self._block(pod, end)
 
     def _dispatch(self) -> None:
         lists = [self.lists[s] for s in self.steps]
-        while self.idle:
+        while self.blocked:
             source = next((q for q in lists if q), None)
             if source is None:
                 return
-            pod, free_at = self.idle.popleft()
+            pod, since = self.blocked.popleft()
+            pod.waiting = False
             if pod.draining or pod.ended is not None:
-                continue  # a stale unit of a pod that was removed
+                continue  # removed while it waited
             task = source.pop()
             self.in_flight += 1
-            at = max(free_at, task.arrival)
+            at = max(since, task.arrival)
             if pod.running < self.p.concurrency:
                 self._start(task, pod, at)
             else:
                 pod.reserved.append(task)
+            self._block(pod, at)
 
     # -- the loop -----------------------------------------------------------------------------------
 

@@ -18,7 +18,9 @@ QUEUES = ("high_priority", "medium_priority", "low_priority")
 PRIORITY_STEPS = [0, 3, 6, 9]
 TICK_SECONDS = 5.0
 
-app = Celery("demoapp", broker=os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0"), include=["demoapp.tasks"])
+app = Celery(
+    "demoapp", broker=os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0"), include=["demoapp.tasks"]
+)
 app.conf.update(
     broker_transport_options={"priority_steps": PRIORITY_STEPS, "queue_order_strategy": "priority"},
     broker_connection_retry_on_startup=True,

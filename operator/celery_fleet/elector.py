@@ -30,6 +30,18 @@ Stricter than client-go, because a second beat sends every periodic task twice:
   or never held; a holder cleared by hand waits out the record's duration;
 - the command is started with PR_SET_PDEATHSIG, so killing the elector (even
   with SIGKILL) kills the command too.
+
+In a pod: an init container from the operator's image copies this file into a
+shared emptyDir (`python -c "import shutil, celery_fleet.elector as e;
+shutil.copy(e.__file__, '/celery-fleet/elector.py')"`), and the user's image runs
+`python3 /celery-fleet/elector.py --lease NAME -- celery -A APP beat ...` with
+POD_NAME and POD_NAMESPACE from the downward API. Credentials come from the
+mounted service account (the token file is re-read on every request, as it
+rotates). RBAC: get and update on that one Lease (plus create on leases when
+nobody pre-creates it). Locally: --kubeconfig, whose YAML is read by a small
+parser for the subset kubeconfigs use (there is no YAML in the standard
+library), or a JSON kubeconfig, or explicit --server/--ca-file/--token-file/
+--client-cert/--client-key.
 """
 
 from __future__ import annotations
@@ -1181,6 +1193,8 @@ def parse_invocation(argv: Sequence[str], environ: Mapping[str, str]) -> Invocat
     args_list = list(argv)
     if args_list[:1] == ["elect"]:  # tolerate `celery-fleet elect ...` being passed through whole
         args_list = args_list[1:]
+    if "--" not in args_list and ("-h" in args_list or "--help" in args_list):
+        build_parser().parse_args(["--help"])  # prints the usage and exits 0
     if "--" not in args_list:
         raise UsageError("missing `-- CMD [ARGS...]`: put the command to run after `--`")
     split = args_list.index("--")

@@ -29,7 +29,7 @@ def helm(cluster: Cluster, *args: str, check: bool = True) -> subprocess.Complet
     if binary is None:
         pytest.fail("helm is not built: run `make binaries` (hack/build-binaries.sh builds it with the cluster tools)")
     proc = subprocess.run(
-        [binary, "--kubeconfig", str(cluster.kubeconfig), *args], capture_output=True, text=True, timeout=180
+        [binary, "--kubeconfig", str(cluster.kubeconfig), *args], capture_output=True, text=True, timeout=360
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"helm {' '.join(args)} failed:\n{proc.stderr}{proc.stdout}")
@@ -60,7 +60,7 @@ def test_install_creates_everything_and_uninstall_leaves_nothing(cluster: Cluste
     name, namespace = release
     fullname = f"{name}-celery-fleet"
     selector = f"app.kubernetes.io/instance={name}"
-    proc = helm(cluster, "install", name, str(CHART), "-n", namespace, "--wait", "--timeout", "120s")
+    proc = helm(cluster, "install", name, str(CHART), "-n", namespace, "--wait", "--timeout", "300s")
     assert "kubectl get celeryworkerpools" in proc.stdout, "NOTES.txt tells the user what to do next"
 
     assert names(cluster, "clusterroles,clusterrolebindings", selector) == sorted(
@@ -76,7 +76,7 @@ def test_install_creates_everything_and_uninstall_leaves_nothing(cluster: Cluste
     # The restricted namespace admitted the operator's pod (the ReplicaSet controller created it).
     pods = wait_for(
         lambda: names(cluster, "pods", selector, namespace),
-        timeout=60,
+        timeout=120,
         message=lambda: cluster.kubectl("get", "events", "-n", namespace).stdout,
     )
     assert len(pods) == 1
@@ -95,7 +95,7 @@ def test_install_creates_everything_and_uninstall_leaves_nothing(cluster: Cluste
     assert names(cluster, "clusterroles,clusterrolebindings", selector) == []
     wait_for(
         lambda: names(cluster, NAMESPACED_KINDS, selector, namespace) == [],
-        timeout=60,
+        timeout=120,
         message=lambda: f"objects left after uninstall: {names(cluster, NAMESPACED_KINDS, selector, namespace)}",
     )
     assert helm(cluster, "list", "-n", namespace, "-q").stdout.strip() == ""

@@ -55,7 +55,7 @@ def test_apply_k_installs_the_operator_then_samples_apply(
     core = client.CoreV1Api(k8s_api)
     wait_for(
         lambda: core.list_namespaced_pod(BASE_NAMESPACE, label_selector="app.kubernetes.io/name=celery-fleet").items,
-        timeout=60,
+        timeout=120,
         message=lambda: cluster.kubectl("get", "events", "-n", BASE_NAMESPACE).stdout,
     )
     answer = cluster.kubectl(
@@ -82,6 +82,6 @@ def test_apply_k_installs_the_operator_then_samples_apply(
     expected = {f"{p}-high" for p in pool_names} | {f"{b}-beat" for b in beat_names}
     wait_for(
         lambda: expected <= deployments(),
-        timeout=90,
+        timeout=180,
         message=lambda: f"{expected - deployments()} missing; operator log:\n{operator.logs()[-3000:]}",
     )

@@ -76,19 +76,19 @@ def test_restricted_namespace_admits_worker_and_beat_pods(
     for tier in ("high", "low"):
         wait_for(
             lambda tier=tier: _pods(core, namespace, f"celeryfleet.io/pool=shop,celeryfleet.io/tier={tier}"),
-            timeout=90,
+            timeout=180,
             message=lambda tier=tier: f"worker pods of tier {tier}: {events()}",
         )
     beat_pods = wait_for(
         lambda: len(pods := _pods(core, namespace, "celeryfleet.io/beat=nightly")) == 2 and pods,
-        timeout=90,
+        timeout=180,
         message=lambda: f"leader and standby beat pods: {events()}",
     )
     # The beat pod carries the operator's init container (the elector copy), admitted too.
     assert [c.name for c in beat_pods[0].spec.init_containers] == ["install-elector"]
 
     # The control: a pool with no security context gets no pods, by PodSecurity's decision.
-    refusals = wait_for(lambda: _refusals(core, namespace), timeout=90, message=lambda: f"refusal: {events()}")
+    refusals = wait_for(lambda: _refusals(core, namespace), timeout=180, message=lambda: f"refusal: {events()}")
     assert any("loose-high" in m for m in refusals), refusals
     assert not _pods(core, namespace, "celeryfleet.io/pool=loose")
     assert not [m for m in refusals if "shop-" in m or "nightly-" in m], refusals

@@ -172,7 +172,7 @@ def test_service_account_operator_runs_the_full_flow_and_nothing_else(
             ready = _condition(pool, "Ready")
             return pool if ready and ready["status"] == "True" else None
 
-        wait_for(pool_ready, timeout=90, message=lambda: f"pool Ready; operator log:\n{proc.logs()[-3000:]}")
+        wait_for(pool_ready, timeout=180, message=lambda: f"pool Ready; operator log:\n{proc.logs()[-3000:]}")
         assert apps.read_namespaced_deployment("shop-work", ns).spec.replicas == 1
         client.PolicyV1Api(k8s_api).read_namespaced_pod_disruption_budget("shop-work", ns)
 
@@ -180,7 +180,7 @@ def test_service_account_operator_runs_the_full_flow_and_nothing_else(
         redis_db.lpush("work", *[f"m{i}" for i in range(20)])
         wait_for(
             lambda: apps.read_namespaced_deployment("shop-work", ns).spec.replicas == 4,
-            timeout=60,
+            timeout=150,
             message=lambda: f"scale to 4; operator log:\n{proc.logs()[-3000:]}",
         )
 
@@ -188,7 +188,7 @@ def test_service_account_operator_runs_the_full_flow_and_nothing_else(
         _apply(cluster, ns, _beat("nightly"))
         wait_for(
             lambda: apps.read_namespaced_deployment("nightly-beat", ns) is not None,
-            timeout=60,
+            timeout=150,
             message=lambda: f"beat Deployment; operator log:\n{proc.logs()[-3000:]}",
         )
         role = client.RbacAuthorizationV1Api(k8s_api).read_namespaced_role("nightly-beat-lease", ns)
@@ -196,7 +196,7 @@ def test_service_account_operator_runs_the_full_flow_and_nothing_else(
         client.CoordinationV1Api(k8s_api).read_namespaced_lease("nightly-beat", ns)
         beat = wait_for(
             lambda: custom.get_namespaced_custom_object(GROUP, VERSION, ns, "celerybeats", "nightly").get("status"),
-            timeout=30,
+            timeout=90,
             message="beat status written",
         )
         assert beat.get("conditions"), beat

@@ -119,6 +119,32 @@ def wait_ready(k8s_api: client.ApiClient, namespace: str, name: str, timeout: fl
                     f"{get_pool(k8s_api, namespace, name).get('status')}")  # fmt: skip
 
 
+def wait_converged(k8s_api: client.ApiClient, namespace: str, name: str, timeout: float = 60) -> dict[str, Any]:
+    """The operator's side of convergence: status of the current generation, not Degraded, every tier's
+    Deployment at the desired replicas the status reports.
+
+    Pod readiness is left out on purpose: on the shared cluster the controller-manager may lag
+    far behind under another engineer's load, and that is not the operator's doing.
+    """
+
+    def converged() -> dict[str, Any] | None:
+        pool = get_pool(k8s_api, namespace, name)
+        status = pool.get("status") or {}
+        if status.get("observedGeneration") != pool["metadata"]["generation"]:
+            return None
+        if condition(pool, "Degraded").get("status") != "False":
+            return None
+        deps = deployments(k8s_api, namespace, name)
+        for t in pool["spec"].get("tiers") or []:
+            dep = deps.get(f"{name}-{t['name']}")
+            if dep is None or tier_status(pool, t["name"]).get("desiredReplicas") != dep.spec.replicas:
+                return None
+        return pool
+
+    return wait_for(converged, timeout=timeout, message=lambda: f"{namespace}/{name} converged: "
+                    f"{get_pool(k8s_api, namespace, name).get('status')}")  # fmt: skip
+
+
 def deployments(k8s_api: client.ApiClient, namespace: str, pool: str) -> dict[str, client.V1Deployment]:
     items = (
         client.AppsV1Api(k8s_api)
@@ -221,8 +247,13 @@ class ReplicaRecorder:
                 if ev["type"] in ("ADDED", "MODIFIED"):
                     self.seen.setdefault(d.metadata.name, []).append(int(d.spec.replicas))
 
-    def lowest_since(self, name: str, start: int) -> int:
-        values = self.seen.get(name, [])[start:]
+    def mark(self, name: str) -> int:
+        """A position in `name`'s history, for `lowest_since`."""
+        return len(self.seen.get(name, []))
+
+    def lowest_since(self, name: str, mark: int) -> int:
+        """The lowest replica count `name` had from `mark` on, counting the value in effect at `mark`."""
+        values = self.seen.get(name, [])[max(0, mark - 1) :]
         return min(values) if values else -1
 
 

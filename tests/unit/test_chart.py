@@ -156,7 +156,9 @@ def test_operator_args_probes_and_ports() -> None:
     assert args[0] == "run"
     assert "--all-namespaces" in args
     assert "--health-endpoint=http://0.0.0.0:8080/healthz" in args
-    assert "--elector-image=ghcr.io/celery-fleet/celery-fleet:0.1.0" in args
+    assert {"name": "CELERY_FLEET_ELECTOR_IMAGE", "value": "ghcr.io/celery-fleet/celery-fleet:0.1.0"} in container[
+        "env"
+    ]
     assert container["image"] == "ghcr.io/celery-fleet/celery-fleet:0.1.0"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"http-metrics": 8000, "http-health": 8080}
@@ -176,7 +178,10 @@ def test_custom_values_reach_the_operator() -> None:
     args = container["args"]
     assert "--namespace=shop" in args and "--namespace=billing" in args and "--all-namespaces" not in args
     assert "--json-logs" not in args and "--log-level=DEBUG" in args and "--poll-interval=0.5" in args
-    assert "--elector-image=registry.example/platform/celery-fleet-elector:0.1.0" in args
+    assert container["env"] == [
+        {"name": "CELERY_FLEET_ELECTOR_IMAGE", "value": "registry.example/platform/celery-fleet-elector:0.1.0"},
+        {"name": "TZ", "value": "UTC"},
+    ]
     assert "--metrics-port=9100" in args and "--health-endpoint=http://0.0.0.0:9180/healthz" in args
 
 
@@ -184,7 +189,9 @@ def test_elector_image_defaults_to_the_operator_image() -> None:
     docs = rendered("--set", "image.tag=1.2.3")
     (container,) = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
     assert container["image"] == "ghcr.io/celery-fleet/celery-fleet:1.2.3"
-    assert "--elector-image=ghcr.io/celery-fleet/celery-fleet:1.2.3" in container["args"]
+    assert container["env"] == [
+        {"name": "CELERY_FLEET_ELECTOR_IMAGE", "value": "ghcr.io/celery-fleet/celery-fleet:1.2.3"}
+    ]
     assert ELECTOR_SOURCE == "/opt/celery-fleet/elector.py"  # where the Dockerfile puts it
 
 

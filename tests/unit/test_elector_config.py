@@ -6,7 +6,9 @@ import ast
 import base64
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,6 +16,7 @@ from celery_fleet import elector
 from celery_fleet.elector import (
     ElectionTimings,
     KubeconfigError,
+    LeaseRecord,
     UsageError,
     endpoint_from_kubeconfig,
     parse_invocation,
@@ -282,3 +285,97 @@ def test_log_lines_carry_a_utc_timestamp_and_key_values(capsys: pytest.CaptureFi
         "2025-01-01T00:00:00.000000Z elector event=lost lease=ns/beat identity=pod-a "
         'reason=renew-deadline detail="no renewal for 10s"\n'
     )
+
+
+# =========================================================================== request bodies
+
+
+class RecordingLeaseApi(elector.HttpLeaseApi):
+    def __init__(self, replies: list[tuple[int, dict[str, Any]]]) -> None:
+        super().__init__(elector.ApiEndpoint(server="http://apiserver:8080/base"), "jobs", "beat")
+        self.replies = replies
+        self.sent: list[tuple[str, str, Any]] = []
+
+    def _request(
+        self, method: str, path: str, body: Mapping[str, Any] | None, timeout: float
+    ) -> tuple[int, dict[str, Any]]:
+        self.sent.append((method, path, None if body is None else json.loads(json.dumps(body))))
+        return self.replies.pop(0)
+
+
+STORED = {
+    "apiVersion": "coordination.k8s.io/v1",
+    "kind": "Lease",
+    "metadata": {
+        "name": "beat",
+        "namespace": "jobs",
+        "resourceVersion": "41",
+        "labels": {"app.kubernetes.io/managed-by": "celery-fleet"},
+        "ownerReferences": [{"kind": "CeleryBeat", "name": "nightly", "uid": "u-1"}],
+        "managedFields": [{"manager": "celery-fleet"}],
+    },
+    "spec": {
+        "holderIdentity": "",
+        "leaseDurationSeconds": 1,
+        "leaseTransitions": 2,
+        "strategy": "OldestEmulationVersion",
+    },
+}
+
+
+def test_replace_keeps_what_others_own_and_swaps_on_the_resource_version() -> None:
+    api = RecordingLeaseApi([(200, STORED), (200, STORED)])
+    lease = api.get(timeout=1)
+    assert lease is not None and lease.record == LeaseRecord("", 1, None, None, 2)
+    api.replace(lease, LeaseRecord("pod-a", 15, "t", "t", 3), timeout=1)
+
+    method, path, body = api.sent[-1]
+    assert (method, path) == ("PUT", "/base/apis/coordination.k8s.io/v1/namespaces/jobs/leases/beat")
+    assert body["metadata"]["resourceVersion"] == "41"
+    assert body["metadata"]["ownerReferences"] == STORED["metadata"]["ownerReferences"]  # type: ignore[index]
+    assert body["metadata"]["labels"] == {"app.kubernetes.io/managed-by": "celery-fleet"}
+    assert "managedFields" not in body["metadata"]
+    assert body["spec"] == {
+        "holderIdentity": "pod-a",
+        "leaseDurationSeconds": 15,
+        "leaseTransitions": 3,
+        "acquireTime": "t",
+        "renewTime": "t",
+        "strategy": "OldestEmulationVersion",
+    }
+
+
+@pytest.mark.parametrize(
+    ("call", "status", "raised", "message"),
+    [
+        pytest.param("replace", 409, elector.LeaseConflict, "changed since it was read", id="replace-stale"),
+        pytest.param("replace", 404, elector.LeaseConflict, "deleted", id="replace-gone"),
+        pytest.param("create", 409, elector.LeaseConflict, "created by someone else", id="create-race"),
+        pytest.param("get", 403, elector.LeaseApiError, "HTTP 403: forbidden .*RBAC", id="forbidden-hints-rbac"),
+        pytest.param("get", 500, elector.LeaseApiError, "HTTP 500: forbidden", id="server-error"),
+    ],
+)
+def test_api_replies_map_to_conflict_or_error(call: str, status: int, raised: type[Exception], message: str) -> None:
+    api = RecordingLeaseApi([(status, {"message": "forbidden"})])
+    lease = elector.Lease.from_body(STORED)
+    with pytest.raises(raised, match=message):
+        if call == "replace":
+            api.replace(lease, LeaseRecord("pod-a", 15), timeout=1)
+        elif call == "create":
+            api.create(LeaseRecord("pod-a", 15), timeout=1)
+        else:
+            api.get(timeout=1)
+
+
+def test_a_missing_lease_reads_as_none() -> None:
+    assert RecordingLeaseApi([(404, {})]).get(timeout=1) is None
+
+
+def test_main_turns_usage_errors_into_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert elector.main(["--lease", "b"]) == 2
+    assert "elector: missing `-- CMD" in capsys.readouterr().err
+
+
+def test_main_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    assert elector.main(["--help"]) == 0
+    assert "--renew-deadline" in capsys.readouterr().out

@@ -26,8 +26,9 @@ from celery_fleet.planning.workload import BROKER_URL_ENV, tier_deployment
 
 
 class Objects:
-    def __init__(self, secrets: Mapping[str, Mapping[str, str]] = {}, maps: Mapping[str, Mapping[str, str]] = {}):  # noqa: B006 (read only)
-        self.secrets, self.maps = secrets, maps
+    def __init__(self, secrets: Mapping[str, Mapping[str, str]] | None = None,
+                 maps: Mapping[str, Mapping[str, str]] | None = None) -> None:  # fmt: skip
+        self.secrets, self.maps = secrets or {}, maps or {}
         self.reads: list[str] = []
 
     def secret_data(self, namespace: str, name: str) -> Mapping[str, str] | None:

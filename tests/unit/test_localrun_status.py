@@ -19,8 +19,9 @@ EARLIER = dt.datetime(2026, 1, 2, 3, 0, 0, tzinfo=dt.UTC)
 def container(state: str = "running", ready: bool = True, restarts: int = 0, pid: int | None = 42,
               waiting: str | None = None, last_exit: Exit | None = None) -> ContainerView:  # fmt: skip
     return ContainerView(
-        name="worker", image="img", state=state, ready=ready, restarts=restarts, pid=pid if state == "running" else None,
-        started_at=EARLIER, waiting_reason=waiting, waiting_message=None, last_exit=last_exit, probed=True,
+        name="worker", image="img", state=state, ready=ready, restarts=restarts,
+        pid=pid if state == "running" else None, started_at=EARLIER, waiting_reason=waiting, waiting_message=None,
+        last_exit=last_exit, probed=True,
     )  # fmt: skip
 
 
@@ -167,3 +168,11 @@ def test_connected_to_port_looks_at_the_process_tree(tmp_path: Path, sockets: di
                                                      connected: bool) -> None:  # fmt: skip
     proc = _fake_proc(tmp_path, {10: [11], 11: [12], 12: [], 99: []}, sockets)
     assert procfs.connected_to_port(10, 6379, proc) is connected
+
+
+def test_killed_process_reports_exit_code_as_the_kubelet_does() -> None:
+    exit_ = Exit(code=-9, started_at=EARLIER, finished_at=NOW)
+    patch = status_patch(kwok_pod(), view(container(restarts=1, last_exit=exit_)), NOW)
+    assert patch is not None
+    terminated = patch["status"]["containerStatuses"][0]["lastState"]["terminated"]
+    assert (terminated["exitCode"], terminated["signal"], terminated["reason"]) == (137, 9, "Error")

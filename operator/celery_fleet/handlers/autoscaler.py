@@ -12,20 +12,29 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 from celery_fleet import metrics
 from celery_fleet.api.models import CeleryWorkerPoolSpec, InvalidSpec, parse_pool
 from celery_fleet.brokers import redis as redis_broker
 from celery_fleet.brokers.poller import BrokerRegistry
-from celery_fleet.brokers.source import BrokerError, DepthReading, QueueRef, queue_refs
+from celery_fleet.brokers.source import BrokerError, DepthReading, ErrorKind, QueueRef, queue_refs
 from celery_fleet.handlers.cache import FleetCache, ObjKey, PoolRuntime
 from celery_fleet.handlers.pool_reconciler import POOL_API_VERSION
 from celery_fleet.kube.client import ApiError, Kube
 from celery_fleet.kube.events import ObjectRef, post_event
 from celery_fleet.planning.pool_status import TierScaling
-from celery_fleet.planning.scaling import Decision, Direction, TierObservation, decide
+from celery_fleet.planning.scaling import (
+    Decision,
+    Direction,
+    ReadFailure,
+    Reason,
+    Recommendation,
+    TierObservation,
+    decide,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +42,17 @@ log = logging.getLogger(__name__)
 # often would cost an apiserver write per pool per second, so only decisions and broker
 # state changes refresh status at once, and plain depth changes at most this often.
 STATUS_REFRESH_SECONDS = 5.0
+# A pool whose inputs have not changed since a decision that changed nothing is not decided
+# again (idle fleets are the common case), but at least this often all the same.
+FULL_DECIDE_SECONDS = 10.0
+
+
+@dataclass
+class _Steady:
+    signature: tuple[Any, ...]
+    replicas: dict[str, int]
+    decided_at: float
+    skipped_at: float | None = None
 
 
 def _display(url: str) -> str:
@@ -65,6 +85,8 @@ class Autoscaler:
         self._gauges: dict[tuple[Any, ...], float] = {}
         self._last_status: dict[ObjKey, float] = {}
         self._last_reading: dict[int, int] = {}
+        self._steady: dict[ObjKey, _Steady] = {}
+        self._owner_url: dict[str, str] = {}
 
     async def run(self) -> None:
         while True:
@@ -80,8 +102,51 @@ class Autoscaler:
         for gone in [k for k in self._specs if k not in pools]:
             self._specs.pop(gone, None)
             self._last_status.pop(gone, None)
+            self._steady.pop(gone, None)
+            self._owner_url.pop(f"{gone[0]}/{gone[1]}", None)
             await self.registry.release(f"{gone[0]}/{gone[1]}")
-        await asyncio.gather(*(self.scale_pool(key, body) for key, body in pools.items()))
+        # Group pools by broker; the awaited I/O is one read per broker, the rest is plain code
+        # (a coroutine per pool per second costs more than the decisions themselves at fleet scale).
+        by_broker: dict[str, list[tuple[ObjKey, Mapping[str, Any], CeleryWorkerPoolSpec, dict[str, list[QueueRef]]]]]
+        by_broker = {}
+        for key, body in pools.items():
+            parsed = self._spec(key, body)
+            url = self.cache.runtime[key].broker_url
+            if parsed is None or url is None or body["metadata"].get("deletionTimestamp"):
+                continue
+            by_broker.setdefault(url, []).append((key, body, *parsed))
+        results = await asyncio.gather(*(self._read_broker(url, entries) for url, entries in by_broker.items()))
+        actions: list[Coroutine[Any, Any, None]] = []
+        for entries, result in zip(by_broker.values(), results, strict=True):
+            for key, body, spec, refs in entries:
+                actions += self.scale_pool(key, body, spec, refs, result)
+        if actions:
+            await asyncio.gather(*actions)
+
+    async def _read_broker(
+        self, url: str, entries: list[tuple[ObjKey, Mapping[str, Any], CeleryWorkerPoolSpec, dict[str, list[QueueRef]]]]
+    ) -> DepthReading | BrokerError:
+        try:
+            poller = None
+            union: set[QueueRef] = set()
+            for key, _body, _spec, refs in entries:
+                owner = f"{key[0]}/{key[1]}"
+                if self._owner_url.get(owner) != url:
+                    await self.registry.poller_for(owner, url)
+                    self._owner_url[owner] = url
+                poller = await self.registry.poller_for(owner, url) if poller is None else poller
+                tier_refs = [r for rs in refs.values() for r in rs]
+                poller.want(owner, tier_refs)
+                union.update(tier_refs)
+            assert poller is not None
+            first = f"{entries[0][0][0]}/{entries[0][0][1]}"
+            reading = await poller.read(first, union)
+        except BrokerError as err:
+            return err
+        if id(reading) != self._last_reading.get(id(poller)):
+            self._last_reading[id(poller)] = id(reading)
+            metrics.POLL_SECONDS.observe(reading.duration_seconds)
+        return reading
 
     def _spec(
         self, key: ObjKey, body: Mapping[str, Any]
@@ -106,25 +171,34 @@ class Autoscaler:
             self._gauges[k] = value
             gauge.labels(*labels).set(value)
 
-    async def scale_pool(self, key: ObjKey, body: Mapping[str, Any]) -> None:
-        parsed = self._spec(key, body)
+    def scale_pool(
+        self,
+        key: ObjKey,
+        body: Mapping[str, Any],
+        spec: CeleryWorkerPoolSpec,
+        refs: dict[str, list[QueueRef]],
+        result: DepthReading | BrokerError,
+    ) -> list[Coroutine[Any, Any, None]]:
+        """Observe, decide and settle one pool; returns the API calls to make (scales, Events)."""
         runtime = self.cache.runtime[key]
-        if parsed is None or runtime.broker_url is None or body["metadata"].get("deletionTimestamp"):
-            return
-        spec, refs = parsed
         namespace, name = key
-        owner = f"{namespace}/{name}"
-        all_refs = [r for rs in refs.values() for r in rs]
         observations: dict[str, TierObservation]
         broker_problem: tuple[str, str] | None = None
+        tier_problem: tuple[str, str] | None = None  # the broker answered, some tiers' queues did not
         try:
-            poller = await self.registry.poller_for(owner, runtime.broker_url)
-            reading = await poller.read(owner, all_refs)
-            if id(reading) != self._last_reading.get(id(poller)):
-                self._last_reading[id(poller)] = id(reading)
-                metrics.POLL_SECONDS.observe(reading.duration_seconds)
+            if isinstance(result, BrokerError):
+                raise result
+            reading = result
             observations = {tier: reading.observe(tier_refs) for tier, tier_refs in refs.items()}
             self._record_depth(namespace, name, refs, reading)
+            unread = {t: o for t, o in observations.items() if isinstance(o, ReadFailure)}
+            if unread:
+                # The broker answered, but not for every tier (e.g. WRONGTYPE: a queue name taken by
+                # another type of key). Those tiers hold; the pool must say why, as for a dead broker.
+                why = "; ".join(f"tier {t}: {o.message}" for t, o in unread.items())
+                kind = ErrorKind.RESPONSE_ERROR.value
+                tier_problem = (f"Broker{kind}", f"cannot read queue depth of {why}; those tiers are held")
+                metrics.BROKER_ERRORS.labels(kind).inc()
         except BrokerError as err:
             failure = err.as_failure()
             observations = {t.name: failure for t in spec.tiers}
@@ -136,16 +210,49 @@ class Autoscaler:
         for t in spec.tiers:
             dep = children.get(("Deployment", f"{name}-{t.name}"))
             current[t.name] = None if dep is None else int((dep.get("spec") or {}).get("replicas", 0))
+        now = self.clock()
+        signature = (
+            int(body["metadata"].get("generation", 0)),
+            tuple(observations.get(t.name) for t in spec.tiers),
+            tuple(current.values()),
+        )
+        steady = self._steady.get(key)
+        if steady is not None and steady.signature == signature and now - steady.decided_at < FULL_DECIDE_SECONDS:
+            # Same inputs as a decision that changed nothing: it would decide the same again.
+            steady.skipped_at = now
+            if now - self._last_status.get(key, 0.0) >= STATUS_REFRESH_SECONDS:
+                self._last_status[key] = now
+            return []
+        histories = dict(runtime.history)
+        if steady is not None and steady.skipped_at is not None:
+            # The skipped polls each recommended the steady count: keep that in the stabilization window.
+            for tier, replicas in steady.replicas.items():
+                h = histories.get(tier)
+                if h is not None:
+                    histories[tier] = replace(
+                        h, recommendations=(*h.recommendations, Recommendation(steady.skipped_at, replicas))
+                    )
         decisions = decide(
             spec.tiers,
             observations,
             current,
-            runtime.history,
-            now=self.clock(),
+            histories,
+            now=now,
             max_total_replicas=spec.max_total_replicas,
             paused=spec.paused,
         )
-        await self._act(key, body, runtime, decisions, broker_problem)
+        if (
+            not broker_problem
+            and not tier_problem
+            and all(
+                d.reason is Reason.STEADY and d.current is not None and d.desired == d.current == d.recommended
+                for d in decisions
+            )
+        ):
+            self._steady[key] = _Steady(signature, {d.tier: d.desired for d in decisions}, decided_at=now)
+        else:
+            self._steady.pop(key, None)
+        return self._act(key, body, runtime, decisions, broker_problem, tier_problem)
 
     def _record_depth(
         self, namespace: str, pool: str, refs: Mapping[str, list[QueueRef]], reading: DepthReading
@@ -158,36 +265,53 @@ class Autoscaler:
                 in_flight = reading.in_flight.get((ref.keyprefix, ref.name), 0)
                 self._gauge(metrics.IN_FLIGHT, (namespace, pool, tier, ref.name), in_flight)
 
-    async def _act(
+    async def _scale_tier(self, key: ObjKey, ref: ObjectRef, d: Decision, previous: TierScaling) -> None:
+        namespace, name = key
+        runtime = self.cache.runtime[key]
+        try:
+            await asyncio.to_thread(self.kube.scale, namespace, f"{name}-{d.tier}", d.desired)
+        except ApiError as err:
+            log.warning("pool %s/%s: could not scale tier %s: %s", namespace, name, d.tier, err)
+            self._steady.pop(key, None)
+            return
+        runtime.history[d.tier] = d.history  # only once the replicas were written
+        runtime.desired[d.tier] = d.desired
+        runtime.scaling[d.tier] = TierScaling(
+            desired_replicas=d.desired,
+            queue_depth=d.queue_depth if d.queue_depth is not None else previous.queue_depth,
+            in_flight=d.in_flight if d.in_flight is not None else previous.in_flight,
+            last_scale_time=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            last_scale_reason=d.message,
+        )
+        direction = "ScaledUp" if d.direction is Direction.UP else "ScaledDown"
+        metrics.SCALING_DECISIONS.labels(namespace, name, d.tier, d.direction.value, d.reason.value).inc()
+        log.info("pool %s/%s: %s", namespace, name, d.message)
+        self._last_status[key] = self.clock()
+        self.refresh_status(key)
+        await asyncio.to_thread(post_event, self.kube, ref, direction, d.message)
+
+    def _act(
         self,
         key: ObjKey,
         body: Mapping[str, Any],
         runtime: PoolRuntime,
         decisions: tuple[Decision, ...],
         broker_problem: tuple[str, str] | None,
-    ) -> None:
+        tier_problem: tuple[str, str] | None = None,
+    ) -> list[Coroutine[Any, Any, None]]:
         namespace, name = key
         ref = ObjectRef.from_body({**body, "apiVersion": POOL_API_VERSION, "kind": "CeleryWorkerPool"})
+        calls: list[Coroutine[Any, Any, None]] = []
         urgent = False
         for d in decisions:
-            runtime.history[d.tier] = d.history
             previous = runtime.scaling.get(d.tier, TierScaling())
             last_time, last_reason = previous.last_scale_time, previous.last_scale_reason
             if d.current is not None and d.desired != d.current and not (broker_problem and d.desired < d.current):
-                try:
-                    await asyncio.to_thread(self.kube.scale, namespace, f"{name}-{d.tier}", d.desired)
-                except ApiError as err:
-                    log.warning("pool %s/%s: could not scale tier %s: %s", namespace, name, d.tier, err)
-                    continue
-                runtime.desired[d.tier] = d.desired
-                last_time = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-                last_reason = d.message
-                urgent = True
-                direction = "ScaledUp" if d.direction is Direction.UP else "ScaledDown"
-                metrics.SCALING_DECISIONS.labels(namespace, name, d.tier, d.direction.value, d.reason.value).inc()
-                log.info("pool %s/%s: %s", namespace, name, d.message)
-                await asyncio.to_thread(post_event, self.kube, ref, direction, d.message)
-            elif d.current is None:
+                calls.append(self._scale_tier(key, ref, d, previous))
+                self._gauge(metrics.DESIRED_REPLICAS, (namespace, name, d.tier), d.desired)
+                continue
+            runtime.history[d.tier] = d.history
+            if d.current is None:
                 runtime.desired[d.tier] = d.desired
             scaling = TierScaling(
                 desired_replicas=d.desired,
@@ -203,18 +327,20 @@ class Autoscaler:
             if d.current is not None:
                 self._gauge(metrics.CURRENT_REPLICAS, (namespace, name, d.tier), d.current)
 
-        if broker_problem != runtime.broker_problem:
+        problem = broker_problem or tier_problem
+        if problem != runtime.broker_problem:
             urgent = True
-            if broker_problem is not None:
-                self._gauge(metrics.BROKER_UP, (namespace, name), 0)
-                log.warning("pool %s/%s: %s", namespace, name, broker_problem[1])
-                await asyncio.to_thread(post_event, self.kube, ref, broker_problem[0], broker_problem[1], "Warning")
+            if problem is not None:
+                if broker_problem is not None:
+                    self._gauge(metrics.BROKER_UP, (namespace, name), 0)
+                log.warning("pool %s/%s: %s", namespace, name, problem[1])
+                calls.append(asyncio.to_thread(post_event, self.kube, ref, problem[0], problem[1], "Warning"))
             elif runtime.broker_problem is not None:
-                await asyncio.to_thread(
-                    post_event, self.kube, ref, "BrokerReachable", "the broker answers again; autoscaling resumed"
-                )
-            runtime.broker_problem = broker_problem
+                message = "the broker answers again; autoscaling resumed"
+                calls.append(asyncio.to_thread(post_event, self.kube, ref, "BrokerReachable", message))
+            runtime.broker_problem = problem
         now = self.clock()
         if urgent or now - self._last_status.get(key, 0.0) >= STATUS_REFRESH_SECONDS:
             self._last_status[key] = now
             self.refresh_status(key)
+        return calls

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
+import urllib3
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
@@ -117,6 +118,10 @@ class Kube:
             )
         except ApiException as exc:
             raise ApiError.from_exception(exc) from None
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            # No answer at all (apiserver restarting, network cut, timeout): an API error like any
+            # other, so callers retry with backoff instead of crashing with a traceback.
+            raise ApiError(status=0, reason="Unreachable", message=f"{type(exc).__name__}: {exc}"[:500]) from None
         return data
 
     def apply(self, obj: Mapping[str, Any], *, force: bool = True) -> dict[str, Any]:

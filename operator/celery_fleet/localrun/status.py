@@ -60,12 +60,16 @@ def ready_condition(view: PodView) -> tuple[str, str, str]:
 
 
 def _terminated(exit_: Exit) -> dict[str, Any]:
-    return {
-        "exitCode": exit_.code,
+    state: dict[str, Any] = {
+        # A process killed by signal N reads -N locally; the kubelet reports 128 + N.
+        "exitCode": exit_.code if exit_.code >= 0 else 128 - exit_.code,
         "reason": exit_.reason,
         "startedAt": timestamp(exit_.started_at),
         "finishedAt": timestamp(exit_.finished_at),
     }
+    if exit_.code < 0:
+        state["signal"] = -exit_.code
+    return state
 
 
 def container_status(c: ContainerView, now: dt.datetime) -> dict[str, Any]:
