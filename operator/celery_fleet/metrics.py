@@ -99,6 +99,8 @@ def serve(port: int, addr: str = "0.0.0.0") -> None:
     """Expose /metrics; port 0 disables it."""
     if port:
         start_http_server(port, addr=addr, registry=REGISTRY)
+
+
 KUBE_REQUESTS = Gauge(
     "celery_fleet_kube_api_requests",
     "Requests made to the apiserver since start by reconcilers and the autoscaler (Kopf's watches not included).",
