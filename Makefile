@@ -41,8 +41,7 @@ cluster-down: ## stop and delete the local control plane
 	hack/cluster.sh down
 
 .PHONY: crds
-crds: install ## regenerate CRDs (crds/ and the chart copy) from the pydantic models
-	$(PY) -m celery_fleet.api.crdgen
+crds: generate ## regenerate CRDs (crds/, the chart's and deploy/'s copies) from the pydantic models
 
 .PHONY: generate
 generate: install ## regenerate every generated file: CRDs (crds/, chart, deploy/) and RBAC (chart, deploy/)

@@ -165,6 +165,11 @@ class Autoscaler:
         self._specs[key] = (generation, spec, refs)
         return spec, refs
 
+    def _max_replicas(self, key: ObjKey, tier: str) -> int:
+        cached = self._specs.get(key)
+        spec = cached[1] if cached else None
+        return next((t.replicas.max for t in spec.tiers if t.name == tier), 0) if spec else 0
+
     def _gauge(self, gauge: Any, labels: tuple[str, ...], value: float) -> None:
         k = (id(gauge), *labels)
         if self._gauges.get(k) != value:
@@ -324,6 +329,7 @@ class Autoscaler:
                 urgent = True
             runtime.scaling[d.tier] = scaling
             self._gauge(metrics.DESIRED_REPLICAS, (namespace, name, d.tier), d.desired)
+            self._gauge(metrics.MAX_REPLICAS, (namespace, name, d.tier), self._max_replicas(key, d.tier))
             if d.current is not None:
                 self._gauge(metrics.CURRENT_REPLICAS, (namespace, name, d.tier), d.current)
 
