@@ -215,8 +215,11 @@ def frame(run: Run, cluster: Cluster, broker: Broker, leader: str | None, expect
             f"{bar(s.ready, s.replicas, s.maximum)}  {s.ready}/{s.replicas} ({s.maximum})"
         )
     total = sum(s.replicas for s in run.tiers.values())
-    if budget is not None:
-        lines.append(f"{DIM}{'':<8}pool budget: {total} of maxTotalReplicas {budget} in use{RESET}")
+    budget_text = f"; pool budget {total} of maxTotalReplicas {budget} in use" if budget is not None else ""
+    lines.append(
+        f"{DIM}{'':<8}{GREEN}■{RESET}{DIM} real celery worker, connected to Redis   {YELLOW}□{RESET}{DIM} starting"
+        f"   · room up to max{budget_text}{RESET}"
+    )
     lines.append("")
     pods = cluster.beat_pods()
     standby = [p for p in pods if p != leader]
@@ -235,8 +238,9 @@ def frame(run: Run, cluster: Cluster, broker: Broker, leader: str | None, expect
     lines += ["", f"{BOLD}recent events{RESET}"]
     start = dt.datetime.fromtimestamp(run.started, dt.UTC)
     for when, reason, message in cluster.events()[-7:]:
-        offset = (when - start).total_seconds()
-        stamp = f"{'+' if offset >= 0 else '-'}{int(abs(offset)) // 60:02d}:{int(abs(offset)) % 60:02d}"
+        # Event times have whole seconds: one stamped in the burst's second reads +00:00.
+        offset = round((when - start).total_seconds())
+        stamp = f"{'+' if offset >= 0 else '-'}{abs(offset) // 60:02d}:{abs(offset) % 60:02d}"
         lines.append(f"  {stamp}  {reason:<14}{message}"[: width - 1])
     return lines
 
@@ -307,9 +311,7 @@ def print_summary(summary: dict[str, Any]) -> None:
     failover = f"; failover {beat['failover_s']:.1f} s after the leader pod was deleted" if beat["failover_s"] else ""
     gap = f", never two within {beat['min_gap_s']:.1f} s" if beat["min_gap_s"] is not None else ""
     print(f"  beat: {beat['ticks']} ticks (one per 5 s){gap}; leaders {' -> '.join(beat['leaders']) or '-'}{failover}")
-    print(
-        f"  {DIM}(medium runs the beat's ticks; waits are task start minus apply_async time, from Redis records){RESET}"
-    )
+    print(f"  {DIM}(medium runs the beat's ticks; wait = task start - apply_async time, from Redis records){RESET}")
 
 
 def parse_expect(items: list[str]) -> dict[str, int]:

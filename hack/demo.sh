@@ -96,8 +96,15 @@ say "starting Redis"
 redis_port="$(free_port)"
 redis-server --bind 127.0.0.1 --port "$redis_port" --dir "$dir" --save '' --appendonly no \
   --daemonize yes --logfile "$dir/redis.log" --pidfile "$dir/redis.pid"
-for _ in $(seq 1 50); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done
 broker="redis://127.0.0.1:$redis_port/0"
+"$py" -c 'import sys, time, redis
+r = redis.Redis.from_url(sys.argv[1])
+for _ in range(100):
+    try:
+        sys.exit(0 if r.ping() else 1)
+    except redis.ConnectionError:
+        time.sleep(0.1)
+sys.exit("redis-server did not answer")' "$broker"
 
 say "applying the CRDs"
 "$kubectl" apply --server-side --force-conflicts -f "$root/crds/" >/dev/null

@@ -86,7 +86,7 @@ def test_burst_scales_up_by_true_depth_then_steps_down_after_drain(
     redis_server: RedisServer,
 ) -> None:  # fmt: skip
     _apply(cluster, namespace, _pool("burst", {"url": redis_server.url}))
-    wait_for(lambda: _replicas(k8s_api, namespace, "burst-high") == 1, timeout=60, message="high tier at min 1")
+    wait_for(lambda: _replicas(k8s_api, namespace, "burst-high") == 1, timeout=120, message="high tier at min 1")
 
     producer = _producer(redis_server.url)
     with producer.connection_for_write() as conn:

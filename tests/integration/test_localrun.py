@@ -148,10 +148,14 @@ def test_burst_gets_real_workers_that_drain_the_queue(
     cluster: Cluster, k8s_api: client.ApiClient, operator: OperatorProcess, namespace: str,
     redis_server: RedisServer, redis_db: Any, localrun: LocalRuntime,
 ) -> None:  # fmt: skip
-    _setup(cluster, k8s_api, namespace, redis_server.url, _pool("lr"))
+    # A long stabilization keeps the tier at 3 after the drain, so all three workers come up even
+    # when pods start slowly on a loaded machine.
+    pool = _pool("lr")
+    pool["spec"]["tiers"][0]["autoscaling"]["scaleDownStabilizationSeconds"] = 30
+    _setup(cluster, k8s_api, namespace, redis_server.url, pool)
 
     # One real worker for the tier's minimum, reported Ready only once it holds a broker connection.
-    first = wait_for(lambda: _local_pids(k8s_api, namespace) or None, timeout=90,
+    first = wait_for(lambda: _local_pids(k8s_api, namespace) or None, timeout=180,
                      message=lambda: f"a ready worker process; localrun log:\n{localrun.logs()[-2000:]}")  # fmt: skip
     ((pod_name, pid),) = first.items()
     argv = _cmdline(pid)
@@ -160,20 +164,20 @@ def test_burst_gets_real_workers_that_drain_the_queue(
     wait_for(lambda: _deployment(k8s_api, namespace, "lr-high").status.ready_replicas == 1, timeout=30,
              message="the Deployment counts the real worker as ready")  # fmt: skip
 
-    _send(redis_server.url, 12, 3.0)  # 12 queued / target 4 -> 3 replicas
+    _send(redis_server.url, 16, 5.0)  # 16 queued / target 4 -> 4, capped at 3 replicas; 40 s for one worker
 
     def three_real_workers() -> dict[str, int] | None:
         pids = _local_pids(k8s_api, namespace)
         return pids if len(pids) == 3 else None
 
-    pids = wait_for(three_real_workers, timeout=90,
+    pids = wait_for(three_real_workers, timeout=180,
                     message=lambda: f"3 ready worker processes; localrun log:\n{localrun.logs()[-2000:]}")  # fmt: skip
     assert len(set(pids.values())) == 3
     for name, worker_pid in pids.items():
         assert f"celery@{name}" in _cmdline(worker_pid)
 
-    done = wait_for(lambda: (r := _records(redis_db, "demo:done")) and len(r) == 12 and r, timeout=90,
-                    message=lambda: f"12 tasks done (have {redis_db.llen('demo:done')})")  # fmt: skip
+    done = wait_for(lambda: (r := _records(redis_db, "demo:done")) and len(r) == 16 and r, timeout=120,
+                    message=lambda: f"16 tasks done (have {redis_db.llen('demo:done')})")  # fmt: skip
     assert _depth(redis_db, "high_priority") == 0
     workers = {r["worker"] for r in done}
     # Real workers of this tier's pods did the work, more than one of them.
@@ -181,7 +185,7 @@ def test_burst_gets_real_workers_that_drain_the_queue(
     assert len(workers) >= 2, workers
 
     # Drained: the tier steps down to its minimum and the surplus processes are stopped.
-    wait_for(lambda: len(_pods(k8s_api, namespace)) == 1, timeout=60, message="stepped down to 1 pod")
+    wait_for(lambda: len(_pods(k8s_api, namespace)) == 1, timeout=120, message="stepped down to 1 pod")
     survivor = wait_for(lambda: _local_pids(k8s_api, namespace) or None, timeout=30, message="one ready worker")
     for name, worker_pid in pids.items():
         if name not in survivor:
@@ -194,7 +198,7 @@ def test_scale_down_sigterms_a_busy_worker_which_finishes_its_tasks(
     redis_server: RedisServer, redis_db: Any, localrun: LocalRuntime,
 ) -> None:  # fmt: skip
     _setup(cluster, k8s_api, namespace, redis_server.url, _pool("warm"))
-    wait_for(lambda: _local_pids(k8s_api, namespace) or None, timeout=90, message="the first worker is ready")
+    wait_for(lambda: _local_pids(k8s_api, namespace) or None, timeout=180, message="the first worker is ready")
 
     _send(redis_server.url, 8, 8.0)  # 8 / target 4 -> 2 replicas, each running 2 tasks of 8 s
 
@@ -203,7 +207,9 @@ def test_scale_down_sigterms_a_busy_worker_which_finishes_its_tasks(
         started = {r["worker"] for r in _records(redis_db, "demo:started")}
         return pids if len(pids) == 2 and set(pids) <= started else None
 
-    pids = wait_for(both_workers_busy, timeout=90, message=lambda: f"two busy workers; log:\n{localrun.logs()[-2000:]}")
+    pids = wait_for(
+        both_workers_busy, timeout=180, message=lambda: f"two busy workers; log:\n{localrun.logs()[-2000:]}"
+    )
 
     # Lower the tier's max: a hard cap, applied at once, so a busy worker's pod is removed.
     cut_at = time.time()
@@ -211,7 +217,7 @@ def test_scale_down_sigterms_a_busy_worker_which_finishes_its_tasks(
         GROUP, VERSION, namespace, "celeryworkerpools", "warm",
         {"spec": {"tiers": [_pool("warm", replicas={"min": 1, "max": 1})["spec"]["tiers"][0]]}},
     )  # fmt: skip
-    wait_for(lambda: len(_pods(k8s_api, namespace)) == 1, timeout=60, message="scaled to 1 pod")
+    wait_for(lambda: len(_pods(k8s_api, namespace)) == 1, timeout=120, message="scaled to 1 pod")
     (kept,) = (p.metadata.name for p in _pods(k8s_api, namespace))
     (removed,) = set(pids) - {kept}
     removed_pid = pids[removed]
@@ -230,7 +236,7 @@ def test_scale_down_sigterms_a_busy_worker_which_finishes_its_tasks(
     assert "SIGKILL" not in logs
 
     # Nothing lost: the prefetched-but-unstarted messages went back to the queue and ran on the survivor.
-    wait_for(lambda: redis_db.llen("demo:done") == 8, timeout=60, message="all 8 tasks done")
+    wait_for(lambda: redis_db.llen("demo:done") == 8, timeout=120, message="all 8 tasks done")
     assert len({r["id"] for r in _records(redis_db, "demo:done")}) == 8
 
 
@@ -239,7 +245,7 @@ def test_killed_worker_is_restarted_and_its_restart_reported(
     redis_server: RedisServer, redis_db: Any, localrun: LocalRuntime,
 ) -> None:  # fmt: skip
     _setup(cluster, k8s_api, namespace, redis_server.url, _pool("crash"))
-    (pod_name, pid), = wait_for(lambda: _local_pids(k8s_api, namespace) or None, timeout=90,
+    (pod_name, pid), = wait_for(lambda: _local_pids(k8s_api, namespace) or None, timeout=180,
                                 message="the first worker is ready").items()  # fmt: skip
 
     os.kill(pid, signal.SIGKILL)
@@ -250,7 +256,7 @@ def test_killed_worker_is_restarted_and_its_restart_reported(
         new_pid = _local_pids(k8s_api, namespace).get(pod_name)
         return status if status and status.restart_count == 1 and new_pid and new_pid != pid else None
 
-    status = wait_for(restarted, timeout=60, message=lambda: f"a restarted worker; log:\n{localrun.logs()[-2000:]}")
+    status = wait_for(restarted, timeout=90, message=lambda: f"a restarted worker; log:\n{localrun.logs()[-2000:]}")
     assert status.last_state.terminated.exit_code == 137
     assert status.ready is True
 
@@ -275,7 +281,7 @@ def test_missing_secret_is_reported_on_the_pod_until_it_appears(
                 return status
         return None
 
-    status = wait_for(config_error, timeout=90, message=lambda: f"CreateContainerConfigError; log:\n{localrun.logs()}")
+    status = wait_for(config_error, timeout=180, message=lambda: f"CreateContainerConfigError; log:\n{localrun.logs()}")
     assert status.state.waiting.message == f'secret "app-extra" not found in namespace {namespace}'
     ready = next(c for c in _pods(k8s_api, namespace)[0].status.conditions if c.type == "Ready")
     assert (ready.status, ready.reason) == ("False", "LocalProcessNotRunning")

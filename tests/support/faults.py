@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,6 +192,26 @@ def own_namespace(cluster: Cluster, prefix: str = "f") -> Iterator[str]:
         yield name
     finally:
         cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+def until_watched(cluster: Cluster, namespace: str, predicate: Callable[[], Any], timeout: float = 60) -> Any:
+    """Wait for `predicate` (the operator's first reaction in `namespace`), nudging its namespace watch.
+
+    Kopf 1.45 lists namespaces once, then starts its namespace watch with a second listing whose
+    items it ignores: a namespace created between the two (right after the operator started)
+    goes unnoticed until it next changes. A label change every couple of seconds is that change.
+    """
+    touches = iter(range(1_000_000))
+    last = [time.monotonic()]
+
+    def reacted() -> Any:
+        value = predicate()
+        if not value and time.monotonic() - last[0] > 2:
+            last[0] = time.monotonic()
+            cluster.kubectl("label", "namespace", namespace, f"celeryfleet.io/nudge={next(touches)}", "--overwrite")
+        return value
+
+    return wait_for(reacted, timeout=timeout, message=f"the operator's first reaction in {namespace}")
 
 
 def proxied_kubeconfig(source: Path, target: Path, server: str) -> Path:

@@ -336,6 +336,10 @@ class RedisTarget:
         query = parse_qsl(parts.query, keep_blank_values=True)
         secrets += tuple(v for k, v in query if k == "password" and v)
         db = parts.path.lstrip("/") or "0"
+        if not db.isdigit():
+            # redis-py would quietly read db 0 while kombu refuses to start the workers. The path
+            # is not echoed: it is user input and may hold anything.
+            raise BrokerError(ErrorKind.INVALID_URL, "the database in the broker URL path must be a number (e.g. /0)")
         # Not URL-shaped on purpose: Events and status drop anything that looks like a URL.
         tls = " (TLS)" if parts.scheme == "rediss" else ""
         display = f"{parts.hostname or 'localhost'}:{port or 6379}/{db}{tls}"

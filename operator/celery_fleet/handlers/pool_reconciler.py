@@ -90,7 +90,23 @@ class PoolReconciler:
             return Outcome(requeue_after=5.0, error=True)
 
         if not spec.paused:
-            self._apply_children(key, name, body, spec, ref)
+            try:
+                self._apply_children(key, name, body, spec, ref)
+            except ApiError as err:
+                # Server-side apply answers 500 "failed to convert new object" for values it cannot
+                # decode (e.g. a quantity "lots"): a rejection like 400/422, not a server fault.
+                unconvertible = err.status == 500 and err.message.startswith("failed to convert new object")
+                if err.status not in (400, 422) and not unconvertible:
+                    raise
+                # The apiserver refuses a child built from this spec (a label value, a quantity, an
+                # env entry it cannot parse): retrying cannot help, the spec must change. Say so.
+                rejected = Problem(
+                    "ChildRejected",
+                    f"the apiserver rejected a child built from this spec: {err.message}. "
+                    "Fix the matching field of the pool's spec and apply it again.",
+                )
+                self._write_status(key, body, ref, spec=spec, problem=rejected)
+                return Outcome(error=True)
         self._write_status(key, body, ref, spec=spec, problem=None)
         return Outcome()
 

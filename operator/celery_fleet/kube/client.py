@@ -179,7 +179,9 @@ class Kube:
         if raw is None:
             string_data = (secret.get("stringData") or {}).get(key)
             return str(string_data) if string_data is not None else None
-        return base64.b64decode(raw).decode("utf-8", errors="strict")
+        # Bytes that are not UTF-8 become U+FFFD: the value then fails the URL checks with a
+        # condition naming the Secret, instead of crashing every reconcile of the pool.
+        return base64.b64decode(raw).decode("utf-8", errors="replace")
 
     def list(self, api_version: str, kind: str, namespace: str, label_selector: str = "") -> list[dict[str, Any]]:
         query = [("labelSelector", label_selector)] if label_selector else []

@@ -129,6 +129,7 @@ class LocalRuntime:
 
     def report(self) -> None:
         now = dt.datetime.now(dt.UTC)
+        self.reported &= set(self.supervisor.pods)
         for view in self.supervisor.views():
             local = self.supervisor.pods.get(view.uid)
             if local is None:
@@ -142,7 +143,7 @@ class LocalRuntime:
                 continue
             try:
                 updated = self.cluster.patch_pod_status(view.namespace, view.name, patch)
-            except Exception as exc:
+            except Exception as exc:  # best effort: the next tick tries again
                 log.warning("pod %s/%s: cannot report status: %s", view.namespace, view.name, exc)
                 continue
             if updated is not None:
@@ -171,7 +172,7 @@ class LocalRuntime:
             meta = pod["metadata"]
             try:
                 self.cluster.patch_pod_status(meta["namespace"], meta["name"], stopped_patch(now))
-            except Exception:
+            except Exception:  # the cluster may be gone already; the pods then go with it
                 continue
 
 
