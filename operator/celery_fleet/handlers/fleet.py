@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -11,7 +12,7 @@ from celery_fleet import metrics
 from celery_fleet.handlers.autoscaler import Autoscaler
 from celery_fleet.handlers.beat_reconciler import BeatReconciler
 from celery_fleet.handlers.cache import FleetCache, ObjKey
-from celery_fleet.handlers.pool_reconciler import PoolReconciler
+from celery_fleet.handlers.pool_reconciler import Outcome, PoolReconciler
 from celery_fleet.handlers.workqueue import WorkQueue
 from celery_fleet.kube.client import Kube
 
@@ -42,39 +43,32 @@ class Fleet:
         self.beats = BeatReconciler(self.kube, self.cache, self.config.elector_image)
         self.autoscaler = Autoscaler(self.kube, self.cache, self.pool_queue.add, interval=self.config.poll_interval)
 
-    async def _reconcile_pool(self, key: ObjKey) -> None:
+    async def _reconcile(
+        self, kind: str, reconcile: Callable[[ObjKey], Outcome], queue: WorkQueue[ObjKey], key: ObjKey
+    ) -> None:
         try:
-            outcome = await asyncio.to_thread(self.pools.reconcile, key)
+            outcome = await asyncio.to_thread(reconcile, key)
         except Exception:  # a bug must not stop the queue; the key is retried with backoff
-            log.exception("pool %s/%s: reconcile crashed", *key)
-            metrics.RECONCILES.labels("CeleryWorkerPool", "crash").inc()
-            self.pool_queue.backoff(key)
+            log.exception("%s %s/%s: reconcile crashed", kind, *key)
+            metrics.RECONCILES.labels(kind, "crash").inc()
+            queue.backoff(key)
             return
         if outcome.error:
-            self.pool_queue.backoff(key)
+            queue.backoff(key)
         else:
-            self.pool_queue.forget(key)
+            queue.forget(key)
             if outcome.requeue_after:
-                self.pool_queue.add_after(key, outcome.requeue_after)
+                queue.add_after(key, outcome.requeue_after)
+
+    async def _reconcile_pool(self, key: ObjKey) -> None:
+        await self._reconcile("CeleryWorkerPool", self.pools.reconcile, self.pool_queue, key)
         pools, tiers, beats = self.cache.counts()
         metrics.POOLS.set(pools)
         metrics.TIERS.set(tiers)
         metrics.BEATS.set(beats)
 
     async def _reconcile_beat(self, key: ObjKey) -> None:
-        try:
-            outcome = await asyncio.to_thread(self.beats.reconcile, key)
-        except Exception:  # a bug must not stop the queue; the key is retried with backoff
-            log.exception("beat %s/%s: reconcile crashed", *key)
-            metrics.RECONCILES.labels("CeleryBeat", "crash").inc()
-            self.beat_queue.backoff(key)
-            return
-        if outcome.error:
-            self.beat_queue.backoff(key)
-        else:
-            self.beat_queue.forget(key)
-            if outcome.requeue_after:
-                self.beat_queue.add_after(key, outcome.requeue_after)
+        await self._reconcile("CeleryBeat", self.beats.reconcile, self.beat_queue, key)
 
     async def run(self) -> None:
         # Reconciles and scale calls use the blocking client in threads; asyncio's default pool

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import kopf
 
 from celery_fleet import GROUP, VERSION
-from celery_fleet.handlers.cache import BEAT_LABEL, POOL_LABEL
+from celery_fleet.handlers.cache import BEAT_LABEL, POOL_LABEL, ObjKey
 from celery_fleet.handlers.fleet import Fleet
 
 log = logging.getLogger(__name__)
@@ -43,27 +44,30 @@ async def stop_fleet(memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.event(GROUP, VERSION, "celeryworkerpools", id="pool-events")
-async def pool_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def pool_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     fleet = _fleet(memo)
-    raw = event["object"]
-    key = (raw["metadata"]["namespace"], raw["metadata"]["name"])
-    if event["type"] == "DELETED":
-        fleet.cache.drop_pool(key)
-        return
-    fleet.cache.put_pool(raw)
-    fleet.pool_queue.add(key)
+    _owner_event(event, fleet.cache.put_pool, fleet.cache.drop_pool, fleet.pool_queue.add)
 
 
 @kopf.on.event(GROUP, VERSION, "celerybeats", id="beat-events")
 async def beat_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     fleet = _fleet(memo)
+    _owner_event(event, fleet.cache.put_beat, fleet.cache.drop_beat, fleet.beat_queue.add)
+
+
+def _owner_event(
+    event: kopf.RawEvent,
+    put: Callable[[Mapping[str, Any]], ObjKey],
+    drop: Callable[[ObjKey], None],
+    enqueue: Callable[[ObjKey], None],
+) -> None:
     raw = event["object"]
     key = (raw["metadata"]["namespace"], raw["metadata"]["name"])
     if event["type"] == "DELETED":
-        fleet.cache.drop_beat(key)
+        drop(key)
         return
-    fleet.cache.put_beat(raw)
-    fleet.beat_queue.add(key)
+    put(raw)
+    enqueue(key)
 
 
 @kopf.on.event("coordination.k8s.io", "v1", "leases", labels={BEAT_LABEL: kopf.PRESENT}, id="beat-lease-events")
