@@ -108,5 +108,35 @@ def operator(cluster: Cluster, crds_installed: list[str], tmp_path_factory: pyte
         cluster.kubeconfig, [f"{SESSION_PREFIX}-*"], tmp_path_factory.mktemp("operator") / "operator.log"
     )
     proc.start()
+    _warm_up(cluster, proc)
     yield proc
     proc.stop()
+
+
+def _warm_up(cluster: Cluster, proc: OperatorProcess) -> None:
+    """Wait until the operator acts in a namespace of this session.
+
+    Kopf 1.45, watching namespaces by glob, misses a namespace created while its namespace watch
+    starts (right after the operator did); one reaction in a fresh namespace shows that window
+    is over for every namespace the tests create afterwards.
+    """
+    from tests.support.faults import until_watched
+
+    ns = f"{SESSION_PREFIX}-warmup-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl("create", "namespace", ns)
+    pool = {
+        "apiVersion": "celeryfleet.io/v1alpha1",
+        "kind": "CeleryWorkerPool",
+        "metadata": {"name": "warmup"},
+        "spec": {"app": "a", "image": "example/warmup:1", "broker": {"url": "redis://127.0.0.1:1/0"}},
+    }
+    import json
+
+    cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(pool))
+    until_watched(
+        cluster,
+        ns,
+        lambda: cluster.kubectl("get", "deployment", "warmup-high", "-n", ns, check=False).returncode == 0,
+        timeout=120,
+    )
+    cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)

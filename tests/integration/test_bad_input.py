@@ -121,7 +121,9 @@ class Case:
 
 
 def _cases(good_url: str, host: str, port: int, password: str) -> list[Case]:
-    by_secret = lambda key="url": {"urlSecretRef": {"name": "", "key": key}}  # noqa: E731  (name filled below)
+    def by_secret() -> dict[str, Any]:
+        return {"urlSecretRef": {"name": "", "key": "url"}}  # the name is the case's Secret, filled in later
+
     return [
         Case("wrong-key", "Degraded", "True", "BrokerSecretMissing", ("spec.broker.urlSecretRef", "'url'"),
              by_secret(), {"uri": good_url}),
@@ -202,6 +204,9 @@ def test_bad_manifests_are_reported_and_other_pools_keep_scaling(
     apply(cluster, ns, pool_manifest(long_name, {"url": good}, [tier(long_tier, "long")]))
     broker_secret(k8s_api, ns, "beat-broker", {"url": ""})
     apply(cluster, ns, beat_manifest("clock", {"urlSecretRef": {"name": "beat-broker", "key": "url"}}))
+    labelled = beat_manifest("labelled", {"url": good})
+    labelled["spec"]["podLabels"] = {"team": "not a label value!"}
+    apply(cluster, ns, labelled)
 
     for case in cases:
 
@@ -226,10 +231,17 @@ def test_bad_manifests_are_reported_and_other_pools_keep_scaling(
     wait_converged(k8s_api, ns, "maximal")
     wait_converged(k8s_api, ns, long_name)
     assert f"{long_name}-{long_tier}" in deployments(k8s_api, ns, long_name)
-    beat = client.CustomObjectsApi(k8s_api).get_namespaced_custom_object(GROUP, VERSION, ns, BEATS, "clock")
-    wait_for(lambda: condition(client.CustomObjectsApi(k8s_api).get_namespaced_custom_object(
-        GROUP, VERSION, ns, BEATS, "clock"), "Degraded").get("reason", "").startswith("BrokerSecret"),
-        timeout=30, message=lambda: f"beat Degraded for its empty Secret: {beat.get('status')}")  # fmt: skip
+
+    def beat_degraded(name: str, reason: str) -> dict[str, Any]:
+        def degraded() -> dict[str, Any] | None:
+            beat = client.CustomObjectsApi(k8s_api).get_namespaced_custom_object(GROUP, VERSION, ns, BEATS, name)
+            cond = condition(beat, "Degraded")
+            return cond if cond.get("status") == "True" and cond.get("reason", "").startswith(reason) else None
+
+        return wait_for(degraded, timeout=30, message=f"beat {name} Degraded {reason}")
+
+    beat_degraded("clock", "BrokerSecret")
+    assert "labelled-beat" in beat_degraded("labelled", "ChildRejected")["message"]
 
     # And the healthy pool, in the same operator, still scales both ways.
     push_backlog(redis_db, "work", 40)

@@ -401,10 +401,12 @@ def test_namespace_deleted_with_pools_and_beats_goes_completely(
         try:
             core.read_namespace(ns)
         except client.ApiException as exc:
-            return exc.status == 404
+            return bool(exc.status == 404)
         return False
 
-    left = lambda: cluster.kubectl("get", "all", "-n", ns, check=False).stdout  # noqa: E731  (only for the message)
+    def left() -> str:
+        return cluster.kubectl("get", "all", "-n", ns, check=False).stdout
+
     wait_for(gone, timeout=90, interval=0.5, message=lambda: f"namespace {ns} gone; left: {left()}")
     log = operator.logs()[before:]
     assert "crashed" not in log and "Traceback" not in log, log[-3000:]

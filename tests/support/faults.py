@@ -304,9 +304,9 @@ def _address(hex_addr: str) -> tuple[str, int]:
 
 
 def socket_endpoints(pid: int) -> set[Endpoint]:
-    """The remote ends of the sockets process `pid` holds (its /proc fds matched to /proc/<pid>/net/*).
+    """The remote ends of the connections process `pid` opened (its /proc fds matched to /proc/<pid>/net/*).
 
-    Listening sockets (metrics, health) have no remote end and are skipped.
+    Listening sockets and the connections they accepted (metrics scrapes, health probes) are skipped.
     """
     inodes: set[str] = set()
     fd_dir = Path(f"/proc/{pid}/fd")
@@ -315,7 +315,7 @@ def socket_endpoints(pid: int) -> set[Endpoint]:
             target = Path(fd).readlink().as_posix()
             if target.startswith("socket:["):
                 inodes.add(target[len("socket:[") : -1])
-    found: set[Endpoint] = set()
+    rows: list[tuple[str, int, str, int, str]] = []  # (proto, local port, remote host, remote port, state)
     for proto in ("tcp", "tcp6", "udp", "udp6"):
         path = Path(f"/proc/{pid}/net/{proto}")
         if not path.exists():
@@ -326,10 +326,14 @@ def socket_endpoints(pid: int) -> set[Endpoint]:
                 continue
             state = _TCP_STATES.get(cols[3], cols[3]) if proto.startswith("tcp") else "UDP"
             host, port = _address(cols[2])
-            if state == "LISTEN" or port == 0:
-                continue
-            found.add(Endpoint(proto, host, port, state))
-    return found
+            rows.append((proto, _address(cols[1])[1], host, port, state))
+    # Connections accepted by its own servers (metrics, health probes) are inbound: not its doing.
+    listening = {local for _, local, _, _, state in rows if state == "LISTEN"}
+    return {
+        Endpoint(proto, host, port, state)
+        for proto, local, host, port, state in rows
+        if state != "LISTEN" and port != 0 and local not in listening
+    }
 
 
 class ConnectionSampler:

@@ -16,7 +16,7 @@ from typing import Any
 from celery_fleet import GROUP, VERSION, metrics
 from celery_fleet.api.models import CeleryBeatSpec, InvalidSpec, parse_beat
 from celery_fleet.handlers.cache import BEAT_LABEL, FleetCache, ObjKey
-from celery_fleet.handlers.pool_reconciler import Outcome, utcnow
+from celery_fleet.handlers.pool_reconciler import Outcome, rejected_child, utcnow
 from celery_fleet.kube.client import ApiError, Kube
 from celery_fleet.kube.events import ObjectRef, post_event
 from celery_fleet.planning.beat_status import BeatStatusInput, beat_status, current_leader, view_lease
@@ -90,6 +90,10 @@ class BeatReconciler:
                 self._apply_children(key, body, spec, ref, runtime)
             except InvalidSpec as err:
                 problem = Problem("InvalidSpec", f"{err.message}. Fix the manifest and apply it again.")
+            except ApiError as err:
+                problem = rejected_child(err)
+                if problem is None:
+                    raise
         requeue = self._write_status(key, body, ref, runtime, spec, problem)
         if problem is not None and problem.reason.startswith("BrokerSecret"):
             return Outcome(requeue_after=5.0, error=True)

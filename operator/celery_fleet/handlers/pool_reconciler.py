@@ -51,6 +51,24 @@ def replicas_for(tier: Tier, observed: Mapping[str, Any] | None, scaler_desired:
     return tier.replicas.min
 
 
+def rejected_child(err: ApiError) -> Problem | None:
+    """The problem to report when the apiserver refused a child built from the spec, else None.
+
+    A label value, a quantity or an env entry the apiserver cannot take: retrying cannot help,
+    only a spec change can, so it goes to the conditions rather than only to the log.
+    """
+    # Server-side apply answers 500 "failed to convert new object" for values it cannot decode
+    # (e.g. a quantity "lots"): a rejection like 400/422, not a server fault.
+    unconvertible = err.status == 500 and err.message.startswith("failed to convert new object")
+    if err.status not in (400, 422) and not unconvertible:
+        return None
+    return Problem(
+        "ChildRejected",
+        f"the apiserver rejected a child built from this spec: {err.message}. "
+        "Fix the matching field of the spec and apply it again.",
+    )
+
+
 class PoolReconciler:
     def __init__(self, kube: Kube, cache: FleetCache) -> None:
         self.kube = kube
@@ -93,18 +111,9 @@ class PoolReconciler:
             try:
                 self._apply_children(key, name, body, spec, ref)
             except ApiError as err:
-                # Server-side apply answers 500 "failed to convert new object" for values it cannot
-                # decode (e.g. a quantity "lots"): a rejection like 400/422, not a server fault.
-                unconvertible = err.status == 500 and err.message.startswith("failed to convert new object")
-                if err.status not in (400, 422) and not unconvertible:
+                rejected = rejected_child(err)
+                if rejected is None:
                     raise
-                # The apiserver refuses a child built from this spec (a label value, a quantity, an
-                # env entry it cannot parse): retrying cannot help, the spec must change. Say so.
-                rejected = Problem(
-                    "ChildRejected",
-                    f"the apiserver rejected a child built from this spec: {err.message}. "
-                    "Fix the matching field of the pool's spec and apply it again.",
-                )
                 self._write_status(key, body, ref, spec=spec, problem=rejected)
                 return Outcome(error=True)
         self._write_status(key, body, ref, spec=spec, problem=None)
