@@ -41,9 +41,26 @@ def build_parser() -> argparse.ArgumentParser:
     peering = run.add_mutually_exclusive_group()
     peering.add_argument("--standalone", action="store_true", default=True, help="no peering (one replica; default)")
     peering.add_argument(
-        "--peering", metavar="NAME", help="Kopf peering object NAME: several replicas, one active at a time"
+        "--peering",
+        metavar="NAME",
+        help="Kopf peering object NAME (pauses Kopf's watches only, not our reconcile and scaling loops: "
+        "for several replicas use --leader-elect)",
     )
     run.add_argument("--priority", type=int, default=0, help="peering priority of this replica")
+    election = run.add_argument_group(
+        "leader election (several replicas, one active: the operator runs only while it holds a Lease)"
+    )
+    election.add_argument("--leader-elect", action="store_true", help="run the operator under the Lease elector")
+    election.add_argument("--lease-name", default="celery-fleet-operator", help="Lease name")
+    election.add_argument(
+        "--lease-namespace",
+        default=os.environ.get("POD_NAMESPACE", "default"),
+        help="namespace of the Lease (default: $POD_NAMESPACE, else default)",
+    )
+    election.add_argument("--identity", default=None, help="holder identity (default: $POD_NAME, else the hostname)")
+    election.add_argument("--lease-duration", type=int, default=15, help="leaseDurationSeconds")
+    election.add_argument("--renew-deadline", type=float, default=10.0, help="stop if not renewed within this")
+    election.add_argument("--retry-period", type=float, default=2.0, help="renew/poll interval")
 
     crds = sub.add_parser("crds", help="print the generated CRDs as YAML")
     crds.add_argument("--check", action="store_true", help="fail when crds/ is stale")
@@ -91,6 +108,41 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+_ELECTION_FLAGS = {"--lease-name", "--lease-namespace", "--identity", "--lease-duration", "--renew-deadline",
+                   "--retry-period"}  # fmt: skip
+
+
+def _run_elected(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """`run --leader-elect`: the operator as the elector's command, so only the Lease holder acts.
+
+    The elector stops the operator once it has failed to renew for the renew deadline, which is
+    shorter than the lease duration, so a cut-off replica has stopped before a standby starts.
+    """
+    from celery_fleet import elector
+
+    child: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--leader-elect":
+            continue
+        name = arg.split("=", 1)[0]
+        if name in _ELECTION_FLAGS:
+            skip = "=" not in arg
+            continue
+        child.append(arg)
+    elect = ["--namespace", args.lease_namespace, "--lease", args.lease_name]
+    elect += ["--duration", str(args.lease_duration), "--renew-deadline", str(args.renew_deadline)]
+    elect += ["--retry-period", str(args.retry_period)]
+    if args.identity:
+        elect += ["--identity", args.identity]
+    if args.kubeconfig:
+        elect += ["--kubeconfig", args.kubeconfig]
+    return int(elector.main([*elect, "--", sys.executable, "-m", "celery_fleet.cli", *child]))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "localrun":
@@ -103,6 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(elector.main(argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "run" and args.leader_elect:
+        return _run_elected(args, argv)
     if args.command == "run":
         return _run(args)
     if args.command == "crds":
