@@ -53,15 +53,6 @@ def start_operator(cluster: Cluster, namespaces: list[str], workdir: Path, *extr
     return op
 
 
-def metric(op: OperatorProcess, name: str) -> float:
-    """Sum of a metric's samples (all label sets) from the operator's /metrics."""
-    total = 0.0
-    for line in op.metrics().splitlines():
-        if line.startswith(name) and (line[len(name)] in " {"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def proc_usage(pid: int) -> tuple[float, float]:
     """(resident MiB, CPU seconds) of a process, from /proc."""
     rss_kib = 0

@@ -19,7 +19,6 @@ from typing import Any
 from _harness import (
     RedisServer,
     cluster_with_crds,
-    metric,
     proc_usage,
     start_operator,
     wait_for,
@@ -87,7 +86,7 @@ def main() -> None:
     pid = op.proc.pid
     try:
         rss0, cpu0 = proc_usage(pid)
-        req0 = metric(op, "celery_fleet_kube_api_requests")
+        req0 = op.metric("celery_fleet_kube_api_requests")
         sampler = Sampler(pid)
         sampler.start()
         t0 = time.monotonic()
@@ -113,14 +112,14 @@ def main() -> None:
         ready_s = time.monotonic() - t0
         sampler.stop_flag.set()
         rss1, cpu1 = proc_usage(pid)
-        req1 = metric(op, "celery_fleet_kube_api_requests")
+        req1 = op.metric("celery_fleet_kube_api_requests")
 
         # Steady state: nothing changes; count what the operator asks of the apiserver.
         time.sleep(2)
-        s_req0, s_cpu0 = metric(op, "celery_fleet_kube_api_requests"), proc_usage(pid)[1]
+        s_req0, s_cpu0 = op.metric("celery_fleet_kube_api_requests"), proc_usage(pid)[1]
         time.sleep(args.steady)  # measuring an interval of idleness is the point here
-        s_req1, (s_rss, s_cpu1) = metric(op, "celery_fleet_kube_api_requests"), proc_usage(pid)
-        polls = metric(op, "celery_fleet_broker_poll_duration_seconds_count")
+        s_req1, (s_rss, s_cpu1) = op.metric("celery_fleet_kube_api_requests"), proc_usage(pid)
+        polls = op.metric("celery_fleet_broker_poll_duration_seconds_count")
 
         storm_rows = ""
         if args.storm:

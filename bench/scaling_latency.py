@@ -17,7 +17,6 @@ from _harness import (
     RedisServer,
     cluster_with_crds,
     kubectl_apply_many,
-    metric,
     proc_usage,
     start_operator,
     wait_for,
@@ -79,14 +78,14 @@ def main() -> None:
 
         # Cost with 1 + idle pools on one broker, nothing happening.
         polls0, cmds0, cpu0 = (
-            metric(op, "celery_fleet_broker_poll_duration_seconds_count"),
+            op.metric("celery_fleet_broker_poll_duration_seconds_count"),
             commandstats(r),
             proc_usage(op.proc.pid)[1],
         )
         t0 = time.monotonic()
         time.sleep(20)  # an idle interval is what is being measured
         polls1, cmds1, cpu1 = (
-            metric(op, "celery_fleet_broker_poll_duration_seconds_count"),
+            op.metric("celery_fleet_broker_poll_duration_seconds_count"),
             commandstats(r),
             proc_usage(op.proc.pid)[1],
         )

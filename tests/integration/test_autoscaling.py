@@ -143,11 +143,12 @@ def test_broker_down_holds_replicas_and_reports_then_recovers(
         cond = wait_for(unreachable, timeout=30, message="BrokerReachable=False")
         assert cond["reason"].startswith("Broker")
         assert any(e.type == "Warning" and e.reason.startswith("Broker") for e in _events(k8s_api, namespace, "outage"))
-        # Held, not scaled down, for several polls with the broker gone: observe the state the
-        # operator itself reports (desired == current) across a stretch of its own polls.
-        for _ in range(3):
-            wait_for(lambda: _tier_status(_get(k8s_api, namespace, "outage"), "high")["desiredReplicas"] == 3,
-                     timeout=10, message="desired held at 3")  # fmt: skip
+        # Held, not scaled down, over several polls with the broker gone: every autoscaler tick counts
+        # one broker error per failing pool, so six more errors mean several ticks saw this one down.
+        errors = operator.metric("celery_fleet_broker_errors_total")
+        wait_for(lambda: operator.metric("celery_fleet_broker_errors_total") >= errors + 6, timeout=30,
+                 message="several failed polls")  # fmt: skip
+        assert _tier_status(_get(k8s_api, namespace, "outage"), "high")["desiredReplicas"] == 3
         assert _replicas(k8s_api, namespace, "outage-high") == 3
 
         redis.start()

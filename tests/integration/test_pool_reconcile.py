@@ -200,10 +200,14 @@ def test_paused_pool_is_left_alone(
         timeout=30,
         message="Ready reason Paused",
     )
+    reconciles = operator.metric("celery_fleet_reconciles_total")
     apps.delete_namespaced_deployment(f"{name}-low", namespace)
     wait_for(lambda: "low" not in _deployments(k8s_api, namespace, name), timeout=30, message="low deleted")
-    # The operator must not restore it while paused. Let it see the deletion event and reconcile:
-    # unpausing afterwards restores it, which proves the event had been seen and ignored.
+    # The deletion wakes a reconcile of the pool: once the operator has reconciled again, the
+    # Deployment must still be gone (paused), and unpausing restores it.
+    wait_for(lambda: operator.metric("celery_fleet_reconciles_total") > reconciles, timeout=30,
+             message="a reconcile after the deletion")  # fmt: skip
+    assert "low" not in _deployments(k8s_api, namespace, name)
     client.CustomObjectsApi(k8s_api).patch_namespaced_custom_object(
         GROUP, VERSION, namespace, PLURAL, name, {"spec": {"paused": False}}
     )

@@ -51,6 +51,14 @@ class OperatorProcess:
         with urllib.request.urlopen(self.metrics_url, timeout=5) as r:
             return str(r.read().decode())
 
+    def metric(self, name: str) -> float:
+        """Sum of a metric's samples over all its label sets."""
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in self.metrics().splitlines()
+            if line.startswith(name) and line[len(name)] in " {"
+        )
+
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 

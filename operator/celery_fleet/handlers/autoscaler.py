@@ -131,10 +131,10 @@ class Autoscaler:
             union: set[QueueRef] = set()
             for key, _body, _spec, refs in entries:
                 owner = f"{key[0]}/{key[1]}"
-                if self._owner_url.get(owner) != url:
-                    await self.registry.poller_for(owner, url)
+                # Registering is needed once per owner (and when its URL changes); one poller per URL.
+                if poller is None or self._owner_url.get(owner) != url:
+                    poller = await self.registry.poller_for(owner, url)
                     self._owner_url[owner] = url
-                poller = await self.registry.poller_for(owner, url) if poller is None else poller
                 tier_refs = [r for rs in refs.values() for r in rs]
                 poller.want(owner, tier_refs)
                 union.update(tier_refs)

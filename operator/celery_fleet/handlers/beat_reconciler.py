@@ -16,12 +16,12 @@ from typing import Any
 from celery_fleet import GROUP, VERSION, metrics
 from celery_fleet.api.models import CeleryBeatSpec, InvalidSpec, parse_beat
 from celery_fleet.handlers.cache import BEAT_LABEL, FleetCache, ObjKey
-from celery_fleet.handlers.pool_reconciler import Outcome, rejected_child, utcnow
+from celery_fleet.handlers.pool_reconciler import Outcome, object_version, rejected_child, utcnow
 from celery_fleet.kube.client import ApiError, Kube
 from celery_fleet.kube.events import ObjectRef, post_event
-from celery_fleet.planning.beat_status import BeatStatusInput, beat_status, current_leader, view_lease
+from celery_fleet.planning.beat_status import BeatStatusInput, beat_status, current_leader, parse_time, view_lease
 from celery_fleet.planning.beat_workload import beat_children, beat_names
-from celery_fleet.planning.conditions import merge_conditions
+from celery_fleet.planning.conditions import conditions_equal, merge_conditions
 from celery_fleet.planning.drift import has_drifted
 from celery_fleet.planning.pool_status import Problem
 
@@ -79,7 +79,7 @@ class BeatReconciler:
         problem: Problem | None = None
         if spec.broker.url_secret_ref is not None:
             sref = spec.broker.url_secret_ref
-            if not self.kube.secret_value(namespace, sref.name, sref.key):
+            if not self.kube.secret_value(namespace, sref.name, sref.key, reader=object_version(body)):
                 problem = Problem(
                     "BrokerSecretMissing",
                     f"spec.broker.urlSecretRef: Secret {namespace}/{sref.name} has no (non-empty) key {sref.key!r}. "
@@ -189,8 +189,6 @@ class BeatReconciler:
 
     @staticmethod
     def _status_same(old: dict[str, Any], new: dict[str, Any]) -> bool:
-        from celery_fleet.planning.conditions import conditions_equal
-
         if not conditions_equal(old.get("conditions"), new.get("conditions")):
             return False
         for k in ("observedGeneration", "leader", "leaseTransitions"):
@@ -199,7 +197,5 @@ class BeatReconciler:
         old_renew, new_renew = old.get("renewTime"), new.get("renewTime")
         if old_renew == new_renew:
             return True
-        from celery_fleet.planning.beat_status import parse_time
-
         a, b = parse_time(old_renew), parse_time(new_renew)
         return a is not None and b is not None and abs(b - a) < RENEW_TIME_REFRESH

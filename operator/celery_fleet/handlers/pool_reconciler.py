@@ -16,7 +16,7 @@ from typing import Any
 
 from celery_fleet import GROUP, VERSION, metrics
 from celery_fleet.api.models import CeleryWorkerPoolSpec, InvalidSpec, Tier, parse_pool
-from celery_fleet.handlers.cache import FleetCache, ObjKey
+from celery_fleet.handlers.cache import FleetCache, ObjKey, PoolRuntime
 from celery_fleet.kube.client import ApiError, Kube
 from celery_fleet.kube.events import ObjectRef, post_event
 from celery_fleet.planning.conditions import ConditionUpdate, conditions_equal, merge_conditions
@@ -102,7 +102,7 @@ class PoolReconciler:
             self._write_status(key, body, ref, spec=None, problem=invalid)
             return Outcome()
 
-        problem = self._resolve_broker(namespace, spec, runtime)
+        problem = self._resolve_broker(namespace, spec, runtime, reader=object_version(body))
         if problem is not None:
             self._write_status(key, body, ref, spec=spec, problem=problem)
             return Outcome(requeue_after=5.0, error=True)
@@ -119,14 +119,16 @@ class PoolReconciler:
         self._write_status(key, body, ref, spec=spec, problem=None)
         return Outcome()
 
-    def _resolve_broker(self, namespace: str, spec: CeleryWorkerPoolSpec, runtime: Any) -> Problem | None:
+    def _resolve_broker(
+        self, namespace: str, spec: CeleryWorkerPoolSpec, runtime: PoolRuntime, *, reader: str
+    ) -> Problem | None:
         broker = spec.broker
         if broker.url is not None:
             runtime.broker_url = broker.url
             return None
         ref = broker.url_secret_ref
         assert ref is not None  # exactly one of url / urlSecretRef (schema and model)
-        value = self.kube.secret_value(namespace, ref.name, ref.key)
+        value = self.kube.secret_value(namespace, ref.name, ref.key, reader=reader)
         if value is None:
             return Problem(
                 "BrokerSecretMissing",
@@ -234,6 +236,12 @@ class PoolReconciler:
             post_event(self.kube, ref, problem.reason, problem.message, "Warning")
             log.warning("pool %s/%s: %s: %s", namespace, name, problem.reason, problem.message)
         self.kube.patch_status(POOL_API_VERSION, "CeleryWorkerPool", namespace, name, status)
+
+
+def object_version(body: Mapping[str, Any]) -> str:
+    """Which version of which object asks for a Secret (see Kube.secret_value)."""
+    meta = body.get("metadata") or {}
+    return f"{meta.get('uid', '')}/{meta.get('resourceVersion', '')}"
 
 
 def _condition(status: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None:

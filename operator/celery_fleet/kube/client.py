@@ -7,8 +7,10 @@ reconciles are idempotent and hand edits of fields we own are taken back.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
@@ -20,6 +22,8 @@ from kubernetes.client.rest import ApiException
 from celery_fleet import FIELD_MANAGER
 
 log = logging.getLogger(__name__)
+
+SECRET_MAX_AGE = 30.0
 
 # kind -> (plural, namespaced); the only kinds the operator writes or reads.
 _RESOURCES: dict[tuple[str, str], tuple[str, bool]] = {
@@ -93,8 +97,9 @@ class Kube:
         self.api = api
         self.field_manager = field_manager
         self.requests = 0  # counted for benchmarks: requests this process made outside Kopf's watches
+        self._secrets: dict[tuple[str, str, str], tuple[float, dict[str, Any]]] = {}
 
-    def _call(
+    def request(
         self,
         method: str,
         path: str,
@@ -102,7 +107,9 @@ class Kube:
         body: Any = None,
         query: list[tuple[str, str]] | None = None,
         content_type: str = "application/json",
+        timeout: float = 30,
     ) -> Any:
+        """One apiserver request; every failure, answered or not, is an ApiError."""
         self.requests += 1
         try:
             data, _status, _headers = self.api.call_api(
@@ -114,7 +121,7 @@ class Kube:
                 auth_settings=["BearerToken"],
                 response_type="object",
                 _preload_content=True,
-                _request_timeout=30,
+                _request_timeout=timeout,
             )
         except ApiException as exc:
             raise ApiError.from_exception(exc) from None
@@ -131,12 +138,12 @@ class Kube:
         query = [("fieldManager", self.field_manager), ("force", "true" if force else "false")]
         return cast(
             dict[str, Any],
-            self._call("PATCH", path, body=dict(obj), query=query, content_type="application/apply-patch+yaml"),
+            self.request("PATCH", path, body=dict(obj), query=query, content_type="application/apply-patch+yaml"),
         )
 
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            return cast(dict[str, Any], self._call("GET", resource_path(api_version, kind, namespace, name)))
+            return cast(dict[str, Any], self.request("GET", resource_path(api_version, kind, namespace, name)))
         except ApiError as err:
             if err.status == 404:
                 return None
@@ -146,7 +153,7 @@ class Kube:
         """Delete with background propagation; False when it was already gone."""
         body = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Background"}
         try:
-            self._call("DELETE", resource_path(api_version, kind, namespace, name), body=body)
+            self.request("DELETE", resource_path(api_version, kind, namespace, name), body=body)
         except ApiError as err:
             if err.status == 404:
                 return False
@@ -155,12 +162,12 @@ class Kube:
 
     def patch_status(self, api_version: str, kind: str, namespace: str, name: str, status: Mapping[str, Any]) -> None:
         path = resource_path(api_version, kind, namespace, name) + "/status"
-        self._call("PATCH", path, body={"status": dict(status)}, content_type="application/merge-patch+json")
+        self.request("PATCH", path, body={"status": dict(status)}, content_type="application/merge-patch+json")
 
     def scale(self, namespace: str, deployment: str, replicas: int) -> None:
         """Set spec.replicas through the scale subresource (the autoscaler's only write)."""
         path = resource_path("apps/v1", "Deployment", namespace, deployment) + "/scale"
-        self._call(
+        self.request(
             "PATCH",
             path,
             body={"spec": {"replicas": replicas}},
@@ -168,13 +175,28 @@ class Kube:
             content_type="application/merge-patch+json",
         )
 
-    def secret_value(self, namespace: str, name: str, key: str) -> str | None:
-        """A Secret's decoded value, or None when the Secret or key is absent. Never logged."""
-        import base64
+    def secret_value(self, namespace: str, name: str, key: str, *, reader: str = "") -> str | None:
+        """A Secret's decoded value, or None when the Secret or key is absent. Never logged.
 
-        secret = self.get("v1", "Secret", namespace, name)
-        if secret is None:
-            return None
+        Reconciles run on every child or Lease event (a beat's Lease renews every few seconds) and
+        Secrets are not watched (that would need list/watch on every Secret). So a Secret that was
+        found is reused for the same `reader` (the asking object's uid and resourceVersion) for at
+        most SECRET_MAX_AGE: any change to that object, or the age, reads it again; a missing
+        Secret is read again on every retry.
+        """
+        now = time.monotonic()
+        cache_key = (namespace, name, reader)
+        cached = self._secrets.get(cache_key)
+        if cached is not None and now - cached[0] < SECRET_MAX_AGE:
+            secret: dict[str, Any] | None = cached[1]
+        else:
+            secret = self.get("v1", "Secret", namespace, name)
+            self._secrets = {k: v for k, v in self._secrets.items() if now - v[0] < SECRET_MAX_AGE}
+            if secret is None:
+                return None
+            if reader:
+                self._secrets[cache_key] = (now, secret)
+        assert secret is not None
         raw = (secret.get("data") or {}).get(key)
         if raw is None:
             string_data = (secret.get("stringData") or {}).get(key)
@@ -185,5 +207,5 @@ class Kube:
 
     def list(self, api_version: str, kind: str, namespace: str, label_selector: str = "") -> list[dict[str, Any]]:
         query = [("labelSelector", label_selector)] if label_selector else []
-        data = self._call("GET", resource_path(api_version, kind, namespace), query=query)
+        data = self.request("GET", resource_path(api_version, kind, namespace), query=query)
         return list(cast(dict[str, Any], data).get("items") or [])

@@ -58,6 +58,6 @@ def post_event(kube: Kube, ref: ObjectRef, reason: str, message: str, type_: Eve
     """Best effort: an Event that cannot be written must not fail the reconcile that caused it."""
     body = event_body(ref, reason, message, type_, dt.datetime.now(dt.UTC))
     try:
-        kube._call("POST", resource_path("v1", "Event", ref.namespace), body=body)
+        kube.request("POST", resource_path("v1", "Event", ref.namespace), body=body)
     except ApiError as err:
         log.warning("could not post event %s on %s/%s: %s", reason, ref.namespace, ref.name, err)

@@ -9,9 +9,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 from kubernetes import client
-from kubernetes.client.rest import ApiException
 
-from celery_fleet.kube.client import ApiError
+from celery_fleet.kube.client import ApiError, Kube
 
 MANAGED_SELECTOR = "app.kubernetes.io/managed-by=celery-fleet"
 
@@ -20,6 +19,7 @@ class LocalCluster:
     def __init__(self, api: client.ApiClient, namespaces: Sequence[str] = (), selector: str = MANAGED_SELECTOR):
         """`namespaces`: names or shell patterns (`t1234-*`); empty means every namespace."""
         self.api = api
+        self._kube = Kube(api)
         self.namespaces = list(namespaces)
         self.selector = selector
 
@@ -34,21 +34,7 @@ class LocalCluster:
 
     def _call(self, method: str, path: str, body: Any = None, query: list[tuple[str, str]] | None = None,
               content_type: str = "application/json", timeout: float = 10) -> Any:  # fmt: skip
-        try:
-            data, _status, _headers = self.api.call_api(
-                path,
-                method,
-                query_params=query or [],
-                header_params={"Content-Type": content_type, "Accept": "application/json"},
-                body=body,
-                auth_settings=["BearerToken"],
-                response_type="object",
-                _preload_content=True,
-                _request_timeout=timeout,
-            )
-        except ApiException as exc:
-            raise ApiError.from_exception(exc) from None
-        return data
+        return self._kube.request(method, path, body=body, query=query, content_type=content_type, timeout=timeout)
 
     def in_scope(self, namespace: str) -> bool:
         return not self.namespaces or any(fnmatch.fnmatchcase(namespace, p) for p in self.namespaces)
