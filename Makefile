@@ -68,13 +68,13 @@ unit: install ## unit tests only
 	$(VENV)/bin/pytest tests/unit -q
 
 .PHONY: test
-test: install install-system lint typecheck verify ## the whole suite: lint, types, generated files, unit + integration
+test: install install-system binaries lint typecheck verify ## the whole suite: lint, types, generated files, unit + integration
 	$(VENV)/bin/pytest tests -q --durations=15
 
 .PHONY: demo
-demo: install install-system cluster-up ## bring up the local cluster and Redis, and show how to reach them
+demo: install install-system binaries cluster-up ## bring up the local cluster and Redis, and show how to reach them
 	hack/demo.sh
 
 .PHONY: bench
-bench: install install-system ## benchmarks; results in bench/results/
+bench: install install-system binaries ## benchmarks; results in bench/results/
 	hack/bench.sh

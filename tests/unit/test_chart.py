@@ -52,7 +52,7 @@ def helm_binary() -> str | None:
 def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     binary = helm_binary()
     if binary is None:
-        pytest.skip("helm is not built yet: run `make binaries`")
+        pytest.fail("helm is not built: run `make binaries` (make test builds it)")
     proc = subprocess.run([binary, *args], capture_output=True, text=True, timeout=60)
     if check and proc.returncode != 0:
         raise AssertionError(f"helm {' '.join(args)} failed:\n{proc.stderr}{proc.stdout}")
