@@ -48,8 +48,17 @@ options:
 YAML
 }
 
+# Every component's process is alive: the apiserver can answer /readyz while the scheduler or the
+# controller-manager has exited (both exit when they lose their lease under a stalled apiserver).
+components_alive() {
+  local pids="$KWOK_WORKDIR/clusters/$name/pids" f
+  [[ -d "$pids" ]] || return 1
+  for f in "$pids"/*.pid; do kill -0 "$(cat "$f")" 2>/dev/null || { log "$(basename "$f" .pid) is not running"; return 1; }; done
+}
+
 healthy() {
-  [[ -f "$kubeconfig" ]] && "$kubectl" --kubeconfig "$kubeconfig" --request-timeout=5s get --raw /readyz >/dev/null 2>&1
+  [[ -f "$kubeconfig" ]] && components_alive &&
+    "$kubectl" --kubeconfig "$kubeconfig" --request-timeout=5s get --raw /readyz >/dev/null 2>&1
 }
 
 exists() { "$kwokctl" get clusters 2>/dev/null | grep -qx "$name"; }
@@ -68,6 +77,7 @@ up() {
   write_config
   if exists; then
     log "starting existing cluster $name"
+    "$kwokctl" --name "$name" stop cluster >&2 || true
     "$kwokctl" -c "$local_dir/kwok.yaml" --name "$name" start cluster --wait 120s >&2 || {
       log "restart failed; recreating"; "$kwokctl" --name "$name" delete cluster >&2 || true; }
   fi
