@@ -34,6 +34,7 @@ import redis
 
 from celery_fleet.brokers import BrokerPoller, queue_refs
 from celery_fleet.brokers.redis import DEFAULT_SCAN_LIMIT, Command, RedisDepthSource, RedisTarget, Reply, connect
+from celery_fleet.brokers.source import KeyLayout
 from celery_fleet.planning.scaling import Observation
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -229,7 +230,7 @@ async def bench_unacked(server: Server, size: int, polls: int, payload: bytes, s
     assert isinstance(observed, Observation), observed
     return UnackedRow(
         size, scan_limit, pct(latencies, 50), pct(latencies, 99), usec / max(1, calls), observed.in_flight,
-        reading.unacked[""].exact,
+        reading.unacked[KeyLayout()].exact,
     )  # fmt: skip
 
 

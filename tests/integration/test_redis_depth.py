@@ -30,6 +30,7 @@ from celery_fleet.brokers import (
     redis_registry,
 )
 from celery_fleet.brokers.redis import connect
+from celery_fleet.brokers.source import KeyLayout
 from celery_fleet.planning.scaling import Observation, ReadFailure
 from tests.support.celery_depth_app import HOLD
 from tests.support.cluster import ROOT
@@ -144,6 +145,7 @@ def test_poll_script_parses_every_unacked_shape(redis_db: redis.Redis[bytes], re
     }
     redis_db.hset("unacked", mapping=entries)
     redis_db.sadd("_kombu.binding.tasks", f"urgent{SEP}{SEP}q4")
+    redis_db.sadd("_kombu.binding.q1", f"q1{SEP}{SEP}q1")  # Celery's default: direct exchange named after the queue
     redis_db.hset("broken", "field", "value")  # a queue name taken by a non-list key
     redis_db.rpush(f"q1{SEP}6", "m1", "m2")
     refs = queue_refs(["q1", "q2", "qé", 'q"3', "q4", "broken"])
@@ -151,7 +153,7 @@ def test_poll_script_parses_every_unacked_shape(redis_db: redis.Redis[bytes], re
     by_name = {r.name: r for r in refs}
     assert seen(reading, [by_name["q1"]]) == Observation(2, 2)
     assert [seen(reading, [by_name[q]]).in_flight for q in ("q2", "qé", 'q"3', "q4")] == [1, 1, 1, 1]
-    assert reading.unacked[""] == UnackedSummary(size=7, scanned=7, unattributed=1)
+    assert reading.unacked[KeyLayout()] == UnackedSummary(size=7, scanned=7, unattributed=1)
     broken = reading.observe([by_name["broken"]])
     assert isinstance(broken, ReadFailure) and "WRONGTYPE" in broken.message
 
@@ -249,7 +251,7 @@ def test_in_flight_counts_unacked_messages_of_a_real_worker(
             f"{read(redis_server.url, refs).observe(refs)}, running={worker.running()}"
         ),
     )
-    assert reading.unacked[""].exact and reading.unacked[""].size == in_flight
+    assert reading.unacked[KeyLayout()].exact and reading.unacked[KeyLayout()].size == in_flight
 
     worker.release.touch()
     wait_for(

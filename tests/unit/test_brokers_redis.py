@@ -22,8 +22,8 @@ from celery_fleet.brokers.redis import (
     plan_poll,
     priority_key,
     queued_by_priority,
-    route,
 )
+from celery_fleet.brokers.source import KeyLayout
 from celery_fleet.planning.scaling import Observation, ReadFailure, Reason, decide
 
 SEP = "\x06\x16"
@@ -49,9 +49,29 @@ def test_plan_is_one_eval_per_prefix_reading_every_priority_list() -> None:
     plan = plan_poll(refs, scan_limit=123)
     assert plan.commands == (
         ("EVAL", POLL_SCRIPT, 9, "a", f"a{SEP}3", f"a{SEP}6", f"a{SEP}9", "b", f"b{SEP}3", f"b{SEP}6", f"b{SEP}9",
-         "unacked", 123, "_kombu.binding."),
-        ("EVAL", POLL_SCRIPT, 3, "p:c", f"p:c{SEP}5", "p:unacked", 123, "p:_kombu.binding."),
+         "unacked", 123, "_kombu.binding.", *BOUND_ARGS),
+        ("EVAL", POLL_SCRIPT, 3, "p:c", f"p:c{SEP}5", "p:unacked", 123, "p:_kombu.binding.", *BOUND_ARGS),
     )  # fmt: skip
+
+
+BOUND_ARGS = (512, 16, 256, 1024, 255)
+
+
+def test_plan_cuts_a_huge_layout_into_bounded_evals_that_scan_once() -> None:
+    refs = queue_refs([f"q{i}" for i in range(5)])  # 20 lists
+    plan = plan_poll(refs, scan_limit=50, max_keys=8)
+    assert [c[2] for c in plan.commands] == [9, 9, 5]  # lists + the unacked hash
+    assert [c[c[2] + 3] for c in plan.commands] == [50, -1, -1]  # only the first walks `unacked`
+    lengths = [[1] * 8, [1] * 8, [1] * 4]
+    replies = [[lengths[0], *script_reply(0, [])], [lengths[1], 0, 0, 0, [], []], [lengths[2], 0, 0, 0, [], []]]
+    reading = parse_poll(plan, replies)
+    assert reading.observe(refs) == Observation(20, 0)
+
+
+def test_without_ack_emulation_the_unacked_hash_is_not_read() -> None:
+    refs = queue_refs(["q"], layout=KeyLayout(ack_emulation=False))
+    (command,) = plan_poll(refs, scan_limit=50).commands
+    assert command[command[2] + 3] == -1
 
 
 def script_reply(
@@ -100,7 +120,15 @@ def test_prioritised_messages_only_still_scale_the_tier() -> None:
 @pytest.mark.parametrize(
     ("pairs", "bindings", "expect_high", "expect_low", "unattributed"),
     [
-        pytest.param([("high_priority", "high_priority", 7)], {}, 7, 0, 0, id="celery-default-direct-exchange"),
+        pytest.param(
+            [("high_priority", "high_priority", 7)],
+            {"high_priority": [f"high_priority{SEP}{SEP}high_priority"]},
+            7,
+            0,
+            0,
+            id="celery-default-direct-exchange",
+        ),
+        pytest.param([("high_priority", "high_priority", 7)], {}, 0, 0, 7, id="no-binding-delivers-nowhere"),
         pytest.param([("", "low_priority", 2)], {}, 0, 2, 0, id="anonymous-exchange-routing-key-is-queue"),
         pytest.param(
             [("tasks", "urgent", 4)],
@@ -118,7 +146,7 @@ def test_prioritised_messages_only_still_scale_the_tier() -> None:
             0,
             id="topic-binding-patterns",
         ),
-        pytest.param([("other", "someone_elses_queue", 9)], {}, 0, 0, 0, id="unwatched-queue-ignored"),
+        pytest.param([("", "someone_elses_queue", 9)], {}, 0, 0, 0, id="unwatched-queue-ignored"),
         pytest.param([("", "", 2)], {}, 0, 0, 2, id="no-routing-key-unattributed"),
     ],
 )
@@ -133,28 +161,39 @@ def test_in_flight_routing(
     reading = poll([HIGH, LOW], [0] * 8, script_reply(size, pairs, bindings))
     assert reading.observe([HIGH]) == Observation(0, expect_high)
     assert reading.observe([LOW]) == Observation(0, expect_low)
-    assert reading.unacked[""].unattributed == unattributed
+    assert reading.unacked[KeyLayout()].unattributed == unattributed
 
 
-@pytest.mark.parametrize(
-    ("exchange", "routing_key", "table", "queues"),
-    [
-        pytest.param("", "q1", [], ["q1"], id="anonymous"),
-        pytest.param("x", "q1", [], ["q1"], id="no-table-falls-back-to-routing-key"),
-        pytest.param("x", "k", [("k", "", "q1"), ("k", "", "q2"), ("j", "", "q3")], ["q1", "q2"], id="direct-fan-in"),
-        pytest.param("x", "a.b", [("a.*", r"^a\.[^.]+$", "q1")], ["q1"], id="topic"),
-        pytest.param("x", "a.b", [("(", "(", "q1")], ["a.b"], id="broken-pattern-matches-nothing"),
-    ],
-)
-def test_route(exchange: str, routing_key: str, table: list[tuple[str, str, str]], queues: list[str]) -> None:
-    assert route(exchange, routing_key, table) == queues
+def test_a_shared_routing_key_counts_once_per_tier_and_once_per_queue() -> None:
+    # kombu copies the message into both bound queues; the copies share one delivery tag.
+    bindings = {"tasks": [f"k{SEP}{SEP}high_priority", f"k{SEP}{SEP}low_priority"]}
+    reading = poll([HIGH, LOW], [0] * 8, script_reply(3, [("tasks", "k", 3)], bindings))
+    assert reading.observe([HIGH]) == Observation(0, 3)
+    assert reading.observe([LOW]) == Observation(0, 3)
+    assert reading.observe([HIGH, LOW]) == Observation(0, 3)
+
+
+def test_fanout_exchange_named_in_the_layout_reaches_every_bound_queue() -> None:
+    layout = KeyLayout(fanout_exchanges=("bcast",))
+    refs = queue_refs(["high_priority", "low_priority"], layout=layout)
+    bindings = {"bcast": [f"x{SEP}{SEP}high_priority", f"y{SEP}{SEP}low_priority"]}
+    reading = parse_poll(plan_poll(refs), [[[0] * 8, *script_reply(2, [("bcast", "whatever", 2)], bindings)]])
+    assert reading.observe(refs[:1]) == Observation(0, 2) and reading.observe(refs[1:]) == Observation(0, 2)
+
+
+def test_a_binding_table_too_big_to_read_leaves_its_messages_unattributed() -> None:
+    reply = script_reply(5, [("big", "k", 5)])
+    reply[4] = [b"big", 100_000]  # the script answers SCARD instead of the members
+    reading = poll([HIGH], [0] * 4, reply)
+    assert reading.observe([HIGH]) == Observation(0, 0)
+    assert reading.unacked[KeyLayout()].unattributed == 5
 
 
 def test_scan_limit_extrapolates_and_says_so() -> None:
-    reading = poll([HIGH], [0] * 4, script_reply(100_000, [("high_priority", "high_priority", 1000)], scanned=10_000))
+    reading = poll([HIGH], [0] * 4, script_reply(100_000, [("", "high_priority", 1000)], scanned=10_000))
     seen = reading.observe([HIGH])
     assert seen == Observation(0, 10_000, in_flight_exact=False)
-    assert not reading.unacked[""].exact
+    assert not reading.unacked[KeyLayout()].exact
 
 
 def test_queue_with_a_non_list_key_fails_only_its_tier() -> None:
@@ -340,11 +379,11 @@ class StepClock:
 
 
 def limits(fake: FakeRedis) -> list[int]:
-    return [int(c[-2]) for c in fake.round_trips[-1]]
+    return [int(c[3 + int(c[2])]) for c in fake.round_trips[-1]]
 
 
 def test_in_flight_walk_is_held_to_its_budget_of_redis_time() -> None:
-    fake = FakeRedis({"high_priority": 1}, script=[50, 50, 0, [b"high_priority", b"high_priority", 50], []])
+    fake = FakeRedis({"high_priority": 1}, script=[50, 50, 0, [b"", b"high_priority", 50], []])
     clock = StepClock()
     source = RedisDepthSource(fake, TARGET, inflight_budget=0.02, clock=clock)  # 10 ms poll -> walk every 0.5 s
 
@@ -355,9 +394,9 @@ def test_in_flight_walk_is_held_to_its_budget_of_redis_time() -> None:
         second = await source.read([HIGH])
         assert limits(fake) == [0]
         assert second.observe([HIGH]) == Observation(1, 50)  # the last counts, with their age
-        assert second.unacked[""].age_seconds == pytest.approx(0.02)
+        assert second.unacked[KeyLayout()].age_seconds == pytest.approx(0.02)
         third = await source.read([HIGH, LOW])  # a queue the last walk did not count: walk now
-        assert limits(fake) == [source.scan_limit] and third.unacked[""].age_seconds == 0
+        assert limits(fake) == [source.scan_limit] and third.unacked[KeyLayout()].age_seconds == 0
         clock.now += 0.5
         await source.read([HIGH, LOW])
         assert limits(fake) == [source.scan_limit]

@@ -17,10 +17,10 @@ always exactly one command), which runs inside Redis:
 ``EVAL`` rather than ``EVALSHA``: Redis caches the compiled script by its SHA anyway, and ``EVALSHA``
 would need a NOSCRIPT retry (a second round trip after every Redis restart). The script only reads.
 
-Routing keys map to queues as kombu does on restore (``Channel._lookup``): an empty exchange
-means routing key == queue; otherwise the exchange's binding table is searched (exact routing key,
-or the stored regex for topic exchanges). Without a binding table the routing key is taken as the
-queue name, which is Celery's default (direct exchange named after the queue, routing key == name).
+Routing keys map to queues as kombu routes them (:mod:`celery_fleet.brokers.routing`: equality for
+direct exchanges, kombu's word rules for topic ones, every bound queue for fanout ones, nowhere
+without a binding), never with a regex taken from Redis. What the script sends back is bounded
+(:class:`ReplyBounds`), and a big reply is parsed in a worker thread, off the event loop.
 
 The I/O is a single injected coroutine ``RoundTrip(commands) -> replies``; everything else here is
 pure and unit-tested without Redis. :func:`connect` builds the real one on ``redis.asyncio``.
@@ -36,7 +36,6 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
-from functools import lru_cache
 from typing import Final
 from urllib.parse import SplitResult, parse_qsl, quote, unquote, urlencode, urlsplit
 
@@ -45,26 +44,50 @@ from redis import exceptions as rexc
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from celery_fleet.brokers import routing
 from celery_fleet.brokers.source import (
     BrokerError,
     DepthReading,
     ErrorKind,
+    KeyLayout,
     QueueRef,
     UnackedSummary,
 )
 
-SEP: Final = "\x06\x16"  # kombu.transport.redis.Channel.sep
-UNACKED_KEY: Final = "unacked"
 BINDING_KEY_PREFIX: Final = "_kombu.binding."
 DEFAULT_SCAN_LIMIT: Final = 5_000  # ~6 µs of Redis time per 1 KB entry: ~30 ms at the limit
+
+
+@dataclass(frozen=True)
+class ReplyBounds:
+    """What one poll may carry back from a user's Redis, whatever that Redis holds.
+
+    Worst case about ``max_exchanges * max_bindings * max_member_bytes`` (4 MiB) of binding
+    members plus ``max_routes`` short strings; in practice a few hundred bytes.
+    """
+
+    max_routes: int = 512  # distinct (exchange, routing key) pairs in flight; beyond: unattributed
+    max_exchanges: int = 16  # binding tables read; entries of other exchanges are unattributed
+    max_bindings: int = 256  # members per binding table; a bigger table is not read
+    max_member_bytes: int = 1024  # longer binding members are skipped
+    max_name_bytes: int = 255  # longer exchange names / routing keys are unattributed
+
+
+BOUNDS: Final = ReplyBounds()
+# Lists per EVAL: Redis runs a script without serving anyone else, so one poll of a huge fleet is
+# cut into several EVALs (still one round trip) instead of one long stall of the user's Redis.
+MAX_KEYS_PER_EVAL: Final = 1024
+# Replies bigger than this (pairs + binding members) are parsed in a worker thread.
+PARSE_OFF_LOOP_ITEMS: Final = 2_000
 
 Command = tuple[str | int, ...]
 Reply = object
 RoundTrip = Callable[[Sequence[Command]], Awaitable[list[Reply]]]
 
-# KEYS[1..n-1] = priority lists, KEYS[n] = the unacked hash; ARGV[1] = scan limit, ARGV[2] = the
-# binding-table key prefix. Returns {{LLEN or error per list}, hlen, scanned, unparsed,
-# {exchange, routing_key, count, ...}, {exchange, {members}, ...}}.
+# KEYS[1..n-1] = priority lists, KEYS[n] = the unacked hash; ARGV = scan limit (-1: no unacked
+# hash, kombu's ack_emulation is off), binding-table key prefix, then the ReplyBounds in order.
+# Returns {{LLEN or error per list}, hlen, scanned, unparsed, {exchange, routing_key, count, ...},
+# {exchange, {members} or SCARD when the table is too big, ...}}.
 # The exchange and routing key are the last two JSON strings of each value: they are located by
 # walking back from the end, so the payload (often kilobytes) is never decoded or pattern-matched
 # (an unanchored string.match costs ~8x more); cjson handles what the walk cannot (escapes).
@@ -85,13 +108,16 @@ local function tail_strings(v)
   return ex, rk
 end
 local lists, unacked = #KEYS - 1, KEYS[#KEYS]
+local limit, bprefix = tonumber(ARGV[1]), ARGV[2]
+local max_routes, max_exchanges, max_bindings = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local max_member, max_name = tonumber(ARGV[6]), tonumber(ARGV[7])
 local lengths = {}
 for i = 1, lists do
   -- pcall: a name taken by a non-list key fails that queue only (the error goes back in place).
   lengths[i] = redis.pcall('LLEN', KEYS[i])
 end
+if limit < 0 then return {lengths, 0, 0, 0, {}, {}} end
 local size = redis.call('HLEN', unacked)
-local limit = tonumber(ARGV[1])
 local counts, order = {}, {}
 local scanned, unparsed = 0, 0
 if size > 0 and limit > 0 then
@@ -109,13 +135,17 @@ if size > 0 and limit > 0 then
           ex, rk = decoded[2], decoded[3]
         end
       end
-      if ex then
+      if ex and #ex <= max_name and #rk <= max_name then
         local key = ex .. '\0' .. rk
-        if counts[key] == nil then
+        if counts[key] == nil and #order < max_routes then
           counts[key] = 0
           order[#order + 1] = {ex, rk, key}
         end
-        counts[key] = counts[key] + 1
+        if counts[key] == nil then
+          unparsed = unparsed + 1
+        else
+          counts[key] = counts[key] + 1
+        end
       else
         unparsed = unparsed + 1
       end
@@ -123,15 +153,26 @@ if size > 0 and limit > 0 then
     end
   until cursor == '0' or scanned >= limit
 end
-local pairs_out, seen, bindings = {}, {}, {}
+local pairs_out, seen, bindings, tables = {}, {}, {}, 0
 for _, item in ipairs(order) do
   pairs_out[#pairs_out + 1] = item[1]
   pairs_out[#pairs_out + 1] = item[2]
   pairs_out[#pairs_out + 1] = counts[item[3]]
-  if item[1] ~= '' and not seen[item[1]] then
+  if item[1] ~= '' and not seen[item[1]] and tables < max_exchanges then
     seen[item[1]] = true
+    tables = tables + 1
+    local key = bprefix .. item[1]
+    local n = redis.call('SCARD', key)
     bindings[#bindings + 1] = item[1]
-    bindings[#bindings + 1] = redis.call('SMEMBERS', ARGV[2] .. item[1])
+    if n > max_bindings then
+      bindings[#bindings + 1] = n
+    else
+      local kept = {}
+      for _, member in ipairs(redis.call('SMEMBERS', key)) do
+        if #member <= max_member then kept[#kept + 1] = member end
+      end
+      bindings[#bindings + 1] = kept
+    end
   end
 end
 return {lengths, size, scanned, unparsed, pairs_out, bindings}
@@ -143,12 +184,12 @@ return {lengths, size, scanned, unparsed, pairs_out, bindings}
 
 def priority_key(ref: QueueRef, step: int) -> str:
     """The Redis list holding ``ref``'s messages of one priority step (kombu's ``_q_for_pri``)."""
-    name = ref.name if step == 0 else f"{ref.name}{SEP}{step}"
+    name = ref.name if step == 0 else f"{ref.name}{ref.sep}{step}"
     return ref.keyprefix + name
 
 
-def unacked_key(keyprefix: str) -> str:
-    return keyprefix + UNACKED_KEY
+def unacked_key(layout: KeyLayout) -> str:
+    return layout.keyprefix + layout.unacked_key
 
 
 # -- one poll: the commands, then the replies -------------------------------------------------------
@@ -156,25 +197,47 @@ def unacked_key(keyprefix: str) -> str:
 
 @dataclass(frozen=True)
 class PollPlan:
-    """The commands of one poll (one EVAL per key prefix) and which reply answers what."""
+    """The commands of one poll (one EVAL per key layout) and which reply answers what."""
 
     commands: tuple[Command, ...]
-    batches: tuple[tuple[str, tuple[tuple[QueueRef, int], ...]], ...]  # (prefix, ((queue, step), ...))
+    # (layout, ((queue, step), ...), whether this EVAL reads the unacked hash): one per command.
+    batches: tuple[tuple[KeyLayout, tuple[tuple[QueueRef, int], ...], bool], ...]
 
 
 def plan_poll(
-    refs: Collection[QueueRef], scan_limit: int = DEFAULT_SCAN_LIMIT, skip_scan: Collection[str] = ()
+    refs: Collection[QueueRef],
+    scan_limit: int = DEFAULT_SCAN_LIMIT,
+    skip_scan: Collection[KeyLayout] = (),
+    bounds: ReplyBounds = BOUNDS,
+    max_keys: int = MAX_KEYS_PER_EVAL,
 ) -> PollPlan:
-    """One EVAL per key prefix; prefixes in ``skip_scan`` get scan limit 0 (lengths and HLEN only)."""
+    """One EVAL per key layout (per ``max_keys`` lists); ``skip_scan`` layouts get scan limit 0 (HLEN only)."""
     ordered = sorted(set(refs))
-    prefixes = sorted({r.keyprefix for r in ordered})
-    batches = tuple((p, tuple((r, s) for r in ordered if r.keyprefix == p for s in r.priority_steps)) for p in prefixes)
+    batches: list[tuple[KeyLayout, tuple[tuple[QueueRef, int], ...], bool]] = []
+    for p in sorted({r.layout for r in ordered}):
+        steps = [(r, s) for r in ordered if r.layout == p for s in r.priority_steps]
+        for start in range(0, len(steps), max_keys):
+            batches.append((p, tuple(steps[start : start + max_keys]), start == 0))
     commands: list[Command] = []
-    for p, lists in batches:
+    limits = (bounds.max_routes, bounds.max_exchanges, bounds.max_bindings, bounds.max_member_bytes)
+    for p, lists, scans in batches:
         keys = [priority_key(r, s) for r, s in lists] + [unacked_key(p)]
-        limit = 0 if p in skip_scan else scan_limit
-        commands.append(("EVAL", POLL_SCRIPT, len(keys), *keys, limit, p + BINDING_KEY_PREFIX))
-    return PollPlan(tuple(commands), batches)
+        limit = -1 if not (scans and p.ack_emulation) else 0 if p in skip_scan else scan_limit
+        binding_prefix = p.keyprefix + BINDING_KEY_PREFIX
+        commands.append(("EVAL", POLL_SCRIPT, len(keys), *keys, limit, binding_prefix, *limits, bounds.max_name_bytes))
+    return PollPlan(tuple(commands), tuple(batches))
+
+
+def reply_items(replies: Sequence[Reply]) -> int:
+    """How much parsing a poll's replies need (pairs and binding members), to keep big ones off the loop."""
+    items = 0
+    for reply in replies:
+        if isinstance(reply, list) and len(reply) == 6:
+            pairs, bindings = reply[4], reply[5]
+            items += len(pairs) if isinstance(pairs, list) else 0
+            if isinstance(bindings, list):
+                items += sum(len(b) for b in bindings[1::2] if isinstance(b, list))
+    return items
 
 
 def parse_poll(plan: PollPlan, replies: Sequence[Reply], *, duration_seconds: float = 0.0) -> DepthReading:
@@ -185,16 +248,17 @@ def parse_poll(plan: PollPlan, replies: Sequence[Reply], *, duration_seconds: fl
         )
     queued: dict[QueueRef, dict[int, int]] = defaultdict(dict)
     queue_errors: dict[QueueRef, str] = {}
-    in_flight: Counter[tuple[str, str]] = Counter()
-    unacked: dict[str, UnackedSummary] = {}
-    for (prefix, lists), reply in zip(plan.batches, replies, strict=True):
+    in_flight: Counter[tuple[KeyLayout, str]] = Counter()
+    routes: Counter[tuple[KeyLayout, frozenset[str]]] = Counter()
+    unacked: dict[KeyLayout, UnackedSummary] = {}
+    for (layout, lists, scans), reply in zip(plan.batches, replies, strict=True):
         if isinstance(reply, BaseException):
             auth = _auth_error(reply)
             if auth is not None:
                 raise auth
             why = _first_line(reply)
             queue_errors.update((r, why) for r, _ in lists)
-            unacked[prefix] = UnackedSummary(0, 0, error=why)
+            unacked[layout] = UnackedSummary(0, 0, error=why)
             continue
         if not isinstance(reply, list) or len(reply) != 6 or not isinstance(reply[0], list):
             raise BrokerError(ErrorKind.RESPONSE_ERROR, "unexpected reply to the poll script")
@@ -208,16 +272,21 @@ def parse_poll(plan: PollPlan, replies: Sequence[Reply], *, duration_seconds: fl
                 queued[ref][step] = n
             else:
                 queue_errors[ref] = f"LLEN answered {type(n).__name__}, not an integer"
+        if not scans:
+            continue  # a later chunk of a big layout: lengths only
         try:
-            summary, counts = _parse_inflight(reply[1:])
+            summary, counts = _parse_inflight(reply[1:], layout)
         except (TypeError, ValueError, IndexError) as exc:
-            unacked[prefix] = UnackedSummary(0, 0, error=f"unexpected in-flight reply ({exc})")
+            unacked[layout] = UnackedSummary(0, 0, error=f"unexpected in-flight reply ({exc})")
             continue
-        unacked[prefix] = summary
-        watched = {r.name for r, _ in lists}
-        for queue, n in counts.items():
-            if queue in watched:
-                in_flight[(prefix, queue)] += n
+        unacked.setdefault(layout, summary)  # an error of another chunk stays
+        watched = {r.name for lay, lists_, _ in plan.batches if lay == layout for r, _ in lists_}
+        for queues, n in counts.items():
+            mine = queues & watched
+            if mine:
+                routes[(layout, frozenset(mine))] += n
+                for queue in mine:
+                    in_flight[(layout, queue)] += n
     for ref in queue_errors:
         queued.pop(ref, None)
     return DepthReading(
@@ -226,62 +295,46 @@ def parse_poll(plan: PollPlan, replies: Sequence[Reply], *, duration_seconds: fl
         unacked=unacked,
         duration_seconds=duration_seconds,
         queue_errors=queue_errors,
+        in_flight_routes=dict(routes),
     )
 
 
-def _parse_inflight(reply: Sequence[Reply]) -> tuple[UnackedSummary, dict[str, int]]:
+def _parse_inflight(reply: Sequence[Reply], layout: KeyLayout) -> tuple[UnackedSummary, dict[frozenset[str], int]]:
+    """Unacked counts per set of queues kombu routes them to (a delivery tag counts once per set)."""
     size, scanned, unparsed, flat_pairs, flat_bindings = reply
     if not isinstance(flat_pairs, list) or not isinstance(flat_bindings, list):
         raise ValueError("expected lists of pairs and bindings")
     size, scanned, unparsed = _int(size), _int(scanned), _int(unparsed)
-    bindings: dict[str, list[tuple[str, str, str]]] = {}
+    tables: dict[str, list[routing.Binding]] = {}
+    direct: dict[str, Mapping[str, frozenset[str]] | None] = {}
     for i in range(0, len(flat_bindings), 2):
-        exchange = _text(flat_bindings[i])
-        bindings[exchange] = [m for m in (_binding(raw) for raw in flat_bindings[i + 1]) if m is not None]
-    counts: Counter[str] = Counter()
+        exchange, members = _text(flat_bindings[i]), flat_bindings[i + 1]
+        if not isinstance(members, list):
+            continue  # too many bindings to read: its messages stay unattributed
+        table = [b for b in (routing.parse_binding(_text(m), layout.sep) for m in members) if b is not None]
+        tables[exchange] = table
+        direct[exchange] = routing.route_table(exchange, table, layout.fanout_exchanges)
+    counts: Counter[frozenset[str]] = Counter()
     unattributed = unparsed
     for i in range(0, len(flat_pairs), 3):
         exchange, routing_key, n = _text(flat_pairs[i]), _text(flat_pairs[i + 1]), _int(flat_pairs[i + 2])
-        queues = route(exchange, routing_key, bindings.get(exchange, []))
+        if exchange and exchange not in tables:
+            unattributed += n  # its binding table was not read (bounds)
+            continue
+        lookup = direct.get(exchange)
+        if lookup is not None:
+            queues = lookup.get(routing_key, frozenset())
+        else:
+            queues = routing.route(exchange, routing_key, tables.get(exchange, []), layout.fanout_exchanges)
         if not queues:
-            unattributed += n
-        for q in queues:
-            counts[q] += n
+            unattributed += n  # kombu would deliver (and restore) it nowhere
+            continue
+        counts[queues] += n
     if scanned and scanned < size:
         # Scan limit hit: scale the sample up to the whole hash (HSCAN order is unrelated to queues).
         factor = size / scanned
         counts = Counter({q: math.ceil(n * factor) for q, n in counts.items()})
     return UnackedSummary(size=size, scanned=scanned, unattributed=unattributed), dict(counts)
-
-
-def route(exchange: str, routing_key: str, table: Sequence[tuple[str, str, str]]) -> list[str]:
-    """The queues a message of (exchange, routing key) came from, as kombu would restore it."""
-    if not exchange:
-        return [routing_key] if routing_key else []
-    matched = sorted(
-        {
-            queue
-            for rk, pattern, queue in table
-            if (_regex(pattern).match(routing_key) if pattern else rk == routing_key)
-        }
-    )
-    if matched:
-        return matched
-    # No binding table (or no match): Celery's default is a direct exchange where routing key == queue.
-    return [routing_key] if routing_key else []
-
-
-@lru_cache(maxsize=256)
-def _regex(pattern: str) -> re.Pattern[str]:
-    try:
-        return re.compile(pattern)
-    except re.error:
-        return re.compile(r"(?!)")  # an unreadable binding matches nothing
-
-
-def _binding(raw: object) -> tuple[str, str, str] | None:
-    parts = _text(raw).split(SEP)
-    return (parts[0], parts[1], parts[2]) if len(parts) == 3 else None
 
 
 def _int(value: object) -> int:
@@ -399,6 +452,7 @@ class _Scan:
 
     summary: UnackedSummary
     counts: Mapping[str, int]  # queue -> in flight, for `watched`
+    routes: Mapping[frozenset[str], int]  # queues -> in flight (each delivery tag once)
     watched: frozenset[str]
     at: float
 
@@ -431,18 +485,18 @@ class RedisDepthSource:
         self.deadline_seconds = deadline_seconds
         self._close = close
         self._clock = clock
-        self._scans: dict[str, _Scan] = {}
+        self._scans: dict[KeyLayout, _Scan] = {}
         self._next_scan_at = 0.0
-        self._plans: dict[tuple[frozenset[QueueRef], frozenset[str]], PollPlan] = {}
+        self._plans: dict[tuple[frozenset[QueueRef], frozenset[KeyLayout]], PollPlan] = {}
 
     def __repr__(self) -> str:
         return f"RedisDepthSource({self.target.display})"
 
     async def read(self, refs: Collection[QueueRef]) -> DepthReading:
         started = self._clock()
-        names: dict[str, set[str]] = defaultdict(set)
+        names: dict[KeyLayout, set[str]] = defaultdict(set)
         for r in refs:
-            names[r.keyprefix].add(r.name)
+            names[r.layout].add(r.name)
         skip = {
             p
             for p, queues in names.items()
@@ -452,12 +506,17 @@ class RedisDepthSource:
         try:
             # The socket timeouts bound each connect/read; this bounds the whole poll (DNS included).
             replies = await asyncio.wait_for(self._round_trip(plan.commands), self.deadline_seconds)
-            reading = parse_poll(plan, replies, duration_seconds=self._clock() - started)
+            took = self._clock() - started
+            if reply_items(replies) > PARSE_OFF_LOOP_ITEMS:
+                # Routing thousands of in-flight pairs is CPU work: keep it off the event loop.
+                reading = await asyncio.to_thread(parse_poll, plan, replies, duration_seconds=took)
+            else:
+                reading = parse_poll(plan, replies, duration_seconds=took)
         except Exception as exc:
             raise classify(exc, self.target) from None
         return self._account(reading, names, skip, started)
 
-    def _plan(self, refs: frozenset[QueueRef], skip: frozenset[str]) -> PollPlan:
+    def _plan(self, refs: frozenset[QueueRef], skip: frozenset[KeyLayout]) -> PollPlan:
         # Polls repeat the same queues: keep the plans (building one for 300 queues costs ~3 ms).
         plan = self._plans.get((refs, skip))
         if plan is None:
@@ -467,21 +526,27 @@ class RedisDepthSource:
         return plan
 
     def _account(
-        self, reading: DepthReading, names: Mapping[str, set[str]], skip: set[str], started: float
+        self, reading: DepthReading, names: Mapping[KeyLayout, set[str]], skip: set[KeyLayout], started: float
     ) -> DepthReading:
         unacked = dict(reading.unacked)
         in_flight = dict(reading.in_flight)
+        routes = dict(reading.in_flight_routes)
         for p, queues in names.items():
             if p in skip:
                 cached = self._scans[p]
                 unacked[p] = replace(cached.summary, age_seconds=started - cached.at)
                 in_flight.update({(p, q): n for q, n in cached.counts.items() if q in queues})
+                for qs, n in cached.routes.items():
+                    mine = qs & queues
+                    if mine:
+                        routes[(p, mine)] = routes.get((p, mine), 0) + n
             elif unacked[p].error is None:
                 counts = {q: n for (pp, q), n in reading.in_flight.items() if pp == p}
-                self._scans[p] = _Scan(unacked[p], counts, frozenset(queues), started)
+                mine_routes = {qs: n for (pp, qs), n in reading.in_flight_routes.items() if pp == p}
+                self._scans[p] = _Scan(unacked[p], counts, mine_routes, frozenset(queues), started)
         if len(skip) < len(names) and self.inflight_budget > 0:
             self._next_scan_at = started + reading.duration_seconds / self.inflight_budget
-        return replace(reading, unacked=unacked, in_flight=in_flight)
+        return replace(reading, unacked=unacked, in_flight=in_flight, in_flight_routes=routes)
 
     async def aclose(self) -> None:
         if self._close is not None:

@@ -10,22 +10,54 @@ from typing import Protocol
 from celery_fleet.planning.scaling import Observation, ReadFailure, TierObservation
 
 DEFAULT_PRIORITY_STEPS: tuple[int, ...] = (0, 3, 6, 9)
+DEFAULT_SEP = "\x06\x16"  # kombu.transport.redis.Channel.sep
+DEFAULT_UNACKED_KEY = "unacked"
+
+
+@dataclass(frozen=True, order=True)
+class KeyLayout:
+    """The kombu transport options that name a broker's keys, shared by the queues read together.
+
+    One EVAL per layout per poll: queues of pools with the same options share it.
+    """
+
+    keyprefix: str = ""  # global_keyprefix
+    sep: str = DEFAULT_SEP
+    unacked_key: str = DEFAULT_UNACKED_KEY
+    ack_emulation: bool = True  # False: kombu keeps no unacked hash, nothing is counted in flight
+    fanout_exchanges: tuple[str, ...] = ()  # Redis does not store exchange types
 
 
 @dataclass(frozen=True, order=True)
 class QueueRef:
-    """One Celery queue as it lives on the broker: its name, the key prefix and its priority lists."""
+    """One Celery queue as it lives on the broker: its name, its key layout and its priority lists."""
 
     name: str
     keyprefix: str = ""
     priority_steps: tuple[int, ...] = DEFAULT_PRIORITY_STEPS
+    sep: str = DEFAULT_SEP
+    unacked_key: str = DEFAULT_UNACKED_KEY
+    ack_emulation: bool = True
+    fanout_exchanges: tuple[str, ...] = ()
+
+    @property
+    def layout(self) -> KeyLayout:
+        return KeyLayout(self.keyprefix, self.sep, self.unacked_key, self.ack_emulation, self.fanout_exchanges)
 
 
 def queue_refs(
-    queues: Iterable[str], keyprefix: str = "", priority_steps: Iterable[int] = DEFAULT_PRIORITY_STEPS
+    queues: Iterable[str],
+    keyprefix: str = "",
+    priority_steps: Iterable[int] = DEFAULT_PRIORITY_STEPS,
+    *,
+    layout: KeyLayout | None = None,
 ) -> list[QueueRef]:
     steps = tuple(priority_steps)
-    return [QueueRef(q, keyprefix, steps) for q in dict.fromkeys(queues)]
+    lay = layout or KeyLayout(keyprefix)
+    return [
+        QueueRef(q, lay.keyprefix, steps, lay.sep, lay.unacked_key, lay.ack_emulation, lay.fanout_exchanges)
+        for q in dict.fromkeys(queues)
+    ]
 
 
 class ErrorKind(StrEnum):
@@ -69,16 +101,20 @@ class UnackedSummary:
 class DepthReading:
     """One poll of one broker.
 
-    ``queued[ref][step]`` is the length of each priority list; ``in_flight[(keyprefix, queue)]``
-    counts the queue's messages in the prefix's ``unacked`` hash (reserved by or running on a worker).
+    ``queued[ref][step]`` is the length of each priority list; ``in_flight[(layout, queue)]``
+    counts the queue's messages in the layout's ``unacked`` hash (reserved by or running on a
+    worker). One unacked entry that kombu routes to several queues (a shared routing key, a
+    fanout) counts for each of them there, but once in ``in_flight_routes``, keyed by the set of
+    queues it routes to: a tier sums those, so it counts every delivery tag once.
     """
 
     queued: Mapping[QueueRef, Mapping[int, int]]
-    in_flight: Mapping[tuple[str, str], int]
-    unacked: Mapping[str, UnackedSummary]
+    in_flight: Mapping[tuple[KeyLayout, str], int]
+    unacked: Mapping[KeyLayout, UnackedSummary]
     duration_seconds: float = 0.0
     # Queues whose keys could not be read (e.g. WRONGTYPE: the name is taken by a non-list key).
     queue_errors: Mapping[QueueRef, str] = field(default_factory=dict)
+    in_flight_routes: Mapping[tuple[KeyLayout, frozenset[str]], int] = field(default_factory=dict)
 
     def covers(self, refs: Iterable[QueueRef]) -> bool:
         return all(r in self.queued or r in self.queue_errors for r in refs)
@@ -93,18 +129,29 @@ class DepthReading:
                 return ReadFailure(ErrorKind.RESPONSE_ERROR.value, f"queue {r.name}: {self.queue_errors[r]}")
             if r not in self.queued:
                 return ReadFailure(ErrorKind.RESPONSE_ERROR.value, f"queue {r.name} was not part of this poll")
-        prefixes = {r.keyprefix for r in refs}
+        layouts = {r.layout for r in refs}
         exact = True
-        for p in prefixes:
+        for p in layouts:
             summary = self.unacked.get(p)
             if summary is None or summary.error is not None:
                 why = summary.error if summary is not None else "not read"
                 return ReadFailure(ErrorKind.RESPONSE_ERROR.value, f"in-flight count unknown: {why}")
             exact = exact and summary.exact
         unique = list(dict.fromkeys(refs))
+        names: dict[KeyLayout, set[str]] = {}
+        for r in unique:
+            names.setdefault(r.layout, set()).add(r.name)
+        if self.in_flight_routes or not self.in_flight:
+            in_flight = sum(
+                n
+                for (layout, queues), n in self.in_flight_routes.items()
+                if not names.get(layout, set()).isdisjoint(queues)
+            )
+        else:  # a reading built without routes (tests, other sources): per-queue counts
+            in_flight = sum(self.in_flight.get((r.layout, r.name), 0) for r in unique)
         return Observation(
             queue_depth=sum(self.depth(r) for r in unique),
-            in_flight=sum(self.in_flight.get((r.keyprefix, r.name), 0) for r in unique),
+            in_flight=in_flight,
             in_flight_exact=exact,
         )
 

@@ -267,7 +267,7 @@ class Autoscaler:
             for ref in tier_refs:
                 for step, n in reading.queued.get(ref, {}).items():
                     self._gauge(metrics.QUEUE_DEPTH, (namespace, pool, tier, ref.name, str(step)), n)
-                in_flight = reading.in_flight.get((ref.keyprefix, ref.name), 0)
+                in_flight = reading.in_flight.get((ref.layout, ref.name), 0)
                 self._gauge(metrics.IN_FLIGHT, (namespace, pool, tier, ref.name), in_flight)
 
     async def _scale_tier(self, key: ObjKey, ref: ObjectRef, d: Decision, previous: TierScaling) -> None:

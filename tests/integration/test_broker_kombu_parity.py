@@ -1,0 +1,158 @@
+"""Our depth and in-flight equal kombu's own count, for Redis brokers configured the way users do.
+
+Messages are sent by real Celery producers (``apply_async``) and reserved by a real kombu consumer
+(``basic_get`` without ack puts them in ``unacked``, as a worker's prefetch does). The truth is the
+app's own channel: ``_size(queue)`` for what waits, and every ``unacked`` entry routed by the
+channel's ``_lookup`` for what is in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import redis
+
+from celery_fleet.brokers import DepthReading, QueueRef, queue_refs
+from celery_fleet.brokers.redis import connect
+from celery_fleet.brokers.source import DEFAULT_SEP, KeyLayout
+from celery_fleet.planning.scaling import Observation
+from tests.support.redis_server import RedisServer
+
+pytestmark = pytest.mark.integration
+
+TASK = "parity.noop"
+
+
+def read(url: str, refs: Sequence[QueueRef]) -> DepthReading:
+    async def main() -> DepthReading:
+        source = connect(url)
+        try:
+            return await source.read(refs)
+        finally:
+            await source.aclose()
+
+    return asyncio.run(main())
+
+
+@contextmanager
+def celery(url: str, options: dict[str, Any] | None = None, queues: Sequence[Any] = ()) -> Iterator[Any]:
+    from celery import Celery
+
+    app = Celery("parity", broker=url)
+    app.conf.broker_transport_options = options or {}
+    if queues:
+        app.conf.task_queues = list(queues)
+    try:
+        yield app
+    finally:
+        app.close()
+
+
+def truth(app: Any, queues: Sequence[str]) -> Observation:
+    """kombu's count: list sizes, and unacked entries whose kombu route reaches one of ``queues``."""
+    with app.connection_for_read() as conn:
+        channel = conn.default_channel
+        for queue in app.conf.task_queues or ():
+            queue.exchange.declare(channel=channel)  # Redis stores no exchange types; kombu keeps them in memory
+        depth = sum(channel._size(q) for q in queues)
+        in_flight = 0
+        with channel.conn_or_acquire() as client:
+            for raw in client.hvals(channel.unacked_key):
+                _payload, exchange, routing_key = json.loads(raw)
+                if set(channel._lookup(exchange, routing_key)) & set(queues):
+                    in_flight += 1
+    return Observation(depth, in_flight)
+
+
+def reserve(app: Any, queue: str, n: int) -> Any:
+    """Take ``n`` messages off ``queue`` without acking them (they move to ``unacked``)."""
+    conn = app.connection_for_read()
+    channel = conn.channel()
+    for _ in range(n):
+        assert channel.basic_get(queue, no_ack=False) is not None
+    return conn  # closing it would restore the messages
+
+
+def ours(reading: DepthReading, refs: Sequence[QueueRef], names: Sequence[str]) -> Observation:
+    observation = reading.observe([r for r in refs if r.name in names])
+    assert isinstance(observation, Observation), observation
+    return Observation(observation.queue_depth, observation.in_flight)
+
+
+# -- routing (issue 14.5, issue 13.3) -----------------------------------------------------------------------
+
+
+def test_routing_matches_kombu_shared_keys_topics_and_unbound(
+    redis_db: redis.Redis[bytes], redis_server: RedisServer
+) -> None:
+    from kombu import Exchange, Queue
+
+    tasks, events = Exchange("tasks", "direct"), Exchange("events", "topic")
+    queues = [
+        Queue("copy_a", tasks, routing_key="shared"),
+        Queue("copy_b", tasks, routing_key="shared"),
+        Queue("users", events, routing_key="user.*"),
+        Queue("audit", events, routing_key="#.audit"),
+    ]
+    names = ["copy_a", "copy_b", "users", "audit"]
+    refs = queue_refs(names)
+    with celery(redis_server.url, queues=queues) as app:
+        with app.connection_for_write() as conn:
+            for q in queues:
+                q.bind(conn.default_channel).declare()
+        for _ in range(3):  # one copy in each of copy_a and copy_b
+            app.send_task(TASK, exchange=tasks, routing_key="shared", declare=[tasks])
+        for key in ("user.signup", "billing.audit", "user.signup.audit"):  # the last reaches both topics
+            app.send_task(TASK, exchange=events, routing_key=key, declare=[events])
+        app.send_task(TASK, exchange=tasks, routing_key="nobody", declare=[tasks])  # no binding: kombu drops it
+        held = [reserve(app, "copy_a", 2), reserve(app, "copy_b", 2), reserve(app, "users", 1)]
+        try:
+            reading = read(redis_server.url, refs)
+            for group in (["copy_a"], ["copy_b"], ["copy_a", "copy_b"], ["users"], ["audit"], names):
+                assert ours(reading, refs, group) == truth(app, group), group
+            # The shared routing key's copies share delivery tags: 2 unacked entries, not 4.
+            assert truth(app, ["copy_a", "copy_b"]).in_flight == 2
+        finally:
+            for conn in held:
+                conn.release()
+
+
+def test_a_planted_catastrophic_pattern_is_never_compiled(
+    redis_db: redis.Redis[bytes], redis_server: RedisServer
+) -> None:
+    """A tenant writes a backtracking regex into a binding: the poll still answers at once, correctly."""
+    sep = DEFAULT_SEP
+    redis_db.sadd("_kombu.binding.evil", f"a.*{sep}^(a|a?)+$" + f"{sep}victim")
+    entry = json.dumps([{"body": ""}, "evil", "a" * 40 + "!"])
+    redis_db.hset("unacked", mapping={f"tag{i}": entry for i in range(50)})
+    redis_db.hset("unacked", "ok", json.dumps([{"body": ""}, "evil", "a.b"]))
+    refs = queue_refs(["victim"])
+    started = time.perf_counter()
+    reading = read(redis_server.url, refs)
+    took = time.perf_counter() - started
+    assert ours(reading, refs, ["victim"]) == Observation(0, 1)  # word rules: only "a.b" matches "a.*"
+    assert reading.unacked[KeyLayout()].unattributed == 50
+    print(f"poll with a planted backtracking pattern: {took * 1000:.1f} ms")
+
+
+def test_reply_sizes_are_bounded_by_the_script(redis_db: redis.Redis[bytes], redis_server: RedisServer) -> None:
+    sep = DEFAULT_SEP
+    redis_db.sadd("_kombu.binding.huge", *[f"k{i}{sep}{sep}q" for i in range(300)])  # > 256 members
+    redis_db.sadd("_kombu.binding.long", f"k{sep}{sep}q", "x" * 5000)  # an oversized member is skipped
+    redis_db.hset(
+        "unacked",
+        mapping={
+            "a": json.dumps([{}, "huge", "k1"]),
+            "b": json.dumps([{}, "long", "k"]),
+            "c": json.dumps([{}, "x" * 300, "k"]),  # exchange name over 255 bytes
+        },
+    )
+    reading = read(redis_server.url, queue_refs(["q"]))
+    assert reading.observe(queue_refs(["q"])) == Observation(0, 1, in_flight_exact=True)
+    assert reading.unacked[KeyLayout()].unattributed == 2
