@@ -45,7 +45,9 @@ class RecordingApi:
         self.calls.append((method, path, query, content_type))
         body = kwargs.get("body")
         if method == "GET" and "/secrets/" in path:
-            return {"data": {"url": base64.b64encode(BROKER_URL.encode()).decode()}}, 200, {}
+            namespace, name = path.split("/")[4], path.split("/")[6]
+            meta = {"namespace": namespace, "name": name}
+            return {"metadata": meta, "data": {"url": base64.b64encode(BROKER_URL.encode()).decode()}}, 200, {}
         if method == "PATCH" and content_type == "application/apply-patch+yaml":
             applied = json.loads(json.dumps(body))
             applied["metadata"].setdefault("uid", "child-uid")

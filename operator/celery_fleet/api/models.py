@@ -44,6 +44,16 @@ MAX_URL_LENGTH = 2048
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 _DNS_LABEL_RE = re.compile(DNS_LABEL)
+# Names of Secrets, ConfigMaps, ServiceAccounts, PriorityClasses...: a DNS subdomain. `[.]`, not
+# `\.`, so the same text is a valid pattern inside a CEL string literal. The operator builds
+# REST paths from some of these names: `/`, `..` and `%` must never get that far.
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+_DNS_SUBDOMAIN_RE = re.compile(DNS_SUBDOMAIN)
+MAX_OBJECT_NAME_LENGTH = 253
+OBJECT_NAME_RULE = (
+    "must be a Kubernetes object name: lowercase letters, digits, '-' and '.', "
+    "starting and ending with a letter or digit (no '/')"
+)
 _SCHEME_RE = re.compile(r"^rediss?://")
 # A password hides in the userinfo (`redis://:pw@host`, `redis://user:pw@host`) or in a
 # `password=` query parameter, which redis-py also honours.
@@ -132,6 +142,77 @@ QueueName = Annotated[
 PriorityStep = Annotated[int, Field(ge=0, le=9)]
 ExtraArg = Annotated[str, Field(max_length=MAX_EXTRA_ARG_LENGTH)]
 
+
+def _object_name_cel() -> dict[str, str]:
+    return _cel(f"self.matches('{DNS_SUBDOMAIN}')", OBJECT_NAME_RULE)
+
+
+def _is_object_name(value: object) -> bool:
+    return isinstance(value, str) and len(value) <= MAX_OBJECT_NAME_LENGTH and bool(_DNS_SUBDOMAIN_RE.match(value))
+
+
+def _object_name(name: str) -> str:
+    if not _is_object_name(name):
+        raise _rule_error(OBJECT_NAME_RULE)
+    return name
+
+
+ObjectName = Annotated[
+    str,
+    Field(min_length=1, max_length=MAX_OBJECT_NAME_LENGTH, json_schema_extra=_rules(_object_name_cel())),
+    AfterValidator(_object_name),
+]
+
+
+def _named_object_list(*paths: str) -> tuple[dict[str, Any], AfterValidator]:
+    """Schema and check for object names inside pass-through Kubernetes objects (EnvVar, Volume...).
+
+    The objects stay free-form (the apiserver validates them again on the Deployment), but the
+    names at `paths` (dotted, e.g. `valueFrom.secretKeyRef.name`) are checked at admission and
+    here, in the words of OBJECT_NAME_RULE.
+    """
+    item: dict[str, Any] = {"type": "object", "x-kubernetes-preserve-unknown-fields": True, "properties": {}}
+    for path in paths:
+        node = item
+        *parents, leaf = path.split(".")
+        for part in parents:
+            node = node["properties"].setdefault(
+                part,
+                {
+                    "description": "Passed through to the pod; celery-fleet checks only the object names in it.",
+                    "type": "object",
+                    "x-kubernetes-preserve-unknown-fields": True,
+                    "properties": {},
+                },
+            )
+        # `pattern`, not CEL: a rule inside these unbounded lists would exceed the CEL cost budget.
+        node["properties"][leaf] = {
+            "description": f"Name of an object in this namespace; {OBJECT_NAME_RULE}.",
+            "type": "string",
+            "maxLength": MAX_OBJECT_NAME_LENGTH,
+            "pattern": DNS_SUBDOMAIN,
+        }
+
+    def check(items: list[KubeObject]) -> list[KubeObject]:
+        for index, obj in enumerate(items):
+            for path in paths:
+                value: Any = obj
+                for part in path.split("."):
+                    value = value.get(part) if isinstance(value, Mapping) else None
+                if value is None:
+                    continue
+                if not _is_object_name(value):
+                    raise _rule_error(OBJECT_NAME_RULE, f"{index}.{path}")
+        return items
+
+    return {"items": item}, AfterValidator(check)
+
+
+_ENV_NAMES = _named_object_list("valueFrom.secretKeyRef.name", "valueFrom.configMapKeyRef.name")
+_ENV_FROM_NAMES = _named_object_list("secretRef.name", "configMapRef.name")
+_VOLUME_NAMES = _named_object_list("secret.secretName", "configMap.name", "persistentVolumeClaim.claimName")
+_PULL_SECRET_NAMES = _named_object_list("name")
+
 # ---------------------------------------------------------------------------------------------
 # Broker
 # ---------------------------------------------------------------------------------------------
@@ -140,11 +221,7 @@ ExtraArg = Annotated[str, Field(max_length=MAX_EXTRA_ARG_LENGTH)]
 class SecretKeyRef(_Spec):
     """A key of a Secret in the object's own namespace."""
 
-    name: str = Field(
-        min_length=1,
-        max_length=253,
-        description="Name of the Secret, in the same namespace as this object.",
-    )
+    name: ObjectName = Field(description="Name of the Secret, in the same namespace as this object.")
     key: str = Field(
         min_length=1,
         max_length=253,
@@ -570,20 +647,23 @@ class WorkloadSpec(_Spec):
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
         default=None, description="Image pull policy; unset uses the Kubernetes default."
     )
-    image_pull_secrets: list[KubeObject] = Field(
+    image_pull_secrets: Annotated[list[KubeObject], _PULL_SECRET_NAMES[1]] = Field(
         default_factory=list,
         description="Secrets for pulling the image (LocalObjectReference: {name}).",
+        json_schema_extra=_PULL_SECRET_NAMES[0],
     )
     broker: Broker = Field(description="The Redis broker.")
-    env: list[KubeObject] = Field(
-        default_factory=list, description="Extra environment variables (EnvVar) for the container."
+    env: Annotated[list[KubeObject], _ENV_NAMES[1]] = Field(
+        default_factory=list,
+        description="Extra environment variables (EnvVar) for the container.",
+        json_schema_extra=_ENV_NAMES[0],
     )
-    env_from: list[KubeObject] = Field(
-        default_factory=list, description="Extra environment sources (EnvFromSource) for the container."
+    env_from: Annotated[list[KubeObject], _ENV_FROM_NAMES[1]] = Field(
+        default_factory=list,
+        description="Extra environment sources (EnvFromSource) for the container.",
+        json_schema_extra=_ENV_FROM_NAMES[0],
     )
-    service_account_name: str | None = Field(
-        default=None, max_length=253, description="ServiceAccount the pods run as."
-    )
+    service_account_name: ObjectName | None = Field(default=None, description="ServiceAccount the pods run as.")
     pod_labels: dict[str, str] = Field(
         default_factory=dict, description="Extra labels on the pods (operator labels win on conflict)."
     )
@@ -594,14 +674,16 @@ class WorkloadSpec(_Spec):
     topology_spread_constraints: list[KubeObject] = Field(
         default_factory=list, description="Pod topologySpreadConstraints."
     )
-    priority_class_name: str | None = Field(default=None, max_length=253, description="Pod priorityClassName.")
+    priority_class_name: ObjectName | None = Field(default=None, description="Pod priorityClassName.")
     security_context: KubeObject | None = Field(
         default=None, description="Pod-level securityContext (PodSecurityContext)."
     )
     container_security_context: KubeObject | None = Field(
         default=None, description="Container-level securityContext (SecurityContext)."
     )
-    volumes: list[KubeObject] = Field(default_factory=list, description="Extra pod volumes.")
+    volumes: Annotated[list[KubeObject], _VOLUME_NAMES[1]] = Field(
+        default_factory=list, description="Extra pod volumes.", json_schema_extra=_VOLUME_NAMES[0]
+    )
     volume_mounts: list[KubeObject] = Field(
         default_factory=list, description="Extra volume mounts of the main container."
     )
@@ -864,7 +946,7 @@ def describe_errors(error: ValidationError, root: str = "spec") -> list[str]:
         loc = tuple(item["loc"])
         ctx = item.get("ctx") or {}
         if item["type"] == RULE_ERROR and ctx.get("field"):
-            loc = (*loc, *str(ctx["field"]).split("."))
+            loc = (*loc, *(int(p) if p.isdigit() else p for p in str(ctx["field"]).split(".")))
         message = item["msg"]
         if item["type"] == "missing":
             message = "required field is missing"

@@ -11,6 +11,7 @@ import base64
 import json
 import logging
 import time
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
@@ -50,9 +51,20 @@ def resource_path(api_version: str, kind: str, namespace: str | None, name: str 
     if namespaced:
         if not namespace:
             raise ValueError(f"{kind} is namespaced: a namespace is required")
-        base += f"/namespaces/{namespace}"
+        base += f"/namespaces/{segment(namespace)}"
     path = f"{base}/{plural}"
-    return f"{path}/{name}" if name else path
+    return f"{path}/{segment(name)}" if name else path
+
+
+def segment(value: str) -> str:
+    """One path segment, escaped: names come from users' specs and must never add segments.
+
+    `..` and `.` are refused outright: escaping leaves them as they are, and a client or proxy
+    that normalises the path would climb out of the namespace with them.
+    """
+    if value in ("", ".", ".."):
+        raise ValueError(f"{value!r} is not an object name")
+    return urllib.parse.quote(value, safe="")
 
 
 def load_api_client(kubeconfig: str | None = None, context: str | None = None) -> client.ApiClient:
@@ -68,7 +80,7 @@ def load_api_client(kubeconfig: str | None = None, context: str | None = None) -
     return client.ApiClient(cfg)
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)  # not frozen: raising sets __traceback__ (a frozen one fails inside `with` blocks)
 class ApiError(Exception):
     status: int
     reason: str
@@ -142,12 +154,18 @@ class Kube:
         )
 
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """One object, or None when absent; an answer for any other object is an error, not data."""
         try:
-            return cast(dict[str, Any], self.request("GET", resource_path(api_version, kind, namespace, name)))
+            obj = cast(dict[str, Any], self.request("GET", resource_path(api_version, kind, namespace, name)))
         except ApiError as err:
             if err.status == 404:
                 return None
             raise
+        meta = obj.get("metadata") if isinstance(obj, Mapping) else None
+        if not isinstance(meta, Mapping) or meta.get("namespace") != namespace or meta.get("name") != name:
+            # Never hand on what a path trick (or a confused proxy) returned from elsewhere.
+            raise ApiError(status=0, reason="WrongObject", message=f"asked for {kind} {namespace}/{name}, got another")
+        return obj
 
     def delete(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
         """Delete with background propagation; False when it was already gone."""

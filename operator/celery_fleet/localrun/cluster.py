@@ -10,7 +10,7 @@ from typing import Any, cast
 
 from kubernetes import client
 
-from celery_fleet.kube.client import ApiError, Kube
+from celery_fleet.kube.client import ApiError, Kube, segment
 
 MANAGED_SELECTOR = "app.kubernetes.io/managed-by=celery-fleet"
 
@@ -47,7 +47,8 @@ class LocalCluster:
 
     def _data(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            return cast(dict[str, Any], self._call("GET", f"/api/v1/namespaces/{namespace}/{kind}/{name}"))
+            path = f"/api/v1/namespaces/{segment(namespace)}/{kind}/{segment(name)}"
+            return cast(dict[str, Any], self._call("GET", path))
         except ApiError as err:
             if err.status == 404:
                 return None
@@ -78,13 +79,13 @@ class LocalCluster:
         if audiences:
             spec["audiences"] = list(audiences)
         body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec}
-        path = f"/api/v1/namespaces/{namespace}/serviceaccounts/{service_account}/token"
+        path = f"/api/v1/namespaces/{segment(namespace)}/serviceaccounts/{segment(service_account)}/token"
         data = self._call("POST", path, body=body)
         return str(data["status"]["token"])
 
     def patch_pod_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any] | None:
         """The updated pod, or None when the pod is gone."""
-        path = f"/api/v1/namespaces/{namespace}/pods/{name}/status"
+        path = f"/api/v1/namespaces/{segment(namespace)}/pods/{segment(name)}/status"
         try:
             return cast(
                 dict[str, Any],
