@@ -25,9 +25,9 @@ RUN python -m venv /tmp/build-venv \
  && /tmp/build-venv/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /tmp/wheels . \
  && /opt/celery-fleet/venv/bin/pip install --no-deps /tmp/wheels/celery_fleet-*.whl \
  && /opt/celery-fleet/venv/bin/pip check
-# The elector, standard library only, where beat pods' init container copies it from (it runs
-# as another UID in the user's image, so world-readable).
-RUN install -D -m 0444 operator/celery_fleet/elector.py /opt/celery-fleet/elector.py
+# The elector as one standard-library-only file (a zipapp of celery_fleet.elector), where beat
+# pods' init container copies it from (it runs as another UID in the user's image: mode 0444).
+RUN /opt/celery-fleet/venv/bin/python -m celery_fleet.elector.bundle /opt/celery-fleet/elector.pyz
 
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="celery-fleet" \

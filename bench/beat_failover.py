@@ -50,7 +50,7 @@ from tests.support.cluster import Cluster  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
 from tests.support.tcp_proxy import TcpProxy  # noqa: E402
 
-from celery_fleet.elector import endpoint_from_kubeconfig  # noqa: E402 (after the path set-up)
+from celery_fleet.leader import endpoint_from_kubeconfig  # noqa: E402 (after the path set-up)
 
 TIMINGS = Timings(duration=4, renew_deadline=3, retry_period=0.5)
 DEFAULTS = Timings(duration=15, renew_deadline=10, retry_period=2)
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     if not cluster.kubeconfig.exists():
         print("no local cluster: run `make cluster-up` first", file=sys.stderr)
         return 2
-    server = endpoint_from_kubeconfig([str(cluster.kubeconfig)], None)[0].server
+    server = endpoint_from_kubeconfig(str(cluster.kubeconfig), None)[0].server
     host, port = server.removeprefix("https://").rsplit(":", 1)
     namespace = f"bench-beat-{uuid.uuid4().hex[:6]}"
     cluster.kubectl("create", "namespace", namespace)

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--elector-image",
         default=os.environ.get("CELERY_FLEET_ELECTOR_IMAGE", f"ghcr.io/celery-fleet/celery-fleet:{__version__}"),
-        help="image whose /opt/celery-fleet/elector.py is copied into beat pods",
+        help="image whose single-file elector is copied into beat pods",
     )
     peering = run.add_mutually_exclusive_group()
     peering.add_argument("--standalone", action="store_true", default=True, help="no peering (one replica; default)")
@@ -108,41 +108,6 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-_ELECTION_FLAGS = {"--lease-name", "--lease-namespace", "--identity", "--lease-duration", "--renew-deadline",
-                   "--retry-period"}  # fmt: skip
-
-
-def _run_elected(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    """`run --leader-elect`: the operator as the elector's command, so only the Lease holder acts.
-
-    The elector stops the operator once it has failed to renew for the renew deadline, which is
-    shorter than the lease duration, so a cut-off replica has stopped before a standby starts.
-    """
-    from celery_fleet import elector
-
-    child: list[str] = []
-    skip = False
-    for arg in argv:
-        if skip:
-            skip = False
-            continue
-        if arg == "--leader-elect":
-            continue
-        name = arg.split("=", 1)[0]
-        if name in _ELECTION_FLAGS:
-            skip = "=" not in arg
-            continue
-        child.append(arg)
-    elect = ["--namespace", args.lease_namespace, "--lease", args.lease_name]
-    elect += ["--duration", str(args.lease_duration), "--renew-deadline", str(args.renew_deadline)]
-    elect += ["--retry-period", str(args.retry_period)]
-    if args.identity:
-        elect += ["--identity", args.identity]
-    if args.kubeconfig:
-        elect += ["--kubeconfig", args.kubeconfig]
-    return int(elector.main([*elect, "--", sys.executable, "-m", "celery_fleet.cli", *child]))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "localrun":
@@ -150,13 +115,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return int(localrun.main(argv[1:]))
     if argv and argv[0] == "elect":
-        from celery_fleet import elector
+        from celery_fleet import leader
 
-        return int(elector.main(argv[1:]))
+        return leader.elect_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "run" and args.leader_elect:
-        return _run_elected(args, argv)
+        from celery_fleet import leader
+
+        return leader.run_elected(args, argv)
     if args.command == "run":
         return _run(args)
     if args.command == "crds":

@@ -20,7 +20,7 @@ import pytest
 
 from celery_fleet import __version__
 from celery_fleet.api.models import parse_beat
-from celery_fleet.planning.beat_workload import ELECTOR_SOURCE, beat_pod_template
+from celery_fleet.planning.beat_workload import ELECTOR_PATH, ELECTOR_SOURCE, beat_pod_template
 from tests.support.cluster import ROOT
 from tests.unit.test_dockerfile import Stage, parse
 
@@ -86,12 +86,10 @@ def test_build_steps_install_a_working_operator(tmp_path: Path) -> None:
     assert stat.S_IMODE(elector.stat().st_mode) == 0o444
     pod = beat_pod_template("nightly", parse_beat({"app": "a:app", "image": "x", "broker": {"url": "redis://r"}}), "x")
     (init,) = pod["spec"]["initContainers"]
-    copied = tmp_path / "emptydir" / "elector.py"
+    copied = tmp_path / "emptydir" / Path(ELECTOR_PATH).name
     copied.parent.mkdir()
     command = [_relocate(arg, image_root, scratch) for arg in init["command"]]
-    command = [
-        str(copied) if arg.endswith("/celery-fleet/elector.py") and arg != str(elector) else arg for arg in command
-    ]
+    command = [str(copied) if arg == ELECTOR_PATH else arg for arg in command]
     assert str(elector) in command, command
     subprocess.run([venv_bin / "python3", *command[1:]], check=True)
     # -I -S: no site-packages, no environment; the user's image promises only the standard library.

@@ -1,7 +1,7 @@
 """Two electors, one Lease, real `celery beat`: exactly one scheduler, through kills, handovers,
 partitions and hand edits.
 
-Each elector runs as a subprocess the way a pod runs it (the standalone elector.py, admin
+Each elector runs as a subprocess the way a pod runs it (the standalone single-file elector, admin
 credentials from the local kubeconfig, short timings). Beat sends a task on every whole
 wall-clock second; the messages stay in Redis, so duplicates and gaps are read off the broker,
 and the electors' own log timestamps say when each beat started and stopped.
@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from celery_fleet.elector import endpoint_from_kubeconfig
+from celery_fleet.leader import endpoint_from_kubeconfig
 from tests.support.beatapp import (
     BeatElector,
     TickReport,
@@ -52,7 +52,7 @@ class BeatRig:
         self.workdir = workdir
         self.electors: dict[str, BeatElector] = {}
         self.proxies: list[TcpProxy] = []
-        server = urllib.parse.urlsplit(endpoint_from_kubeconfig([str(cluster.kubeconfig)], None)[0].server)
+        server = urllib.parse.urlsplit(endpoint_from_kubeconfig(str(cluster.kubeconfig), None)[0].server)
         assert server.hostname is not None and server.port is not None
         self.apiserver = (server.hostname, server.port)
 

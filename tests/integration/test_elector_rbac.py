@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from celery_fleet.elector import endpoint_from_kubeconfig
+from celery_fleet.leader import endpoint_from_kubeconfig
 from tests.support.beatapp import BeatElector, parse_elector_log, standalone_elector
 from tests.support.cluster import Cluster
 from tests.support.wait import wait_for
@@ -68,11 +68,10 @@ class PodLikeElector:
         self.cluster = cluster
         self.namespace = namespace
         self.workdir = workdir
-        endpoint = endpoint_from_kubeconfig([str(cluster.kubeconfig)], None)[0]
-        assert endpoint.ca_data is not None
+        endpoint = endpoint_from_kubeconfig(str(cluster.kubeconfig), None)[0]
+        assert endpoint.ca_file is not None
         self.server = endpoint.server
-        self.ca_file = workdir / "ca.crt"
-        self.ca_file.write_text(endpoint.ca_data)
+        self.ca_file = Path(endpoint.ca_file)
         self.token_file = workdir / "token"
         self.procs: list[BeatElector] = []
 

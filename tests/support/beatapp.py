@@ -18,7 +18,6 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -33,8 +32,10 @@ from celery import Celery
 from celery.schedules import schedstate, schedule
 from celery.signals import before_task_publish
 
+from celery_fleet.elector import BUNDLE_FILE_NAME, bundle
+from celery_fleet.leader import endpoint_from_kubeconfig
+
 ROOT = Path(__file__).resolve().parents[2]
-ELECTOR_SOURCE = ROOT / "operator" / "celery_fleet" / "elector.py"
 TICK_TASK = "beatapp.tick"
 QUEUE = os.environ.get("BEAT_TICK_QUEUE", "ticks")
 
@@ -175,7 +176,7 @@ class Timings:
 
 @dataclass
 class BeatElector:
-    """`python elector.py ... -- celery -A tests.support.beatapp beat`, as a pod would run it."""
+    """`python elector.pyz ... -- celery -A tests.support.beatapp beat`, as a pod would run it."""
 
     identity: str
     proc: subprocess.Popen[bytes]
@@ -247,12 +248,25 @@ class BeatElector:
 
 
 def standalone_elector(workdir: Path) -> Path:
-    """The elector file alone in a directory, as the init container copies it into a pod."""
-    target = workdir / "elector" / "elector.py"
+    """The single-file elector alone in a directory, as the init container copies it into a pod."""
+    target = workdir / "elector" / BUNDLE_FILE_NAME
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(ELECTOR_SOURCE, target)
+        bundle.build(target)
     return target
+
+
+def admin_connection(kubeconfig: Path, server: str | None = None) -> list[str]:
+    """Elector flags for the local cluster's admin credentials, resolved by the Kubernetes client
+    (as `celery-fleet elect` does) into files: the elector itself reads no kubeconfig."""
+    endpoint, _ = endpoint_from_kubeconfig(str(kubeconfig), None)
+    flags = ["--server", server or endpoint.server]
+    if endpoint.ca_file:
+        flags += ["--ca-file", endpoint.ca_file]
+    if endpoint.client_cert_file:
+        flags += ["--client-cert", endpoint.client_cert_file]
+    if endpoint.client_key_file:
+        flags += ["--client-key", endpoint.client_key_file]
+    return flags
 
 
 def start_beat_elector(
@@ -267,16 +281,18 @@ def start_beat_elector(
     server: str | None = None,
     timings: Timings | None = None,
     extra_env: dict[str, str] | None = None,
+    connection: list[str] | None = None,
 ) -> BeatElector:
+    """`connection`: elector flags naming the apiserver and credentials (default: the admin's, at
+    `server` when given, e.g. a proxy)."""
     timings = timings or Timings()
     elector = standalone_elector(workdir)
     log_path = workdir / f"{identity}.log"
     argv = [
         sys.executable, str(elector),
-        "--kubeconfig", str(kubeconfig),
+        *(connection if connection is not None else admin_connection(kubeconfig, server)),
         "--namespace", namespace, "--lease", lease, "--identity", identity,
         *timings.flags(),
-        *(["--server", server] if server else []),
         "--",
         sys.executable, "-m", "celery", "-A", "tests.support.beatapp", "beat",
         "--schedule", str(workdir / f"{identity}-schedule"), "--loglevel", "WARNING",

@@ -192,7 +192,7 @@ def test_elector_image_defaults_to_the_operator_image() -> None:
     assert container["env"] == [
         {"name": "CELERY_FLEET_ELECTOR_IMAGE", "value": "ghcr.io/celery-fleet/celery-fleet:1.2.3"}
     ]
-    assert ELECTOR_SOURCE == "/opt/celery-fleet/elector.py"  # where the Dockerfile puts it
+    assert ELECTOR_SOURCE == "/opt/celery-fleet/elector.pyz"  # where the Dockerfile puts it
 
 
 def test_deploy_base_runs_the_same_operator_as_the_chart() -> None:

@@ -189,8 +189,10 @@ def test_elector_ships_where_beat_pods_copy_it_from(stages: list[Stage]) -> None
     placed = [run for run in build.all("RUN") if ELECTOR_SOURCE in run.value]
     assert placed, f"the build stage must put the elector at {ELECTOR_SOURCE}"
     cmd = shlex.split(placed[0].value)
-    assert "-m" in cmd and cmd[cmd.index("-m") + 1] == "0444", "world-readable: beat pods copy it as another UID"
-    assert "operator/celery_fleet/elector.py" in cmd
+    # Built from the installed package by the bundler (which makes it world-readable: beat pods copy
+    # it as another UID), not copied from a source file: one source, the package.
+    assert cmd[-3:] == ["-m", "celery_fleet.elector.bundle", ELECTOR_SOURCE], cmd
+    assert cmd[0].endswith("/venv/bin/python"), "the image's own interpreter, with the package installed"
     copied = [c.flags_and_args()[1] for c in stages[-1].all("COPY")]
     assert any(Path(ELECTOR_SOURCE).is_relative_to(args[0]) for args in copied), "copied into the final stage"
 

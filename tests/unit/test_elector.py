@@ -19,17 +19,17 @@ from typing import Any
 
 import pytest
 
-from celery_fleet.elector import (
+from celery_fleet.elector.election import (
     Election,
     ElectionTimings,
-    Elector,
     Lease,
     LeaseApiError,
     LeaseConflict,
     LeaseRecord,
-    Shutdown,
     format_micro_time,
 )
+from celery_fleet.elector.loop import Elector
+from celery_fleet.elector.process import Shutdown
 
 EPOCH = datetime(2025, 1, 1, tzinfo=UTC)
 
@@ -58,8 +58,14 @@ class FakeClock:
         heapq.heappush(self._events, (when, next(self._seq), action))
 
     def advance(self, seconds: float) -> None:
-        """Time spent inside a call (network latency, a hung request)."""
-        self.now += seconds
+        """Time spent inside a call (network latency, a hung request); what falls due meanwhile
+        happens at its time (the fence's thread does not wait for the call to return)."""
+        target = self.now + seconds
+        while self._events and self._events[0][0] <= target:
+            when, _, action = heapq.heappop(self._events)
+            self.now = max(self.now, when)
+            action()
+        self.now = target
 
     def wait(self, seconds: float) -> None:
         target = self.now + max(0.0, seconds)
@@ -159,10 +165,23 @@ class FakeLeaseApi:
         self.refused = False
         self.blackholed = False
         self.lose_next_response = False
+        self.lose_replies = 0  # this many more writes land but their replies are lost
+        # Scripted faults, by verb: the next such request fails with this HTTP status.
+        self.fail_next: dict[str, int] = {}
+        # The next request hangs this long, whatever its timeout (what a trickling apiserver did).
+        self.hang_next: float | None = None
         self.calls: list[tuple[float, str, float]] = []
 
     def _network(self, verb: str, timeout: float) -> None:
         self.calls.append((self.server.clock.now, verb, timeout))
+        if self.hang_next is not None:
+            hang, self.hang_next = self.hang_next, None
+            self.server.clock.advance(hang)
+            raise LeaseApiError(f"{verb}: reply trickled in after {hang:g}s")
+        if verb in self.fail_next:
+            status = self.fail_next.pop(verb)
+            self.server.clock.advance(self.latency)
+            raise LeaseApiError(f"{verb}: HTTP {status}", status)
         if self.blackholed:
             self.server.clock.advance(timeout)
             raise LeaseApiError(f"{verb}: timed out")
@@ -173,6 +192,9 @@ class FakeLeaseApi:
     def _reply(self, lease: Lease) -> Lease:
         if self.lose_next_response:
             self.lose_next_response = False
+            raise LeaseApiError("reply lost: timed out")
+        if self.lose_replies:
+            self.lose_replies -= 1
             raise LeaseApiError("reply lost: timed out")
         return lease
 
@@ -252,6 +274,47 @@ class FakeCommand:
         self.clock.at(when, die)
 
 
+class FakeFence:
+    """The fence on simulated time: SIGTERM at the held deadline, SIGKILL `stop_grace` later,
+    whatever the loop is doing (its actions run inside `advance`, as a thread would)."""
+
+    def __init__(self, clock: Any, command: FakeCommand, stop_grace: float) -> None:
+        self.clock = clock
+        self.command = command
+        self.stop_grace = stop_grace
+        self.deadline: float | None = None
+        self.fired_at: list[float] = []
+        self._fired = False
+        self._generation = 0
+
+    def hold(self, deadline: float) -> None:
+        self.deadline = deadline
+        generation = self._generation
+        self.clock.at(deadline, lambda: self._due(deadline, generation))
+
+    def release(self) -> None:
+        self.deadline = None
+        self._fired = False
+        self._generation += 1
+
+    def fired(self) -> bool:
+        return self._fired
+
+    def _due(self, deadline: float, generation: int) -> None:
+        if self.deadline != deadline or generation != self._generation:
+            return  # moved by a renewal, or released
+        self.deadline = None
+        self._fired = True
+        self.fired_at.append(self.clock.now)
+        self.command.signal(signal.SIGTERM)
+
+        def kill() -> None:
+            if generation == self._generation:
+                self.command.signal(signal.SIGKILL)
+
+        self.clock.at(self.clock.now + self.stop_grace, kill)
+
+
 @dataclass
 class Rig:
     """One elector wired to fakes; `events` is its log as (time, event, fields)."""
@@ -262,6 +325,7 @@ class Rig:
     command: FakeCommand
     shutdown: Shutdown
     elector: Elector
+    fence: FakeFence
     events: list[tuple[float, str, dict[str, object]]] = field(default_factory=list)
 
     def times(self, event: str) -> list[float]:
@@ -295,8 +359,9 @@ def make_rig(
     def emit(event: str, **fields: object) -> None:
         events.append((clock.now, event, fields))
 
-    elector = Elector(Election(identity, timings), api, command, clock, shutdown, emit, jitter=lambda: 0.5)
-    return Rig(clock, server, api, command, shutdown, elector, events)
+    fence = FakeFence(clock, command, timings.stop_grace)
+    elector = Elector(Election(identity, timings), api, command, clock, shutdown, emit, fence, jitter=lambda: 0.5)
+    return Rig(clock, server, api, command, shutdown, elector, fence, events)
 
 
 # =========================================================================== the pure election
@@ -687,8 +752,15 @@ class SimRig:
         def emit(event: str, **fields: object) -> None:
             self.events.append((sim.now, event))
 
+        self.fence = FakeFence(_SimTime(sim), self.command, timings.stop_grace)
         self.elector = Elector(
-            Election(identity, timings), self.api, self.command, SimClock(sim, identity), self.shutdown, emit
+            Election(identity, timings),
+            self.api,
+            self.command,
+            SimClock(sim, identity),
+            self.shutdown,
+            emit,
+            self.fence,
         )
 
     def run(self) -> None:
@@ -752,3 +824,76 @@ def test_two_electors_hand_over_on_sigterm_within_a_retry_period() -> None:
     assert len(first.command.starts) == 1 and len(second.command.starts) == 1
     gap = second.command.starts[0] - first.command.stops[0]
     assert 0 < gap <= 0.5 + 0.05
+
+
+# =========================================================================== issue 13.4: leading means running
+
+
+def test_an_adopted_acquire_then_a_failed_renewal_still_starts_the_command() -> None:
+    """The reported sequence: the acquire's reply is lost, the next read adopts it as ours, the
+    renewal in that round fails with a non-409 error. Every later round must still start beat."""
+    rig = make_rig()
+    rig.api.lose_next_response = True  # the acquire (a create here) lands; its reply does not
+    rig.api.fail_next["PUT"] = 500  # the renewal right after the adopting GET fails
+    rig.sigterm_at(12.0)
+    rig.elector.run()
+
+    adopted_at = rig.times("acquired")[0]
+    assert rig.command.starts, f"the lease was held and the command never started: {rig.names()}"
+    assert rig.command.starts[0] <= adopted_at + TIMINGS.retry_period + 0.1
+    record = rig.server.record()
+    assert record is not None and record.holder == ""  # released at the SIGTERM: it was ours all along
+
+
+@pytest.mark.parametrize("fault", ["lost-reply", "http-500", "lost-reply-then-500"])
+@pytest.mark.parametrize("at_call", range(6))
+def test_whoever_holds_the_lease_runs_the_command_whatever_reply_went_missing(fault: str, at_call: int) -> None:
+    """One elector alone: after any single fault it must end up leading AND running."""
+    rig = make_rig()
+    calls = {"n": 0}
+    original = rig.api._network
+
+    def network(verb: str, timeout: float) -> None:
+        calls["n"] += 1
+        if calls["n"] == at_call + 1:
+            if fault in ("lost-reply", "lost-reply-then-500"):
+                rig.api.lose_next_response = True
+            if fault == "http-500":
+                rig.api.fail_next[verb] = 500
+            if fault == "lost-reply-then-500":
+                rig.api.fail_next["PUT"] = 500
+        original(verb, timeout)
+
+    rig.api._network = network  # type: ignore[method-assign]
+    seen: dict[str, object] = {}
+
+    def look() -> None:
+        record = rig.server.record()
+        seen["holder"] = record.holder if record else None
+        seen["running"] = rig.command.running
+
+    rig.clock.at(20.0, look)
+    rig.sigterm_at(21.0)
+    rig.elector.run()
+    assert seen == {"holder": "me", "running": True}, rig.names()
+    assert len(rig.command.starts) == 1
+
+
+def test_a_hung_renewal_cannot_keep_the_command_past_the_renew_deadline() -> None:
+    """A request that ignores its timeout (48 s, as a trickling apiserver did): the fence, not the
+    request, stops the command at the renew deadline."""
+    rig = make_rig()
+    rig.clock.at(5.0, lambda: setattr(rig.api, "hang_next", 48.0))
+    rig.sigterm_at(70.0)
+    rig.elector.run()
+
+    last_renewal = max(w.at for w in rig.server.writes_by("me") if w.at < 6.0)
+    deadline = last_renewal + TIMINGS.renew_deadline
+    sigterm = next(t for t, s in rig.command.signals if s == signal.SIGTERM)
+    assert sigterm == pytest.approx(deadline, abs=0.01)
+    assert rig.command.stops[0] < last_renewal + TIMINGS.duration, "still running when a standby could acquire"
+    assert rig.fence.fired_at == [pytest.approx(deadline, abs=0.01)]
+    lost = next(f for _, e, f in rig.events if e == "lost")
+    assert lost["reason"] == "renew-deadline"
+    # Back from the hung call, it is a candidate and retakes its own expired lease: one command at a time.
+    assert len(rig.command.starts) == 2 and rig.command.starts[1] >= last_renewal + TIMINGS.duration

@@ -1,50 +1,85 @@
-"""The elector's command line, kubeconfig reading and standalone-ness."""
+"""The elector's command line, its HTTP Lease client, and its standalone single file."""
 
 from __future__ import annotations
 
 import ast
-import base64
 import json
+import socket
+import subprocess
 import sys
-from collections.abc import Mapping
+import threading
+import time
+import zipfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from celery_fleet import elector
-from celery_fleet.elector import (
-    ElectionTimings,
-    KubeconfigError,
-    LeaseRecord,
-    UsageError,
-    endpoint_from_kubeconfig,
-    parse_invocation,
-    parse_kubeconfig,
-)
+from celery_fleet.elector import bundle
+from celery_fleet.elector.cli import main, parse_invocation
+from celery_fleet.elector.election import ElectionTimings, Lease, LeaseApiError, LeaseConflict, LeaseRecord, UsageError
+from celery_fleet.elector.lease_client import ApiEndpoint, HttpLeaseApi
+from celery_fleet.elector.process import stderr_log
 
-ELECTOR_SOURCE = Path(elector.__file__)
 CMD = ["--", sys.executable, "-c", "pass"]
 
 
 # =========================================================================== it runs in a bare Celery image
 
 
-def test_the_elector_imports_only_the_standard_library() -> None:
-    tree = ast.parse(ELECTOR_SOURCE.read_text())
-    imported = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imported |= {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            imported.add(node.module.split(".")[0])
-    assert imported, "found no imports: the check is looking at the wrong file"
-    assert not imported - sys.stdlib_module_names
+def _bundled_sources() -> list[tuple[str, str]]:
+    return [(name, content.decode()) for name, content in bundle.members()]
 
 
-def test_the_elector_parses_as_python_3_8() -> None:
+def test_the_bundled_modules_import_only_the_standard_library_and_each_other() -> None:
+    imported: set[str] = set()
+    for name, source in _bundled_sources():
+        for node in ast.walk(ast.parse(source, name)):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                imported.add(node.module)
+    ours = {m for m in imported if m.split(".")[0] == "celery_fleet"}
+    assert ours, "found no imports of the package: the check is looking at the wrong files"
+    bundled = {name.removesuffix(".py").removesuffix("/__init__").replace("/", ".") for name, _ in _bundled_sources()}
+    assert ours <= bundled, f"imports outside the single file: {ours - bundled}"
+    assert not {m.split(".")[0] for m in imported - ours} - sys.stdlib_module_names
+
+
+def test_every_module_of_the_package_is_bundled_or_deliberately_left_out() -> None:
+    modules = {p.stem for p in bundle.package_dir().glob("*.py")}
+    assert modules - set(bundle.BUNDLED_MODULES) == {"bundle"}
+
+
+@pytest.mark.parametrize("name", [name for name, _ in bundle.members()])
+def test_the_bundled_modules_parse_as_python_3_8(name: str) -> None:
     # Celery 5.4 still supports 3.8, and the user's image decides the interpreter.
-    ast.parse(ELECTOR_SOURCE.read_text(), feature_version=(3, 8))
+    ast.parse(dict(_bundled_sources())[name], name, feature_version=(3, 8))
+
+
+def test_the_single_file_is_reproducible() -> None:
+    assert bundle.build_bytes() == bundle.build_bytes()
+    with zipfile.ZipFile(__import__("io").BytesIO(bundle.build_bytes().split(b"\n", 1)[1])) as archive:
+        assert {i.date_time for i in archive.infolist()} == {(1980, 1, 1, 0, 0, 0)}
+
+
+def test_the_single_file_runs_as_pods_run_it(tmp_path: Path) -> None:
+    """`python3 -I -S`: no site-packages, no PYTHONPATH, no current directory: only the standard library."""
+    target = bundle.build(tmp_path / "elector.pyz")
+    assert target.stat().st_mode & 0o777 == 0o444
+    bare = {"PATH": "/usr/bin:/bin"}
+    help_run = subprocess.run(
+        [sys.executable, "-I", "-S", str(target), "--help"], capture_output=True, text=True, env=bare, cwd="/"
+    )
+    assert help_run.returncode == 0, help_run.stderr
+    assert "--renew-deadline" in help_run.stdout and "--service-account-dir" in help_run.stdout
+    usage = subprocess.run(
+        [sys.executable, "-I", "-S", str(target), "--lease", "b", "--", "true"],
+        capture_output=True, text=True, env=bare, cwd="/",
+    )  # fmt: skip
+    assert usage.returncode == 2
+    assert "not in a pod" in usage.stderr and "celery-fleet elect" in usage.stderr
 
 
 # =========================================================================== timings
@@ -106,7 +141,7 @@ def test_pod_environment_supplies_identity_namespace_and_in_cluster_endpoint() -
         "KUBERNETES_SERVICE_HOST": "10.96.0.1",
         "KUBERNETES_SERVICE_PORT": "443",
     }
-    invocation = parse_invocation(["elect", "--lease", "beat", *CMD], environ)
+    invocation = parse_invocation(["--lease", "beat", *CMD], environ)
     assert (invocation.identity, invocation.namespace, invocation.lease) == ("beat-7d9-abc", "jobs", "beat")
     assert invocation.endpoint.server == "https://10.96.0.1:443"
     assert invocation.endpoint.token_file == "/var/run/secrets/kubernetes.io/serviceaccount/token"
@@ -119,166 +154,13 @@ def test_ipv6_service_host_is_bracketed() -> None:
     assert parse_invocation(["--lease", "b", *CMD], environ).endpoint.server == "https://[fd00::1]:443"
 
 
-def test_flags_override_the_kubeconfig(tmp_path: Path) -> None:
-    kubeconfig = tmp_path / "config"
-    kubeconfig.write_text(KWOKCTL_KUBECONFIG)
-    invocation = parse_invocation(
-        ["--lease", "b", "--kubeconfig", str(kubeconfig), "--server", "https://127.0.0.1:9999", *CMD], {}
-    )
-    endpoint = invocation.endpoint
-    assert endpoint.server == "https://127.0.0.1:9999"
-    assert endpoint.client_cert_file == "/root/.kwok/clusters/x/pki/admin.crt"
-    assert invocation.namespace == "team-a"  # from the context
-
-
-# =========================================================================== kubeconfig files
-
-KWOKCTL_KUBECONFIG = """\
-apiVersion: v1
-clusters:
-- cluster:
-    certificate-authority: /root/.kwok/clusters/x/pki/ca.crt
-    server: https://127.0.0.1:32766
-  name: kwok-x
-contexts:
-- context:
-    cluster: kwok-x
-    namespace: team-a
-    user: kwok-x
-  name: kwok-x
-current-context: kwok-x
-kind: Config
-preferences: {}
-users:
-- name: kwok-x
-  user:
-    client-certificate: /root/.kwok/clusters/x/pki/admin.crt
-    client-key: /root/.kwok/clusters/x/pki/admin.key
-"""
-
-INDENTED_KUBECONFIG = """\
-# a hand-written one: indented sequences, quotes, comments
-apiVersion: "v1"
-kind: Config
-current-context: 'prod'   # trailing comment
-clusters:
-  - name: prod
-    cluster:
-      server: "https://api.example.com:6443/prefix"
-      certificate-authority-data: {ca}
-      tls-server-name: api.internal
-      insecure-skip-tls-verify: false
-contexts:
-  - name: prod
-    context: {{cluster: prod, user: bot}}
-users:
-  - name: bot
-    user:
-      token: 'it''s-a-token'
-"""
-
-
-def test_kubectl_style_yaml_is_read() -> None:
-    document = parse_kubeconfig(KWOKCTL_KUBECONFIG, "k")
-    assert document["preferences"] == {}
-    assert document["clusters"] == [
-        {"cluster": {"certificate-authority": "/root/.kwok/clusters/x/pki/ca.crt", "server": "https://127.0.0.1:32766"},
-         "name": "kwok-x"}
-    ]  # fmt: skip
-    assert document["users"][0]["user"]["client-key"] == "/root/.kwok/clusters/x/pki/admin.key"
-
-
-def test_yaml_and_json_forms_of_one_kubeconfig_agree() -> None:
-    yaml_form = parse_kubeconfig(KWOKCTL_KUBECONFIG, "k")
-    assert parse_kubeconfig(json.dumps(yaml_form), "k.json") == yaml_form
-
-
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        pytest.param("a: &x 1\nb: *x\n", "anchors", id="anchor"),
-        pytest.param("a: [1, 2]\n", "flow collections", id="flow-sequence"),
-        pytest.param("a: |\n  text\n", "block scalars", id="block-scalar"),
-        pytest.param("a:\n\tb: 1\n", "tabs", id="tab-indent"),
-        pytest.param("a: 1\na: 2\n", "duplicate key 'a'", id="duplicate-key"),
-        pytest.param("a: 1\n   b: 2\n", "line 2: unexpected indentation", id="bad-indent"),
-        pytest.param('a: "open\n', "unterminated", id="unterminated-quote"),
-        pytest.param("a: 1\n---\nb: 2\n", "one YAML document", id="two-documents"),
-    ],
-)
-def test_unsupported_yaml_is_refused_with_the_line_and_the_json_way_out(text: str, message: str) -> None:
-    with pytest.raises(KubeconfigError, match=message) as caught:
-        parse_kubeconfig(text, "cfg")
-    assert "kubectl config view --raw --minify --flatten -o json" in str(caught.value)
-
-
-def test_flow_mapping_of_a_context_is_refused_not_misread() -> None:
-    with pytest.raises(KubeconfigError, match="flow collections"):
-        parse_kubeconfig(INDENTED_KUBECONFIG.format(ca="eA=="), "cfg")
-
-
-def test_indented_sequences_quotes_and_embedded_data(tmp_path: Path) -> None:
-    ca_pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
-    text = INDENTED_KUBECONFIG.format(ca=base64.b64encode(ca_pem.encode()).decode()).replace(
-        "    context: {cluster: prod, user: bot}", "    context:\n      cluster: prod\n      user: bot"
-    )
-    path = tmp_path / "config"
-    path.write_text(text)
-    endpoint, namespace = endpoint_from_kubeconfig([str(path)], None)
-    assert endpoint.server == "https://api.example.com:6443/prefix"
-    assert endpoint.ca_data == ca_pem
-    assert endpoint.tls_server_name == "api.internal"
-    assert endpoint.insecure is False
-    assert endpoint.token == "it's-a-token"
-    assert namespace is None
-
-
-def test_relative_paths_resolve_against_the_kubeconfig_directory(tmp_path: Path) -> None:
-    path = tmp_path / "config"
-    path.write_text(KWOKCTL_KUBECONFIG.replace("/root/.kwok/clusters/x/pki/", "pki/"))
-    endpoint, _ = endpoint_from_kubeconfig([str(path)], None)
-    assert endpoint.ca_file == str(tmp_path / "pki" / "ca.crt")
-    assert endpoint.client_key_file == str(tmp_path / "pki" / "admin.key")
-
-
-def test_several_kubeconfig_files_merge_first_wins(tmp_path: Path) -> None:
-    first = tmp_path / "a"
-    first.write_text("current-context: kwok-x\nusers:\n- name: kwok-x\n  user:\n    token: from-a\n")
-    second = tmp_path / "b"
-    second.write_text(KWOKCTL_KUBECONFIG)
-    endpoint, _ = endpoint_from_kubeconfig([str(first), str(second)], None)
-    assert endpoint.token == "from-a"
-    assert endpoint.server == "https://127.0.0.1:32766"
-
-
-@pytest.mark.parametrize(
-    ("user_yaml", "message"),
-    [
-        pytest.param("    exec:\n      command: aws\n", "user.exec is not supported", id="exec-plugin"),
-        pytest.param("    username: admin\n", "user.username is not supported", id="basic-auth"),
-    ],
-)
-def test_credential_kinds_we_cannot_speak_are_refused(tmp_path: Path, user_yaml: str, message: str) -> None:
-    path = tmp_path / "config"
-    path.write_text(KWOKCTL_KUBECONFIG.split("    client-certificate")[0] + user_yaml)
-    with pytest.raises(KubeconfigError, match=message):
-        endpoint_from_kubeconfig([str(path)], None)
-
-
-def test_a_missing_context_is_named(tmp_path: Path) -> None:
-    path = tmp_path / "config"
-    path.write_text(KWOKCTL_KUBECONFIG)
-    with pytest.raises(KubeconfigError, match="no context named 'nope'"):
-        endpoint_from_kubeconfig([str(path)], "nope")
-
-
 # =========================================================================== log lines
 
 
 def test_log_lines_carry_a_utc_timestamp_and_key_values(capsys: pytest.CaptureFixture[str]) -> None:
     from tests.unit.test_elector import EPOCH
 
-    emit = elector.stderr_log({"lease": "ns/beat", "identity": "pod-a"}, lambda: EPOCH)
+    emit = stderr_log({"lease": "ns/beat", "identity": "pod-a"}, lambda: EPOCH)
     emit("lost", reason="renew-deadline", detail="no renewal for 10s")
     line = capsys.readouterr().err
     assert line == (
@@ -290,9 +172,9 @@ def test_log_lines_carry_a_utc_timestamp_and_key_values(capsys: pytest.CaptureFi
 # =========================================================================== request bodies
 
 
-class RecordingLeaseApi(elector.HttpLeaseApi):
+class RecordingLeaseApi(HttpLeaseApi):
     def __init__(self, replies: list[tuple[int, dict[str, Any]]]) -> None:
-        super().__init__(elector.ApiEndpoint(server="http://apiserver:8080/base"), "jobs", "beat")
+        super().__init__(ApiEndpoint(server="http://apiserver:8080/base"), "jobs", "beat")
         self.replies = replies
         self.sent: list[tuple[str, str, Any]] = []
 
@@ -348,16 +230,16 @@ def test_replace_keeps_what_others_own_and_swaps_on_the_resource_version() -> No
 @pytest.mark.parametrize(
     ("call", "status", "raised", "message"),
     [
-        pytest.param("replace", 409, elector.LeaseConflict, "changed since it was read", id="replace-stale"),
-        pytest.param("replace", 404, elector.LeaseConflict, "deleted", id="replace-gone"),
-        pytest.param("create", 409, elector.LeaseConflict, "created by someone else", id="create-race"),
-        pytest.param("get", 403, elector.LeaseApiError, "HTTP 403: forbidden .*RBAC", id="forbidden-hints-rbac"),
-        pytest.param("get", 500, elector.LeaseApiError, "HTTP 500: forbidden", id="server-error"),
+        pytest.param("replace", 409, LeaseConflict, "changed since it was read", id="replace-stale"),
+        pytest.param("replace", 404, LeaseConflict, "deleted", id="replace-gone"),
+        pytest.param("create", 409, LeaseConflict, "created by someone else", id="create-race"),
+        pytest.param("get", 403, LeaseApiError, "HTTP 403: forbidden .*RBAC", id="forbidden-hints-rbac"),
+        pytest.param("get", 500, LeaseApiError, "HTTP 500: forbidden", id="server-error"),
     ],
 )
 def test_api_replies_map_to_conflict_or_error(call: str, status: int, raised: type[Exception], message: str) -> None:
     api = RecordingLeaseApi([(status, {"message": "forbidden"})])
-    lease = elector.Lease.from_body(STORED)
+    lease = Lease.from_body(STORED)
     with pytest.raises(raised, match=message):
         if call == "replace":
             api.replace(lease, LeaseRecord("pod-a", 15), timeout=1)
@@ -372,10 +254,102 @@ def test_a_missing_lease_reads_as_none() -> None:
 
 
 def test_main_turns_usage_errors_into_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
-    assert elector.main(["--lease", "b"]) == 2
+    assert main(["--lease", "b"]) == 2
     assert "elector: missing `-- CMD" in capsys.readouterr().err
 
 
 def test_main_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
-    assert elector.main(["--help"]) == 0
+    assert main(["--help"]) == 0
     assert "--renew-deadline" in capsys.readouterr().out
+
+
+def test_the_service_account_dir_gives_credentials_and_namespace(tmp_path: Path) -> None:
+    (tmp_path / "namespace").write_text("jobs\n")
+    environ = {"KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": "6443"}
+    invocation = parse_invocation(["--lease", "b", "--service-account-dir", str(tmp_path), *CMD], environ)
+    assert invocation.endpoint.server == "https://127.0.0.1:6443"
+    assert invocation.endpoint.token_file == str(tmp_path / "token")
+    assert invocation.endpoint.ca_file == str(tmp_path / "ca.crt")
+    assert invocation.namespace == "jobs"
+
+
+def test_explicit_server_flags_win_over_in_cluster() -> None:
+    environ = {"KUBERNETES_SERVICE_HOST": "10.0.0.1", "POD_NAMESPACE": "n"}
+    argv = ["--lease", "b", "--server", "https://127.0.0.1:9999", "--client-cert", "c.crt", "--client-key", "c.key"]
+    endpoint = parse_invocation([*argv, *CMD], environ).endpoint
+    assert (endpoint.server, endpoint.client_cert_file, endpoint.client_key_file) == (
+        "https://127.0.0.1:9999",
+        "c.crt",
+        "c.key",
+    )
+    assert endpoint.token_file is None
+
+
+# =========================================================================== a wall-clock budget per request
+
+
+class TricklingServer:
+    """An HTTP peer that answers one byte at a time, for as long as the client listens."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        reply = b'HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n{"spec": {' + b" " * 100000
+        with conn:
+            conn.recv(65536)
+            for byte in reply:
+                if self.stop.wait(0.02):  # the peer's pace, not the test's
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+
+    def close(self) -> None:
+        self.stop.set()
+        self.listener.close()
+
+
+@pytest.fixture
+def trickling() -> Iterator[TricklingServer]:
+    server = TricklingServer()
+    yield server
+    server.close()
+
+
+def test_a_trickling_reply_cannot_stretch_a_request_past_its_budget(trickling: TricklingServer) -> None:
+    api = HttpLeaseApi(ApiEndpoint(server=f"http://127.0.0.1:{trickling.port}"), "jobs", "beat")
+    started = time.monotonic()
+    with pytest.raises(LeaseApiError, match="within the request deadline"):
+        api.get(timeout=0.5)
+    # http.client's per-read timeout would wait ~2,000 s for this reply; the budget ends it at 0.5 s.
+    assert time.monotonic() - started < 0.5 + 1.5
+
+
+def test_chunked_and_keep_alive_replies_are_read_whole() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    body = json.dumps(STORED).encode()
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (body[:10], body[10:])) + b"0\r\n\r\n"
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            for reply in (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked,
+                          b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\n{}"):  # fmt: skip
+                conn.recv(65536)
+                conn.sendall(reply)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    api = HttpLeaseApi(ApiEndpoint(server=f"http://127.0.0.1:{listener.getsockname()[1]}"), "jobs", "beat")
+    lease = api.get(timeout=5)
+    assert lease is not None and lease.resource_version == "41"
+    assert api.get(timeout=5) is None  # the same connection, kept alive
+    thread.join(timeout=5)
+    listener.close()

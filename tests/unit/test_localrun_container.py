@@ -128,11 +128,11 @@ def test_env_errors_name_the_problem(env: list[dict[str, Any]], message: str) ->
 @pytest.mark.parametrize(
     ("arg", "expected"),
     [
-        pytest.param("/celery-fleet/elector.py", "/pod/v/elector/elector.py", id="under-mount"),
+        pytest.param("/celery-fleet/elector.pyz", "/pod/v/elector/elector.pyz", id="under-mount"),
         pytest.param("/celery-beat", "/pod/v/schedule", id="mount-itself"),
         pytest.param("--schedule=/celery-beat/s", "--schedule=/pod/v/schedule/s", id="option-value"),
         pytest.param("/celery-fleet-other/x", "/celery-fleet-other/x", id="prefix-not-a-directory"),
-        pytest.param("/opt/celery-fleet/elector.py", "/repo/elector.py", id="image-file"),
+        pytest.param("/opt/celery-fleet/elector.pyz", "/repo/elector.pyz", id="image-file"),
         pytest.param("/data/inner/f", "/pod/v/inner/f", id="longest-mount-wins"),
         pytest.param("celery", "celery", id="not-a-path"),
     ],
@@ -141,7 +141,7 @@ def test_rewrite_path(arg: str, expected: str) -> None:
     paths = {
         "/celery-fleet": Path("/pod/v/elector"),
         "/celery-beat": Path("/pod/v/schedule"),
-        "/opt/celery-fleet/elector.py": Path("/repo/elector.py"),
+        "/opt/celery-fleet/elector.pyz": Path("/repo/elector.pyz"),
         "/data": Path("/pod/v/data"),
         "/data/inner": Path("/pod/v/inner"),
     }
@@ -263,14 +263,14 @@ def test_beat_pod_runs_the_elector_copied_by_its_init_container() -> None:
     volumes = pod_volumes(pod, PodLayout(Path("/pod")), Objects())
     paths_of = {}
     for c in [*pod["spec"]["initContainers"], *pod["spec"]["containers"]]:
-        paths = {ELECTOR_SOURCE: Path("/repo/elector.py"), **mount_table(c, volumes)}
+        paths = {ELECTOR_SOURCE: Path("/repo/elector.pyz"), **mount_table(c, volumes)}
         env = container_env(pod, c, Objects())
         paths_of[c["name"]] = process_spec(pod, c, env=env, base_env={}, paths=paths, cwd=Path("/pod"),
                                            broker_probe=False, broker_url_env=BROKER_URL_ENV)  # fmt: skip
     install = paths_of["install-elector"].argv
-    assert install[-2:] == ("/repo/elector.py", "/pod/volumes/celery-fleet/elector.py")
+    assert install[-2:] == ("/repo/elector.pyz", "/pod/volumes/celery-fleet/elector.pyz")
     beat = paths_of["beat"].argv
-    assert beat[:2] == ("python3", "/pod/volumes/celery-fleet/elector.py")
+    assert beat[:2] == ("python3", "/pod/volumes/celery-fleet/elector.pyz")
     assert beat[beat.index("--identity") + 1] == "demo-beat-xyz"
     assert beat[beat.index("--namespace") + 1] == "demo"
     assert beat[beat.index("--schedule") + 1] == "/pod/volumes/beat-schedule/celerybeat-schedule"

@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from celery_fleet import elector
 from celery_fleet.api.models import CeleryBeatSpec, InvalidSpec, parse_beat
+from celery_fleet.elector import cli as elector_cli
+from celery_fleet.elector import lease_client
 from celery_fleet.planning.beat_workload import (
     ELECTOR_PATH,
     ELECTOR_SOURCE,
@@ -90,7 +91,7 @@ def test_role_allows_only_reading_and_updating_the_one_lease() -> None:
 def test_role_covers_every_request_the_elector_sends_to_an_existing_lease() -> None:
     # The elector's HTTP methods, except POST (create), which it sends only when the Lease is
     # missing: RBAC cannot scope create to a name, so the operator creates the Lease instead.
-    source = Path(elector.__file__).read_text(encoding="utf-8")
+    source = Path(lease_client.__file__).read_text(encoding="utf-8")
     methods = set(re.findall(r'self\._request\("([A-Z]+)"', source))
     verbs = {"GET": "get", "PUT": "update", "PATCH": "patch", "POST": "create", "DELETE": "delete"}
     assert methods - {"POST"} and {verbs[m] for m in methods - {"POST"}} == set(
@@ -145,7 +146,7 @@ def test_beat_runs_under_the_elector() -> None:
     assert main["command"] == [
         *("python3", ELECTOR_PATH, "--namespace", "$(POD_NAMESPACE)", "--lease", "nightly-beat"),
         *("--identity", "$(POD_NAME)", "--duration", "20", "--renew-deadline", "12", "--retry-period", "3"),
-        *("--stop-grace", "4", "--"),
+        *("--stop-grace", "4", "--service-account-dir", "/var/run/secrets/kubernetes.io/serviceaccount", "--"),
         *("celery", "-A", "shop.celery:app", "beat", "--scheduler", "django_celery_beat.schedulers:DatabaseScheduler"),
         *("--schedule", "/celery-beat/celerybeat-schedule", "--loglevel", "INFO"),
         *("--loglevel", "DEBUG", "--max-interval", "5"),
@@ -158,7 +159,7 @@ def test_the_elector_accepts_the_command_line(monkeypatch: pytest.MonkeyPatch) -
     (main,) = pod(spec)["containers"]
     argv = [a.replace("$(POD_NAMESPACE)", "prod").replace("$(POD_NAME)", "nightly-beat-0") for a in main["command"][2:]]
     monkeypatch.setattr(shutil, "which", lambda _: "/usr/local/bin/celery")
-    invocation = elector.parse_invocation(
+    invocation = elector_cli.parse_invocation(
         argv, {"KUBERNETES_SERVICE_HOST": "10.0.0.1", "KUBERNETES_SERVICE_PORT": "443"}
     )
     assert (invocation.namespace, invocation.lease, invocation.identity) == ("prod", "nightly-beat", "nightly-beat-0")

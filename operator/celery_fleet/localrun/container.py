@@ -9,9 +9,9 @@ The kubelet's rules, applied to a local process instead of a container image:
   :class:`ObjectSource`; a missing object or key fails the container unless `optional`.
 - volumes become directories under the pod's directory; each `mountPath` is mapped to its
   directory, and any argument naming a path under a mount is rewritten to the local path (a
-  process cannot see `/celery-fleet/elector.py`, but it can see the pod's copy of it).
+  process cannot see `/celery-fleet/elector.pyz`, but it can see the pod's copy of it).
 - files of the image: a fixed table maps image paths to files on this machine (the elector the
-  operator image ships is the repository's own `elector.py`).
+  operator image ships is built from the repository's own `celery_fleet.elector` package).
 
 Nothing here reads the cluster or the disk; the runtime does that and hands the results in.
 """

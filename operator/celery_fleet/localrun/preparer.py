@@ -2,7 +2,7 @@
 
 The "image" of every container is this machine: `base_env` holds what an image would set (PATH
 with the project's virtualenv first, PYTHONPATH with the application), and `image_files` maps
-files an image would carry to local ones (the operator image's elector is the repository's).
+files an image would carry to local ones (the operator image's elector is built from the repository's package).
 
 A pod that mounts its ServiceAccount token (automountServiceAccountToken) gets a kubeconfig
 that authenticates with that token, in `$KUBECONFIG`: a process in a real pod would find the
@@ -12,15 +12,18 @@ token another way. It then has the pod's own RBAC, not the developer's admin rig
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from celery_fleet.localrun.cluster import LocalCluster
 from celery_fleet.localrun.container import (
@@ -49,7 +52,15 @@ TOKEN_REFRESH_FRACTION = 0.8
 
 
 def repository_elector() -> Path:
-    return Path(__file__).resolve().parent.parent / "elector.py"
+    """The single-file elector the operator image would carry, built from this checkout's package
+    (named by its digest, so concurrent runs share it and an edited package gets a new file)."""
+    from celery_fleet.elector import bundle
+
+    content = bundle.build_bytes()
+    target = Path(tempfile.gettempdir()) / f"celery-fleet-elector-{hashlib.sha256(content).hexdigest()[:16]}.pyz"
+    if not target.exists():
+        bundle.build(target)
+    return target
 
 
 def default_image_files() -> dict[str, Path]:
@@ -108,6 +119,10 @@ class LocalPreparer:
                 sa_dir = paths.get(SERVICE_ACCOUNT_MOUNT)
                 if sa_dir is not None and sa_dir == token_dir:
                     base[KUBECONFIG_ENV] = str(self._write_kubeconfig(layout, sa_dir, str(meta["namespace"])))
+                    # What the kubelet sets for in-cluster clients (the beat elector is one).
+                    server = urlsplit(self.cluster.server)
+                    base["KUBERNETES_SERVICE_HOST"] = server.hostname or ""
+                    base["KUBERNETES_SERVICE_PORT"] = str(server.port or 443)
                 probe = (container.get("readinessProbe") or {}).get("exec", {}).get("command")
                 out.append(
                     process_spec(

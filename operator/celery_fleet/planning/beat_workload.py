@@ -1,8 +1,9 @@
 """Desired objects of a CeleryBeat: `celery beat` behind a Lease elector, with its RBAC. (pure)
 
 The elector must run inside the user's Celery image, which has Python but nothing of ours. The
-operator image ships the standard-library-only elector at ``ELECTOR_SOURCE``; an init container
-started from that image copies it into an emptyDir, and the beat container runs
+operator image ships the standard-library-only elector as one file (a zipapp built from the
+``celery_fleet.elector`` package) at ``ELECTOR_SOURCE``; an init container started from that
+image copies it into an emptyDir, and the beat container runs
 ``python3 <elector> ... -- celery beat ...``. No wheel to install, no sidecar whose lifetime could
 drift from beat's: the elector is PID 1 of the beat container and beat its child.
 
@@ -23,7 +24,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from celery_fleet.api.models import BEAT_KIND, GROUP, CeleryBeatSpec, InvalidSpec
-from celery_fleet.elector import UNKILLABLE_AFTER_SECONDS
+from celery_fleet.elector import BUNDLE_FILE_NAME as ELECTOR_FILE
+from celery_fleet.elector import SERVICE_ACCOUNT_DIR
+from celery_fleet.elector.process import UNKILLABLE_AFTER_SECONDS
 from celery_fleet.planning.workload import (
     MANAGED_BY,
     POD_NAME_ENV,
@@ -43,10 +46,10 @@ BEAT_CONTAINER = "beat"
 INSTALL_CONTAINER = "install-elector"
 
 # Where the operator image carries the elector, and where the beat container finds it.
-ELECTOR_SOURCE = "/opt/celery-fleet/elector.py"
+ELECTOR_SOURCE = f"/opt/celery-fleet/{ELECTOR_FILE}"
 ELECTOR_VOLUME = "celery-fleet"
 ELECTOR_DIR = "/celery-fleet"
-ELECTOR_PATH = f"{ELECTOR_DIR}/elector.py"
+ELECTOR_PATH = f"{ELECTOR_DIR}/{ELECTOR_FILE}"
 # PersistentScheduler writes its state file into the working directory by default, which a
 # non-root user or a read-only root filesystem cannot; give it a writable place of its own.
 SCHEDULE_VOLUME = "beat-schedule"
@@ -184,6 +187,9 @@ def beat_command(beat_name: str, spec: CeleryBeatSpec) -> list[str]:
         str(lease.retry_period_seconds),
         "--stop-grace",
         f"{stop_grace(spec):g}",
+        # The kubelet's default, said out loud so a runtime that maps mounts (localrun) can see it.
+        "--service-account-dir",
+        SERVICE_ACCOUNT_DIR,
         "--",
         "celery",
         "-A",
