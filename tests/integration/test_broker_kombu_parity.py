@@ -156,3 +156,32 @@ def test_reply_sizes_are_bounded_by_the_script(redis_db: redis.Redis[bytes], red
     reading = read(redis_server.url, queue_refs(["q"]))
     assert reading.observe(queue_refs(["q"])) == Observation(0, 1, in_flight_exact=True)
     assert reading.unacked[KeyLayout()].unattributed == 2
+
+
+# -- failover URL lists (issue 14.6) ------------------------------------------------------------------------
+
+
+def test_failover_list_is_followed_as_kombu_follows_it(redis_db: redis.Redis[bytes], redis_server: RedisServer) -> None:
+    """The first alternate is down: kombu publishes to the second, and so do our reads and the probe."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from celery_fleet.planning.workload import BROKER_CONNECTED_PROBE, BROKER_URL_ENV
+    from tests.support.redis_server import free_port
+
+    url = f"redis://127.0.0.1:{free_port()}/0;{redis_server.url}"
+    refs = queue_refs(["celery"])
+    with celery(url) as app:
+        for _ in range(5):
+            app.send_task(TASK)
+        assert ours(read(url, refs), refs, ["celery"]) == truth(app, ["celery"]) == Observation(5, 0)
+
+    def probe() -> int:
+        env = {**os.environ, BROKER_URL_ENV: url}
+        return subprocess.run([sys.executable, "-c", BROKER_CONNECTED_PROBE], env=env, capture_output=True).returncode
+
+    # The probe looks in /proc/net/tcp for a connection to any alternate's port (this test holds one).
+    with socket.create_connection((redis_server.host, redis_server.port)):
+        assert probe() == 0

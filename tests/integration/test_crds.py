@@ -177,7 +177,7 @@ INVALID = [
     case(
         put("spec.broker.url", "amqp://rabbit:5672//"),
         "spec.broker.url",
-        "must start with redis:// or rediss://",
+        "must start with redis://, rediss:// or sentinel://",
         id="url-scheme",
     ),
     case(
@@ -197,6 +197,24 @@ INVALID = [
         "spec.broker.url",
         "must not contain a password",
         id="url-password-query",
+    ),
+    case(
+        put("spec.broker.url", "redis://r1:6379/0;redis://:s3cret@r2:6379/0"),
+        "spec.broker.url",
+        "must not contain a password",
+        id="url-password-behind-failover",
+    ),
+    case(
+        put("spec.broker.url", "redis://r1:6379/0;sentinel://s1:26379"),
+        "spec.broker.url",
+        "do not mix sentinel://",
+        id="url-mixed-kinds",
+    ),
+    case(
+        put("spec.broker.url", "redis://shown:6379/0?host=elsewhere"),
+        "spec.broker.url",
+        "the only query option supported",
+        id="url-host-in-query",
     ),
     case(
         put("spec.broker", {"urlSecretRef": {"name": "s", "key": "a/b"}}),

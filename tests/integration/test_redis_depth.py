@@ -29,7 +29,7 @@ from celery_fleet.brokers import (
     queue_refs,
     redis_registry,
 )
-from celery_fleet.brokers.redis import connect
+from celery_fleet.brokers.redis import TlsSettings, connect
 from celery_fleet.brokers.source import KeyLayout
 from celery_fleet.planning.scaling import Observation, ReadFailure
 from tests.support.celery_depth_app import HOLD
@@ -388,9 +388,18 @@ def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, P
 
 def test_tls_with_the_ca_reads(tls_redis: tuple[int, Path]) -> None:
     port, cert = tls_redis
-    url = f"rediss://:{PASSWORD}@127.0.0.1:{port}/0?ssl_cert_reqs=CERT_REQUIRED&ssl_ca_certs={cert}"
-    send(url.replace("CERT_REQUIRED", "required"), 4)
-    assert seen(read(url, queue_refs([QUEUE])), queue_refs([QUEUE])).queue_depth == 4
+    url = f"rediss://:{PASSWORD}@127.0.0.1:{port}/0?ssl_cert_reqs=CERT_REQUIRED"
+    send(f"{url}&ssl_ca_certs={cert}".replace("CERT_REQUIRED", "required"), 4)  # Celery takes the CA from its URL
+    tls = TlsSettings(ca_pem=cert.read_text())
+
+    async def main() -> DepthReading:
+        source = connect(url, tls=tls)
+        try:
+            return await source.read(queue_refs([QUEUE]))
+        finally:
+            await source.aclose()
+
+    assert seen(asyncio.run(main()), queue_refs([QUEUE])).queue_depth == 4
 
 
 def test_tls_with_an_unknown_ca_is_unreachable(tls_redis: tuple[int, Path]) -> None:

@@ -165,7 +165,7 @@ def test_every_problem_is_reported_not_only_the_first() -> None:
     assert caught.value.problems == [
         "spec.app: required field is missing",
         "spec.image: String should have at least 1 character",
-        "spec.broker.url: must start with redis:// or rediss://",
+        "spec.broker.url: must start with redis://, rediss:// or sentinel:// (every ';'-separated URL)",
     ]
     assert caught.value.message == "; ".join(caught.value.problems)
 
@@ -240,7 +240,7 @@ INVALID_POOLS = [
     ),
     pytest.param(
         _set("broker.url", "amqp://rabbit:5672//"),
-        "spec.broker.url: must start with redis:// or rediss://",
+        "spec.broker.url: must start with redis://, rediss:// or sentinel:// (every ';'-separated URL)",
         id="url-scheme",
     ),
     pytest.param(
@@ -257,6 +257,36 @@ INVALID_POOLS = [
         _set("broker.url", "redis://redis:6379/0?password=hunter2"),
         "spec.broker.url: must not contain a password",
         id="url-password-query",
+    ),
+    pytest.param(
+        _set("broker.url", "redis://r1:6379/0;redis://:s3cret@r2:6379/0"),
+        "spec.broker.url: must not contain a password (in any ';'-separated URL)",
+        id="url-password-behind-failover",
+    ),
+    pytest.param(
+        _set("broker.url", "redis://r1:6379/0;amqp://r2"),
+        "spec.broker.url: must start with redis://, rediss:// or sentinel://",
+        id="url-failover-scheme",
+    ),
+    pytest.param(
+        _set("broker.url", "redis://r1:6379/0;sentinel://s1:26379"),
+        "spec.broker.url: do not mix sentinel://",
+        id="url-mixed-kinds",
+    ),
+    pytest.param(
+        _set("broker.url", "redis://shown:6379/0?host=elsewhere"),
+        "spec.broker.url: the only query option supported in a broker URL is ssl_cert_reqs=required",
+        id="url-host-in-query",
+    ),
+    pytest.param(
+        _set("broker.url", "rediss://r:6380/0?ssl_cert_reqs=required&ssl_ca_certs=/var/run/secrets/token"),
+        "spec.broker.url: the only query option supported in a broker URL is ssl_cert_reqs=required",
+        id="url-file-in-query",
+    ),
+    pytest.param(
+        _set("broker.url", "redis://r:6379/0?socket_timeout=999"),
+        "spec.broker.url: the only query option supported in a broker URL is ssl_cert_reqs=required",
+        id="url-timeout-in-query",
     ),
     pytest.param(
         _set("broker.prioritySteps", [0, 6, 3]),

@@ -27,6 +27,8 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
+from celery_fleet.api.broker_url import QUERY_HINT, BrokerUrlError, parse_broker_url
+
 GROUP = "celeryfleet.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -54,13 +56,28 @@ OBJECT_NAME_RULE = (
     "must be a Kubernetes object name: lowercase letters, digits, '-' and '.', "
     "starting and ending with a letter or digit (no '/')"
 )
-_SCHEME_RE = re.compile(r"^rediss?://")
-# A password hides in the userinfo (`redis://:pw@host`, `redis://user:pw@host`) or in a
-# `password=` query parameter, which redis-py also honours.
-_USERINFO_PASSWORD = r"^rediss?://[^/?#]*:[^/?#]*@"
+# Broker URLs may be `;` lists (kombu's failover alternates, or several Sentinels): every rule
+# below holds for every segment.
+_SEGMENT_SCHEMES = r"^[ ]*(rediss?|sentinel)://[^;]*(;[ ]*(rediss?|sentinel)://[^;]*)*$"
+_MIXED_KINDS = (r"(^|;)[ ]*rediss?://", r"(^|;)[ ]*sentinel://")
+# A password hides in the userinfo (`redis://:pw@host`, `redis://user:pw@host`) of any segment or
+# in a `password=` query parameter, which redis-py also honours.
+_USERINFO_PASSWORD = r"(^|;)[ ]*[a-z]+://[^/?#;@]*:[^/?#;@]*@"
 _QUERY_PASSWORD = r"[?&]password="
+# The only query option allowed (broker_url.ALLOWED_QUERY), per segment.
+_QUERY_SHAPE = (
+    r"^[^?#;]*([?]ssl_cert_reqs=(required|CERT_REQUIRED))?(;[^?#;]*([?]ssl_cert_reqs=(required|CERT_REQUIRED))?)*$"
+)
+_SEGMENT_SCHEMES_RE = re.compile(_SEGMENT_SCHEMES)
+_MIXED_KINDS_RE = tuple(re.compile(r) for r in _MIXED_KINDS)
 _USERINFO_PASSWORD_RE = re.compile(_USERINFO_PASSWORD)
 _QUERY_PASSWORD_RE = re.compile(_QUERY_PASSWORD)
+_QUERY_SHAPE_RE = re.compile(_QUERY_SHAPE)
+_URL_SCHEME_MESSAGE = "must start with redis://, rediss:// or sentinel:// (every ';'-separated URL)"
+_URL_MIXED_MESSAGE = "do not mix sentinel:// with redis:// or rediss:// in one URL"
+_URL_PASSWORD_MESSAGE = (
+    "must not contain a password (in any ';'-separated URL); store the full URL in a Secret and use urlSecretRef"
+)
 _PERCENT = r"^(100|[1-9]?[0-9])%$"
 _PERCENT_RE = re.compile(_PERCENT)
 _QUEUE_NAME_RE = re.compile(r"^[^,\s]+$")
@@ -247,17 +264,15 @@ class Broker(_Spec):
         default=None,
         max_length=MAX_URL_LENGTH,
         description="Broker URL without credentials, redis:// or rediss:// "
-        "(e.g. redis://redis.celery.svc:6379/0). Put URLs that carry a password in a Secret "
+        "(e.g. redis://redis.celery.svc:6379/0); a ';' list is tried in turn as kombu does "
+        "(redis://a:6379/0;redis://b:6379/0), and sentinel://h1:26379;sentinel://h2:26379 reads "
+        "through Redis Sentinel (set masterName). Put URLs that carry a password in a Secret "
         "and use urlSecretRef. Exactly one of url and urlSecretRef is required.",
         json_schema_extra=_rules(
-            _cel(
-                "self.matches('^rediss?://')",
-                "must start with redis:// or rediss://",
-            ),
-            _cel(
-                f"!self.matches('{_USERINFO_PASSWORD}') && !self.matches('{_QUERY_PASSWORD}')",
-                "must not contain a password; store the full URL in a Secret and use urlSecretRef",
-            ),
+            _cel(f"self.matches('{_SEGMENT_SCHEMES}')", _URL_SCHEME_MESSAGE),
+            _cel(f"!(self.matches('{_MIXED_KINDS[0]}') && self.matches('{_MIXED_KINDS[1]}'))", _URL_MIXED_MESSAGE),
+            _cel(f"!self.matches('{_USERINFO_PASSWORD}') && !self.matches('{_QUERY_PASSWORD}')", _URL_PASSWORD_MESSAGE),
+            _cel(f"self.matches('{_QUERY_SHAPE}')", QUERY_HINT),
         ),
     )
     url_secret_ref: SecretKeyRef | None = Field(
@@ -291,10 +306,21 @@ class Broker(_Spec):
     def _url_is_redis_without_password(cls, url: str | None) -> str | None:
         if url is None:
             return url
-        if not _SCHEME_RE.match(url):
-            raise _rule_error("must start with redis:// or rediss://")
-        if _USERINFO_PASSWORD_RE.match(url) or _QUERY_PASSWORD_RE.search(url):
-            raise _rule_error("must not contain a password; store the full URL in a Secret and use urlSecretRef")
+        # The CEL rules in order, then the parser's finer checks (database number, segment count).
+        if not _SEGMENT_SCHEMES_RE.match(url):
+            raise _rule_error(_URL_SCHEME_MESSAGE)
+        if all(r.search(url) for r in _MIXED_KINDS_RE):
+            raise _rule_error(_URL_MIXED_MESSAGE)
+        if _USERINFO_PASSWORD_RE.search(url) or _QUERY_PASSWORD_RE.search(url):
+            raise _rule_error(_URL_PASSWORD_MESSAGE)
+        if not _QUERY_SHAPE_RE.match(url):
+            raise _rule_error(QUERY_HINT)
+        try:
+            parsed = parse_broker_url(url)
+        except BrokerUrlError as err:
+            raise _rule_error(err.message) from None
+        if parsed.secrets:  # a userinfo the regex cannot see (e.g. a '/' in it)
+            raise _rule_error(_URL_PASSWORD_MESSAGE)
         return url
 
     @field_validator("priority_steps")

@@ -30,20 +30,24 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import re
+import shutil
 import ssl
+import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Final
-from urllib.parse import SplitResult, parse_qsl, quote, unquote, urlencode, urlsplit
+from typing import Any, Final
+from urllib.parse import SplitResult, parse_qsl, quote, urlencode, urlsplit
 
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from celery_fleet.api.broker_url import BrokerUrlError, parse_broker_url
 from celery_fleet.brokers import routing
 from celery_fleet.brokers.source import (
     BrokerError,
@@ -365,38 +369,45 @@ def _auth_error(exc: BaseException) -> BrokerError | None:
 
 @dataclass(frozen=True)
 class RedisTarget:
-    """A parsed broker URL. ``display`` ("host:port/db", " (TLS)" for rediss) is what may be shown."""
+    """A parsed broker URL (a ``;`` list of them). ``display`` is what may be shown.
 
-    url: str = ""
+    ``urls`` are the segments as redis-py takes them, tried in turn as kombu does; for a
+    Sentinel URL ``sentinels`` lists the Sentinels and ``urls`` is empty.
+    """
+
+    urls: tuple[str, ...] = ()
     display: str = ""
     secrets: tuple[str, ...] = ()  # strings that must never appear in a message
+    sentinels: tuple[tuple[str, int], ...] = ()
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
 
     def __repr__(self) -> str:  # never print the URL, even in a traceback
         return f"RedisTarget({self.display})"
 
     __str__ = __repr__
 
+    @property
+    def url(self) -> str:
+        return self.urls[0] if self.urls else ""
+
     @classmethod
     def parse(cls, url: str) -> RedisTarget:
         try:
-            parts = urlsplit(url)
-            port = parts.port
-        except ValueError:
-            raise BrokerError(ErrorKind.INVALID_URL, "the broker URL cannot be parsed") from None
-        if parts.scheme not in ("redis", "rediss"):
-            raise BrokerError(ErrorKind.INVALID_URL, f"unsupported scheme {parts.scheme!r}: use redis:// or rediss://")
-        secrets = tuple(s for s in {parts.password or "", unquote(parts.password or "")} if s)
-        query = parse_qsl(parts.query, keep_blank_values=True)
-        secrets += tuple(v for k, v in query if k == "password" and v)
-        db = parts.path.lstrip("/") or "0"
-        if not db.isdigit():
-            # redis-py would quietly read db 0 while kombu refuses to start the workers. The path
-            # is not echoed: it is user input and may hold anything.
-            raise BrokerError(ErrorKind.INVALID_URL, "the database in the broker URL path must be a number (e.g. /0)")
-        # Not URL-shaped on purpose: Events and status drop anything that looks like a URL.
-        tls = " (TLS)" if parts.scheme == "rediss" else ""
-        display = f"{parts.hostname or 'localhost'}:{port or 6379}/{db}{tls}"
-        return cls(url=_normalize_query(parts, query), display=display, secrets=secrets)
+            parsed = parse_broker_url(url)
+        except BrokerUrlError as err:
+            raise BrokerError(ErrorKind.INVALID_URL, err.message) from None
+        first = parsed.endpoints[0]
+        common = {"display": parsed.display, "secrets": parsed.secrets, "db": first.db}
+        if parsed.kind == "sentinel":
+            # kombu: every sentinel:// segment is a Sentinel; the first one's userinfo and database
+            # are the master's.
+            sentinels = tuple((e.host, e.port) for e in parsed.endpoints)
+            return cls(sentinels=sentinels, username=first.username, password=first.password, **common)  # type: ignore[arg-type]
+        urls = tuple(_normalize_query(urlsplit(e.url)) for e in parsed.endpoints)
+        return cls(urls=urls, tls=first.tls, username=first.username, password=first.password, **common)  # type: ignore[arg-type]
 
     def scrub(self, text: str) -> str:
         for s in sorted(self.secrets, key=len, reverse=True):
@@ -404,8 +415,9 @@ class RedisTarget:
         return re.sub(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://\S+", "<broker-url>", text)
 
 
-def _normalize_query(parts: SplitResult, query: list[tuple[str, str]]) -> str:
+def _normalize_query(parts: SplitResult) -> str:
     # Celery writes ssl_cert_reqs=CERT_REQUIRED; redis-py wants required/optional/none.
+    query = parse_qsl(parts.query, keep_blank_values=True)
     fixed = [
         (k, v[len("CERT_") :].lower() if k == "ssl_cert_reqs" and v.upper().startswith("CERT_") else v)
         for k, v in query
@@ -553,6 +565,79 @@ class RedisDepthSource:
             await self._close()
 
 
+@dataclass(frozen=True)
+class TlsSettings:
+    """spec.broker.tls, resolved: PEM text read from the Secret / ConfigMap (never logged)."""
+
+    ca_pem: str | None = None
+    cert_pem: str | None = None
+    key_pem: str | None = None
+    insecure_skip_verify: bool = False
+
+    def __repr__(self) -> str:
+        return f"TlsSettings(ca={self.ca_pem is not None}, client_cert={self.cert_pem is not None})"
+
+
+class _ClientFiles:
+    """A client certificate and key as files (Python's ssl loads them only from paths): a private
+    directory readable by the operator alone, removed when the source closes."""
+
+    def __init__(self, cert_pem: str, key_pem: str) -> None:
+        self.dir = tempfile.mkdtemp(prefix="celery-fleet-tls-")
+        self.cert = os.path.join(self.dir, "tls.crt")
+        self.key = os.path.join(self.dir, "tls.key")
+        for path, text in ((self.cert, cert_pem), (self.key, key_pem)):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _tls_kwargs(tls: TlsSettings | None) -> tuple[dict[str, Any], _ClientFiles | None]:
+    if tls is None:
+        return {}, None
+    kwargs: dict[str, Any] = {"ssl_cert_reqs": "none" if tls.insecure_skip_verify else "required"}
+    if tls.insecure_skip_verify:
+        kwargs["ssl_check_hostname"] = False
+    if tls.ca_pem:
+        kwargs["ssl_ca_data"] = tls.ca_pem
+    files = None
+    if tls.cert_pem and tls.key_pem:
+        files = _ClientFiles(tls.cert_pem, tls.key_pem)
+        kwargs.update(ssl_certfile=files.cert, ssl_keyfile=files.key)
+    return kwargs, files
+
+
+class _Failover:
+    """One client per ``;`` segment, used as kombu uses alternates: stay on the one that answers,
+    move to the next when it cannot be reached (within the same round trip)."""
+
+    def __init__(self, clients: Sequence[aioredis.Redis[Any]]) -> None:
+        self.clients = list(clients)
+        self.current = 0
+
+    async def round_trip(self, commands: Sequence[Command]) -> list[Reply]:
+        for attempt in range(len(self.clients)):
+            client = self.clients[self.current]
+            try:
+                async with client.pipeline(transaction=False) as pipe:
+                    for command in commands:
+                        pipe.execute_command(*command)
+                    replies: list[Reply] = await pipe.execute(raise_on_error=False)
+                    return replies
+            except (rexc.ConnectionError, rexc.TimeoutError, OSError):
+                if attempt == len(self.clients) - 1:
+                    raise
+                self.current = (self.current + 1) % len(self.clients)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def aclose(self) -> None:
+        for client in self.clients:
+            await client.aclose()  # type: ignore[attr-defined]  # types-redis 4.6 predates aclose (redis 5)
+
+
 def connect(
     url: str,
     *,
@@ -560,46 +645,52 @@ def connect(
     read_timeout: float = 2.0,
     scan_limit: int = DEFAULT_SCAN_LIMIT,
     inflight_budget: float = 0.02,
-    client_name: str = "celery-fleet",
+    tls: TlsSettings | None = None,
 ) -> RedisDepthSource:
     """A source on ``redis.asyncio`` (Kopf runs on asyncio; a sync client would stall its loop).
 
-    TLS comes from the URL: ``rediss://`` plus redis-py's query options, e.g.
-    ``?ssl_cert_reqs=required&ssl_ca_certs=/etc/redis-ca/ca.crt``. redis-py's own retries are off:
-    the :class:`~celery_fleet.brokers.poller.BrokerPoller` owns reconnects and their backoff, so a
-    dead broker costs one bounded timeout per attempt, not three.
+    No CLIENT SETNAME and no other command the reads do not need, so the smallest ACL user works
+    (docs/install.md). redis-py's own retries are off: the
+    :class:`~celery_fleet.brokers.poller.BrokerPoller` owns reconnects and their backoff, so a dead
+    broker costs one bounded timeout per segment per attempt, not three.
     """
     target = RedisTarget.parse(url)
+    if target.sentinels:
+        raise BrokerError(ErrorKind.INVALID_URL, "Redis Sentinel (sentinel://) is not supported yet")
+    tls_kwargs, files = _tls_kwargs(tls if target.tls else None)
     try:
-        client = aioredis.Redis.from_url(
-            target.url,
-            socket_connect_timeout=connect_timeout,
-            socket_timeout=read_timeout,
-            retry=Retry(NoBackoff(), 0),
-            retry_on_timeout=False,
-            client_name=client_name,
-            max_connections=4,
-            health_check_interval=0,
-        )
+        clients = [
+            aioredis.Redis.from_url(
+                u,
+                **(tls_kwargs if u.startswith("rediss:") else {}),
+                socket_connect_timeout=connect_timeout,
+                socket_timeout=read_timeout,
+                retry=Retry(NoBackoff(), 0),
+                retry_on_timeout=False,
+                max_connections=4,
+                health_check_interval=0,
+            )
+            for u in target.urls
+        ]
     except Exception as exc:
+        if files is not None:
+            files.remove()
         raise classify(exc, target) from None
-
-    async def round_trip(commands: Sequence[Command]) -> list[Reply]:
-        async with client.pipeline(transaction=False) as pipe:
-            for command in commands:
-                pipe.execute_command(*command)
-            replies: list[Reply] = await pipe.execute(raise_on_error=False)
-            return replies
+    failover = _Failover(clients)
 
     async def close() -> None:
-        await client.aclose()  # type: ignore[attr-defined]  # types-redis 4.6 predates aclose (redis 5)
+        try:
+            await failover.aclose()
+        finally:
+            if files is not None:
+                files.remove()
 
     return RedisDepthSource(
-        round_trip,
+        failover.round_trip,
         target,
         scan_limit=scan_limit,
         inflight_budget=inflight_budget,
-        deadline_seconds=connect_timeout + 2 * read_timeout,
+        deadline_seconds=(connect_timeout + 2 * read_timeout) * len(clients),
         close=close,
     )
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery_fleet import GROUP, VERSION, metrics
+from celery_fleet.api.broker_url import BrokerUrlError, parse_broker_url
 from celery_fleet.api.models import CeleryWorkerPoolSpec, InvalidSpec, Tier, parse_pool
 from celery_fleet.handlers.cache import FleetCache, ObjKey, PoolRuntime
 from celery_fleet.kube.client import ApiError, Kube
@@ -142,11 +143,13 @@ class PoolReconciler:
                 f"spec.broker.urlSecretRef: key {ref.key!r} of Secret {namespace}/{ref.name} is empty; "
                 "store the broker URL (redis:// or rediss://) in it.",
             )
-        if not value.strip().startswith(("redis://", "rediss://")):
+        try:
+            parse_broker_url(value)  # the same rules as spec.broker.url, passwords allowed
+        except BrokerUrlError as err:
             return Problem(
                 "BrokerSecretInvalid",
                 f"spec.broker.urlSecretRef: key {ref.key!r} of Secret {namespace}/{ref.name} does not hold a "
-                "redis:// or rediss:// URL; store the broker URL in it.",
+                f"usable broker URL: {err.message}. Store a redis://, rediss:// or sentinel:// URL in it.",
             )
         runtime.broker_url = value.strip()
         return None

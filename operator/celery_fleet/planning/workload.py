@@ -68,22 +68,25 @@ DEFAULT_REDIS_PORT = 6379
 BROKER_CONNECTED_PROBE = f"""\
 import os, sys, urllib.parse
 try:
-    url = urllib.parse.urlsplit(os.environ["{BROKER_URL_ENV}"].split(";")[0])
-    port = (url.port or {DEFAULT_REDIS_PORT}) if url.scheme in ("redis", "rediss") else None
+    # kombu tries the ';' alternates in turn: a connection to any of their ports will do.
+    urls = [urllib.parse.urlsplit(u.strip()) for u in os.environ["{BROKER_URL_ENV}"].split(";")]
+    ports = {{"%04X" % (u.port or {DEFAULT_REDIS_PORT}) for u in urls if u.scheme in ("redis", "rediss")}}
+    if any(u.scheme not in ("redis", "rediss") for u in urls):
+        ports = set()  # Sentinel: the master's port is only known to the Sentinels
 except Exception:
-    port = None
-if port is None:
+    ports = set()
+if not ports:
     sys.exit(0)
 for table in ("/proc/net/tcp", "/proc/net/tcp6"):
     try:
         with open(table) as rows:
             for row in list(rows)[1:]:
                 cols = row.split()
-                if cols[3] == "01" and cols[2].rsplit(":", 1)[1] == "%04X" % port:
+                if cols[3] == "01" and cols[2].rsplit(":", 1)[1] in ports:
                     sys.exit(0)
     except OSError:
         pass
-print("no established connection to the broker port", port)
+print("no established connection to the broker port(s)", ", ".join(str(int(p, 16)) for p in sorted(ports)))
 sys.exit(1)
 """
 
