@@ -55,6 +55,9 @@ class _Steady:
     skipped_at: float | None = None
 
 
+_Entry = tuple[ObjKey, Mapping[str, Any], CeleryWorkerPoolSpec, dict[str, list[QueueRef]]]
+
+
 def _display(url: str) -> str:
     try:
         return redis_broker.RedisTarget.parse(url).display
@@ -78,7 +81,12 @@ class Autoscaler:
         self.refresh_status = refresh_status
         self.interval = interval
         self.clock = clock
-        self.registry = registry or BrokerRegistry(redis_broker.connect, max_age=interval / 2, display=_display)
+        # `is None`, not `or`: an empty registry has len() 0 and is falsy.
+        self.registry = (
+            registry
+            if registry is not None
+            else BrokerRegistry(redis_broker.connect, max_age=interval / 2, display=_display)
+        )
         self._specs: dict[ObjKey, tuple[int, CeleryWorkerPoolSpec, dict[str, list[QueueRef]]]] = {}
         # Last value written per metric child: label lookups dominate a tick at fleet scale, so a
         # gauge is only touched when its value changes.
@@ -87,45 +95,86 @@ class Autoscaler:
         self._last_reading: dict[int, int] = {}
         self._steady: dict[ObjKey, _Steady] = {}
         self._owner_url: dict[str, str] = {}
+        self._groups: dict[str, list[_Entry]] = {}
+        self._broker_tasks: dict[str, asyncio.Task[None]] = {}
 
     async def run(self) -> None:
-        while True:
-            started = self.clock()
-            try:
-                await self.tick()
-            except Exception:  # one bad tick must not end autoscaling for every pool
-                log.exception("autoscaler tick failed")
-            await asyncio.sleep(max(0.0, self.interval - (self.clock() - started)))
+        """Every interval, group pools by broker; each broker polls on its own schedule (its own task),
+        so a slow or hung broker delays only the pools that use it."""
+        try:
+            while True:
+                started = self.clock()
+                try:
+                    await self._schedule()
+                except Exception:  # one bad pass must not end autoscaling for every pool
+                    log.exception("autoscaler pass failed")
+                await asyncio.sleep(max(0.0, self.interval - (self.clock() - started)))
+        finally:
+            tasks = list(self._broker_tasks.values())
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._broker_tasks.clear()
 
     async def tick(self) -> None:
+        """One pass over every broker at once (tests and benchmarks; `run` polls brokers independently)."""
+        await self._schedule(start=False)
+        await asyncio.gather(*(self._poll_broker(url) for url in list(self._groups)))
+
+    def _group(self) -> dict[str, list[_Entry]]:
         pools = dict(self.cache.pools)
-        for gone in [k for k in self._specs if k not in pools]:
-            self._specs.pop(gone, None)
-            self._last_status.pop(gone, None)
-            self._steady.pop(gone, None)
-            self._owner_url.pop(f"{gone[0]}/{gone[1]}", None)
-            await self.registry.release(f"{gone[0]}/{gone[1]}")
-        # Group pools by broker; the awaited I/O is one read per broker, the rest is plain code
-        # (a coroutine per pool per second costs more than the decisions themselves at fleet scale).
-        by_broker: dict[str, list[tuple[ObjKey, Mapping[str, Any], CeleryWorkerPoolSpec, dict[str, list[QueueRef]]]]]
-        by_broker = {}
+        by_broker: dict[str, list[_Entry]] = {}
         for key, body in pools.items():
             parsed = self._spec(key, body)
             url = self.cache.runtime[key].broker_url
             if parsed is None or url is None or body["metadata"].get("deletionTimestamp"):
                 continue
             by_broker.setdefault(url, []).append((key, body, *parsed))
-        results = await asyncio.gather(*(self._read_broker(url, entries) for url, entries in by_broker.items()))
+        return by_broker
+
+    async def _schedule(self, *, start: bool = True) -> None:
+        pools = self.cache.pools
+        for gone in [k for k in self._specs if k not in pools]:
+            self._specs.pop(gone, None)
+            self._last_status.pop(gone, None)
+            self._steady.pop(gone, None)
+            self._owner_url.pop(f"{gone[0]}/{gone[1]}", None)
+            await self.registry.release(f"{gone[0]}/{gone[1]}")
+        # The awaited I/O is one read per broker, the rest is plain code (a coroutine per pool per
+        # second costs more than the decisions themselves at fleet scale).
+        self._groups = self._group()
+        if not start:
+            return
+        for url, task in list(self._broker_tasks.items()):
+            if task.done():
+                del self._broker_tasks[url]
+        for url in self._groups:
+            if url not in self._broker_tasks:
+                self._broker_tasks[url] = asyncio.create_task(self._broker_loop(url), name="celery-fleet-broker")
+
+    async def _broker_loop(self, url: str) -> None:
+        """Poll one broker every interval while pools use it; a read that takes longer only delays this loop."""
+        while url in self._groups:
+            started = self.clock()
+            try:
+                await self._poll_broker(url)
+            except Exception:
+                log.exception("autoscaler poll of broker %s failed", _display(url))
+            await asyncio.sleep(max(0.0, self.interval - (self.clock() - started)))
+
+    async def _poll_broker(self, url: str) -> None:
+        entries = self._groups.get(url)
+        if not entries:
+            return
+        result = await self._read_broker(url, entries)
         actions: list[Coroutine[Any, Any, None]] = []
-        for entries, result in zip(by_broker.values(), results, strict=True):
-            for key, body, spec, refs in entries:
+        for key, body, spec, refs in entries:
+            if key in self.cache.pools:  # deleted while the read was under way
                 actions += self.scale_pool(key, body, spec, refs, result)
         if actions:
             await asyncio.gather(*actions)
 
-    async def _read_broker(
-        self, url: str, entries: list[tuple[ObjKey, Mapping[str, Any], CeleryWorkerPoolSpec, dict[str, list[QueueRef]]]]
-    ) -> DepthReading | BrokerError:
+    async def _read_broker(self, url: str, entries: list[_Entry]) -> DepthReading | BrokerError:
         try:
             poller = None
             union: set[QueueRef] = set()
