@@ -21,8 +21,10 @@ Least privilege, and why each choice:
 - Children carry ownerReferences with blockOwnerDeletion; clusters that enforce
   OwnerReferencesPermissionEnforcement (OpenShift) then require `update` on the owner's
   `finalizers` subresource. The operator adds no finalizers itself.
-- No Kopf peering objects: the chart runs one replica (Kopf peering pauses peers of equal
-  priority, so it is not leader election and buys no availability here).
+- No Kopf peering objects (Kopf peering pauses peers of equal priority, so it is not leader
+  election). Replicas elect the active one through a Lease in the operator's own namespace
+  (`run --leader-elect`): a Role there, get/update/create on leases (create cannot be narrowed
+  to a name; get/update are held cluster-wide anyway when every namespace is watched).
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ class Scope(enum.Enum):
 
     WATCHED = "watched"  # namespaced resources in the namespaces the operator serves
     CLUSTER = "cluster"  # cluster-scoped resources: always a ClusterRole
+    # The operator's own namespace, with leader election only: a Role there (its Lease).
+    OPERATOR_NAMESPACE = "operator-namespace"
 
 
 class When(enum.Enum):
@@ -208,6 +212,20 @@ RULES: tuple[Rule, ...] = (
         "The broker URL of a pool or beat may come from a Secret (spec.broker.urlSecretRef); never listed.",
         ("celery_fleet.kube.client:Kube.secret_value", _POOL_RECONCILER, _BEAT_RECONCILER),
         resource_names_value="rbac.brokerSecretNames",
+    ),
+    # --- Leader election between operator replicas (`run --leader-elect`), in the operator's namespace.
+    Rule(
+        ("coordination.k8s.io",),
+        ("leases",),
+        ("get", "update", "create"),
+        "Replicas elect the active one through a Lease in the operator's namespace (created by the first).",
+        (
+            "celery_fleet.leader:run_elected",
+            "celery_fleet.elector.lease_client:HttpLeaseApi.get",
+            "celery_fleet.elector.lease_client:HttpLeaseApi.replace",
+            "celery_fleet.elector.lease_client:HttpLeaseApi.create",
+        ),
+        scope=Scope.OPERATOR_NAMESPACE,
     ),
     # --- Kopf's discovery of namespaces and resources (cluster-scoped).
     Rule(
@@ -371,6 +389,32 @@ def render_chart_rbac() -> str:
     out = [
         f"{{{{- /* {_HEADER} */}}}}",
         "{{- if .Values.rbac.create }}",
+        "{{- if .Values.leaderElection.enabled }}",
+        "# Leader election between the operator's replicas: its Lease, in its own namespace.",
+        "apiVersion: rbac.authorization.k8s.io/v1",
+        "kind: Role",
+        "metadata:",
+        '  name: {{ include "celery-fleet.fullname" $ }}-leader-election',
+        "  namespace: {{ $.Release.Namespace }}",
+        "  labels:",
+        '    {{- include "celery-fleet.labels" $ | nindent 4 }}',
+        "rules:",
+        *_helm_rules(Scope.OPERATOR_NAMESPACE),
+        "---",
+        "apiVersion: rbac.authorization.k8s.io/v1",
+        "kind: RoleBinding",
+        "metadata:",
+        '  name: {{ include "celery-fleet.fullname" $ }}-leader-election',
+        "  namespace: {{ $.Release.Namespace }}",
+        "  labels:",
+        '    {{- include "celery-fleet.labels" $ | nindent 4 }}',
+        "roleRef:",
+        "  apiGroup: rbac.authorization.k8s.io",
+        "  kind: Role",
+        '  name: {{ include "celery-fleet.fullname" $ }}-leader-election',
+        *subject,
+        "---",
+        "{{- end }}",
         "# Cluster-scoped resources the operator reads in every install mode.",
         "apiVersion: rbac.authorization.k8s.io/v1",
         "kind: ClusterRole",
@@ -449,17 +493,24 @@ def render_chart_rbac() -> str:
 
 
 def render_deploy_rbac() -> str:
-    """The kustomize base's RBAC: cluster-wide."""
+    """The kustomize base's RBAC: cluster-wide, plus the leader-election Role in its namespace."""
     mode = Mode(all_namespaces=True)
     labels = {"app.kubernetes.io/name": "celery-fleet", "app.kubernetes.io/part-of": "celery-fleet"}
     subjects = [{"kind": "ServiceAccount", "name": DEPLOY_NAME, "namespace": DEPLOY_NAMESPACE}]
     docs: list[str] = []
-    for scope, name in ((Scope.CLUSTER, f"{DEPLOY_NAME}-cluster"), (Scope.WATCHED, DEPLOY_NAME)):
+    roles = (
+        (Scope.OPERATOR_NAMESPACE, f"{DEPLOY_NAME}-leader-election", "Role"),
+        (Scope.CLUSTER, f"{DEPLOY_NAME}-cluster", "ClusterRole"),
+        (Scope.WATCHED, DEPLOY_NAME, "ClusterRole"),
+    )
+    for scope, name, kind in roles:
+        namespaced = kind == "Role"
         lines = [
             "apiVersion: rbac.authorization.k8s.io/v1",
-            "kind: ClusterRole",
+            f"kind: {kind}",
             "metadata:",
             f"  name: {name}",
+            *([f"  namespace: {DEPLOY_NAMESPACE}"] if namespaced else []),
             "  labels:",
             *(f"    {k}: {v}" for k, v in labels.items()),
             "rules:",
@@ -468,11 +519,14 @@ def render_deploy_rbac() -> str:
             if rule.scope is scope and mode.holds(rule.when):
                 lines += _rule_lines(rule, "  ", helm=False)
         docs.append("\n".join(lines))
+        metadata: dict[str, Any] = {"name": name, "labels": labels}
+        if namespaced:
+            metadata = {"name": name, "namespace": DEPLOY_NAMESPACE, "labels": labels}
         binding = {
             "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "ClusterRoleBinding",
-            "metadata": {"name": name, "labels": labels},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+            "kind": f"{kind}Binding",
+            "metadata": metadata,
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": name},
             "subjects": subjects,
         }
         docs.append(yaml.safe_dump(binding, sort_keys=False).rstrip())

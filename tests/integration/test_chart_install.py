@@ -73,18 +73,20 @@ def test_install_creates_everything_and_uninstall_leaves_nothing(cluster: Cluste
         f"service/{fullname}-metrics",
         f"serviceaccount/{fullname}",
     ]
-    # The restricted namespace admitted the operator's pod (the ReplicaSet controller created it).
-    pods = wait_for(
-        lambda: names(cluster, "pods", selector, namespace),
+    # The restricted namespace admitted the operator's two pods (leader and standby; the ReplicaSet
+    # controller created them).
+    wait_for(
+        lambda: len(names(cluster, "pods", selector, namespace)) == 2,
         timeout=120,
         message=lambda: cluster.kubectl("get", "events", "-n", namespace).stdout,
     )
-    assert len(pods) == 1
+    sa = f"system:serviceaccount:{namespace}:{fullname}"
+    for verb in ("get", "update", "create"):
+        assert can_i(cluster, sa, verb, "leases.coordination.k8s.io", "-n", namespace), verb
     for crd in ("celeryworkerpools.celeryfleet.io", "celerybeats.celeryfleet.io"):
         cluster.kubectl("get", "crd", crd)
 
     # Cluster-wide grant: every namespace, Secrets by name only.
-    sa = f"system:serviceaccount:{namespace}:{fullname}"
     assert can_i(cluster, sa, "patch", "deployments.apps", "--subresource=scale", "-n", "default")
     assert can_i(cluster, sa, "get", "secrets", "-n", "default")
     assert not can_i(cluster, sa, "list", "secrets", "-n", "default")

@@ -49,7 +49,7 @@ def test_apply_k_installs_the_operator_then_samples_apply(
     kinds = sorted(str(d["kind"]) for d in base_installed)
     assert kinds == [
         "ClusterRole", "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding", "CustomResourceDefinition",
-        "CustomResourceDefinition", "Deployment", "Namespace", "Service", "ServiceAccount",
+        "CustomResourceDefinition", "Deployment", "Namespace", "Role", "RoleBinding", "Service", "ServiceAccount",
     ], applied.stdout  # fmt: skip
     # The operator's pod is admitted by the base's own restricted namespace.
     core = client.CoreV1Api(k8s_api)
@@ -63,6 +63,13 @@ def test_apply_k_installs_the_operator_then_samples_apply(
         "patch", "deployments.apps", "--subresource=scale", "-n", namespace, check=False,
     )  # fmt: skip
     assert answer.stdout.strip() == "yes"
+    # Leader election between the replicas: their Lease, in the operator's own namespace.
+    for verb in ("get", "update", "create"):
+        answer = cluster.kubectl(
+            "auth", "can-i", f"--as=system:serviceaccount:{BASE_NAMESPACE}:celery-fleet",
+            verb, "leases.coordination.k8s.io", "-n", BASE_NAMESPACE, check=False,
+        )  # fmt: skip
+        assert answer.stdout.strip() == "yes", verb
 
     # The samples, as a user would apply them (into their own namespace).
     cluster.kubectl("apply", "-n", namespace, "-f", str(DEPLOY / "samples"))

@@ -1,4 +1,5 @@
-"""Issue 9: two operator replicas under `run --leader-elect`: one acts, the other takes over when it dies."""
+"""Two operator replicas under `run --leader-elect` (issues 9, 13.10): one acts, the other stands by
+healthy (its probes must not restart it) and takes over, and reconciles, when the leader is killed."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,10 +38,11 @@ def _pool(name: str) -> dict[str, Any]:
 class Replica:
     def __init__(self, cluster: Cluster, namespace: str, identity: str, log: Path) -> None:
         self.identity, self.log = identity, log
+        self.health_url = f"http://127.0.0.1:{free_port()}/healthz"
         args = [
             sys.executable, "-m", "celery_fleet.cli", "run", "--kubeconfig", str(cluster.kubeconfig),
             "--namespace", namespace, "--metrics-port", "0",
-            "--health-endpoint", f"http://127.0.0.1:{free_port()}/healthz",
+            "--health-endpoint", self.health_url,
             "--leader-elect", "--lease-namespace", namespace, "--lease-name", "operator",
             "--identity", identity, "--lease-duration", "4", "--renew-deadline", "3", "--retry-period", "0.5",
         ]  # fmt: skip
@@ -52,6 +56,19 @@ class Replica:
     def runs_operator(self) -> bool:
         return "event=cmd-started" in self.text()
 
+    def health(self) -> tuple[int, str]:
+        """What the liveness and readiness probes get."""
+        try:
+            with urllib.request.urlopen(self.health_url, timeout=5) as reply:
+                return int(reply.status), reply.read().decode()
+        except urllib.error.HTTPError as exc:
+            return int(exc.code), exc.read().decode()
+
+    def operator_pid(self) -> int:
+        """The operator process the elector started (its command)."""
+        started = [line for line in self.text().splitlines() if "event=cmd-started" in line][-1]
+        return int(started.split("pid=")[1].split()[0])
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -60,6 +77,14 @@ class Replica:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ")[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
 
 
 @pytest.fixture
@@ -71,8 +96,14 @@ def own_namespace(cluster: Cluster) -> Iterator[str]:
     cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
 
+@pytest.mark.parametrize("victim", ["operator-process", "whole-replica"])
 def test_one_replica_acts_and_the_other_takes_over(
-    cluster: Cluster, k8s_api: client.ApiClient, crds_installed: list[str], own_namespace: str, tmp_path: Path
+    cluster: Cluster,
+    k8s_api: client.ApiClient,
+    crds_installed: list[str],
+    own_namespace: str,
+    tmp_path: Path,
+    victim: str,
 ) -> None:
     ns = own_namespace
     apps, coord = client.AppsV1Api(k8s_api), client.CoordinationV1Api(k8s_api)
@@ -84,6 +115,13 @@ def test_one_replica_acts_and_the_other_takes_over(
         standby = next(r for r in replicas if r is not leader)
         wait_for(leader.runs_operator, timeout=30, message="the leader runs the operator")
         assert not standby.runs_operator(), "the standby must not run the operator while the leader holds the Lease"
+        # The probes: the standby is healthy while it waits (it used to crash-loop on liveness), and
+        # the leader answers for its operator once Kopf serves its own endpoint.
+        status, text = standby.health()
+        assert status == 200 and text.startswith("standby"), (status, text)
+        # (Kopf's endpoint answers a JSON object of its probes' results; our start-up grace says "starting".)
+        wait_for(lambda: leader.health()[0] == 200 and leader.health()[1].startswith("leading: {"), timeout=30,
+                 message=lambda: f"the leader's health: {leader.health()}")  # fmt: skip
 
         cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(_pool("first")))
         wait_for(lambda: apps.read_namespaced_deployment("first-only", ns), timeout=60, message="leader reconciles")
@@ -91,16 +129,25 @@ def test_one_replica_acts_and_the_other_takes_over(
         assert {m.manager for m in dep.metadata.managed_fields} >= {"celery-fleet"}
         assert not standby.runs_operator()
 
-        # The leader dies hard (elector and operator): the standby takes over after the Lease expires.
-        leader.proc.kill()
-        leader.proc.wait()
+        operator_pid = leader.operator_pid()
+        if victim == "operator-process":
+            # Its elector exits (a dead command ends the pod's main process, so the kubelet restarts
+            # it) and releases the Lease: the standby takes over within a retry period.
+            os.kill(operator_pid, signal.SIGKILL)
+            assert leader.proc.wait(timeout=20) != 0
+            assert "event=released" in leader.text()
+        else:
+            # Elector and all (a node lost): the operator dies with it (parent-death signal) and the
+            # standby takes over once the Lease expires.
+            leader.proc.kill()
+            leader.proc.wait()
+            wait_for(lambda: not _alive(operator_pid), timeout=5, message="the operator to die with its elector")
         wait_for(standby.runs_operator, timeout=30, message="the standby starts the operator")
         assert coord.read_namespaced_lease("operator", ns).spec.holder_identity == standby.identity
         cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(_pool("second")))
         wait_for(lambda: apps.read_namespaced_deployment("second-only", ns), timeout=60,
                  message="the new leader reconciles")  # fmt: skip
-        # The old operator process died with its elector (it runs with a parent-death signal).
-        assert "cmd-started" in leader.text()
+        assert standby.health()[0] == 200
     finally:
         for r in replicas:
             r.stop()

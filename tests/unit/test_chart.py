@@ -108,6 +108,12 @@ def test_template_matches_golden(name: str, values: tuple[str, ...]) -> None:
     assert text == path.read_text(), f"{path} differs: run `UPDATE_GOLDENS=1 pytest {__file__}` and review the diff"
 
 
+DOWNWARD_API_ENV = [
+    {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+    {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+]
+
+
 def test_default_install_objects() -> None:
     kinds = sorted((d["kind"], d["metadata"]["name"]) for d in rendered())
     assert kinds == [
@@ -116,6 +122,8 @@ def test_default_install_objects() -> None:
         ("ClusterRoleBinding", "celery-fleet"),
         ("ClusterRoleBinding", "celery-fleet-cluster"),
         ("Deployment", "celery-fleet"),
+        ("Role", "celery-fleet-leader-election"),
+        ("RoleBinding", "celery-fleet-leader-election"),
         ("Service", "celery-fleet-metrics"),
         ("ServiceAccount", "celery-fleet"),
     ]
@@ -149,11 +157,23 @@ def test_operator_pod_is_restricted() -> None:
 
 def test_operator_args_probes_and_ports() -> None:
     deployment = one(rendered(), "Deployment")
-    assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    # Two replicas under leader election: one acts, one stands by; a rolling update is safe.
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     args = container["args"]
     assert args[0] == "run"
+    assert args[-5:] == [
+        "--leader-elect",
+        "--lease-name=celery-fleet-operator",
+        "--lease-duration=15",
+        "--renew-deadline=10",
+        "--retry-period=2",
+    ]
+    assert container["env"][:2] == DOWNWARD_API_ENV
     assert "--all-namespaces" in args
     assert "--health-endpoint=http://0.0.0.0:8080/healthz" in args
     assert {"name": "CELERY_FLEET_ELECTOR_IMAGE", "value": "ghcr.io/celery-fleet/celery-fleet:0.1.0"} in container[
@@ -179,6 +199,7 @@ def test_custom_values_reach_the_operator() -> None:
     assert "--namespace=shop" in args and "--namespace=billing" in args and "--all-namespaces" not in args
     assert "--json-logs" not in args and "--log-level=DEBUG" in args and "--poll-interval=0.5" in args
     assert container["env"] == [
+        *DOWNWARD_API_ENV,
         {"name": "CELERY_FLEET_ELECTOR_IMAGE", "value": "registry.example/platform/celery-fleet-elector:0.1.0"},
         {"name": "TZ", "value": "UTC"},
     ]
@@ -190,7 +211,8 @@ def test_elector_image_defaults_to_the_operator_image() -> None:
     (container,) = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
     assert container["image"] == "ghcr.io/celery-fleet/celery-fleet:1.2.3"
     assert container["env"] == [
-        {"name": "CELERY_FLEET_ELECTOR_IMAGE", "value": "ghcr.io/celery-fleet/celery-fleet:1.2.3"}
+        *DOWNWARD_API_ENV,
+        {"name": "CELERY_FLEET_ELECTOR_IMAGE", "value": "ghcr.io/celery-fleet/celery-fleet:1.2.3"},
     ]
     assert ELECTOR_SOURCE == "/opt/celery-fleet/elector.pyz"  # where the Dockerfile puts it
 
@@ -222,7 +244,10 @@ def test_all_namespaces_rbac_is_generated_from_the_rules() -> None:
     mode = rbac.Mode(all_namespaces=True)
     assert _rules(one(docs, "ClusterRole", "celery-fleet")) == rbac.policy_rules(rbac.Scope.WATCHED, mode)
     assert _rules(one(docs, "ClusterRole", "celery-fleet-cluster")) == rbac.policy_rules(rbac.Scope.CLUSTER, mode)
-    assert not find(docs, "Role") and not find(docs, "RoleBinding")
+    # The one Role: leader election, in the release namespace.
+    (role,) = find(docs, "Role")
+    assert role["metadata"]["namespace"] == "celery-fleet"
+    assert _rules(role) == rbac.policy_rules(rbac.Scope.OPERATOR_NAMESPACE, mode)
     for binding in find(docs, "ClusterRoleBinding"):
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "celery-fleet", "namespace": "celery-fleet"}]
 
@@ -231,11 +256,11 @@ def test_listed_namespaces_get_a_role_each_and_nothing_cluster_wide() -> None:
     docs = rendered(*CUSTOM)
     names = {"rbac.brokerSecretNames": ["shop-broker", "billing-broker"]}
     mode = rbac.Mode(all_namespaces=False, resource_names=names)
-    roles = find(docs, "Role")
+    roles = [r for r in find(docs, "Role") if not r["metadata"]["name"].endswith("-leader-election")]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["billing", "shop"]
     for role in roles:
         assert _rules(role) == rbac.policy_rules(rbac.Scope.WATCHED, mode)
-    bindings = find(docs, "RoleBinding")
+    bindings = [b for b in find(docs, "RoleBinding") if not b["metadata"]["name"].endswith("-leader-election")]
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["billing", "shop"]
     for binding in bindings:
         assert binding["subjects"] == [
@@ -270,7 +295,11 @@ def test_rbac_can_be_left_to_the_cluster_admin() -> None:
     ("setting", "message"),
     [
         pytest.param("operator.logLevel=LOUD", "at '/operator/logLevel': value must be one of", id="log-level"),
-        pytest.param("replicaCount=2", "at '/replicaCount': maximum: got 2, want 1", id="two-replicas"),
+        pytest.param(
+            "leaderElection.enabled=false,replicaCount=2",
+            "at '/replicaCount': maximum: got 2, want 1",
+            id="two-replicas-without-leader-election",
+        ),
         pytest.param("watchNamespaces={Shop_NS}", "at '/watchNamespaces/0': 'Shop_NS' does not match", id="ns-name"),
         pytest.param("operator.pollIntervalSeconds=0", "at '/operator/pollIntervalSeconds'", id="poll-interval"),
         pytest.param("prometheusRule.queueBacklog.for=ten", "at '/prometheusRule/queueBacklog/for': 'ten'", id="for"),
