@@ -22,7 +22,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from celery_fleet.elector import SERVICE_ACCOUNT_DIR
@@ -136,9 +136,10 @@ class ElectedHealth:
     not broken.
     """
 
-    def __init__(self, operator_url: str, stall_after: float) -> None:
+    def __init__(self, operator_url: str, stall_after: float, monotonic: Callable[[], float] = time.monotonic) -> None:
         self.operator_url = operator_url
         self.stall_after = stall_after
+        self.monotonic = monotonic
         self.elector: Elector | None = None
         self._running_since: float | None = None
 
@@ -146,7 +147,7 @@ class ElectedHealth:
         elector = self.elector
         if elector is None:
             return 200, "starting"
-        now = time.monotonic()
+        now = self.monotonic()
         if now - elector.turned_at > self.stall_after:
             return 500, f"elector loop stalled for {now - elector.turned_at:.0f}s"
         if not elector.running:
