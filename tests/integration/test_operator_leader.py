@@ -18,7 +18,9 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from celery_fleet.leader import endpoint_from_kubeconfig
 from tests.support.cluster import Cluster
+from tests.support.http_fault_proxy import HttpFaultProxy
 from tests.support.redis_server import free_port
 from tests.support.wait import wait_for
 
@@ -36,11 +38,13 @@ def _pool(name: str) -> dict[str, Any]:
 
 
 class Replica:
-    def __init__(self, cluster: Cluster, namespace: str, identity: str, log: Path) -> None:
+    def __init__(
+        self, cluster: Cluster, namespace: str, identity: str, log: Path, kubeconfig: Path | None = None
+    ) -> None:
         self.identity, self.log = identity, log
         self.health_url = f"http://127.0.0.1:{free_port()}/healthz"
         args = [
-            sys.executable, "-m", "celery_fleet.cli", "run", "--kubeconfig", str(cluster.kubeconfig),
+            sys.executable, "-m", "celery_fleet.cli", "run", "--kubeconfig", str(kubeconfig or cluster.kubeconfig),
             "--namespace", namespace, "--metrics-port", "0",
             "--health-endpoint", self.health_url,
             "--leader-elect", "--lease-namespace", namespace, "--lease-name", "operator",
@@ -154,3 +158,38 @@ def test_one_replica_acts_and_the_other_takes_over(
     finally:
         for r in replicas:
             r.stop()
+
+
+def test_the_operator_starts_after_a_lost_acquire_reply_and_a_failed_renewal(
+    cluster: Cluster, own_namespace: str, tmp_path: Path
+) -> None:
+    """Issue 13.4 for `run --leader-elect`: the acquire lands but its reply is lost, the next GET
+    adopts it, the renewal right after fails with a 500. Before the fix the replica held the Lease
+    and never started the operator: no operator anywhere, the other replicas locked out."""
+    endpoint, _ = endpoint_from_kubeconfig(str(cluster.kubeconfig), None)
+    assert endpoint.ca_file is not None
+    proxy = HttpFaultProxy(endpoint.server, endpoint.ca_file, endpoint.client_cert_file, endpoint.client_key_file)
+    proxy.script = {2: "lose-reply", 4: "http-500"}
+    proxy.start()
+    lease = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": "operator"}, "spec": {}}
+    cluster.kubectl("apply", "-n", own_namespace, "-f", "-", input=json.dumps(lease))
+    # The replica (elector and operator alike) reaches the apiserver only through the proxy.
+    kubeconfig = tmp_path / "proxied-kubeconfig.json"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "proxied",
+        "clusters": [{"name": "proxied", "cluster": {"server": proxy.url}}],
+        "users": [{"name": "proxied", "user": {}}],
+        "contexts": [{"name": "proxied", "context": {"cluster": "proxied", "user": "proxied"}}],
+    }))  # fmt: skip
+    replica = Replica(cluster, own_namespace, "replica-a", tmp_path / "replica-a.log", kubeconfig=kubeconfig)
+    try:
+        wait_for(lambda: len(proxy.requests) >= 5, timeout=30, message=replica.text)
+        assert proxy.methods()[:5] == [
+            ("GET", "pass"), ("PUT", "lose-reply"), ("GET", "pass"), ("PUT", "http-500"), ("PUT", "pass"),
+        ], proxy.methods()  # fmt: skip
+        wait_for(replica.runs_operator, timeout=15, message=replica.text)
+        assert _alive(replica.operator_pid())
+        assert "event=lost" not in replica.text()
+    finally:
+        replica.stop()
+        proxy.stop()
