@@ -62,8 +62,14 @@ def truth(app: Any, queues: Sequence[str]) -> Observation:
             queue.exchange.declare(channel=channel)  # Redis stores no exchange types; kombu keeps them in memory
         depth = sum(channel._size(q) for q in queues)
         in_flight = 0
-        with channel.conn_or_acquire() as client:
-            for raw in client.hvals(channel.unacked_key):
+        if channel.ack_emulation:
+            # A plain client and the prefixed key name: kombu's prefixing client does not prefix HVALS.
+            raw_client = redis.Redis.from_url(app.conf.broker_url.split(";")[-1])
+            try:
+                values = raw_client.hvals(channel.global_keyprefix + channel.unacked_key)
+            finally:
+                raw_client.close()
+            for raw in values:
                 _payload, exchange, routing_key = json.loads(raw)
                 if set(channel._lookup(exchange, routing_key)) & set(queues):
                     in_flight += 1
@@ -185,3 +191,63 @@ def test_failover_list_is_followed_as_kombu_follows_it(redis_db: redis.Redis[byt
     # The probe looks in /proc/net/tcp for a connection to any alternate's port (this test holds one).
     with socket.create_connection((redis_server.host, redis_server.port)):
         assert probe() == 0
+
+
+# -- key layout from transport options (issue 14.1) ---------------------------------------------------------
+
+
+def layout_refs(names: Sequence[str], options: dict[str, Any]) -> list[QueueRef]:
+    """The refs a pool whose spec.broker mirrors ``options`` reads."""
+    layout = KeyLayout(
+        options.get("global_keyprefix", ""),
+        options.get("sep", DEFAULT_SEP),
+        options.get("unacked_key", "unacked"),
+        options.get("ack_emulation", True),
+    )
+    return queue_refs(names, priority_steps=options.get("priority_steps", (0, 3, 6, 9)), layout=layout)
+
+
+def check_layout(url: str, refs: Sequence[QueueRef]) -> dict[QueueRef, list[str]]:
+    async def main() -> dict[QueueRef, list[str]]:
+        source = connect(url)
+        try:
+            return await source.check_layout(refs)
+        finally:
+            await source.aclose()
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param({"sep": ":"}, id="sep"),
+        pytest.param({"priority_steps": list(range(10))}, id="ten-priority-steps"),
+        pytest.param({"global_keyprefix": "app1:", "sep": "."}, id="prefix-and-sep"),
+        pytest.param({"unacked_key": "app_unacked", "global_keyprefix": "t:"}, id="unacked-key"),
+        pytest.param({"ack_emulation": False}, id="no-ack-emulation"),
+    ],
+)
+def test_transport_options_are_read_as_kombu_writes_them(
+    redis_db: redis.Redis[bytes], redis_server: RedisServer, options: dict[str, Any]
+) -> None:
+    queue = "celery"
+    with celery(redis_server.url, {**options, "queue_order_strategy": "priority"}) as app:
+        for i in range(20):
+            app.send_task(TASK, priority=i % 10)
+        held = reserve(app, queue, 3)
+        try:
+            refs = layout_refs([queue], options)
+            expected = truth(app, [queue])
+            assert ours(read(redis_server.url, refs), refs, [queue]) == expected
+            assert expected == Observation(17, 0 if options.get("ack_emulation") is False else 3)
+            assert check_layout(redis_server.url, refs) == {}
+            # A pool left at the defaults: the mismatch is found and named, unless only the unacked key differs.
+            default_refs = layout_refs([queue], {"global_keyprefix": options.get("global_keyprefix", "")})
+            found = check_layout(redis_server.url, default_refs)
+            if "sep" in options or "priority_steps" in options:
+                assert found and all(
+                    k.startswith(options.get("global_keyprefix", "") + queue) for k in found[default_refs[0]]
+                )
+        finally:
+            held.release()

@@ -74,6 +74,7 @@ _USERINFO_PASSWORD_RE = re.compile(_USERINFO_PASSWORD)
 _QUERY_PASSWORD_RE = re.compile(_QUERY_PASSWORD)
 _QUERY_SHAPE_RE = re.compile(_QUERY_SHAPE)
 _URL_SCHEME_MESSAGE = "must start with redis://, rediss:// or sentinel:// (every ';'-separated URL)"
+_SENTINEL_MASTER_MESSAGE = "sentinel:// URLs need masterName (Celery's broker_transport_options.master_name)"
 _URL_MIXED_MESSAGE = "do not mix sentinel:// with redis:// or rediss:// in one URL"
 _URL_PASSWORD_MESSAGE = (
     "must not contain a password (in any ';'-separated URL); store the full URL in a Secret and use urlSecretRef"
@@ -248,6 +249,71 @@ class SecretKeyRef(_Spec):
     )
 
 
+class KeySelector(_Spec):
+    """A key of a Secret or a ConfigMap in the object's own namespace."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_rules(
+            _cel("has(self.secretName) != has(self.configMapName)", "set exactly one of secretName or configMapName")
+        )
+    )
+
+    secret_name: str | None = Field(
+        default=None, min_length=1, max_length=253, pattern=DNS_SUBDOMAIN, description="A Secret in this namespace."
+    )
+    config_map_name: str | None = Field(
+        default=None, min_length=1, max_length=253, pattern=DNS_SUBDOMAIN, description="A ConfigMap in this namespace."
+    )
+    key: str = Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$", description="Key in it.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Self:
+        if (self.secret_name is None) == (self.config_map_name is None):
+            raise _rule_error("set exactly one of secretName or configMapName")
+        return self
+
+
+class ClientCertificate(_Spec):
+    """A client certificate and key (mutual TLS) from one Secret, e.g. a kubernetes.io/tls one."""
+
+    secret_name: str = Field(
+        min_length=1, max_length=253, pattern=DNS_SUBDOMAIN, description="A Secret in this namespace."
+    )
+    cert_key: str = Field(
+        default="tls.crt", min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$", description="PEM certificate."
+    )
+    key_key: str = Field(
+        default="tls.key", min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$", description="PEM private key."
+    )
+
+
+class BrokerTls(_Spec):
+    """How to trust the broker (and prove who we are) over rediss://."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_rules(
+            _cel(
+                "!(has(self.insecureSkipVerify) && self.insecureSkipVerify && has(self.ca))",
+                "set either ca or insecureSkipVerify, not both",
+            )
+        )
+    )
+
+    ca: KeySelector | None = Field(default=None, description="PEM CA bundle that signed the broker's certificate.")
+    client_certificate: ClientCertificate | None = Field(default=None, description="For brokers that require mTLS.")
+    insecure_skip_verify: bool = Field(
+        default=False,
+        description="INSECURE: do not verify the broker's certificate (anyone on the path can read the "
+        "traffic and the password). The pool says so in a Warning Event and condition.",
+    )
+
+    @model_validator(mode="after")
+    def _ca_or_insecure(self) -> Self:
+        if self.insecure_skip_verify and self.ca is not None:
+            raise _rule_error("set either ca or insecureSkipVerify, not both")
+        return self
+
+
 class Broker(_Spec):
     """The Redis broker the workers consume from and the operator reads queue depth from."""
 
@@ -256,7 +322,12 @@ class Broker(_Spec):
             _cel(
                 "has(self.url) != has(self.urlSecretRef)",
                 "set exactly one of url or urlSecretRef",
-            )
+            ),
+            _cel(
+                f"!has(self.url) || !self.url.matches('{_MIXED_KINDS[1]}') || has(self.masterName)",
+                _SENTINEL_MASTER_MESSAGE,
+                field_path=".masterName",
+            ),
         )
     )
 
@@ -301,6 +372,43 @@ class Broker(_Spec):
         ),
     )
 
+    sep: str = Field(
+        default="\x06\x16",
+        min_length=1,
+        max_length=8,
+        description="Celery's broker_transport_options.sep: the separator kombu puts between a queue "
+        "name and its priority step, and inside binding-table members. Default '\\x06\\x16'.",
+    )
+    unacked_key: str = Field(
+        default="unacked",
+        min_length=1,
+        max_length=128,
+        description="Celery's broker_transport_options.unacked_key: the hash of reserved messages "
+        "(counted as in flight), under globalKeyprefix.",
+    )
+    ack_emulation: bool = Field(
+        default=True,
+        description="Celery's broker_transport_options.ack_emulation. False: kombu keeps no unacked "
+        "hash, so nothing is counted in flight.",
+    )
+    fanout_exchanges: list[Annotated[str, Field(min_length=1, max_length=255)]] = Field(
+        default_factory=list,
+        max_length=32,
+        description="Exchanges of type fanout (e.g. Celery Broadcast queues). Redis does not store "
+        "exchange types: a reserved message of these exchanges counts for every queue bound to it.",
+    )
+    master_name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=255,
+        description="Redis Sentinel: the master's name (Celery's broker_transport_options.master_name). "
+        "Required with sentinel:// URLs.",
+    )
+    tls: BrokerTls | None = Field(
+        default=None,
+        description="TLS for rediss:// brokers, for the operator's reads and the worker pods alike.",
+    )
+
     @field_validator("url")
     @classmethod
     def _url_is_redis_without_password(cls, url: str | None) -> str | None:
@@ -334,6 +442,8 @@ class Broker(_Spec):
     def _exactly_one_source(self) -> Self:
         if (self.url is None) == (self.url_secret_ref is None):
             raise _rule_error("set exactly one of url or urlSecretRef")
+        if self.url is not None and _MIXED_KINDS_RE[1].search(self.url) and self.master_name is None:
+            raise _rule_error(_SENTINEL_MASTER_MESSAGE, "masterName")
         return self
 
 

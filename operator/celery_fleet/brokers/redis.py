@@ -49,6 +49,7 @@ from redis.backoff import NoBackoff
 
 from celery_fleet.api.broker_url import BrokerUrlError, parse_broker_url
 from celery_fleet.brokers import routing
+from celery_fleet.brokers.layout import unconfigured_lists
 from celery_fleet.brokers.source import (
     BrokerError,
     DepthReading,
@@ -181,6 +182,26 @@ for _, item in ipairs(order) do
 end
 return {lengths, size, scanned, unparsed, pairs_out, bindings}
 """
+
+
+# ARGV = cursor, MATCH pattern ('' for none), COUNT, max key length. Returns {cursor, {keys}}: one
+# SCAN page of list keys, names longer than the bound left out (the reply stays bounded).
+SCAN_SCRIPT: Final = r"""
+local args = {'SCAN', ARGV[1]}
+if ARGV[2] ~= '' then args[#args + 1] = 'MATCH'; args[#args + 1] = ARGV[2] end
+args[#args + 1] = 'COUNT'; args[#args + 1] = ARGV[3]; args[#args + 1] = 'TYPE'; args[#args + 1] = 'list'
+local page = redis.call(unpack(args))
+local keys, max = {}, tonumber(ARGV[4])
+for _, k in ipairs(page[2]) do
+  if #k <= max then keys[#keys + 1] = k end
+end
+return {page[1], keys}
+"""
+LAYOUT_SCAN_PAGES: Final = 10  # SCAN pages (COUNT 1000) per check; a bigger keyspace takes several checks
+
+
+def glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
 
 
 # -- keys -----------------------------------------------------------------------------------------------
@@ -500,6 +521,9 @@ class RedisDepthSource:
         self._scans: dict[KeyLayout, _Scan] = {}
         self._next_scan_at = 0.0
         self._plans: dict[tuple[frozenset[QueueRef], frozenset[KeyLayout]], PollPlan] = {}
+        self._layout_cursor = 0
+        self._layout_found: dict[QueueRef, set[str]] = {}
+        self._layout_seen: dict[QueueRef, set[str]] = {}
 
     def __repr__(self) -> str:
         return f"RedisDepthSource({self.target.display})"
@@ -559,6 +583,38 @@ class RedisDepthSource:
         if len(skip) < len(names) and self.inflight_budget > 0:
             self._next_scan_at = started + reading.duration_seconds / self.inflight_budget
         return replace(reading, unacked=unacked, in_flight=in_flight, in_flight_routes=routes)
+
+    async def check_layout(
+        self, refs: Collection[QueueRef], *, pages: int = LAYOUT_SCAN_PAGES
+    ) -> dict[QueueRef, list[str]]:
+        """Unconfigured priority-like lists of ``refs`` (see :mod:`~celery_fleet.brokers.layout`).
+
+        A bounded SCAN (``pages`` pages) continuing where the last check stopped; the answer is what
+        the last full pass over the keyspace found, plus anything found since. Raises BrokerError.
+        """
+        prefixes = {r.keyprefix for r in refs}
+        match = glob_escape(next(iter(prefixes))) + "*" if len(prefixes) == 1 and "" not in prefixes else ""
+        keys: list[str] = []
+        try:
+            for _ in range(pages):
+                command = ("EVAL", SCAN_SCRIPT, 0, self._layout_cursor, match, 1000, 512)
+                (reply,) = await asyncio.wait_for(self._round_trip([command]), self.deadline_seconds)
+                if isinstance(reply, BaseException):
+                    raise reply
+                if not isinstance(reply, list) or len(reply) != 2 or not isinstance(reply[1], list):
+                    raise BrokerError(ErrorKind.RESPONSE_ERROR, "unexpected reply to the layout scan")
+                self._layout_cursor = int(_text(reply[0]))
+                keys += [_text(k) for k in reply[1]]
+                if self._layout_cursor == 0:
+                    break
+        except Exception as exc:
+            raise classify(exc, self.target) from None
+        for ref, names in unconfigured_lists(keys, refs).items():
+            self._layout_found.setdefault(ref, set()).update(names)
+        answer = {r: sorted(self._layout_seen.get(r, set()) | self._layout_found.get(r, set())) for r in refs}
+        if self._layout_cursor == 0:  # a full pass ended: it is the new truth
+            self._layout_seen, self._layout_found = self._layout_found, {}
+        return {r: names for r, names in answer.items() if names}
 
     async def aclose(self) -> None:
         if self._close is not None:

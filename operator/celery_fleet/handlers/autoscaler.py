@@ -19,8 +19,9 @@ from typing import Any
 from celery_fleet import metrics
 from celery_fleet.api.models import CeleryWorkerPoolSpec, InvalidSpec, parse_pool
 from celery_fleet.brokers import redis as redis_broker
-from celery_fleet.brokers.poller import BrokerRegistry
-from celery_fleet.brokers.source import BrokerError, DepthReading, ErrorKind, QueueRef, queue_refs
+from celery_fleet.brokers.layout import mismatch_message
+from celery_fleet.brokers.poller import BrokerPoller, BrokerRegistry
+from celery_fleet.brokers.source import BrokerError, DepthReading, ErrorKind, KeyLayout, QueueRef, queue_refs
 from celery_fleet.handlers.cache import FleetCache, ObjKey, PoolRuntime
 from celery_fleet.handlers.pool_reconciler import POOL_API_VERSION
 from celery_fleet.kube.client import ApiError, Kube
@@ -45,6 +46,9 @@ STATUS_REFRESH_SECONDS = 5.0
 # A pool whose inputs have not changed since a decision that changed nothing is not decided
 # again (idle fleets are the common case), but at least this often all the same.
 FULL_DECIDE_SECONDS = 10.0
+# How often each broker's keyspace is scanned (bounded) for priority lists the spec does not name.
+LAYOUT_CHECK_SECONDS = 60.0
+LAYOUT_MISMATCH = "BrokerKeyLayoutMismatch"
 
 
 @dataclass
@@ -75,6 +79,7 @@ class Autoscaler:
         interval: float = 1.0,
         registry: BrokerRegistry | None = None,
         clock: Callable[[], float] = time.monotonic,
+        layout_check_interval: float = LAYOUT_CHECK_SECONDS,
     ) -> None:
         self.kube = kube
         self.cache = cache
@@ -96,6 +101,9 @@ class Autoscaler:
         self._steady: dict[ObjKey, _Steady] = {}
         self._owner_url: dict[str, str] = {}
         self._groups: dict[str, list[_Entry]] = {}
+        self._pollers: dict[str, BrokerPoller] = {}
+        self._layout_due: dict[str, tuple[float, frozenset[QueueRef]]] = {}
+        self.layout_check_interval = layout_check_interval
         self._broker_tasks: dict[str, asyncio.Task[None]] = {}
 
     async def run(self) -> None:
@@ -148,6 +156,8 @@ class Autoscaler:
         for url, task in list(self._broker_tasks.items()):
             if task.done():
                 del self._broker_tasks[url]
+                self._pollers.pop(url, None)
+                self._layout_due.pop(url, None)
         for url in self._groups:
             if url not in self._broker_tasks:
                 self._broker_tasks[url] = asyncio.create_task(self._broker_loop(url), name="celery-fleet-broker")
@@ -171,8 +181,51 @@ class Autoscaler:
         for key, body, spec, refs in entries:
             if key in self.cache.pools:  # deleted while the read was under way
                 actions += self.scale_pool(key, body, spec, refs, result)
+        if not isinstance(result, BrokerError):
+            actions += await self._check_layout(url, entries)
         if actions:
             await asyncio.gather(*actions)
+
+    async def _check_layout(self, url: str, entries: list[_Entry]) -> list[Coroutine[Any, Any, None]]:
+        """Now and then (not per poll), a bounded SCAN for priority lists the spec does not name."""
+        now = self.clock()
+        poller = self._pollers.get(url)
+        check = getattr(poller.source, "check_layout", None) if poller is not None else None
+        watched = frozenset(r for *_, refs in entries for rs in refs.values() for r in rs)
+        due = self._layout_due.get(url)
+        # Due every interval, and at once when the queues or their layout changed (a spec edit).
+        if check is None or (due is not None and now < due[0] and due[1] == watched):
+            return []
+        self._layout_due[url] = (now + self.layout_check_interval, watched)
+        log.debug("broker %s: checking the key layout of %d queues", _display(url), len(watched))
+        try:
+            found: Mapping[QueueRef, list[str]] = await check(watched)
+        except BrokerError as err:
+            log.warning("broker %s: key layout check failed: %s", _display(url), err)
+            return []
+        calls: list[Coroutine[Any, Any, None]] = []
+        for key, body, _spec, refs in entries:
+            mine = {r: found[r] for rs in refs.values() for r in rs if r in found}
+            message = mismatch_message(mine)
+            runtime = self.cache.runtime[key]
+            if key not in self.cache.pools:
+                continue
+            if not runtime.layout_checked:
+                runtime.layout_checked = True
+                self.refresh_status(key)
+            if message == runtime.layout_problem:
+                continue
+            ref = ObjectRef.from_body({**body, "apiVersion": POOL_API_VERSION, "kind": "CeleryWorkerPool"})
+            if message is not None:
+                log.warning("pool %s/%s: %s", key[0], key[1], message)
+                calls.append(asyncio.to_thread(post_event, self.kube, ref, LAYOUT_MISMATCH, message, "Warning"))
+            else:
+                done = "every priority list on the broker is read"
+                log.info("pool %s/%s: %s", key[0], key[1], done)
+                calls.append(asyncio.to_thread(post_event, self.kube, ref, "BrokerKeyLayoutMatches", done))
+            runtime.layout_problem = message
+            self.refresh_status(key)
+        return calls
 
     async def _read_broker(self, url: str, entries: list[_Entry]) -> DepthReading | BrokerError:
         try:
@@ -189,6 +242,7 @@ class Autoscaler:
                 union.update(tier_refs)
             assert poller is not None
             first = f"{entries[0][0][0]}/{entries[0][0][1]}"
+            self._pollers[url] = poller
             reading = await poller.read(first, union)
         except BrokerError as err:
             return err
@@ -208,9 +262,9 @@ class Autoscaler:
             spec = parse_pool(body)
         except InvalidSpec:
             return None  # the reconciler reports it as Degraded
-        refs = {
-            t.name: queue_refs(t.queues, spec.broker.global_keyprefix, spec.broker.priority_steps) for t in spec.tiers
-        }
+        b = spec.broker
+        layout = KeyLayout(b.global_keyprefix, b.sep, b.unacked_key, b.ack_emulation, tuple(sorted(b.fanout_exchanges)))
+        refs = {t.name: queue_refs(t.queues, priority_steps=b.priority_steps, layout=layout) for t in spec.tiers}
         self._specs[key] = (generation, spec, refs)
         return spec, refs
 

@@ -41,6 +41,8 @@ class PoolRuntime:
     history: dict[str, Any] = field(default_factory=dict)
     broker_url: str | None = None  # resolved (may come from a Secret): never logged
     broker_problem: tuple[str, str] | None = None  # (reason, message) of the last failed read
+    layout_problem: str | None = None  # priority-like lists on the broker that the spec does not name
+    layout_checked: bool = False  # the broker's keys were scanned at least once for this pool
 
 
 class FleetCache:

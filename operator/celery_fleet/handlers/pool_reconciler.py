@@ -230,6 +230,10 @@ class PoolReconciler:
             updates.append(ConditionUpdate("BrokerReachable", "False", reason, message))
         elif problem is None and runtime.scaling:
             updates.append(ConditionUpdate("BrokerReachable", "True", "Polled", "the broker answered the last poll"))
+        if problem is None and runtime.layout_problem is not None:
+            updates.append(ConditionUpdate("BrokerKeyLayout", "False", "UnreadPriorityLists", runtime.layout_problem))
+        elif problem is None and runtime.layout_checked:
+            updates.append(ConditionUpdate("BrokerKeyLayout", "True", "Matches", "every priority list found is read"))
         old = body.get("status") or {}
         status["conditions"] = merge_conditions(old.get("conditions"), updates, generation=inp.generation, now=utcnow())
         if _status_equal(old, status):
