@@ -353,3 +353,12 @@ def test_chunked_and_keep_alive_replies_are_read_whole() -> None:
     assert api.get(timeout=5) is None  # the same connection, kept alive
     thread.join(timeout=5)
     listener.close()
+
+
+def test_a_token_source_that_fails_is_one_failed_request_not_a_crash() -> None:
+    def broken() -> str | None:
+        raise RuntimeError("exec plugin exited 1")
+
+    api = HttpLeaseApi(ApiEndpoint(server="http://127.0.0.1:1", token_source=broken), "jobs", "beat")
+    with pytest.raises(LeaseApiError, match="cannot get a token: RuntimeError: exec plugin exited 1"):
+        api.get(timeout=1)

@@ -60,7 +60,10 @@ class ApiEndpoint:
 
     def bearer_token(self) -> str | None:
         if self.token_source is not None:
-            return self.token_source()
+            try:
+                return self.token_source()
+            except Exception as exc:  # a client library's refresh may raise anything: one failed request
+                raise LeaseApiError(f"cannot get a token: {type(exc).__name__}: {exc}") from exc
         if self.token_file:
             try:
                 with open(self.token_file, encoding="utf-8") as handle:
