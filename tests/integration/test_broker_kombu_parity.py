@@ -251,3 +251,30 @@ def test_transport_options_are_read_as_kombu_writes_them(
                 )
         finally:
             held.release()
+
+
+# -- the smallest ACL user (issue 14.4, issue 13.11) --------------------------------------------------------
+
+
+def test_the_documented_acl_user_reads_everything(redis_db: redis.Redis[bytes], redis_server: RedisServer) -> None:
+    from celery_fleet.brokers import BrokerError, ErrorKind
+    from celery_fleet.brokers.redis import READER_ACL
+
+    password = "acl-reader-pw"
+    redis_db.execute_command("ACL", "SETUSER", "fleet-reader", f">{password}", *READER_ACL.split())
+    redis_db.execute_command("ACL", "SETUSER", "too-small", f">{password}", *READER_ACL.replace("+eval_ro", "").split())
+    db1 = redis_server.url.rsplit("/", 1)[0] + "/1"
+    with celery(db1, {"priority_steps": [0, 3, 6, 9]}) as app:
+        for i in range(12):
+            app.send_task(TASK, priority=i % 10)
+        held = reserve(app, "celery", 2)
+        try:
+            acl_url = db1.replace("redis://", f"redis://fleet-reader:{password}@")
+            refs = queue_refs(["celery"])
+            assert ours(read(acl_url, refs), refs, ["celery"]) == truth(app, ["celery"]) == Observation(10, 2)
+            assert check_layout(acl_url, refs) == {}
+            with pytest.raises(BrokerError) as err:
+                read(db1.replace("redis://", f"redis://too-small:{password}@"), refs)
+            assert err.value.kind is ErrorKind.AUTH_FAILED and password not in str(err.value)
+        finally:
+            held.release()

@@ -338,7 +338,7 @@ class FakeRedis:
             raise self.fail
         replies: list[Reply] = []
         for c in commands:
-            assert c[0] == "EVAL"
+            assert c[0] == "EVAL_RO"  # read-only scripts: the ACL user needs no EVAL
             keys = [str(k) for k in c[3 : 3 + int(c[2])]]
             replies.append([[self.lists.get(k, 0) for k in keys[:-1]], *self.script])
         return replies
@@ -350,6 +350,22 @@ def test_source_reads_in_one_round_trip() -> None:
     reading = asyncio.run(source.read(queue_refs(["high_priority", "low_priority"])))
     assert len(fake.round_trips) == 1
     assert reading.observe([HIGH]) == Observation(42, 0)
+
+
+def test_redis_without_eval_ro_falls_back_to_eval_once() -> None:
+    fake = FakeRedis({"high_priority": 2})
+    seen: list[str] = []
+
+    async def redis6(commands: Sequence[Command]) -> list[Reply]:
+        seen.append(str(commands[0][0]))
+        if commands[0][0] == "EVAL_RO":
+            return [rexc.ResponseError("ERR unknown command 'EVAL_RO'") for _ in commands]
+        return await fake([("EVAL_RO", *c[1:]) for c in commands])
+
+    source = RedisDepthSource(redis6, TARGET)
+    for _ in range(2):
+        assert asyncio.run(source.read([HIGH])).observe([HIGH]) == Observation(2, 0)
+    assert seen == ["EVAL_RO", "EVAL", "EVAL"]
 
 
 def test_source_failure_is_classified_and_scrubbed() -> None:
@@ -419,3 +435,12 @@ def test_a_classified_failure_reaches_the_event_readable_and_without_secrets() -
     assert (d.desired, d.reason) == (3, Reason.BROKER_UNREACHABLE)
     assert "broker read failed (Unreachable: cannot reach redis.prod.svc:6380/2 (TLS)" in d.message
     assert "s3cr3t" not in d.message and "://" not in d.message
+
+
+def test_the_documented_acl_line_is_the_one_the_tests_use() -> None:
+    from pathlib import Path
+
+    from celery_fleet.brokers.redis import READER_ACL
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "install.md").read_text()
+    assert f"ACL SETUSER celery-fleet on >PASSWORD {READER_ACL.removeprefix('on ')}\n" in doc

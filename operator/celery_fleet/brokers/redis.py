@@ -60,6 +60,10 @@ from celery_fleet.brokers.source import (
 )
 
 BINDING_KEY_PREFIX: Final = "_kombu.binding."
+# The smallest Redis ACL the operator's reads need (docs/install.md shows it; a test runs as it):
+# read-only keys, no channels, and only the read-only script call plus what the scripts run.
+# SELECT is for brokers on a database other than 0. No CLIENT SETNAME / SETINFO, no EVAL.
+READER_ACL: Final = "on resetkeys %R~* resetchannels -@all +eval_ro +llen +hlen +hscan +scard +smembers +scan +select"
 DEFAULT_SCAN_LIMIT: Final = 5_000  # ~6 µs of Redis time per 1 KB entry: ~30 ms at the limit
 
 
@@ -522,6 +526,7 @@ class RedisDepthSource:
         self._next_scan_at = 0.0
         self._plans: dict[tuple[frozenset[QueueRef], frozenset[KeyLayout]], PollPlan] = {}
         self._layout_cursor = 0
+        self._read_only_scripts = True
         self._layout_found: dict[QueueRef, set[str]] = {}
         self._layout_seen: dict[QueueRef, set[str]] = {}
 
@@ -541,7 +546,7 @@ class RedisDepthSource:
         plan = self._plan(frozenset(refs), frozenset(skip))
         try:
             # The socket timeouts bound each connect/read; this bounds the whole poll (DNS included).
-            replies = await asyncio.wait_for(self._round_trip(plan.commands), self.deadline_seconds)
+            replies = await self._scripts(plan.commands)
             took = self._clock() - started
             if reply_items(replies) > PARSE_OFF_LOOP_ITEMS:
                 # Routing thousands of in-flight pairs is CPU work: keep it off the event loop.
@@ -551,6 +556,17 @@ class RedisDepthSource:
         except Exception as exc:
             raise classify(exc, self.target) from None
         return self._account(reading, names, skip, started)
+
+    async def _scripts(self, commands: Sequence[Command]) -> list[Reply]:
+        """Run the (read-only) scripts as EVAL_RO, so an ACL user needs no EVAL; EVAL on Redis < 7."""
+        if self._read_only_scripts:
+            ro = [("EVAL_RO", *c[1:]) if c[0] == "EVAL" else c for c in commands]
+            replies = await asyncio.wait_for(self._round_trip(ro), self.deadline_seconds)
+            unknown = [r for r in replies if isinstance(r, BaseException) and "unknown command" in str(r).lower()]
+            if not unknown:
+                return replies
+            self._read_only_scripts = False  # Redis 6: no EVAL_RO
+        return await asyncio.wait_for(self._round_trip(commands), self.deadline_seconds)
 
     def _plan(self, refs: frozenset[QueueRef], skip: frozenset[KeyLayout]) -> PollPlan:
         # Polls repeat the same queues: keep the plans (building one for 300 queues costs ~3 ms).
@@ -598,7 +614,7 @@ class RedisDepthSource:
         try:
             for _ in range(pages):
                 command = ("EVAL", SCAN_SCRIPT, 0, self._layout_cursor, match, 1000, 512)
-                (reply,) = await asyncio.wait_for(self._round_trip([command]), self.deadline_seconds)
+                (reply,) = await self._scripts([command])
                 if isinstance(reply, BaseException):
                     raise reply
                 if not isinstance(reply, list) or len(reply) != 2 or not isinstance(reply[1], list):
@@ -725,7 +741,8 @@ def connect(
                 retry_on_timeout=False,
                 max_connections=4,
                 health_check_interval=0,
-            )
+                driver_info=None,  # no CLIENT SETINFO: the ACL user need not allow it
+            )  # type: ignore[call-overload]  # types-redis 4.6 predates driver_info
             for u in target.urls
         ]
     except Exception as exc:
