@@ -1,28 +1,22 @@
-"""Logging setup: plain or JSON lines, with broker credentials scrubbed from every record."""
+"""Logging setup: plain or JSON lines, with credentials scrubbed from every line and traceback."""
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 import time
 
-# user:password@ or :password@ inside any redis URL, wherever it appears in a message.
-_CREDENTIALS = re.compile(r"(?i)(rediss?://)[^@\s/'\"]*@")
+from celery_fleet.planning.redact import scrub_credentials
+
+PLAIN_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 
-def scrub(text: str) -> str:
-    return _CREDENTIALS.sub(r"\1***@", text)
+class PlainFormatter(logging.Formatter):
+    """The whole formatted record is scrubbed: message, exception traceback and stack alike."""
 
-
-class ScrubCredentials(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        clean = scrub(message)
-        if clean != message:
-            record.msg, record.args = clean, None
-        return True
+    def format(self, record: logging.LogRecord) -> str:
+        return scrub_credentials(super().format(record))
 
 
 class JsonFormatter(logging.Formatter):
@@ -31,20 +25,18 @@ class JsonFormatter(logging.Formatter):
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": scrub_credentials(record.getMessage()),
         }
         if record.exc_info:
-            entry["exc"] = scrub(self.formatException(record.exc_info))
+            entry["exc"] = scrub_credentials(self.formatException(record.exc_info))
+        if record.stack_info:
+            entry["stack"] = scrub_credentials(self.formatStack(record.stack_info))
         return json.dumps(entry)
 
 
 def configure(level: str = "INFO", json_logs: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(ScrubCredentials())
-    if json_logs:
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter() if json_logs else PlainFormatter(PLAIN_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -154,8 +154,9 @@ RULES: tuple[Rule, ...] = (
     Rule(
         ("apps",),
         ("deployments",),
-        ("create", "patch", "delete"),
-        "Tier and beat Deployments are applied; a tier removed from the spec has its Deployment deleted.",
+        ("create", "get", "patch", "delete"),
+        "Tier and beat Deployments are applied; a tier removed from the spec has its Deployment deleted;"
+        " get: whose is a same-named object found at create (never adopt it).",
         ("celery_fleet.kube.client:Kube.apply", "celery_fleet.kube.client:Kube.delete", _POOL_RECONCILER),
     ),
     Rule(
@@ -168,22 +169,25 @@ RULES: tuple[Rule, ...] = (
     Rule(
         ("policy",),
         ("poddisruptionbudgets",),
-        ("create", "patch", "delete"),
-        "A PodDisruptionBudget per tier that asks for one; deleted when the tier stops asking.",
+        ("create", "get", "patch", "delete"),
+        "A PodDisruptionBudget per tier that asks for one; deleted when the tier stops asking; get: whose is"
+        " a same-named object found at create.",
         ("celery_fleet.kube.client:Kube.apply", "celery_fleet.kube.client:Kube.delete", _POOL_RECONCILER),
     ),
     Rule(
         ("",),
         ("serviceaccounts",),
-        ("create", "patch"),
-        "Each CeleryBeat gets a ServiceAccount for its elector (unless the spec names one).",
+        ("create", "get", "patch"),
+        "Each CeleryBeat gets a ServiceAccount for its elector (unless the spec names one); get: whose is"
+        " a same-named object found at create.",
         ("celery_fleet.planning.beat_workload:beat_service_account", _BEAT_RECONCILER),
     ),
     Rule(
         ("rbac.authorization.k8s.io",),
         ("roles", "rolebindings"),
-        ("create", "patch"),
-        "Each CeleryBeat gets a Role on its one Lease, bound to the beat pods' ServiceAccount.",
+        ("create", "get", "patch"),
+        "Each CeleryBeat gets a Role on its one Lease, bound to the beat pods' ServiceAccount; get: whose is"
+        " a same-named object found at create.",
         (
             "celery_fleet.planning.beat_workload:beat_role",
             "celery_fleet.planning.beat_workload:beat_role_binding",
@@ -201,8 +205,9 @@ RULES: tuple[Rule, ...] = (
         ("coordination.k8s.io",),
         ("leases",),
         ("get", "update"),
-        "Held only so the operator may grant them in the beat's Role (RBAC forbids granting more than"
-        " one holds; the alternative, escalate, would let it grant anything).",
+        "Held so the operator may grant them in the beat's Role (RBAC forbids granting more than"
+        " one holds; the alternative, escalate, would let it grant anything); get also tells whose a"
+        " same-named Lease found at create is.",
         ("celery_fleet.planning.beat_workload:beat_role",),
     ),
     Rule(

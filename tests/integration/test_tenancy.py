@@ -15,11 +15,23 @@ from kubernetes import client
 
 from celery_fleet.kube.client import ApiError, Kube
 from tests.support.cluster import Cluster
-from tests.support.faults import beat_manifest, broker_secret, own_namespace, pool_manifest
+from tests.support.faults import (
+    apply,
+    beat_manifest,
+    broker_secret,
+    events,
+    own_namespace,
+    pool_manifest,
+    tier,
+    until_watched,
+)
+from tests.support.operator_process import OperatorProcess
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.integration
 
 OTHER_PASSWORD = "other-teams-s3cret"
+UNREACHABLE = {"url": "redis://127.0.0.1:1/0"}  # children do not need a broker
 
 
 def _server_dry_run(cluster: Cluster, namespace: str, obj: dict[str, Any]) -> str:
@@ -84,3 +96,147 @@ def test_the_client_cannot_be_made_to_read_another_namespace(
         with pytest.raises(ValueError, match="not an object name"):
             kube.secret_value(namespace, "..", "url")
         assert kube.get("v1", "Secret", f"{namespace}/../{other}", "redis") is None
+
+
+# -- item 5: no takeover by server-side apply --------------------------------------------------------------
+
+# Someone else's objects, named as the operator would name its children (the Deployment even copies
+# our labels, so the operator's watch sees it).
+_USER_LABELS = {"team": "theirs"}
+_COPIED_LABELS = {"app.kubernetes.io/managed-by": "celery-fleet", "celeryfleet.io/pool": "shop",
+                  "celeryfleet.io/tier": "high"}  # fmt: skip
+
+
+def _user_deployment(name: str, labels: dict[str, str]) -> dict[str, Any]:
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "labels": labels},
+            "spec": {"replicas": 0, "selector": {"matchLabels": {"user": name}},
+                     "template": {"metadata": {"labels": {"user": name}},
+                                  "spec": {"containers": [{"name": "app", "image": "example/app:1"}]}}}}  # fmt: skip
+
+
+USER_OBJECTS = {
+    "PodDisruptionBudget": lambda name: {
+        "apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": {"name": name, "labels": _USER_LABELS},
+        "spec": {"minAvailable": 3, "selector": {"matchLabels": {"user": "theirs"}}}},
+    "Deployment": lambda name: _user_deployment(name, {**_COPIED_LABELS, **_USER_LABELS}),
+    "BeatDeployment": lambda name: _user_deployment(name, _USER_LABELS),
+    "ServiceAccount": lambda name: {"apiVersion": "v1", "kind": "ServiceAccount",
+                                    "metadata": {"name": name, "labels": _USER_LABELS}},
+    "Role": lambda name: {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+                          "metadata": {"name": name, "labels": _USER_LABELS},
+                          "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]}]},
+    "RoleBinding": lambda name: {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                                 "metadata": {"name": name, "labels": _USER_LABELS},
+                                 "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                             "name": "view"},
+                                 "subjects": [{"kind": "ServiceAccount", "name": "default"}]},
+    "Lease": lambda name: {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                           "metadata": {"name": name, "labels": _USER_LABELS},
+                           "spec": {"holderIdentity": "their-leader", "leaseDurationSeconds": 3600}},
+}  # fmt: skip
+
+
+def _get(cluster: Cluster, namespace: str, kind: str, name: str) -> dict[str, Any] | None:
+    proc = cluster.kubectl("get", kind.lower(), name, "-n", namespace, "-o", "json", "--show-managed-fields",
+                           check=False)  # fmt: skip
+    return json.loads(proc.stdout) if proc.returncode == 0 else None
+
+
+def _untouched(cluster: Cluster, namespace: str, kind: str, name: str, before: dict[str, Any]) -> None:
+    after = _get(cluster, namespace, kind, name)
+    assert after is not None, f"{kind} {name} is gone"
+    assert after["metadata"]["uid"] == before["metadata"]["uid"]
+    assert after["metadata"].get("ownerReferences") is None, after["metadata"]
+    managers = {m["manager"] for m in after["metadata"].get("managedFields") or []}
+    assert "celery-fleet" not in managers, managers
+    for field in ("spec", "rules", "roleRef", "subjects"):
+        assert after.get(field) == before.get(field), field
+    assert after["metadata"].get("labels") == before["metadata"].get("labels")
+
+
+def _owner_condition(k8s_api: client.ApiClient, namespace: str, plural: str, name: str) -> dict[str, Any]:
+    obj = client.CustomObjectsApi(k8s_api).get_namespaced_custom_object(
+        "celeryfleet.io", "v1alpha1", namespace, plural, name
+    )
+    conds = {c["type"]: c for c in (obj.get("status") or {}).get("conditions") or []}
+    return conds.get("Degraded") or {}
+
+
+def _conflict_reported(
+    cluster: Cluster, k8s_api: client.ApiClient, namespace: str, plural: str, owner: str, kind: str, name: str
+) -> None:
+    def reported() -> dict[str, Any] | None:
+        cond = _owner_condition(k8s_api, namespace, plural, owner)
+        return cond if cond.get("status") == "True" and cond.get("reason") == "ChildConflict" else None
+
+    cond = wait_for(reported, timeout=60, message=lambda: f"ChildConflict on {owner}: "
+                    f"{_owner_condition(k8s_api, namespace, plural, owner)}")  # fmt: skip
+    assert f"{kind} {name} already exists" in cond["message"] and "Rename or delete" in cond["message"], cond
+    warnings = wait_for(
+        lambda: [e for e in events(k8s_api, namespace, owner) if e.reason == "ChildConflict" and e.type == "Warning"],
+        timeout=30, message="a Warning Event ChildConflict",
+    )  # fmt: skip
+    assert f"{kind} {name}" in warnings[0].message
+
+
+def _deleted_and_collected(
+    cluster: Cluster, namespace: str, plural: str, owner: str, owned: list[tuple[str, str]]
+) -> None:
+    cluster.kubectl("delete", plural, owner, "-n", namespace)
+    for kind, name in owned:
+        wait_for(lambda k=kind, n=name: _get(cluster, namespace, k, n) is None, timeout=60,
+                 message=f"garbage collection of our {kind} {name}")  # fmt: skip
+
+
+POOL_CONFLICTS = [
+    pytest.param("PodDisruptionBudget", "shop-high", id="pdb"),
+    pytest.param("Deployment", "shop-high", id="deployment-with-copied-labels"),
+]
+
+
+@pytest.mark.parametrize(("kind", "name"), POOL_CONFLICTS)
+def test_a_pool_never_takes_over_a_same_named_object(
+    cluster: Cluster, k8s_api: client.ApiClient, operator: OperatorProcess, namespace: str, kind: str, name: str
+) -> None:
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(USER_OBJECTS[kind](name)))
+    before = _get(cluster, namespace, kind, name)
+    assert before is not None
+    pdb = {"podDisruptionBudget": {"maxUnavailable": 1}}
+    tiers = [{**tier("high", "high_priority"), **pdb}, {**tier("low", "low_priority"), **pdb}]
+    pool = pool_manifest("shop", UNREACHABLE, tiers)
+    until_watched(cluster, namespace, lambda: apply(cluster, namespace, pool) == "" and
+                  _get(cluster, namespace, "Deployment", "shop-low") is not None)  # fmt: skip
+    _conflict_reported(cluster, k8s_api, namespace, "celeryworkerpools", "shop", kind, name)
+    _untouched(cluster, namespace, kind, name, before)
+    # The other tier is served as usual.
+    assert _get(cluster, namespace, "PodDisruptionBudget", "shop-low") is not None
+    owned = [("Deployment", "shop-low"), ("PodDisruptionBudget", "shop-low")]
+    if kind == "PodDisruptionBudget":
+        owned.append(("Deployment", "shop-high"))
+    _deleted_and_collected(cluster, namespace, "celeryworkerpools", "shop", owned)
+    _untouched(cluster, namespace, kind, name, before)
+
+
+# Beat children in the order the operator writes them; a taken name stops everything after it.
+BEAT_CHILDREN = [("ServiceAccount", "shop-beat"), ("Lease", "shop-beat"), ("Role", "shop-beat-lease"),
+                 ("RoleBinding", "shop-beat-lease"), ("Deployment", "shop-beat")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("kind", "name"), BEAT_CHILDREN, ids=[k for k, _ in BEAT_CHILDREN])
+def test_a_beat_never_takes_over_a_same_named_object(
+    cluster: Cluster, k8s_api: client.ApiClient, operator: OperatorProcess, namespace: str, kind: str, name: str
+) -> None:
+    user = USER_OBJECTS["BeatDeployment" if kind == "Deployment" else kind](name)
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(user))
+    before = _get(cluster, namespace, kind, name)
+    assert before is not None
+    beat = beat_manifest("shop", UNREACHABLE)
+    until_watched(cluster, namespace, lambda: apply(cluster, namespace, beat) == ""
+                  and _owner_condition(k8s_api, namespace, "celerybeats", "shop").get("reason"))  # fmt: skip
+    _conflict_reported(cluster, k8s_api, namespace, "celerybeats", "shop", kind, name)
+    _untouched(cluster, namespace, kind, name, before)
+    position = BEAT_CHILDREN.index((kind, name))
+    for later_kind, later_name in BEAT_CHILDREN[position + 1 :]:
+        assert _get(cluster, namespace, later_kind, later_name) is None, f"{later_kind} written after a conflict"
+    _deleted_and_collected(cluster, namespace, "celerybeats", "shop", BEAT_CHILDREN[:position])
+    _untouched(cluster, namespace, kind, name, before)

@@ -15,6 +15,7 @@ from typing import Any
 import kopf
 import pytest
 import yaml
+from kubernetes.client.rest import ApiException
 
 from celery_fleet import rbac
 from celery_fleet.handlers import kopf_handlers
@@ -77,7 +78,14 @@ def _pool_requests() -> list[rbac.Request]:
     key = cache.put_pool(pool)
     stale = {
         "kind": "Deployment",
-        "metadata": {"name": "billing-gone", "namespace": NAMESPACE, "labels": {POOL_LABEL: "billing"}},
+        "metadata": {
+            "name": "billing-gone",
+            "namespace": NAMESPACE,
+            "labels": {POOL_LABEL: "billing"},
+            "ownerReferences": [
+                {"kind": "CeleryWorkerPool", "name": "billing", "uid": pool["metadata"]["uid"], "controller": True}
+            ],
+        },
         "spec": {"replicas": 1},
     }
     cache.put_child(POOL_LABEL, stale)
@@ -97,6 +105,46 @@ def _beat_requests() -> list[rbac.Request]:
     outcome = BeatReconciler(kube, cache, "ghcr.io/celery-fleet/celery-fleet:0.1.0").reconcile(key)
     assert not outcome.error, api.calls
     return api.requests()
+
+
+class TakenNamesApi(RecordingApi):
+    """Every child name is taken by someone else's object: creates answer 409, GETs a stranger."""
+
+    def call_api(self, path: str, method: str, **kwargs: Any) -> tuple[Any, int, dict[str, str]]:
+        body = kwargs.get("body") or {}
+        if method == "PATCH" and (body.get("metadata") or {}).get("resourceVersion") == "1":
+            self.calls.append((method, path, dict(kwargs.get("query_params") or []), "application/apply-patch+yaml"))
+            raise ApiException(status=409, reason="Conflict")
+        if method == "GET" and "/secrets/" not in path:
+            self.calls.append((method, path, {}, ""))
+            parts = path.split("/")
+            return {"metadata": {"namespace": parts[-3], "name": parts[-1], "uid": "stranger"}}, 200, {}
+        return super().call_api(path, method, **kwargs)
+
+
+def _taken_names_requests() -> list[rbac.Request]:
+    """Pool and beat whose child names are taken: the operator looks (GET) and writes nothing more."""
+    api = TakenNamesApi()
+    kube = Kube(api)  # type: ignore[arg-type]  # duck-typed ApiClient
+    cache = FleetCache()
+    pool_key = cache.put_pool(_sample("pool-three-tiers.yaml", "CeleryWorkerPool"))
+    beat = _sample("beat.yaml", "CeleryBeat")
+    beat_key = cache.put_beat(beat)
+    assert PoolReconciler(kube, cache).reconcile(pool_key).error
+    assert BeatReconciler(kube, cache, "ghcr.io/celery-fleet/celery-fleet:0.1.0").reconcile(beat_key).error
+    applies = [c for c in api.calls if c[0] == "PATCH" and c[3] == "application/apply-patch+yaml"]
+    assert applies and all("/status" not in c[1] for c in applies)
+    return api.requests()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_looking_at_a_taken_name_is_allowed(mode: rbac.Mode) -> None:
+    requests = _taken_names_requests()
+    rules = rbac.policy_rules(rbac.Scope.WATCHED, mode)
+    refused = [r for r in requests if not rbac.allows(rules, r)]
+    assert not refused, f"operator requests not granted by celery_fleet.rbac: {refused}"
+    gets = {r.resource for r in requests if r.verb == "get"}
+    assert {"deployments", "poddisruptionbudgets", "serviceaccounts"} <= gets, gets
 
 
 def _verbs_seen(requests: list[rbac.Request]) -> set[tuple[str, str]]:

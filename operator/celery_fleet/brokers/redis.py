@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import math
 import os
-import re
 import shutil
 import ssl
 import tempfile
@@ -58,6 +57,7 @@ from celery_fleet.brokers.source import (
     QueueRef,
     UnackedSummary,
 )
+from celery_fleet.planning.redact import redact_urls
 
 BINDING_KEY_PREFIX: Final = "_kombu.binding."
 # The smallest Redis ACL the operator's reads need (docs/install.md shows it; a test runs as it):
@@ -437,7 +437,7 @@ class RedisTarget:
     def scrub(self, text: str) -> str:
         for s in sorted(self.secrets, key=len, reverse=True):
             text = text.replace(s, "***").replace(quote(s, safe=""), "***")
-        return re.sub(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://\S+", "<broker-url>", text)
+        return redact_urls(text)
 
 
 def _normalize_query(parts: SplitResult) -> str:

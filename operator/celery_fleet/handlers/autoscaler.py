@@ -313,7 +313,8 @@ class Autoscaler:
             broker_problem = (f"Broker{err.kind.value}", f"cannot read queue depth: {err}; replicas are held")
             metrics.BROKER_ERRORS.labels(err.kind.value).inc()
 
-        children = self.cache.children_of(key)
+        # Only Deployments this pool controls: a look-alike with copied labels is never scaled.
+        children = self.cache.children_of(key, owner_uid=str(body["metadata"].get("uid", "")))
         current: dict[str, int | None] = {}
         for t in spec.tiers:
             dep = children.get(("Deployment", f"{name}-{t.name}"))

@@ -16,6 +16,7 @@ from typing import Any
 from celery_fleet import GROUP, VERSION, metrics
 from celery_fleet.api.models import CeleryBeatSpec, InvalidSpec, parse_beat
 from celery_fleet.handlers.cache import BEAT_LABEL, FleetCache, ObjKey
+from celery_fleet.handlers.children import ChildConflict, apply_child
 from celery_fleet.handlers.pool_reconciler import Outcome, object_version, rejected_child, utcnow
 from celery_fleet.kube.client import ApiError, Kube
 from celery_fleet.kube.events import ObjectRef, post_event
@@ -23,6 +24,7 @@ from celery_fleet.planning.beat_status import BeatStatusInput, beat_status, curr
 from celery_fleet.planning.beat_workload import beat_children, beat_names
 from celery_fleet.planning.conditions import conditions_equal, merge_conditions
 from celery_fleet.planning.drift import has_drifted
+from celery_fleet.planning.ownership import CHILD_CONFLICT, is_controlled_by
 from celery_fleet.planning.pool_status import Problem
 
 log = logging.getLogger(__name__)
@@ -35,9 +37,15 @@ UNWATCHED_REAPPLY_SECONDS = 300.0
 WATCHED_KINDS = frozenset({"Deployment", "Lease"})
 
 
+# Identity and the Lease first: a name someone else holds stops the reconcile before anything
+# grants rights on it (the Role) or runs pods against it (the Deployment).
+APPLY_ORDER = {"ServiceAccount": 0, "Lease": 1, "Role": 2, "RoleBinding": 3, "Deployment": 4}
+
+
 @dataclass
 class BeatRuntime:
-    applied: dict[tuple[str, str], tuple[str, float]] = field(default_factory=dict)  # child -> (digest, when)
+    # child -> (digest, when, uid) of what this process last applied
+    applied: dict[tuple[str, str], tuple[str, float, str]] = field(default_factory=dict)
     leader: str | None = None
     leaderless_since: dt.datetime | None = None
 
@@ -90,6 +98,8 @@ class BeatReconciler:
                 self._apply_children(key, body, spec, ref, runtime)
             except InvalidSpec as err:
                 problem = Problem("InvalidSpec", f"{err.message}. Fix the manifest and apply it again.")
+            except ChildConflict as conflict:
+                problem = conflict.problem
             except ApiError as err:
                 problem = rejected_child(err)
                 if problem is None:
@@ -97,19 +107,24 @@ class BeatReconciler:
         requeue = self._write_status(key, body, ref, runtime, spec, problem)
         if problem is not None and problem.reason.startswith("BrokerSecret"):
             return Outcome(requeue_after=5.0, error=True)
+        if problem is not None and problem.reason == CHILD_CONFLICT:
+            return Outcome(error=True)  # nothing wakes us when the other object goes: back off and look again
         return Outcome(requeue_after=requeue)
 
     def _apply_children(
         self, key: ObjKey, body: dict[str, Any], spec: CeleryBeatSpec, ref: ObjectRef, runtime: BeatRuntime
     ) -> None:
         namespace, name = key
-        observed = self.cache.children_of(key, beat=True)
+        observed = self.cache.children_of(key, beat=True)  # by label: may hold look-alikes that are not ours
         now = time.monotonic()
-        for child in beat_children(name, namespace, body["metadata"]["uid"], spec, self.elector_image):
+        children = beat_children(name, namespace, body["metadata"]["uid"], spec, self.elector_image)
+        for child in sorted(children, key=lambda c: APPLY_ORDER.get(c["kind"], len(APPLY_ORDER))):
             ckey = (child["kind"], child["metadata"]["name"])
+            current: dict[str, Any] | None = None
+            known_uid: str | None = None
             if ckey[0] in WATCHED_KINDS:
                 current = observed.get(ckey)
-                if not has_drifted(child, current):
+                if current is not None and is_controlled_by(current, ref.uid) and not has_drifted(child, current):
                     continue
                 created = current is None
             else:
@@ -118,8 +133,10 @@ class BeatReconciler:
                 if last is not None and last[0] == digest and now - last[1] < UNWATCHED_REAPPLY_SECONDS:
                     continue
                 created = last is None
-            applied = self.kube.apply(child)
-            runtime.applied[ckey] = (repr(child), now)
+                known_uid = (last[2] or None) if last is not None else None
+            # A ChildConflict stops here: nothing after it in APPLY_ORDER is written.
+            applied = apply_child(self.kube, child, owner=ref, current=current, known_uid=known_uid)
+            runtime.applied[ckey] = (repr(child), now, str((applied.get("metadata") or {}).get("uid", "")))
             if ckey[0] in WATCHED_KINDS:
                 self.cache.put_child(BEAT_LABEL, {**applied, "kind": ckey[0]})
             if created or ckey[0] in WATCHED_KINDS:
@@ -140,7 +157,7 @@ class BeatReconciler:
         problem: Problem | None,
     ) -> float | None:
         namespace, name = key
-        observed = self.cache.children_of(key, beat=True)
+        observed = self.cache.children_of(key, beat=True, owner_uid=ref.uid)
         names = beat_names(name)
         duration = spec.lease.duration_seconds if spec else 15
         lease = view_lease(observed.get(("Lease", names.lease)), duration)
@@ -175,6 +192,9 @@ class BeatReconciler:
         old = body.get("status") or {}
         status["conditions"] = merge_conditions(old.get("conditions"), updates, generation=inp.generation, now=utcnow())
         if not self._status_same(old, status):
+            if problem is not None and _degraded_message(old) != problem.message:
+                post_event(self.kube, ref, problem.reason, problem.message, "Warning")
+                log.warning("beat %s/%s: %s: %s", namespace, name, problem.reason, problem.message)
             self.kube.patch_status(BEAT_API_VERSION, "CeleryBeat", namespace, name, status)
             body["status"] = status  # until the watch brings it back
         # If renewals stop, no event will wake us: look again when the lease would expire, and
@@ -199,3 +219,10 @@ class BeatReconciler:
             return True
         a, b = parse_time(old_renew), parse_time(new_renew)
         return a is not None and b is not None and abs(b - a) < RENEW_TIME_REFRESH
+
+
+def _degraded_message(status: dict[str, Any]) -> str | None:
+    for c in status.get("conditions") or []:
+        if c.get("type") == "Degraded" and c.get("status") == "True":
+            return str(c.get("message"))
+    return None

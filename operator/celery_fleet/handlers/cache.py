@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from celery_fleet.planning.ownership import is_controlled_by
 from celery_fleet.planning.pool_status import TierScaling
 
 ObjKey = tuple[str, str]  # (namespace, name)
@@ -96,10 +97,16 @@ class FleetCache:
                 table[key][ckey] = _slim(body)
         return key
 
-    def children_of(self, key: ObjKey, *, beat: bool = False) -> dict[ChildKey, dict[str, Any]]:
+    def children_of(
+        self, key: ObjKey, *, beat: bool = False, owner_uid: str | None = None
+    ) -> dict[ChildKey, dict[str, Any]]:
+        """Children by label; with `owner_uid`, only those that owner controls (labels can be copied)."""
         table = self.beat_children if beat else self.children
         with self._lock:
-            return dict(table.get(key, {}))
+            found = dict(table.get(key, {}))
+        if owner_uid is None:
+            return found
+        return {k: v for k, v in found.items() if is_controlled_by(v, owner_uid)}
 
     def counts(self) -> tuple[int, int, int]:
         with self._lock:

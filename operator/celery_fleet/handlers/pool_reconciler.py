@@ -18,10 +18,12 @@ from celery_fleet import GROUP, VERSION, metrics
 from celery_fleet.api.broker_url import BrokerUrlError, parse_broker_url
 from celery_fleet.api.models import CeleryWorkerPoolSpec, InvalidSpec, Tier, parse_pool
 from celery_fleet.handlers.cache import FleetCache, ObjKey, PoolRuntime
+from celery_fleet.handlers.children import ChildConflict, apply_child
 from celery_fleet.kube.client import ApiError, Kube
 from celery_fleet.kube.events import ObjectRef, post_event
 from celery_fleet.planning.conditions import ConditionUpdate, conditions_equal, merge_conditions
 from celery_fleet.planning.drift import drifted_fields, has_drifted
+from celery_fleet.planning.ownership import CHILD_CONFLICT, is_controlled_by
 from celery_fleet.planning.pool_status import PoolStatusInput, Problem, observe_deployment, pool_status
 from celery_fleet.planning.workload import pool_children
 
@@ -110,12 +112,17 @@ class PoolReconciler:
 
         if not spec.paused:
             try:
-                self._apply_children(key, name, body, spec, ref)
+                conflicts = self._apply_children(key, name, body, spec, ref)
             except ApiError as err:
                 rejected = rejected_child(err)
                 if rejected is None:
                     raise
                 self._write_status(key, body, ref, spec=spec, problem=rejected)
+                return Outcome(error=True)
+            if conflicts:
+                # Nothing wakes us when a foreign object goes away: retry with backoff.
+                conflict = Problem(CHILD_CONFLICT, " ".join(p.message for p in conflicts))
+                self._write_status(key, body, ref, spec=spec, problem=conflict)
                 return Outcome(error=True)
         self._write_status(key, body, ref, spec=spec, problem=None)
         return Outcome()
@@ -156,25 +163,32 @@ class PoolReconciler:
 
     def _apply_children(
         self, key: ObjKey, name: str, body: Mapping[str, Any], spec: CeleryWorkerPoolSpec, ref: ObjectRef
-    ) -> None:
+    ) -> list[Problem]:
+        """Apply what drifted and delete what is no longer wanted; returns the names taken by others."""
         namespace = key[0]
-        observed = self.cache.children_of(key)
+        observed = self.cache.children_of(key)  # by label: may hold look-alikes that are not ours
+        owned = {k: v for k, v in observed.items() if is_controlled_by(v, ref.uid)}
         runtime = self.cache.runtime[key]
         replicas = {
             tier.name: replicas_for(
-                tier, observed.get(("Deployment", f"{name}-{tier.name}")), runtime.desired.get(tier.name)
+                tier, owned.get(("Deployment", f"{name}-{tier.name}")), runtime.desired.get(tier.name)
             )
             for tier in spec.tiers
         }
         desired = pool_children(name, namespace, body["metadata"]["uid"], spec, replicas)
         wanted: set[tuple[str, str]] = set()
+        conflicts: list[Problem] = []
         for child in desired:
             ckey = (child["kind"], child["metadata"]["name"])
             wanted.add(ckey)
             current = observed.get(ckey)
-            if not has_drifted(child, current):
+            if current is not None and ckey in owned and not has_drifted(child, current):
                 continue
-            applied = self.kube.apply(child)
+            try:
+                applied = apply_child(self.kube, child, owner=ref, current=current)
+            except ChildConflict as conflict:
+                conflicts.append(conflict.problem)
+                continue
             self.cache.put_child("celeryfleet.io/pool", {**applied, "kind": child["kind"]})
             if current is None:
                 action, reason, message = "create", "Created", f"Created {child['kind']} {ckey[1]}"
@@ -188,14 +202,14 @@ class PoolReconciler:
             metrics.CHILD_WRITES.labels(child["kind"], action).inc()
             log.info("pool %s/%s: %s", namespace, name, message)
             post_event(self.kube, ref, reason, message)
-        for ckey, current in observed.items():
+        for ckey, current in owned.items():
             if ckey in wanted or current["metadata"].get("deletionTimestamp"):
                 continue
             kind_api = {"Deployment": "apps/v1", "PodDisruptionBudget": "policy/v1"}.get(ckey[0])
             if kind_api is None:
                 continue
             tier = (current["metadata"].get("labels") or {}).get("celeryfleet.io/tier", "?")
-            if self.kube.delete(kind_api, ckey[0], namespace, ckey[1]):
+            if self.kube.delete(kind_api, ckey[0], namespace, ckey[1], uid=current["metadata"].get("uid")):
                 message = f"Deleted {ckey[0]} {ckey[1]}: tier {tier} is no longer in the spec"
                 if ckey[0] == "PodDisruptionBudget":
                     message = f"Deleted {ckey[0]} {ckey[1]}: tier {tier} has no podDisruptionBudget"
@@ -203,6 +217,7 @@ class PoolReconciler:
                 log.info("pool %s/%s: %s", namespace, name, message)
                 post_event(self.kube, ref, "Deleted", message)
             self.cache.put_child("celeryfleet.io/pool", {**current, "kind": ckey[0]}, deleted=True)
+        return conflicts
 
     def _write_status(
         self,
@@ -214,7 +229,7 @@ class PoolReconciler:
         problem: Problem | None,
     ) -> None:
         namespace, name = key
-        observed = self.cache.children_of(key)
+        observed = self.cache.children_of(key, owner_uid=ref.uid)
         runtime = self.cache.runtime[key]
         tiers = spec.tiers if spec is not None else []
         inp = PoolStatusInput(

@@ -25,6 +25,7 @@ from celery_fleet import FIELD_MANAGER
 log = logging.getLogger(__name__)
 
 SECRET_MAX_AGE = 30.0
+CREATE_ONLY_RESOURCE_VERSION = "1"
 
 # kind -> (plural, namespaced); the only kinds the operator writes or reads.
 _RESOURCES: dict[tuple[str, str], tuple[str, bool]] = {
@@ -143,14 +144,28 @@ class Kube:
             raise ApiError(status=0, reason="Unreachable", message=f"{type(exc).__name__}: {exc}"[:500]) from None
         return data
 
-    def apply(self, obj: Mapping[str, Any], *, force: bool = True) -> dict[str, Any]:
-        """Server-side apply of a full desired object under our field manager."""
-        meta = obj["metadata"]
+    def apply(
+        self, obj: Mapping[str, Any], *, force: bool = True, create_only: bool = False, uid: str | None = None
+    ) -> dict[str, Any]:
+        """Server-side apply of a full desired object under our field manager.
+
+        `force` takes our fields back from other managers, so it must only reach objects we own:
+        `create_only` makes the apply fail with 409 if the object exists at all, and `uid` fails it
+        (422, uid is immutable) if the object by that name is no longer the one we judged ours.
+        """
+        meta = dict(obj["metadata"])
         path = resource_path(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"])
+        if create_only:
+            # A resourceVersion precondition: no existing object can be at revision 1 (etcd's first
+            # write is revision 2), and on create the apiserver ignores it.
+            meta["resourceVersion"] = CREATE_ONLY_RESOURCE_VERSION
+        if uid:
+            meta["uid"] = uid
         query = [("fieldManager", self.field_manager), ("force", "true" if force else "false")]
+        body = {**obj, "metadata": meta}
         return cast(
             dict[str, Any],
-            self.request("PATCH", path, body=dict(obj), query=query, content_type="application/apply-patch+yaml"),
+            self.request("PATCH", path, body=body, query=query, content_type="application/apply-patch+yaml"),
         )
 
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
@@ -167,9 +182,14 @@ class Kube:
             raise ApiError(status=0, reason="WrongObject", message=f"asked for {kind} {namespace}/{name}, got another")
         return obj
 
-    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
-        """Delete with background propagation; False when it was already gone."""
-        body = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Background"}
+    def delete(self, api_version: str, kind: str, namespace: str, name: str, *, uid: str | None = None) -> bool:
+        """Delete with background propagation; False when it was already gone.
+
+        With `uid`, only that object: one that replaced it under the same name answers 409.
+        """
+        body: dict[str, Any] = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Background"}
+        if uid:
+            body["preconditions"] = {"uid": uid}
         try:
             self.request("DELETE", resource_path(api_version, kind, namespace, name), body=body)
         except ApiError as err:

@@ -35,12 +35,12 @@ The rules, per tier (``a`` is ``tier.autoscaling``):
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from celery_fleet.api.models import Tier
+from celery_fleet.planning.redact import redact_urls
 
 __all__ = [
     "Decision",
@@ -501,8 +501,4 @@ def _within_events(events: tuple[ScaleEvent, ...], now: float, tier: Tier) -> tu
 
 # Anything URL-shaped: a failure message comes from a broker adapter and must never carry a URL
 # (it may hold a password), whatever that adapter did.
-_URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://\S+")
-
-
-def _scrub(text: str) -> str:
-    return _URL.sub("<broker-url>", text)
+_scrub = redact_urls
