@@ -22,10 +22,12 @@ from tests.support.faults import (
     events,
     own_namespace,
     pool_manifest,
+    push_backlog,
     tier,
     until_watched,
 )
 from tests.support.operator_process import OperatorProcess
+from tests.support.redis_server import RedisServer
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.integration
@@ -240,3 +242,59 @@ def test_a_beat_never_takes_over_a_same_named_object(
         assert _get(cluster, namespace, later_kind, later_name) is None, f"{later_kind} written after a conflict"
     _deleted_and_collected(cluster, namespace, "celerybeats", "shop", BEAT_CHILDREN[:position])
     _untouched(cluster, namespace, kind, name, before)
+
+
+# -- item 9: a deleted pool's or beat's metrics go with it --------------------------------------------------
+
+
+def _series(operator: OperatorProcess, namespace: str, **labels: str) -> list[str]:
+    """Every sample line of this namespace's series that carries all `labels`."""
+    wanted = [f'namespace="{namespace}"', *(f'{k}="{v}"' for k, v in labels.items())]
+    return [line for line in operator.metrics().splitlines()
+            if not line.startswith("#") and all(w in line for w in wanted)]  # fmt: skip
+
+
+def test_metrics_of_deleted_pools_tiers_queues_and_beats_are_removed(
+    cluster: Cluster,
+    k8s_api: client.ApiClient,
+    operator: OperatorProcess,
+    namespace: str,
+    redis_server: RedisServer,
+    redis_db: Any,
+) -> None:
+    push_backlog(redis_db, "high_priority", 25)
+    push_backlog(redis_db, "low_priority", 5)
+    tiers = [tier("high", "high_priority"), {**tier("low", "low_priority"), "queues": ["low_priority", "bulk"]}]
+    shop = {"url": redis_server.url}
+    until_watched(cluster, namespace, lambda: apply(cluster, namespace, pool_manifest("shop", shop, tiers)) == ""
+                  and _series(operator, namespace, pool="shop"))  # fmt: skip
+    apply(cluster, namespace, pool_manifest("down", UNREACHABLE))  # its broker-unreachable gauge is what alerts read
+    apply(cluster, namespace, beat_manifest("shop", UNREACHABLE))
+
+    def every_series_present() -> bool:
+        return bool(
+            _series(operator, namespace, pool="shop", tier="low", queue="bulk")
+            and [s for s in _series(operator, namespace, pool="shop", tier="high") if "scaling_decisions" in s]
+            and [s for s in _series(operator, namespace, pool="down") if s.startswith("celery_fleet_broker_reachable")]
+            and _series(operator, namespace, beat="shop")
+        )
+
+    wait_for(every_series_present, timeout=60, message=lambda: "\n".join(_series(operator, namespace)))
+    assert any(s.endswith(" 0.0") for s in _series(operator, namespace, pool="down") if "broker_reachable" in s)
+
+    # A queue leaves a tier, then a whole tier leaves the pool.
+    tiers[1]["queues"] = ["low_priority"]
+    apply(cluster, namespace, pool_manifest("shop", shop, tiers))
+    wait_for(lambda: not _series(operator, namespace, pool="shop", queue="bulk"), timeout=30,
+             message=lambda: "\n".join(_series(operator, namespace, queue="bulk")))  # fmt: skip
+    assert _series(operator, namespace, pool="shop", tier="low", queue="low_priority")
+    apply(cluster, namespace, pool_manifest("shop", shop, tiers[:1]))
+    wait_for(lambda: not _series(operator, namespace, pool="shop", tier="low"), timeout=30,
+             message=lambda: "\n".join(_series(operator, namespace, tier="low")))  # fmt: skip
+    assert _series(operator, namespace, pool="shop", tier="high")
+
+    # Deleted pools and beats: every series with their labels is gone.
+    for plural, name in (("celeryworkerpools", "shop"), ("celeryworkerpools", "down"), ("celerybeats", "shop")):
+        cluster.kubectl("delete", plural, name, "-n", namespace)
+    wait_for(lambda: not _series(operator, namespace), timeout=30,
+             message=lambda: "\n".join(_series(operator, namespace)))  # fmt: skip

@@ -92,10 +92,10 @@ class Autoscaler:
             if registry is not None
             else BrokerRegistry(redis_broker.connect, max_age=interval / 2, display=_display)
         )
-        self._specs: dict[ObjKey, tuple[int, CeleryWorkerPoolSpec, dict[str, list[QueueRef]]]] = {}
-        # Last value written per metric child: label lookups dominate a tick at fleet scale, so a
-        # gauge is only touched when its value changes.
-        self._gauges: dict[tuple[Any, ...], float] = {}
+        self._specs: dict[ObjKey, tuple[tuple[str, int], CeleryWorkerPoolSpec, dict[str, list[QueueRef]]]] = {}
+        # Last value written per metric child, by pool: label lookups dominate a tick at fleet scale,
+        # so a gauge is only touched when its value changes.
+        self._gauges: dict[ObjKey, dict[tuple[Any, ...], float]] = {}
         self._last_status: dict[ObjKey, float] = {}
         self._last_reading: dict[int, int] = {}
         self._steady: dict[ObjKey, _Steady] = {}
@@ -147,6 +147,7 @@ class Autoscaler:
             self._last_status.pop(gone, None)
             self._steady.pop(gone, None)
             self._owner_url.pop(f"{gone[0]}/{gone[1]}", None)
+            self._forget_series(gone)
             await self.registry.release(f"{gone[0]}/{gone[1]}")
         # The awaited I/O is one read per broker, the rest is plain code (a coroutine per pool per
         # second costs more than the decisions themselves at fleet scale).
@@ -179,7 +180,10 @@ class Autoscaler:
         result = await self._read_broker(url, entries)
         actions: list[Coroutine[Any, Any, None]] = []
         for key, body, spec, refs in entries:
-            if key in self.cache.pools:  # deleted while the read was under way
+            current = self._specs.get(key)
+            # Deleted or changed while the read was under way: the next read serves the new spec (and
+            # acting on the old one would bring back the series of its removed tiers and queues).
+            if key in self.cache.pools and current is not None and current[2] is refs:
                 actions += self.scale_pool(key, body, spec, refs, result)
         if not isinstance(result, BrokerError):
             actions += await self._check_layout(url, entries)
@@ -254,9 +258,10 @@ class Autoscaler:
     def _spec(
         self, key: ObjKey, body: Mapping[str, Any]
     ) -> tuple[CeleryWorkerPoolSpec, dict[str, list[QueueRef]]] | None:
-        generation = int(body["metadata"].get("generation", 0))
+        # By uid too: a pool deleted and created again under its name starts at generation 1 again.
+        version = (str(body["metadata"].get("uid", "")), int(body["metadata"].get("generation", 0)))
         cached = self._specs.get(key)
-        if cached is not None and cached[0] == generation:
+        if cached is not None and cached[0] == version:
             return cached[1], cached[2]
         try:
             spec = parse_pool(body)
@@ -265,8 +270,31 @@ class Autoscaler:
         b = spec.broker
         layout = KeyLayout(b.global_keyprefix, b.sep, b.unacked_key, b.ack_emulation, tuple(sorted(b.fanout_exchanges)))
         refs = {t.name: queue_refs(t.queues, priority_steps=b.priority_steps, layout=layout) for t in spec.tiers}
-        self._specs[key] = (generation, spec, refs)
+        if cached is not None:
+            self._forget_series(key, keep=refs)
+        self._specs[key] = (version, spec, refs)
         return spec, refs
+
+    def _forget_series(self, key: ObjKey, keep: Mapping[str, list[QueueRef]] | None = None) -> None:
+        """Remove the pool's metric series (a deleted pool), or those of its tiers and queues not in `keep`."""
+        namespace, pool = key
+        if keep is None:
+            metrics.forget_pool(namespace, pool)
+            self._gauges.pop(key, None)
+            return
+        queues = {tier: {r.name for r in refs} for tier, refs in keep.items()}
+        old = self._specs.get(key)
+        for tier, old_refs in (old[2] if old else {}).items():
+            if tier not in queues:
+                metrics.forget_pool(namespace, pool, tier=tier)
+                continue
+            for queue in {r.name for r in old_refs} - queues[tier]:
+                metrics.forget_pool(namespace, pool, tier=tier, queue=queue)
+
+        def kept(labels: tuple[Any, ...]) -> bool:  # (id(gauge), namespace, pool[, tier[, queue, ...]])
+            return len(labels) <= 3 or (labels[3] in queues and (len(labels) <= 4 or labels[4] in queues[labels[3]]))
+
+        self._gauges[key] = {labels: v for labels, v in self._gauges.get(key, {}).items() if kept(labels)}
 
     def _max_replicas(self, key: ObjKey, tier: str) -> int:
         cached = self._specs.get(key)
@@ -274,9 +302,11 @@ class Autoscaler:
         return next((t.replicas.max for t in spec.tiers if t.name == tier), 0) if spec else 0
 
     def _gauge(self, gauge: Any, labels: tuple[str, ...], value: float) -> None:
+        """Set a pool's gauge (labels start with namespace, pool) if its value changed."""
+        written = self._gauges.setdefault((labels[0], labels[1]), {})
         k = (id(gauge), *labels)
-        if self._gauges.get(k) != value:
-            self._gauges[k] = value
+        if written.get(k) != value:
+            written[k] = value
             gauge.labels(*labels).set(value)
 
     def scale_pool(

@@ -61,6 +61,7 @@ class BeatReconciler:
         body = self.cache.beats.get(key)
         if body is None or body["metadata"].get("deletionTimestamp"):
             self.runtime.pop(key, None)
+            metrics.forget_beat(*key)
             return Outcome()
         started = time.perf_counter()
         try:

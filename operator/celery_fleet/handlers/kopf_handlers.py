@@ -65,9 +65,9 @@ def _owner_event(
     key = (raw["metadata"]["namespace"], raw["metadata"]["name"])
     if event["type"] == "DELETED":
         drop(key)
-        return
-    put(raw)
-    enqueue(key)
+    else:
+        put(raw)
+    enqueue(key)  # a deleted key too: its reconciler forgets what it kept (metrics, runtime state)
 
 
 @kopf.on.event("coordination.k8s.io", "v1", "leases", labels={BEAT_LABEL: kopf.PRESENT}, id="beat-lease-events")
