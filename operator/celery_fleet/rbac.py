@@ -253,6 +253,74 @@ RULES: tuple[Rule, ...] = (
 )
 
 
+# --- what users of the two kinds may do: aggregated into Kubernetes' default admin/edit/view roles
+# (as KEDA and cert-manager do), so a namespace admin or editor manages pools and beats with no
+# extra RoleBinding, and a viewer reads them.
+
+
+@dataclass(frozen=True)
+class UserRole:
+    suffix: str  # ClusterRole name: <release>-<suffix>
+    aggregate_to: tuple[str, ...]  # of admin, edit, view
+    rules: tuple[dict[str, Any], ...]
+    why: str
+
+
+_KINDS = ["celeryworkerpools", "celerybeats"]
+USER_ROLES: tuple[UserRole, ...] = (
+    UserRole(
+        "view",
+        ("admin", "edit", "view"),
+        (
+            {
+                "apiGroups": [GROUP],
+                "resources": [*_KINDS, *(f"{k}/status" for k in _KINDS)],
+                "verbs": ["get", "list", "watch"],
+            },
+        ),
+        "Read pools and beats and their status: aggregated into view, edit and admin.",
+    ),
+    UserRole(
+        "edit",
+        ("admin", "edit"),
+        (
+            {
+                "apiGroups": [GROUP],
+                "resources": _KINDS,
+                "verbs": ["create", "delete", "deletecollection", "patch", "update"],
+            },
+        ),
+        "Create, change and delete pools and beats: aggregated into edit and admin (grants no more"
+        " than edit has: pods as Deployments would make them; a beat's Role covers only its Lease).",
+    ),
+)
+
+
+def _user_role_docs(name: str, labels: Sequence[str]) -> list[str]:
+    """The aggregated ClusterRoles; `name` prefixes their names, `labels` are extra label lines."""
+    docs = []
+    for role in USER_ROLES:
+        lines = [
+            f"# {role.why}",
+            "apiVersion: rbac.authorization.k8s.io/v1",
+            "kind: ClusterRole",
+            "metadata:",
+            f"  name: {name}-{role.suffix}",
+            "  labels:",
+            *labels,
+            *(f'    rbac.authorization.k8s.io/aggregate-to-{to}: "true"' for to in role.aggregate_to),
+            "rules:",
+        ]
+        for rule in role.rules:
+            lines += [
+                f"  - apiGroups: {_flow(rule['apiGroups'])}",
+                f"    resources: {_flow(rule['resources'])}",
+                f"    verbs: {_flow(rule['verbs'])}",
+            ]
+        docs.append("\n".join(lines))
+    return docs
+
+
 # --- evaluation (what a given install grants), used by the kustomize base and the tests
 
 
@@ -492,8 +560,13 @@ def render_chart_rbac() -> str:
         *subject,
         "{{- end }}",
         "{{- end }}",
-        "{{- end }}",
+        "{{- if .Values.rbac.aggregateClusterRoles }}",
     ]
+    for doc in _user_role_docs(
+        '{{ include "celery-fleet.fullname" $ }}', ['    {{- include "celery-fleet.labels" $ | nindent 4 }}']
+    ):
+        out += ["---", doc]
+    out += ["{{- end }}", "{{- end }}"]
     return "\n".join(out) + "\n"
 
 
@@ -535,6 +608,7 @@ def render_deploy_rbac() -> str:
             "subjects": subjects,
         }
         docs.append(yaml.safe_dump(binding, sort_keys=False).rstrip())
+    docs += _user_role_docs(DEPLOY_NAME, [f"    {k}: {v}" for k, v in labels.items()])
     return f"# {_HEADER}\n" + "\n---\n".join(docs) + "\n"
 
 

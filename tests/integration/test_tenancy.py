@@ -298,3 +298,57 @@ def test_metrics_of_deleted_pools_tiers_queues_and_beats_are_removed(
         cluster.kubectl("delete", plural, name, "-n", namespace)
     wait_for(lambda: not _series(operator, namespace), timeout=30,
              message=lambda: "\n".join(_series(operator, namespace)))  # fmt: skip
+
+
+# -- item 11: aggregated user roles, the NetworkPolicy --------------------------------------------------------
+
+
+def _can(cluster: Cluster, user: str, verb: str, resource: str, namespace: str, *extra: str) -> bool:
+    proc = cluster.kubectl("auth", "can-i", verb, resource, "--as", user, "-n", namespace, *extra, check=False)
+    return proc.stdout.strip() == "yes"
+
+
+def test_aggregated_roles_let_namespace_admins_and_editors_manage_and_viewers_read(
+    cluster: Cluster, crds_installed: list[str], namespace: str
+) -> None:
+    import uuid
+
+    from celery_fleet import rbac
+
+    prefix = f"tenancy-{uuid.uuid4().hex[:6]}"  # ClusterRoles are cluster-wide: names of this test's own
+    docs = rbac._user_role_docs(prefix, ["    app.kubernetes.io/part-of: celery-fleet-test"])
+    cluster.kubectl("apply", "-f", "-", input="\n---\n".join(docs))
+    try:
+        for user, role in (("alice", "admin"), ("bob", "edit"), ("carol", "view")):
+            cluster.kubectl("create", "rolebinding", f"{user}-{role}", f"--clusterrole={role}", f"--user={user}",
+                            "-n", namespace)  # fmt: skip
+        pools, beats = "celeryworkerpools.celeryfleet.io", "celerybeats.celeryfleet.io"
+        # The controller-manager's aggregation controller folds our rules into admin/edit/view.
+        wait_for(lambda: _can(cluster, "bob", "create", pools, namespace), timeout=30, message="edit aggregated")
+        wait_for(lambda: _can(cluster, "carol", "list", beats, namespace), timeout=30, message="view aggregated")
+        for user in ("alice", "bob"):
+            for verb in ("create", "update", "patch", "delete", "get", "list", "watch"):
+                for resource in (pools, beats):
+                    assert _can(cluster, user, verb, resource, namespace), (user, verb, resource)
+        for verb in ("get", "list", "watch"):
+            assert _can(cluster, "carol", verb, pools, namespace) and _can(cluster, "carol", verb, beats, namespace)
+        for verb in ("create", "update", "patch", "delete"):
+            assert not _can(cluster, "carol", verb, pools, namespace), verb
+        # Nobody gets status writes (the operator's), and the grants stay in the namespace bound.
+        assert not _can(cluster, "alice", "patch", pools, namespace, "--subresource=status")
+        assert _can(cluster, "carol", "get", pools, namespace, "--subresource=status")
+        with own_namespace(cluster, "elsewhere") as other:
+            assert not _can(cluster, "alice", "list", pools, other)
+        assert not _can(cluster, "dave", "list", pools, namespace)
+    finally:
+        for role in rbac.USER_ROLES:
+            cluster.kubectl("delete", "clusterrole", f"{prefix}-{role.suffix}", "--wait=false", check=False)
+
+
+def test_the_charts_network_policy_is_accepted_by_the_apiserver(cluster: Cluster, namespace: str) -> None:
+    from tests.unit.test_chart import helm, template_args
+
+    text = helm(*template_args("--namespace", namespace, "--set", "networkPolicy.enabled=true",
+                               "--show-only", "templates/networkpolicy.yaml")).stdout  # fmt: skip
+    proc = cluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-", input=text, check=False)
+    assert proc.returncode == 0 and "networkpolicy" in proc.stdout, proc.stderr
