@@ -64,9 +64,16 @@ def test_install_creates_everything_and_uninstall_leaves_nothing(cluster: Cluste
     assert "kubectl get celeryworkerpools" in proc.stdout, "NOTES.txt tells the user what to do next"
 
     assert names(cluster, "clusterroles,clusterrolebindings", selector) == sorted(
-        f"{kind}.rbac.authorization.k8s.io/{n}"
-        for kind in ("clusterrole", "clusterrolebinding")
-        for n in (fullname, f"{fullname}-cluster")
+        [
+            *(
+                f"{kind}.rbac.authorization.k8s.io/{n}"
+                for kind in ("clusterrole", "clusterrolebinding")
+                for n in (fullname, f"{fullname}-cluster")
+            ),
+            # Users' roles, aggregated into admin/edit/view (bound by nobody directly).
+            f"clusterrole.rbac.authorization.k8s.io/{fullname}-edit",
+            f"clusterrole.rbac.authorization.k8s.io/{fullname}-view",
+        ]
     )
     assert names(cluster, "deployments,services,serviceaccounts", selector, namespace) == [
         f"deployment.apps/{fullname}",
@@ -122,7 +129,9 @@ def test_install_for_listed_namespaces_grants_only_there(
             f"role.rbac.authorization.k8s.io/{fullname}",
             f"rolebinding.rbac.authorization.k8s.io/{fullname}",
         ]
-        assert names(cluster, "clusterroles", selector) == [f"clusterrole.rbac.authorization.k8s.io/{fullname}-cluster"]
+        assert names(cluster, "clusterroles", selector) == [
+            f"clusterrole.rbac.authorization.k8s.io/{fullname}{suffix}" for suffix in ("-cluster", "-edit", "-view")
+        ]
         assert can_i(cluster, sa, "get", "secrets/shop-broker", "-n", watched)
         assert not can_i(cluster, sa, "get", "secrets/db-password", "-n", watched)
         assert not can_i(cluster, sa, "get", "secrets/shop-broker", "-n", "default")

@@ -48,8 +48,9 @@ def test_apply_k_installs_the_operator_then_samples_apply(
     applied = cluster.kubectl("apply", "-k", str(DEPLOY))
     kinds = sorted(str(d["kind"]) for d in base_installed)
     assert kinds == [
-        "ClusterRole", "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding", "CustomResourceDefinition",
-        "CustomResourceDefinition", "Deployment", "Namespace", "Role", "RoleBinding", "Service", "ServiceAccount",
+        "ClusterRole", "ClusterRole", "ClusterRole", "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding",
+        "CustomResourceDefinition", "CustomResourceDefinition", "Deployment", "Namespace", "Role", "RoleBinding",
+        "Service", "ServiceAccount",
     ], applied.stdout  # fmt: skip
     # The operator's pod is admitted by the base's own restricted namespace.
     core = client.CoreV1Api(k8s_api)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import re
 import shutil
 import ssl
 import tempfile
