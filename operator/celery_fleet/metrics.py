@@ -111,8 +111,14 @@ KUBE_REQUESTS = Gauge(
 # Every series labelled with one pool (and its tiers and queues) or one beat: removed with it, so a
 # deleted pool's broker-unreachable gauge cannot keep an alert firing.
 QUEUE_SERIES = (QUEUE_DEPTH, IN_FLIGHT)
-TIER_SERIES = (*QUEUE_SERIES, DESIRED_REPLICAS, CURRENT_REPLICAS, MAX_REPLICAS, SCALING_DECISIONS)
-POOL_SERIES = (*TIER_SERIES, BROKER_UP)
+TIER_SERIES: tuple[Gauge | Counter, ...] = (
+    *QUEUE_SERIES,
+    DESIRED_REPLICAS,
+    CURRENT_REPLICAS,
+    MAX_REPLICAS,
+    SCALING_DECISIONS,
+)
+POOL_SERIES: tuple[Gauge | Counter, ...] = (*TIER_SERIES, BROKER_UP)
 BEAT_SERIES = (BEAT_LEADER_CHANGES, BEAT_HAS_LEADER, BEAT_LEADERLESS_SECONDS)
 
 
@@ -131,3 +137,38 @@ def forget_pool(namespace: str, pool: str, *, tier: str | None = None, queue: st
 def forget_beat(namespace: str, beat: str) -> None:
     for metric in BEAT_SERIES:
         metric.remove_by_labels({"namespace": namespace, "beat": beat})
+
+
+# -- scale-in (remote control)
+WORKER_CENSUSES = Counter(
+    "celery_fleet_worker_censuses_total",
+    "Times a tier's workers were asked what they hold before a scale-in decision, by result.",
+    ["result"],
+    registry=REGISTRY,
+)
+WORKER_CENSUS_SECONDS = Histogram(
+    "celery_fleet_worker_census_seconds",
+    "Time to ask a tier's workers (returns early once every worker answered).",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8),
+    registry=REGISTRY,
+)
+REMOTE_CONTROL_BROADCASTS = Counter(
+    "celery_fleet_remote_control_broadcasts_total",
+    "Celery remote-control broadcasts sent (inspect, cancel_consumer, add_consumer).",
+    registry=REGISTRY,
+)
+BUSY_WORKERS = Gauge(
+    "celery_fleet_tier_busy_workers",
+    "Workers that ran or held tasks, or did not answer, at the tier's last scale-in decision.",
+    ["namespace", "pool", "tier"],
+    registry=REGISTRY,
+)
+SCHEDULED_TASKS = Gauge(
+    "celery_fleet_tier_scheduled_tasks",
+    "ETA / countdown tasks the tier's workers hold until due (not demand), at the last decision.",
+    ["namespace", "pool", "tier"],
+    registry=REGISTRY,
+)
+# A deleted pool's or tier's scale-in series go with it, like the others.
+TIER_SERIES = (*TIER_SERIES, BUSY_WORKERS, SCHEDULED_TASKS)
+POOL_SERIES = (*POOL_SERIES, BUSY_WORKERS, SCHEDULED_TASKS)

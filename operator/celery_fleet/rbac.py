@@ -212,6 +212,17 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         ("",),
+        ("pods",),
+        ("list", "patch"),
+        "Scale-in lists a tier's pods to ask their workers what they run, and sets "
+        "controller.kubernetes.io/pod-deletion-cost on them so the ReplicaSet controller removes idle ones first.",
+        (
+            "celery_fleet.handlers.autoscaler:Autoscaler._tier_pods",
+            "celery_fleet.handlers.autoscaler:Autoscaler._set_deletion_cost",
+        ),
+    ),
+    Rule(
+        ("",),
         ("secrets",),
         ("get",),
         "The broker URL of a pool or beat may come from a Secret (spec.broker.urlSecretRef); never listed.",

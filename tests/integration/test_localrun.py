@@ -12,8 +12,6 @@ import os
 import re
 import secrets
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +21,8 @@ import pytest
 from celery import Celery
 from kubernetes import client
 
-from tests.support.cluster import ROOT, Cluster
+from tests.support.cluster import Cluster
+from tests.support.local_runtime import LocalRuntime
 from tests.support.operator_process import OperatorProcess
 from tests.support.redis_server import RedisServer
 from tests.support.wait import wait_for
@@ -33,32 +32,6 @@ pytestmark = pytest.mark.integration
 GROUP, VERSION = "celeryfleet.io", "v1alpha1"
 SEP = "\x06\x16"
 PID_IN_MESSAGE = re.compile(r"worker: pid (\d+), connected to the broker")
-
-
-class LocalRuntime:
-    """`python -m celery_fleet.localrun` for one namespace, its log kept for assertions."""
-
-    def __init__(self, cluster: Cluster, namespace: str, state_dir: Path) -> None:
-        self.log_path = state_dir / "localrun.log"
-        args = [
-            sys.executable, "-m", "celery_fleet.localrun", "--namespace", namespace,
-            "--kubeconfig", str(cluster.kubeconfig), "--state-dir", str(state_dir),
-            "--pythonpath", str(ROOT / "demo"), "--interval", "0.25", "--shutdown-timeout", "20",
-        ]  # fmt: skip
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-
-    def logs(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 @pytest.fixture

@@ -108,6 +108,7 @@ def test_autoscaling_defaults() -> None:
         "scale_down_period_seconds": 15,
         "cooldown_seconds": 120,
         "fallback_replicas": None,
+        "scale_in_busy_workers": "Keep",
     }
 
 

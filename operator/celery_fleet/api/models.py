@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Mapping
+from enum import StrEnum
 from typing import Annotated, Any, Literal, Self, TypeVar
 
 from pydantic import (
@@ -478,6 +479,13 @@ class ReplicaBounds(_Spec):
         return self
 
 
+class BusyWorkers(StrEnum):
+    """What scale-in does with workers that run or hold tasks."""
+
+    KEEP = "Keep"
+    REMOVE = "Remove"
+
+
 class Autoscaling(_Spec):
     """How the tier's replica count follows the depth of its queues."""
 
@@ -543,6 +551,15 @@ class Autoscaling(_Spec):
         le=MAX_REPLICAS,
         description="Replicas to run while queue depth cannot be read (broker down); unset "
         "keeps the current count. Must lie within replicas.min..replicas.max.",
+    )
+    scale_in_busy_workers: BusyWorkers = Field(
+        default=BusyWorkers.KEEP,
+        description="Keep: before every scale-down the operator asks the tier's workers (Celery remote "
+        "control: inspect active/reserved/scheduled) and never goes below the ones that run or hold "
+        "tasks, or do not answer; idle pods are removed first and drained (cancel_consumer) before. "
+        "Remove: follow demand even through busy workers, which then get SIGTERM (a warm shutdown "
+        "within terminationGracePeriodSeconds; under early ack a task still running after it is "
+        "lost). Only for tiers whose tasks outlast any grace period you would give them.",
     )
 
 
@@ -1026,6 +1043,15 @@ class TierStatus(_Status):
         json_schema_extra={"format": "date-time"},
     )
     last_scale_reason: str | None = Field(default=None, description="Why it last scaled.")
+    scheduled: int | None = Field(
+        default=None,
+        description="ETA / countdown tasks the tier's workers hold until due (scheduled work, not demand), "
+        "as they answered at the last scale-down decision.",
+    )
+    busy_workers: int | None = Field(
+        default=None,
+        description="Workers that ran or held tasks, or did not answer, at the last scale-down decision.",
+    )
 
 
 class CeleryWorkerPoolStatus(_Status):

@@ -4,6 +4,13 @@ gather (one pipelined read per broker, shared by its pools) -> decide (pure,
 `planning.scaling.decide`) -> act (the scale subresource, an Event, metrics, and a
 status refresh through the pool's work queue). A failed read never scales anything
 down: `decide` holds the replicas and the pool gets BrokerReachable=False.
+
+Scale-in asks the workers first (`workers.control`, Celery remote control): when a decision
+would lower a tier (or raise it on in-flight work that may be ETA tasks), the pool's decision
+moves to a background task that lists the tier's pods, asks their workers what they hold, decides
+again with that answer (never below the busy workers), sets pod-deletion-cost so the ReplicaSet
+controller removes the chosen idle pods, drains them (cancel_consumer) and only then lowers
+spec.replicas. One such task per pool at a time; the poll loop never waits for it.
 """
 
 from __future__ import annotations
@@ -24,9 +31,16 @@ from celery_fleet.brokers.poller import BrokerPoller, BrokerRegistry
 from celery_fleet.brokers.source import BrokerError, DepthReading, ErrorKind, KeyLayout, QueueRef, queue_refs
 from celery_fleet.handlers.cache import FleetCache, ObjKey, PoolRuntime
 from celery_fleet.handlers.pool_reconciler import POOL_API_VERSION
-from celery_fleet.kube.client import ApiError, Kube
+from celery_fleet.kube.client import ApiError, Kube, resource_path
 from celery_fleet.kube.events import ObjectRef, post_event
 from celery_fleet.planning.pool_status import TierScaling
+from celery_fleet.planning.scale_in import (
+    DELETION_COST_ANNOTATION,
+    RemovalPlan,
+    TierWorkers,
+    WorkerReport,
+    plan_removal,
+)
 from celery_fleet.planning.scaling import (
     Decision,
     Direction,
@@ -36,6 +50,8 @@ from celery_fleet.planning.scaling import (
     TierObservation,
     decide,
 )
+from celery_fleet.planning.workload import tier_selector_labels
+from celery_fleet.workers.control import CeleryControl, ControlError, ControlTarget, WorkerControl
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +65,27 @@ FULL_DECIDE_SECONDS = 10.0
 # How often each broker's keyspace is scanned (bounded) for priority lists the spec does not name.
 LAYOUT_CHECK_SECONDS = 60.0
 LAYOUT_MISMATCH = "BrokerKeyLayoutMismatch"
+# A tier held by its busy workers is asked again at most this often while its queue readings
+# stay the same (a census is a broadcast through the user's broker: per decision, not per poll).
+CENSUS_REUSE_SECONDS = 5.0
+# After lowering spec.replicas, how long the pods chosen to go may stay before their workers are
+# told to consume again (the ReplicaSet controller kept them, or demand brought replicas back).
+DRAIN_CHECK_SECONDS = 20.0
+
+
+@dataclass(frozen=True)
+class _Census:
+    workers: TierWorkers
+    observation: TierObservation
+    pods: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _Removal:
+    plan: RemovalPlan
+    target: ControlTarget
+    queues: tuple[str, ...]
+    live: Mapping[str, Mapping[str, Any]]  # pod name -> pod, as listed for the census
 
 
 @dataclass
@@ -80,6 +117,7 @@ class Autoscaler:
         registry: BrokerRegistry | None = None,
         clock: Callable[[], float] = time.monotonic,
         layout_check_interval: float = LAYOUT_CHECK_SECONDS,
+        control: WorkerControl | None = None,
     ) -> None:
         self.kube = kube
         self.cache = cache
@@ -105,6 +143,10 @@ class Autoscaler:
         self._layout_due: dict[str, tuple[float, frozenset[QueueRef]]] = {}
         self.layout_check_interval = layout_check_interval
         self._broker_tasks: dict[str, asyncio.Task[None]] = {}
+        self.control: WorkerControl = control or CeleryControl()
+        self._scale_ins: dict[ObjKey, asyncio.Task[None]] = {}
+        self._censuses: dict[tuple[ObjKey, str], _Census] = {}
+        self._noted: dict[tuple[ObjKey, str, str], str] = {}  # (pool, tier, reason) -> last note posted
 
     async def run(self) -> None:
         """Every interval, group pools by broker; each broker polls on its own schedule (its own task),
@@ -380,6 +422,26 @@ class Autoscaler:
             max_total_replicas=spec.max_total_replicas,
             paused=spec.paused,
         )
+        if key in self._scale_ins:
+            return []  # that pool's workers are being asked; its decision follows from their answer
+        asking = [d.tier for d in decisions if d.asks_workers] if broker_problem is None else []
+        if asking:
+            cached = self._reusable_censuses(key, asking, observations, now)
+            if cached is not None:
+                again = decide(
+                    spec.tiers, observations, current, histories, now=now,
+                    max_total_replicas=spec.max_total_replicas, paused=spec.paused, workers=cached,
+                )  # fmt: skip
+                if not any(d.tier in cached and d.desired < (d.current or 0) for d in again):
+                    self._steady.pop(key, None)
+                    return self._act(key, body, runtime, again, broker_problem, tier_problem)
+            task = asyncio.get_running_loop().create_task(
+                self._scale_in(key, body, spec, observations, current, histories, now, asking, tier_problem)
+            )
+            self._scale_ins[key] = task
+            task.add_done_callback(lambda _t, k=key: self._scale_ins.pop(k, None))  # type: ignore[misc]
+            self._steady.pop(key, None)
+            return []
         if (
             not broker_problem
             and not tier_problem
@@ -404,15 +466,25 @@ class Autoscaler:
                 in_flight = reading.in_flight.get((ref.layout, ref.name), 0)
                 self._gauge(metrics.IN_FLIGHT, (namespace, pool, tier, ref.name), in_flight)
 
-    async def _scale_tier(self, key: ObjKey, ref: ObjectRef, d: Decision, previous: TierScaling) -> None:
+    async def _scale_tier(
+        self, key: ObjKey, ref: ObjectRef, d: Decision, previous: TierScaling, removal: _Removal | None = None
+    ) -> None:
         namespace, name = key
         runtime = self.cache.runtime[key]
+        drained: set[str] = set()
+        if removal is not None:
+            drained = await self._prepare_removal(key, d.tier, removal)
         try:
             await asyncio.to_thread(self.kube.scale, namespace, f"{name}-{d.tier}", d.desired)
         except ApiError as err:
             log.warning("pool %s/%s: could not scale tier %s: %s", namespace, name, d.tier, err)
             self._steady.pop(key, None)
+            if removal is not None and drained:
+                await self._undrain(key, d.tier, removal, drained, "the scale failed")
             return
+        self._censuses.pop((key, d.tier), None)
+        if removal is not None and drained:
+            asyncio.get_running_loop().create_task(self._check_drained(key, d.tier, removal, drained))
         runtime.history[d.tier] = d.history  # only once the replicas were written
         runtime.desired[d.tier] = d.desired
         runtime.scaling[d.tier] = TierScaling(
@@ -421,6 +493,8 @@ class Autoscaler:
             in_flight=d.in_flight if d.in_flight is not None else previous.in_flight,
             last_scale_time=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             last_scale_reason=d.message,
+            scheduled=d.scheduled if d.scheduled is not None else previous.scheduled,
+            busy_workers=d.busy_workers if d.busy_workers is not None else previous.busy_workers,
         )
         direction = "ScaledUp" if d.direction is Direction.UP else "ScaledDown"
         metrics.SCALING_DECISIONS.labels(namespace, name, d.tier, d.direction.value, d.reason.value).inc()
@@ -437,16 +511,20 @@ class Autoscaler:
         decisions: tuple[Decision, ...],
         broker_problem: tuple[str, str] | None,
         tier_problem: tuple[str, str] | None = None,
+        removals: Mapping[str, _Removal] | None = None,
     ) -> list[Coroutine[Any, Any, None]]:
         namespace, name = key
         ref = ObjectRef.from_body({**body, "apiVersion": POOL_API_VERSION, "kind": "CeleryWorkerPool"})
         calls: list[Coroutine[Any, Any, None]] = []
         urgent = False
+        removals = removals or {}
         for d in decisions:
             previous = runtime.scaling.get(d.tier, TierScaling())
             last_time, last_reason = previous.last_scale_time, previous.last_scale_reason
+            if d.reason is Reason.BUSY_WORKERS and d.desired == d.current:
+                calls += self._note_once(key, ref, d.tier, "ScaleDownHeld", d.message)
             if d.current is not None and d.desired != d.current and not (broker_problem and d.desired < d.current):
-                calls.append(self._scale_tier(key, ref, d, previous))
+                calls.append(self._scale_tier(key, ref, d, previous, removals.get(d.tier)))
                 self._gauge(metrics.DESIRED_REPLICAS, (namespace, name, d.tier), d.desired)
                 continue
             runtime.history[d.tier] = d.history
@@ -458,8 +536,14 @@ class Autoscaler:
                 in_flight=d.in_flight if d.in_flight is not None else previous.in_flight,
                 last_scale_time=last_time,
                 last_scale_reason=last_reason,
+                scheduled=d.scheduled if d.scheduled is not None else previous.scheduled,
+                busy_workers=d.busy_workers if d.busy_workers is not None else previous.busy_workers,
             )
-            if scaling.desired_replicas != previous.desired_replicas:
+            if (scaling.desired_replicas, scaling.scheduled, scaling.busy_workers) != (
+                previous.desired_replicas,
+                previous.scheduled,
+                previous.busy_workers,
+            ):
                 urgent = True
             runtime.scaling[d.tier] = scaling
             self._gauge(metrics.DESIRED_REPLICAS, (namespace, name, d.tier), d.desired)
@@ -484,3 +568,202 @@ class Autoscaler:
             self._last_status[key] = now
             self.refresh_status(key)
         return calls
+
+    # -- scale-in: ask the workers, choose idle pods, drain, then scale (see the module docstring)
+
+    def _reusable_censuses(
+        self, key: ObjKey, tiers: list[str], observations: Mapping[str, TierObservation], now: float
+    ) -> dict[str, TierWorkers] | None:
+        out: dict[str, TierWorkers] = {}
+        for tier in tiers:
+            c = self._censuses.get((key, tier))
+            if c is None or now - c.workers.at >= CENSUS_REUSE_SECONDS or c.observation != observations.get(tier):
+                return None
+            out[tier] = c.workers
+        return out
+
+    def _tier_pods(self, namespace: str, pool: str, tier: str) -> dict[str, dict[str, Any]]:
+        selector = ",".join(f"{k}={v}" for k, v in tier_selector_labels(pool, tier).items())
+        pods = self.kube.list("v1", "Pod", namespace, label_selector=selector)
+        live = {
+            str(p["metadata"]["name"]): p
+            for p in pods
+            if not p["metadata"].get("deletionTimestamp")
+            and (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+        }
+        return dict(sorted(live.items())[:MAX_CENSUS_PODS])
+
+    async def _scale_in(
+        self,
+        key: ObjKey,
+        body: Mapping[str, Any],
+        spec: CeleryWorkerPoolSpec,
+        observations: Mapping[str, TierObservation],
+        current: Mapping[str, int | None],
+        histories: Mapping[str, Any],
+        now: float,
+        asking: list[str],
+        tier_problem: tuple[str, str] | None,
+    ) -> None:
+        namespace, name = key
+        runtime = self.cache.runtime[key]
+        url = runtime.broker_url
+        if url is None:
+            return
+        ref = ObjectRef.from_body({**body, "apiVersion": POOL_API_VERSION, "kind": "CeleryWorkerPool"})
+        target = ControlTarget(url, spec.broker.global_keyprefix, spec.broker.master_name)
+        tiers = {t.name: t for t in spec.tiers}
+        censuses: dict[str, TierWorkers] = {}
+        lives: dict[str, dict[str, dict[str, Any]]] = {}
+        notes: list[Coroutine[Any, Any, None]] = []
+        try:
+            for tier in asking:
+                try:
+                    pods = await asyncio.to_thread(self._tier_pods, namespace, name, tier)
+                except ApiError as err:
+                    # Without the pods nobody can be asked: no scale-in this time (the next poll retries).
+                    log.warning("pool %s/%s: cannot list the pods of tier %s: %s", namespace, name, tier, err)
+                    return
+                ready = [p for p, pod in pods.items() if _pod_ready(pod)]
+                started, sent = self.clock(), self.control.broadcasts
+                try:
+                    reports = await self.control.census(target, ready)
+                    metrics.WORKER_CENSUSES.labels("answered").inc()
+                except ControlError as err:
+                    # Our own control path failed (not a worker's silence): like remote control off,
+                    # nobody can be asked, so today's behaviour, with a Warning below.
+                    log.warning("pool %s/%s: cannot ask the workers of tier %s: %s", namespace, name, tier, err)
+                    reports = {p: WorkerReport(p, answered=False, remote_control=False) for p in ready}
+                    metrics.WORKER_CENSUSES.labels("failed").inc()
+                metrics.WORKER_CENSUS_SECONDS.observe(self.clock() - started)
+                metrics.REMOTE_CONTROL_BROADCASTS.inc(self.control.broadcasts - sent)
+                workers = TierWorkers(
+                    at=self.clock(),
+                    workers=tuple(reports.get(p, WorkerReport(p, ready=False)) for p in pods),
+                )
+                censuses[tier] = workers
+                lives[tier] = pods
+                self._censuses[(key, tier)] = _Census(workers, observations[tier], tuple(pods))
+                self._gauge(metrics.BUSY_WORKERS, (namespace, name, tier), len(workers.busy))
+                self._gauge(metrics.SCHEDULED_TASKS, (namespace, name, tier), workers.scheduled)
+                mute = workers.without_remote_control
+                if mute:
+                    message = (
+                        f"tier {tier}: {len(mute)} worker(s) cannot be asked what they run (no remote-control "
+                        f"mailbox, or the broker refused the command: {', '.join(w.pod for w in mute[:5])}); "
+                        "scale-in cannot protect busy workers. Enable worker_enable_remote_control (and keep "
+                        "the default control_exchange)."
+                    )
+                    notes += self._note_once(key, ref, tier, "RemoteControlOff", message, "remote-control-off",
+                                             "Warning")  # fmt: skip
+            decisions = decide(
+                spec.tiers, observations, current, histories, now=now,
+                max_total_replicas=spec.max_total_replicas, paused=spec.paused, workers=censuses,
+            )  # fmt: skip
+            removals: dict[str, _Removal] = {}
+            for d in decisions:
+                if d.tier in censuses and d.current is not None and d.desired < d.current:
+                    workers_ = censuses[d.tier].workers
+                    going = max(0, min(d.current - d.desired, len(workers_) - d.desired))
+                    plan = plan_removal(workers_, len(workers_) - going)
+                    removals[d.tier] = _Removal(plan, target, tuple(tiers[d.tier].queues), lives[d.tier])
+            calls = notes + self._act(key, body, runtime, decisions, None, tier_problem, removals)
+            if calls:
+                await asyncio.gather(*calls)
+        except Exception:  # one pool's failed scale-in must not end autoscaling
+            log.exception("pool %s/%s: scale-in failed", namespace, name)
+
+    def _set_deletion_cost(self, namespace: str, pod: str, cost: int) -> None:
+        self.kube.request(
+            "PATCH",
+            resource_path("v1", "Pod", namespace, pod),
+            body={"metadata": {"annotations": {DELETION_COST_ANNOTATION: str(cost)}}},
+            content_type="application/merge-patch+json",
+        )
+
+    async def _prepare_removal(self, key: ObjKey, tier: str, removal: _Removal) -> set[str]:
+        """Deletion costs on the tier's pods, then drain the chosen ones; returns the drained pods."""
+        namespace, name = key
+        changes = [
+            (pod, cost)
+            for pod, cost in removal.plan.costs.items()
+            if ((removal.live.get(pod, {}).get("metadata") or {}).get("annotations") or {}).get(
+                DELETION_COST_ANNOTATION
+            )
+            != str(cost)
+        ]
+        results = await asyncio.gather(
+            *(asyncio.to_thread(self._set_deletion_cost, namespace, pod, cost) for pod, cost in changes),
+            return_exceptions=True,
+        )
+        failed = [pod for (pod, _), r in zip(changes, results, strict=True) if isinstance(r, BaseException)]
+        if failed:
+            # The ReplicaSet controller may then take other pods: drain nobody, rely on warm shutdown.
+            log.warning("pool %s/%s: could not set pod-deletion-cost on %s", namespace, name, ", ".join(failed))
+            return set()
+        victims = [p for p in removal.plan.remove if _pod_ready(removal.live.get(p, {}))]
+        if not victims:
+            return set()
+        sent = self.control.broadcasts
+        try:
+            drained = await self.control.cancel_consumer(removal.target, victims, removal.queues)
+        except ControlError as err:
+            log.warning("pool %s/%s: could not drain %s: %s", namespace, name, ", ".join(victims), err)
+            drained = set()
+        metrics.REMOTE_CONTROL_BROADCASTS.inc(self.control.broadcasts - sent)
+        if drained:
+            log.info(
+                "pool %s/%s: tier %s: drained %s before scale-in", namespace, name, tier, ", ".join(sorted(drained))
+            )
+        return drained
+
+    async def _undrain(self, key: ObjKey, tier: str, removal: _Removal, pods: set[str], why: str) -> None:
+        namespace, name = key
+        try:
+            await self.control.add_consumer(removal.target, sorted(pods), removal.queues)
+        except ControlError as err:
+            log.warning("pool %s/%s: could not resume %s: %s", namespace, name, ", ".join(sorted(pods)), err)
+            return
+        log.info("pool %s/%s: tier %s: %s consume again (%s)", namespace, name, tier, ", ".join(sorted(pods)), why)
+
+    async def _check_drained(self, key: ObjKey, tier: str, removal: _Removal, drained: set[str]) -> None:
+        """Drained pods must go; any still live after DRAIN_CHECK_SECONDS consumes again."""
+        namespace, name = key
+        deadline = self.clock() + DRAIN_CHECK_SECONDS
+        left = set(drained)
+        try:
+            while left:
+                await asyncio.sleep(1.0)
+                pods = await asyncio.to_thread(self._tier_pods, namespace, name, tier)
+                left &= set(pods)
+                if left and self.clock() >= deadline:
+                    await self._undrain(key, tier, removal, left, "still running after the scale-in")
+                    return
+        except ApiError as err:
+            log.warning("pool %s/%s: cannot check drained pods of tier %s: %s", namespace, name, tier, err)
+            await self._undrain(key, tier, removal, left, "their removal could not be checked")
+        except Exception:
+            log.exception("pool %s/%s: checking drained pods of tier %s failed", namespace, name, tier)
+
+    def _note_once(
+        self, key: ObjKey, ref: ObjectRef, tier: str, reason: str, message: str, dedupe: str | None = None,
+        type_: str = "Normal",
+    ) -> list[Coroutine[Any, Any, None]]:  # fmt: skip
+        """An Event the first time (and whenever `dedupe`, default the message, changes)."""
+        k = (key, tier, reason)
+        mark = dedupe if dedupe is not None else message
+        if self._noted.get(k) == mark:
+            return []
+        self._noted[k] = mark
+        if type_ == "Warning":
+            log.warning("pool %s/%s: %s", key[0], key[1], message)
+        return [asyncio.to_thread(post_event, self.kube, ref, reason, message, type_)]  # type: ignore[arg-type]
+
+
+# A tier never has more pods than replicas.max allows; more listed pods are somebody else's doing.
+MAX_CENSUS_PODS = 1000
+
+
+def _pod_ready(pod: Mapping[str, Any]) -> bool:
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions if isinstance(c, dict))

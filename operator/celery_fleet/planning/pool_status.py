@@ -31,6 +31,8 @@ class TierScaling:
     in_flight: int | None = None
     last_scale_time: str | None = None
     last_scale_reason: str | None = None
+    scheduled: int | None = None
+    busy_workers: int | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,8 @@ def pool_status(inp: PoolStatusInput) -> tuple[dict[str, Any], list[ConditionUpd
             ("inFlight", s.in_flight),
             ("lastScaleTime", s.last_scale_time),
             ("lastScaleReason", s.last_scale_reason),
+            ("scheduled", s.scheduled),
+            ("busyWorkers", s.busy_workers),
         ):
             if value is not None:
                 entry[key] = value

@@ -30,6 +30,14 @@ The rules, per tier (``a`` is ``tier.autoscaling``):
   at once, a tier below ``min`` goes to ``min``.
 * Paused pool: every tier holds its current replicas; nothing else is evaluated, and the
   window is forgotten, so after the pause scale-down waits a full window of fresh observations.
+* Busy workers (``workers``: what the tier's workers answered through Celery remote control,
+  asked by the caller only when a first ``decide`` without it wants to shrink the tier, or to
+  grow it on in-flight work): a tier never goes below its busy workers (running or reserved
+  tasks, or not answering), neither by scale-down nor by the budget, unless
+  ``a.scale_in_busy_workers`` is ``Remove``; the message says how many were kept. ETA /
+  countdown tasks the workers hold are scheduled work: they leave the in-flight count (they sit
+  in ``unacked`` until due) and are reported as ``scheduled``.
+* An approximate (extrapolated) in-flight count never lets a tier go from 1 to 0.
 """
 
 from __future__ import annotations
@@ -39,8 +47,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
-from celery_fleet.api.models import Tier
+from celery_fleet.api.models import BusyWorkers, Tier
 from celery_fleet.planning.redact import redact_urls
+from celery_fleet.planning.scale_in import TierWorkers
 
 __all__ = [
     "Decision",
@@ -52,6 +61,7 @@ __all__ = [
     "ScaleEvent",
     "TierHistory",
     "TierObservation",
+    "TierWorkers",
     "decide",
     "observe_tier",
 ]
@@ -151,6 +161,8 @@ class Reason(StrEnum):
     BROKER_UNREACHABLE = "BrokerUnreachable"  # queue depth unknown: held
     FALLBACK_REPLICAS = "FallbackReplicas"  # queue depth unknown: raised to fallbackReplicas
     PAUSED = "Paused"  # the pool is paused: held
+    BUSY_WORKERS = "BusyWorkers"  # scale-in stopped at the workers that run or hold tasks
+    IN_FLIGHT_APPROXIMATE = "InFlightApproximate"  # stays at 1: the in-flight count was extrapolated
 
 
 @dataclass(frozen=True)
@@ -166,6 +178,12 @@ class Decision:
     in_flight: int | None = None
     # The tier's own recommendation before stabilization, step limits and the budget.
     recommended: int | None = None
+    # From the workers' answers (None when they were not asked for this decision).
+    scheduled: int | None = None
+    busy_workers: int | None = None
+    # The caller should ask the tier's workers and decide again: this decision lowers the tier,
+    # or raises it on in-flight work that may be scheduled (ETA) tasks.
+    asks_workers: bool = False
 
     @property
     def changed(self) -> bool:
@@ -191,6 +209,8 @@ class _Proposal:
     recommended: int | None = None
     facts: str = ""  # "540 queued + 12 in flight, target 100 per replica"
     budget_wanted: int | None = None
+    workers: TierWorkers | None = None
+    in_flight_driven: bool = False  # the recommendation exceeds what the queue alone asks for
 
 
 def decide(
@@ -202,12 +222,15 @@ def decide(
     now: float,
     max_total_replicas: int | None = None,
     paused: bool = False,
+    workers: Mapping[str, TierWorkers] | None = None,
 ) -> tuple[Decision, ...]:
     """Decide the desired replicas of every tier of one pool; see the module docstring for the rules.
 
     ``observations`` must have an entry for every tier (a missing one is treated as a read failure);
-    ``current`` and ``histories`` may lack tiers (no Deployment yet, first poll).
+    ``current`` and ``histories`` may lack tiers (no Deployment yet, first poll); ``workers`` holds
+    the answers of the tiers whose workers were asked for this decision.
     """
+    workers = workers or {}
     if paused:
         return tuple(_paused(t, current.get(t.name), histories.get(t.name, TierHistory())) for t in tiers)
 
@@ -218,11 +241,14 @@ def decide(
             current.get(t.name),
             histories.get(t.name, TierHistory()),
             now,
+            workers.get(t.name),
         )
         for t in tiers
     ]
     if max_total_replicas is not None:
         _apply_budget(proposals, max_total_replicas)
+    for p in proposals:
+        _keep_busy(p)
     return tuple(_finish(p, now) for p in proposals)
 
 
@@ -244,7 +270,14 @@ def _clamp(value: int, tier: Tier) -> int:
     return max(tier.replicas.min, min(tier.replicas.max, value))
 
 
-def _propose(tier: Tier, obs: TierObservation, current: int | None, history: TierHistory, now: float) -> _Proposal:
+def _propose(
+    tier: Tier,
+    obs: TierObservation,
+    current: int | None,
+    history: TierHistory,
+    now: float,
+    workers: TierWorkers | None = None,
+) -> _Proposal:
     a = tier.autoscaling
     lo, hi = tier.replicas.min, tier.replicas.max
     base = current if current is not None else lo
@@ -252,14 +285,17 @@ def _propose(tier: Tier, obs: TierObservation, current: int | None, history: Tie
     if isinstance(obs, ReadFailure):
         return _propose_on_failure(tier, obs, current, base, history, now)
 
-    counted_in_flight = obs.in_flight if a.count_in_flight else 0
+    # ETA / countdown tasks sit in `unacked` until due: scheduled work, not current demand.
+    scheduled = min(workers.scheduled, obs.in_flight) if workers is not None else 0
+    in_flight = obs.in_flight - scheduled
+    counted_in_flight = in_flight if a.count_in_flight else 0
     demand = obs.queue_depth + counted_in_flight
     wanted = math.ceil(demand / a.target_depth_per_replica)
     recommended = _clamp(wanted, tier)
     if lo == 0 and base == 0 and demand <= a.activation_depth:
         recommended = 0
 
-    idle = obs.queue_depth == 0 and obs.in_flight == 0
+    idle = obs.queue_depth == 0 and in_flight == 0 and (workers is None or not workers.busy)
     idle_since = (history.idle_since if history.idle_since is not None else now) if idle else None
 
     window = a.scale_down_stabilization_seconds
@@ -280,7 +316,10 @@ def _propose(tier: Tier, obs: TierObservation, current: int | None, history: Tie
         history=new_history,
         observation=obs,
         recommended=recommended,
-        facts=_facts(obs, a.count_in_flight, a.target_depth_per_replica),
+        facts=_facts(obs, a.count_in_flight, a.target_depth_per_replica, scheduled if workers is not None else None),
+        workers=workers,
+        in_flight_driven=counted_in_flight > 0
+        and _clamp(math.ceil(obs.queue_depth / a.target_depth_per_replica), tier) < recommended,
     )
 
     if base > hi:
@@ -382,6 +421,14 @@ def _scale_down(p: _Proposal, recs: tuple[Recommendation, ...], now: float, idle
     )
     allowed = max(0, a.scale_down_max_step - removed)
     target = max(stabilized, p.base - allowed)
+    obs = p.observation
+    if target == 0 and isinstance(obs, Observation) and not obs.in_flight_exact and obs.in_flight > 0:
+        # An extrapolated count may be wrong either way; 1 -> 0 would stop a tier that has work.
+        target = 1
+        if p.base == 1:
+            p.reason = Reason.IN_FLIGHT_APPROXIMATE
+            p.detail = "the in-flight count is extrapolated from a sample; a tier never goes 1 -> 0 on it"
+            return
     if target == 0:
         idle_for = 0.0 if idle_since is None else now - idle_since
         if idle_for < a.cooldown_seconds:
@@ -432,6 +479,35 @@ def _apply_budget(proposals: list[_Proposal], budget: int) -> None:
             p.detail += f"; the tiers' minimums alone need {floors}"
 
 
+def _keep_busy(p: _Proposal) -> None:
+    """Never below the workers that run or hold tasks (see the module docstring)."""
+    census = p.workers
+    # Above replicas.max the user's own bound wins (removed workers still get their warm shutdown).
+    if census is None or p.desired >= p.base or p.reason is Reason.ABOVE_MAXIMUM:
+        return
+    busy = len(census.busy)
+    if p.desired >= busy:
+        if busy:
+            # Demand alone keeps them; still say so, so every scale-in names what it kept.
+            note = census.summary()
+            p.detail = f"{p.detail}; {note}" if p.detail else note
+        return
+    if p.spec.autoscaling.scale_in_busy_workers is BusyWorkers.REMOVE:
+        note = f"removes {busy - p.desired} busy worker(s): scaleInBusyWorkers is Remove"
+        p.detail = f"{p.detail}; {note}" if p.detail else note
+        return
+    kept = min(p.base, busy)
+    wanted = p.desired
+    p.desired = kept
+    note = f"{census.summary()}, wants {wanted}"
+    if p.reason is Reason.BUDGET_LIMITED:
+        # The budget never removes busy workers silently: the tier stays over its share until they finish.
+        p.detail = f"{p.detail}; {note} (over the budget until they finish)"
+    else:
+        p.detail = note
+    p.reason = Reason.BUSY_WORKERS
+
+
 def _finish(p: _Proposal, now: float) -> Decision:
     # A tier without a Deployment yet scales from 0; that start counts towards scaleUpMaxStep.
     start = p.current if p.current is not None else 0
@@ -470,6 +546,12 @@ def _finish(p: _Proposal, now: float) -> Decision:
         queue_depth=obs.queue_depth if isinstance(obs, Observation) else None,
         in_flight=obs.in_flight if isinstance(obs, Observation) else None,
         recommended=p.recommended,
+        scheduled=p.workers.scheduled if p.workers is not None else None,
+        busy_workers=len(p.workers.busy) if p.workers is not None else None,
+        asks_workers=p.workers is None
+        and p.current is not None
+        and isinstance(obs, Observation)
+        and (p.desired < p.current or (p.desired > p.current and p.in_flight_driven)),
     )
 
 
@@ -481,9 +563,11 @@ def _direction(current: int, desired: int) -> Direction:
     return Direction.HOLD
 
 
-def _facts(obs: Observation, count_in_flight: bool, target: int) -> str:
+def _facts(obs: Observation, count_in_flight: bool, target: int, scheduled: int | None = None) -> str:
     approx = "" if obs.in_flight_exact else "~"
     flight = f"{approx}{obs.in_flight} in flight"
+    if scheduled:
+        flight = f"{approx}{obs.in_flight - scheduled} in flight ({scheduled} scheduled, not demand)"
     if count_in_flight:
         return f"{obs.queue_depth} queued + {flight}, target {target} per replica"
     return f"{obs.queue_depth} queued ({flight}, not counted), target {target} per replica"

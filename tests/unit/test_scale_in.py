@@ -1,0 +1,201 @@
+"""Scale-in with the workers' answers: the busy floor, scheduled work, idle-first choice, replies."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from celery_fleet.api.models import Autoscaling, ReplicaBounds, Tier
+from celery_fleet.planning.scale_in import (
+    COST_REMOVE,
+    TierWorkers,
+    WorkerReport,
+    plan_removal,
+)
+from celery_fleet.planning.scaling import Observation, Reason, decide
+from celery_fleet.workers.control import confirmed, count_replies, take_census
+
+FAST = {"scale_down_stabilization_seconds": 0, "scale_down_max_step": 10, "cooldown_seconds": 0,
+        "target_depth_per_replica": 1}  # fmt: skip
+
+
+def tier(lo: int = 0, hi: int = 4, **autoscaling: Any) -> Tier:
+    return Tier(name="work", queues=["work"], concurrency=1, replicas=ReplicaBounds(min=lo, max=hi),
+                autoscaling=Autoscaling(**{**FAST, **autoscaling}))  # fmt: skip
+
+
+def busy(pod: str, active: int = 1, reserved: int = 0) -> WorkerReport:
+    return WorkerReport(pod, active=active, reserved=reserved)
+
+
+def idle(pod: str, scheduled: int = 0) -> WorkerReport:
+    return WorkerReport(pod, scheduled=scheduled)
+
+
+def census(*workers: WorkerReport) -> TierWorkers:
+    return TierWorkers(at=0.0, workers=workers)
+
+
+def one(t: Tier, obs: Observation, current: int, workers: TierWorkers | None = None, **kw: Any) -> Any:
+    (d,) = decide([t], {"work": obs}, {"work": current}, {}, now=100.0,
+                  workers={"work": workers} if workers else None, **kw)  # fmt: skip
+    return d
+
+
+# -- decide with and without the census
+
+
+def test_first_decision_asks_the_workers_before_any_scale_down() -> None:
+    d = one(tier(), Observation(0, 2), 4)
+    assert (d.desired, d.asks_workers) == (2, True)
+
+
+def test_issue_12_scenario_keeps_the_busy_workers_under_early_ack() -> None:
+    # 4 tasks of 60 s, concurrency 1, early ack: two workers run one and reserve one; Redis sees 2 in flight.
+    workers = census(busy("p0", 1, 1), busy("p1", 1, 1), idle("p2"), idle("p3"))
+    d = one(tier(), Observation(0, 2), 4, workers)
+    assert (d.desired, d.reason, d.busy_workers, d.asks_workers) == (2, Reason.QUEUE_DRAINED, 2, False)
+    # Nothing in Redis at all (both tasks running, none reserved): the busy floor still holds 2.
+    workers = census(busy("p0"), busy("p1"), idle("p2"), idle("p3"))
+    d = one(tier(), Observation(0, 0), 4, workers)
+    assert (d.desired, d.reason) == (2, Reason.BUSY_WORKERS)
+    assert "kept 2 busy workers" in d.message and "wants 0" in d.message
+
+
+def test_held_at_busy_count_then_released_when_they_finish() -> None:
+    d = one(tier(), Observation(0, 0), 2, census(busy("p0"), busy("p1")))
+    assert (d.desired, d.reason) == (2, Reason.BUSY_WORKERS)
+    d = one(tier(), Observation(0, 0), 2, census(idle("p0"), idle("p1")))
+    assert d.desired == 0
+
+
+def test_silent_worker_counts_as_busy() -> None:
+    d = one(tier(), Observation(0, 0), 2, census(WorkerReport("p0", answered=False), idle("p1")))
+    assert d.desired == 1 and "not answering: p0" in d.message
+
+
+def test_remote_control_off_keeps_todays_behaviour() -> None:
+    d = one(tier(), Observation(0, 0), 2, census(WorkerReport("p0", answered=False, remote_control=False), idle("p1")))
+    assert d.desired == 0
+
+
+def test_remove_knob_follows_demand_through_busy_workers() -> None:
+    d = one(tier(scale_in_busy_workers="Remove"), Observation(0, 0), 2, census(busy("p0"), busy("p1")))
+    assert d.desired == 0 and "scaleInBusyWorkers is Remove" in d.message
+
+
+def test_budget_cut_never_removes_busy_workers_silently() -> None:
+    t_high = Tier(name="high", queues=["h"], concurrency=1, replicas=ReplicaBounds(min=0, max=4),
+                  autoscaling=Autoscaling(**FAST))  # fmt: skip
+    t_low = Tier(name="low", queues=["l"], concurrency=1, replicas=ReplicaBounds(min=0, max=4),
+                 autoscaling=Autoscaling(**FAST))  # fmt: skip
+    decisions = decide(
+        [t_high, t_low], {"high": Observation(3, 0), "low": Observation(0, 3)}, {"high": 1, "low": 3}, {},
+        now=1.0, max_total_replicas=4, workers={"low": census(busy("l0"), busy("l1"), busy("l2"))},
+    )  # fmt: skip
+    high_d, low_d = decisions
+    assert high_d.desired == 3
+    assert (low_d.desired, low_d.reason) == (3, Reason.BUSY_WORKERS)
+    assert "maxTotalReplicas 4" in low_d.message and "over the budget until they finish" in low_d.message
+
+
+def test_scheduled_tasks_are_not_demand() -> None:
+    # 30 countdown tasks sit in `unacked`: without the census they look like 30 in flight.
+    first = one(tier(lo=1), Observation(0, 30), 1)
+    assert first.desired == 4 and first.asks_workers
+    d = one(tier(lo=1), Observation(0, 30), 1, census(idle("p0", scheduled=30)))
+    assert (d.desired, d.scheduled) == (1, 30)
+    assert "30 scheduled, not demand" in d.message
+
+
+def test_approximate_in_flight_never_lets_a_tier_go_from_one_to_zero() -> None:
+    obs = Observation(0, 3, in_flight_exact=False)
+    d = one(tier(count_in_flight=False), obs, 1, census(idle("p0")))
+    assert (d.desired, d.reason) == (1, Reason.IN_FLIGHT_APPROXIMATE)
+
+
+def test_above_maximum_is_the_users_bound_even_with_busy_workers() -> None:
+    d = one(tier(hi=1), Observation(0, 0), 2, census(busy("p0"), busy("p1")))
+    assert (d.desired, d.reason) == (1, Reason.ABOVE_MAXIMUM)
+
+
+# -- which pods go
+
+
+@pytest.mark.parametrize(
+    ("workers", "keep", "removed"),
+    [
+        pytest.param([busy("a"), idle("b"), busy("c"), idle("d")], 2, ("b", "d"), id="idle-first"),
+        pytest.param([idle("a", scheduled=5), idle("b")], 1, ("b",), id="fewest-scheduled-first"),
+        pytest.param([busy("a"), WorkerReport("b", ready=False), idle("c")], 2, ("b",), id="not-ready-first"),
+        pytest.param([busy("a", 3), busy("b", 1)], 1, ("b",), id="busy-holding-least-when-allowed"),
+        pytest.param([idle("a")], 1, (), id="nothing"),
+    ],
+)
+def test_plan_removal(workers: list[WorkerReport], keep: int, removed: tuple[str, ...]) -> None:
+    plan = plan_removal(workers, keep)
+    assert plan.remove == removed
+    assert {p for p, c in plan.costs.items() if c == COST_REMOVE} == set(removed)
+    kept_costs = [c for p, c in plan.costs.items() if p not in removed]
+    assert all(c > COST_REMOVE for c in kept_costs)
+    busy_costs = {plan.costs[w.pod] for w in workers if w.busy and w.pod not in removed}
+    idle_costs = {plan.costs[w.pod] for w in workers if not w.busy and w.pod not in removed}
+    assert not busy_costs or not idle_costs or min(busy_costs) > max(idle_costs)
+
+
+# -- worker replies are untrusted
+
+
+@pytest.mark.parametrize(
+    ("replies", "counts"),
+    [
+        pytest.param([{"celery@a": [{}, {}]}, {"celery@b": []}], {"celery@a": 2, "celery@b": 0}, id="well-formed"),
+        pytest.param([{"celery@x": [{}]}], {}, id="a-node-not-asked"),
+        pytest.param([{"celery@a": "busy"}], {}, id="not-a-list"),
+        pytest.param([{"celery@a": [], "celery@b": []}], {}, id="two-nodes-in-one-reply"),
+        pytest.param("garbage", {}, id="not-a-list-of-replies"),
+        pytest.param([{"celery@a": [1]}, {"celery@a": [1, 2, 3]}], {"celery@a": 1}, id="first-reply-wins"),
+    ],
+)
+def test_count_replies(replies: Any, counts: dict[str, int]) -> None:
+    assert count_replies(replies, ["celery@a", "celery@b"]) == counts
+
+
+def test_confirmed_needs_ok() -> None:
+    replies = [{"celery@a": {"ok": "no longer consuming from work"}}, {"celery@b": {"error": "nope"}}]
+    assert confirmed(replies, ["celery@a", "celery@b"]) == {"celery@a"}
+
+
+def test_census_protocol_asks_follow_ups_only_of_those_who_answered() -> None:
+    sent: list[tuple[str, list[str]]] = []
+    answers = {
+        "active": [{"celery@a": [{}]}, {"celery@b": []}],
+        "reserved": [{"celery@a": [{}]}, {"celery@b": []}],
+        "scheduled": [{"celery@a": []}, {"celery@b": [{}, {}]}],
+    }
+
+    def broadcast(command: str, _args: Any, destination: list[str]) -> list[Any]:
+        sent.append((command, destination))
+        return answers[command]
+
+    reports = take_census(broadcast, lambda: {"celery@c.celery.pidbox"}, ["a", "b", "c", "d"])
+    assert [c for c, _ in sent] == ["active", "reserved", "scheduled"]
+    assert sent[1][1] == ["celery@a", "celery@b"]
+    assert (reports["a"].active, reports["a"].reserved, reports["a"].busy) == (1, 1, True)
+    assert (reports["b"].scheduled, reports["b"].busy) == (2, False)
+    assert (reports["c"].answered, reports["c"].remote_control, reports["c"].busy) == (False, True, True)
+    assert (reports["d"].remote_control, reports["d"].busy) == (False, False)
+
+
+def test_status_reports_scheduled_and_busy_workers() -> None:
+    from celery_fleet.planning.pool_status import PoolStatusInput, TierObservation, TierScaling, pool_status
+
+    body, _ = pool_status(
+        PoolStatusInput(
+            generation=1,
+            tiers=[TierObservation("work", exists=True, spec_replicas=1, replicas=1)],
+            scaling={"work": TierScaling(desired_replicas=1, scheduled=30, busy_workers=0)},
+        )
+    )
+    assert (body["tiers"][0]["scheduled"], body["tiers"][0]["busyWorkers"]) == (30, 0)
