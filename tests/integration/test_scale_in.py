@@ -186,8 +186,11 @@ def test_issue_scenario_no_task_lost_busy_workers_kept_idle_pods_removed(
         timeline = watcher.stop()
 
     account = _account(redis_db, 4)
+    censuses = operator.metric("celery_fleet_worker_censuses_total")
+    broadcasts = operator.metric("celery_fleet_remote_control_broadcasts_total")
     print(f"issue-12 scenario ({'acks_late' if acks_late else 'early ack'}): tasks {account}; "
-          f"replicas {[n for _, n in timeline.replicas]}")  # fmt: skip
+          f"replicas {[n for _, n in timeline.replicas]}; operator totals so far: {censuses:g} censuses, "
+          f"{broadcasts:g} remote-control broadcasts")  # fmt: skip
     assert account == {"lost": 0, "started_twice": 0, "redelivered": 0, "killed": 0}, account
 
     started, done = _records(redis_db, "plain:started"), {r["id"]: r for r in _records(redis_db, "plain:done")}

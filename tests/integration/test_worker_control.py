@@ -31,14 +31,16 @@ APP_DIR = ROOT / "tests" / "support"
 class Worker:
     """`celery -A plainapp worker` with the flags the operator gives a tier (hostname celery@<pod>)."""
 
-    def __init__(self, url: str, pod: str, queue: str, log_dir: Path, **env: str) -> None:
+    def __init__(
+        self, url: str, pod: str, queue: str, log_dir: Path, argv: list[str] | None = None, **env: str
+    ) -> None:
         self.pod = pod
         self.log = log_dir / f"{pod}.log"
-        args = [
-            sys.executable, "-m", "celery", "-A", "plainapp", "worker", "-Q", queue, "--concurrency", "1",
+        args = [sys.executable, "-m", "celery", *(argv or [
+            "-A", "plainapp", "worker", "-Q", queue, "--concurrency", "1",
             "--pool", "prefork", "--prefetch-multiplier", "1", "-O", "fair", "--without-gossip",
             "--without-mingle", "--without-heartbeat", "--loglevel", "INFO", "--hostname", f"celery@{pod}",
-        ]  # fmt: skip
+        ])]  # fmt: skip
         full_env = dict(os.environ, CELERY_BROKER_URL=url, POD_NAME=pod, PYTHONPATH=str(APP_DIR), **env)
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=full_env)
@@ -143,3 +145,25 @@ def test_worker_with_remote_control_off_is_reported_as_such(
     wait_for(lambda: redis_db.llen("plain:done") == 1, timeout=60, message="the worker is up")
     report = _census(control, url, ["mute-0"])["mute-0"]
     assert (report.answered, report.remote_control, report.busy) == (False, False, False)
+
+
+def test_the_operators_worker_arguments_with_shutdown_options_run_a_real_worker(
+    redis_server: RedisServer, redis_db: Any, workers: list[Worker], control: CeleryControl, tmp_path: Path
+) -> None:
+    from celery_fleet.api.models import parse_pool
+    from celery_fleet.planning.workload import worker_args
+
+    spec = parse_pool({"app": "plainapp", "image": "i", "broker": {"url": "redis://r"}, "tiers": [
+        {"name": "work", "queues": ["work"], "concurrency": 1, "replicas": {"min": 0, "max": 2},
+         "disablePrefetch": True, "shutdown": {"softShutdownTimeoutSeconds": 7, "softShutdownOnIdle": True}},
+    ]})  # fmt: skip
+    argv = [a.replace("$(POD_NAME)", "args-0") for a in worker_args("plainapp", spec.tiers[0])]
+    workers.append(Worker(redis_server.url, "args-0", "work", tmp_path, argv=argv))
+    _producer(redis_server.url).send_task("plainapp.hold", args=[0.1], queue="work")
+    wait_for(lambda: redis_db.llen("plain:done") == 1, timeout=60,
+             message=lambda: f"a task done; worker log:\n{workers[0].log.read_text()[-2000:]}")  # fmt: skip
+    stats = _producer(redis_server.url).control.inspect(destination=["celery@args-0"], timeout=5).conf()
+    conf = stats["celery@args-0"]
+    assert conf["worker_soft_shutdown_timeout"] == 7.0
+    assert conf["worker_enable_soft_shutdown_on_idle"] is True
+    assert conf["worker_disable_prefetch"] is True

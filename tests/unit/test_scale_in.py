@@ -199,3 +199,51 @@ def test_status_reports_scheduled_and_busy_workers() -> None:
         )
     )
     assert (body["tiers"][0]["scheduled"], body["tiers"][0]["busyWorkers"]) == (30, 0)
+
+
+# -- shutdown options in the tier spec
+
+
+def test_soft_shutdown_remap_and_disable_prefetch_reach_the_worker() -> None:
+    from celery_fleet.api.models import parse_pool
+    from celery_fleet.planning.workload import termination_grace_period, tier_pod_template, worker_args
+
+    spec = parse_pool({"app": "a", "image": "i", "broker": {"url": "redis://r"}, "tiers": [
+        {"name": "work", "queues": ["work"], "concurrency": 1, "replicas": {"min": 0, "max": 2},
+         "disablePrefetch": True, "extraArgs": ["--max-tasks-per-child=5"],
+         "shutdown": {"softShutdownTimeoutSeconds": 40, "remapSigterm": True, "softShutdownOnIdle": True}},
+    ]})  # fmt: skip
+    tier_ = spec.tiers[0]
+    args = worker_args("a", tier_)
+    assert "--disable-prefetch" in args
+    # Config without a flag goes last, after `--`, where Celery reads `worker_<setting>=value`.
+    assert args[args.index("--") :] == [
+        "--", "worker_soft_shutdown_timeout=40", "worker_enable_soft_shutdown_on_idle=true",
+    ]  # fmt: skip
+    assert args.index("--max-tasks-per-child=5") < args.index("--")
+    assert termination_grace_period(tier_) == 70  # the soft timeout plus the margin
+    env = tier_pod_template("p", spec, tier_)["spec"]["containers"][0]["env"]
+    assert {"name": "REMAP_SIGTERM", "value": "SIGQUIT"} in env
+
+
+@pytest.mark.parametrize(
+    ("shutdown", "grace", "error"),
+    [
+        pytest.param({"remapSigterm": True}, None, "remapSigterm needs softShutdownTimeoutSeconds", id="remap-alone"),
+        pytest.param(
+            {"softShutdownTimeoutSeconds": 60},
+            30,
+            "must be >= shutdown.softShutdownTimeoutSeconds",
+            id="grace-too-short",
+        ),
+    ],
+)
+def test_shutdown_rules(shutdown: dict[str, Any], grace: int | None, error: str) -> None:
+    from celery_fleet.api.models import InvalidSpec, parse_pool
+
+    t: dict[str, Any] = {"name": "work", "queues": ["work"], "concurrency": 1, "replicas": {"min": 0, "max": 2},
+                         "shutdown": shutdown}  # fmt: skip
+    if grace is not None:
+        t["terminationGracePeriodSeconds"] = grace
+    with pytest.raises(InvalidSpec, match=error):
+        parse_pool({"app": "a", "image": "i", "broker": {"url": "redis://r"}, "tiers": [t]})

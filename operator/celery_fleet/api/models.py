@@ -619,6 +619,35 @@ class PodDisruptionBudgetSpec(_Spec):
         return self
 
 
+class Shutdown(_Spec):
+    """How a tier's workers stop on SIGTERM (scale-in, rollout, node drain)."""
+
+    soft_shutdown_timeout_seconds: int | None = Field(
+        default=None,
+        ge=1,
+        le=86400,
+        description="Celery 5.5+ soft shutdown (worker_soft_shutdown_timeout): on a cold shutdown running "
+        "tasks get this many seconds, then they are cut; with task_acks_late on Redis they go back to the "
+        "queue at once instead of after the visibility timeout. Unset: no soft shutdown.",
+    )
+    remap_sigterm: bool = Field(
+        default=False,
+        description="Set REMAP_SIGTERM=SIGQUIT, so the kubelet's SIGTERM starts the soft shutdown "
+        "(needs softShutdownTimeoutSeconds); the grace period is then derived to cover it.",
+    )
+    soft_shutdown_on_idle: bool = Field(
+        default=False,
+        description="worker_enable_soft_shutdown_on_idle: also wait the soft timeout when no task runs, "
+        "so reserved and ETA messages are handed back before the worker stops.",
+    )
+
+    @model_validator(mode="after")
+    def _remap_needs_timeout(self) -> Self:
+        if self.remap_sigterm and self.soft_shutdown_timeout_seconds is None:
+            raise _rule_error("remapSigterm needs softShutdownTimeoutSeconds", "remapSigterm")
+        return self
+
+
 WorkerPoolKind = Literal["prefork", "threads", "gevent", "eventlet", "solo"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
@@ -639,6 +668,19 @@ class Tier(_Spec):
                 "|| self.terminationGracePeriodSeconds >= self.timeLimitSeconds",
                 "terminationGracePeriodSeconds must be >= timeLimitSeconds so scale-in never cuts a running task short",
                 field_path=".terminationGracePeriodSeconds",
+            ),
+            _cel(
+                "!has(self.shutdown) || !has(self.shutdown.softShutdownTimeoutSeconds) "
+                "|| !has(self.terminationGracePeriodSeconds) "
+                "|| self.terminationGracePeriodSeconds >= self.shutdown.softShutdownTimeoutSeconds",
+                "terminationGracePeriodSeconds must be >= shutdown.softShutdownTimeoutSeconds",
+                field_path=".terminationGracePeriodSeconds",
+            ),
+            _cel(
+                "!has(self.shutdown) || !has(self.shutdown.remapSigterm) || !self.shutdown.remapSigterm "
+                "|| has(self.shutdown.softShutdownTimeoutSeconds)",
+                "remapSigterm needs softShutdownTimeoutSeconds",
+                field_path=".shutdown.remapSigterm",
             ),
             _cel(
                 "!has(self.autoscaling) || !has(self.autoscaling.fallbackReplicas) "
@@ -728,6 +770,15 @@ class Tier(_Spec):
         default=None,
         description="PodDisruptionBudget for this tier; unset means none.",
     )
+    shutdown: Shutdown | None = Field(
+        default=None,
+        description="Soft shutdown (Celery 5.5+) on SIGTERM; unset: Celery's warm shutdown only.",
+    )
+    disable_prefetch: bool = Field(
+        default=False,
+        description="--disable-prefetch (Celery 5.6+, Redis only): a worker takes a message only when a "
+        "process is free, so nothing waits reserved behind a running task.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -758,6 +809,13 @@ class Tier(_Spec):
             raise _rule_error(
                 "terminationGracePeriodSeconds must be >= timeLimitSeconds so scale-in never cuts a running task "
                 f"short (got {grace} and {hard})",
+                "terminationGracePeriodSeconds",
+            )
+        soft = self.shutdown.soft_shutdown_timeout_seconds if self.shutdown else None
+        if grace is not None and soft is not None and grace < soft:
+            raise _rule_error(
+                "terminationGracePeriodSeconds must be >= shutdown.softShutdownTimeoutSeconds "
+                f"(got {grace} and {soft})",
                 "terminationGracePeriodSeconds",
             )
         fallback = self.autoscaling.fallback_replicas

@@ -48,6 +48,7 @@ WORKER_CONTAINER = "worker"
 BROKER_URL_ENV = "CELERY_BROKER_URL"
 POD_NAME_ENV = "POD_NAME"
 POD_NAMESPACE_ENV = "POD_NAMESPACE"
+REMAP_SIGTERM_ENV = "REMAP_SIGTERM"  # billiard: which signal SIGTERM acts as
 # Names the operator sets itself; a user entry with the same name would be a duplicate key,
 # which server-side apply rejects for the whole Deployment.
 OPERATOR_ENV = (POD_NAME_ENV, POD_NAMESPACE_ENV, BROKER_URL_ENV)
@@ -271,8 +272,17 @@ def worker_args(app: str, tier: Tier) -> list[str]:
         args += ["--soft-time-limit", str(tier.soft_time_limit_seconds)]
     if tier.time_limit_seconds is not None:
         args += ["--time-limit", str(tier.time_limit_seconds)]
+    if tier.disable_prefetch:
+        args += ["--disable-prefetch"]
     args += ["--loglevel", tier.log_level, "--hostname", f"celery@$({POD_NAME_ENV})"]
-    return [*args, *tier.extra_args]
+    args += tier.extra_args
+    # Settings without a flag go after `--` as Celery's command-line config (`worker_<name>=value`).
+    config: list[str] = []
+    if tier.shutdown is not None and tier.shutdown.soft_shutdown_timeout_seconds is not None:
+        config.append(f"worker_soft_shutdown_timeout={tier.shutdown.soft_shutdown_timeout_seconds}")
+        if tier.shutdown.soft_shutdown_on_idle:
+            config.append("worker_enable_soft_shutdown_on_idle=true")
+    return [*args, "--", *config] if config else args
 
 
 def termination_grace_period(tier: Tier) -> int:
@@ -283,6 +293,10 @@ def termination_grace_period(tier: Tier) -> int:
     """
     if tier.termination_grace_period_seconds is not None:
         return tier.termination_grace_period_seconds
+    soft = tier.shutdown.soft_shutdown_timeout_seconds if tier.shutdown is not None else None
+    if soft is not None and tier.shutdown is not None and tier.shutdown.remap_sigterm:
+        # SIGTERM starts the soft shutdown: running tasks get `soft` seconds, then are cut (and requeued).
+        return soft + GRACE_MARGIN_SECONDS
     limit = tier.time_limit_seconds or tier.soft_time_limit_seconds
     if limit is not None:
         return limit + GRACE_MARGIN_SECONDS
@@ -299,6 +313,13 @@ def broker_readiness_probe() -> Manifest:
     }
 
 
+def _with_remap(tail: Manifest, tier: Tier) -> Manifest:
+    """REMAP_SIGTERM=SIGQUIT makes the kubelet's SIGTERM a Celery soft shutdown."""
+    if tier.shutdown is None or not tier.shutdown.remap_sigterm:
+        return tail
+    return {**tail, "env": [*tail["env"], {"name": REMAP_SIGTERM_ENV, "value": "SIGQUIT"}]}
+
+
 def tier_pod_template(pool_name: str, spec: CeleryWorkerPoolSpec, tier: Tier) -> Manifest:
     """The tier's pod template, config-hash annotation included."""
     container: Manifest = {
@@ -306,7 +327,7 @@ def tier_pod_template(pool_name: str, spec: CeleryWorkerPoolSpec, tier: Tier) ->
         # Exec form, no shell: SIGTERM reaches Celery's main process, which starts a warm shutdown.
         "command": ["celery"],
         "args": worker_args(spec.app, tier),
-        **container_tail(spec, tier.resources),
+        **_with_remap(container_tail(spec, tier.resources), tier),
         "readinessProbe": broker_readiness_probe(),
     }
     pod: Manifest = pod_spec_base(spec)
