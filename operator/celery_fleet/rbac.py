@@ -229,6 +229,13 @@ RULES: tuple[Rule, ...] = (
         ("celery_fleet.kube.client:Kube.secret_value", _POOL_RECONCILER, _BEAT_RECONCILER),
         resource_names_value="rbac.brokerSecretNames",
     ),
+    Rule(
+        ("",),
+        ("configmaps",),
+        ("get",),
+        "The CA of a pool's TLS broker may come from a ConfigMap (spec.broker.tls.ca.configMapName); never listed.",
+        ("celery_fleet.handlers.pool_reconciler:PoolReconciler._resolve_tls",),
+    ),
     # --- Leader election between operator replicas (`run --leader-elect`), in the operator's namespace.
     Rule(
         ("coordination.k8s.io",),

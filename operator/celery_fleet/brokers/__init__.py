@@ -63,8 +63,10 @@ def redis_registry(
 
     limit = redis_source.DEFAULT_SCAN_LIMIT if scan_limit is None else scan_limit
 
-    def connect(url: str) -> QueueDepthSource:
-        return redis_source.connect(url, connect_timeout=connect_timeout, read_timeout=read_timeout, scan_limit=limit)
+    def connect(url: str, tls: redis_source.TlsSettings | None = None) -> QueueDepthSource:
+        return redis_source.connect(
+            url, connect_timeout=connect_timeout, read_timeout=read_timeout, scan_limit=limit, tls=tls
+        )
 
     def display(url: str) -> str:
         return redis_source.RedisTarget.parse(url).display

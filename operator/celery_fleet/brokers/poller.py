@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import hashlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 
 from celery_fleet.brokers.source import BrokerError, DepthReading, ErrorKind, QueueDepthSource, QueueRef
@@ -150,7 +150,7 @@ def _retrieve(task: asyncio.Task[DepthReading]) -> None:
         task.exception()
 
 
-Connect = Callable[[str], QueueDepthSource]
+Connect = Callable[..., QueueDepthSource]  # (url) or (url, options)
 
 
 class BrokerRegistry:
@@ -170,8 +170,8 @@ class BrokerRegistry:
         self._max_age = max_age
         self._backoff = backoff
         self._clock = clock
-        self._pollers: dict[str, BrokerPoller] = {}
-        self._owner_broker: dict[str, str] = {}
+        self._pollers: dict[tuple[str, Hashable], BrokerPoller] = {}
+        self._owner_broker: dict[str, tuple[str, Hashable]] = {}
 
     def __repr__(self) -> str:
         return f"BrokerRegistry(brokers={len(self._pollers)}, owners={len(self._owner_broker)})"
@@ -179,20 +179,21 @@ class BrokerRegistry:
     def __len__(self) -> int:
         return len(self._pollers)
 
-    async def poller_for(self, owner: str, url: str) -> BrokerPoller:
+    async def poller_for(self, owner: str, url: str, options: Hashable = None) -> BrokerPoller:
         """The shared poller of ``url`` for ``owner`` (e.g. "namespace/pool"); raises BrokerError.
 
-        An owner whose URL changed (a rotated Secret) moves to the new broker's poller; the old
-        one is closed when nobody else uses it.
+        ``options`` (e.g. the TLS settings) are part of the broker's identity and are passed to
+        ``connect(url, options)`` when set. An owner whose URL or options changed (a rotated Secret)
+        moves to the new broker's poller; the old one is closed when nobody else uses it.
         """
-        key = hashlib.sha256(url.encode()).hexdigest()
+        key = (hashlib.sha256(url.encode()).hexdigest(), options)
         previous = self._owner_broker.get(owner)
         if previous is not None and previous != key:
             await self.release(owner)
         poller = self._pollers.get(key)
         if poller is None:
             poller = BrokerPoller(
-                self._connect(url),
+                self._connect(url) if options is None else self._connect(url, options),
                 max_age=self._max_age,
                 backoff=self._backoff,
                 clock=self._clock,

@@ -28,6 +28,7 @@ from celery_fleet.api.models import CeleryWorkerPoolSpec, InvalidSpec, parse_poo
 from celery_fleet.brokers import redis as redis_broker
 from celery_fleet.brokers.layout import mismatch_message
 from celery_fleet.brokers.poller import BrokerPoller, BrokerRegistry
+from celery_fleet.brokers.redis import TlsSettings
 from celery_fleet.brokers.source import BrokerError, DepthReading, ErrorKind, KeyLayout, QueueRef, queue_refs
 from celery_fleet.handlers.cache import FleetCache, ObjKey, PoolRuntime
 from celery_fleet.handlers.pool_reconciler import POOL_API_VERSION
@@ -99,7 +100,16 @@ class _Steady:
 _Entry = tuple[ObjKey, Mapping[str, Any], CeleryWorkerPoolSpec, dict[str, list[QueueRef]]]
 
 
-def _display(url: str) -> str:
+# A broker is its URL and its TLS settings (two pools on one URL with different CAs poll apart).
+BrokerKey = tuple[str, TlsSettings | None]
+
+
+def _connect(url: str, tls: TlsSettings | None = None) -> redis_broker.RedisDepthSource:
+    return redis_broker.connect(url, tls=tls)
+
+
+def _display(broker: str | BrokerKey) -> str:
+    url = broker if isinstance(broker, str) else broker[0]
     try:
         return redis_broker.RedisTarget.parse(url).display
     except BrokerError:
@@ -126,9 +136,7 @@ class Autoscaler:
         self.clock = clock
         # `is None`, not `or`: an empty registry has len() 0 and is falsy.
         self.registry = (
-            registry
-            if registry is not None
-            else BrokerRegistry(redis_broker.connect, max_age=interval / 2, display=_display)
+            registry if registry is not None else BrokerRegistry(_connect, max_age=interval / 2, display=_display)
         )
         self._specs: dict[ObjKey, tuple[tuple[str, int], CeleryWorkerPoolSpec, dict[str, list[QueueRef]]]] = {}
         # Last value written per metric child, by pool: label lookups dominate a tick at fleet scale,
@@ -137,12 +145,12 @@ class Autoscaler:
         self._last_status: dict[ObjKey, float] = {}
         self._last_reading: dict[int, int] = {}
         self._steady: dict[ObjKey, _Steady] = {}
-        self._owner_url: dict[str, str] = {}
-        self._groups: dict[str, list[_Entry]] = {}
-        self._pollers: dict[str, BrokerPoller] = {}
-        self._layout_due: dict[str, tuple[float, frozenset[QueueRef]]] = {}
+        self._owner_url: dict[str, BrokerKey] = {}
+        self._groups: dict[BrokerKey, list[_Entry]] = {}
+        self._pollers: dict[BrokerKey, BrokerPoller] = {}
+        self._layout_due: dict[BrokerKey, tuple[float, frozenset[QueueRef]]] = {}
         self.layout_check_interval = layout_check_interval
-        self._broker_tasks: dict[str, asyncio.Task[None]] = {}
+        self._broker_tasks: dict[BrokerKey, asyncio.Task[None]] = {}
         self.control: WorkerControl = control or CeleryControl()
         self._scale_ins: dict[ObjKey, asyncio.Task[None]] = {}
         self._censuses: dict[tuple[ObjKey, str], _Census] = {}
@@ -171,15 +179,16 @@ class Autoscaler:
         await self._schedule(start=False)
         await asyncio.gather(*(self._poll_broker(url) for url in list(self._groups)))
 
-    def _group(self) -> dict[str, list[_Entry]]:
+    def _group(self) -> dict[BrokerKey, list[_Entry]]:
         pools = dict(self.cache.pools)
-        by_broker: dict[str, list[_Entry]] = {}
+        by_broker: dict[BrokerKey, list[_Entry]] = {}
         for key, body in pools.items():
             parsed = self._spec(key, body)
-            url = self.cache.runtime[key].broker_url
+            runtime = self.cache.runtime[key]
+            url = runtime.broker_url
             if parsed is None or url is None or body["metadata"].get("deletionTimestamp"):
                 continue
-            by_broker.setdefault(url, []).append((key, body, *parsed))
+            by_broker.setdefault((url, runtime.broker_tls), []).append((key, body, *parsed))
         return by_broker
 
     async def _schedule(self, *, start: bool = True) -> None:
@@ -205,7 +214,7 @@ class Autoscaler:
             if url not in self._broker_tasks:
                 self._broker_tasks[url] = asyncio.create_task(self._broker_loop(url), name="celery-fleet-broker")
 
-    async def _broker_loop(self, url: str) -> None:
+    async def _broker_loop(self, url: BrokerKey) -> None:
         """Poll one broker every interval while pools use it; a read that takes longer only delays this loop."""
         while url in self._groups:
             started = self.clock()
@@ -215,7 +224,7 @@ class Autoscaler:
                 log.exception("autoscaler poll of broker %s failed", _display(url))
             await asyncio.sleep(max(0.0, self.interval - (self.clock() - started)))
 
-    async def _poll_broker(self, url: str) -> None:
+    async def _poll_broker(self, url: BrokerKey) -> None:
         entries = self._groups.get(url)
         if not entries:
             return
@@ -232,7 +241,7 @@ class Autoscaler:
         if actions:
             await asyncio.gather(*actions)
 
-    async def _check_layout(self, url: str, entries: list[_Entry]) -> list[Coroutine[Any, Any, None]]:
+    async def _check_layout(self, url: BrokerKey, entries: list[_Entry]) -> list[Coroutine[Any, Any, None]]:
         """Now and then (not per poll), a bounded SCAN for priority lists the spec does not name."""
         now = self.clock()
         poller = self._pollers.get(url)
@@ -273,7 +282,7 @@ class Autoscaler:
             self.refresh_status(key)
         return calls
 
-    async def _read_broker(self, url: str, entries: list[_Entry]) -> DepthReading | BrokerError:
+    async def _read_broker(self, url: BrokerKey, entries: list[_Entry]) -> DepthReading | BrokerError:
         try:
             poller = None
             union: set[QueueRef] = set()
@@ -281,7 +290,7 @@ class Autoscaler:
                 owner = f"{key[0]}/{key[1]}"
                 # Registering is needed once per owner (and when its URL changes); one poller per URL.
                 if poller is None or self._owner_url.get(owner) != url:
-                    poller = await self.registry.poller_for(owner, url)
+                    poller = await self.registry.poller_for(owner, url[0], url[1])
                     self._owner_url[owner] = url
                 tier_refs = [r for rs in refs.values() for r in rs]
                 poller.want(owner, tier_refs)

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from celery_fleet.brokers.redis import TlsSettings
 from celery_fleet.planning.ownership import is_controlled_by
 from celery_fleet.planning.pool_status import TierScaling
 
@@ -43,6 +44,8 @@ class PoolRuntime:
     broker_url: str | None = None  # resolved (may come from a Secret): never logged
     broker_problem: tuple[str, str] | None = None  # (reason, message) of the last failed read
     layout_problem: str | None = None  # priority-like lists on the broker that the spec does not name
+    broker_tls: TlsSettings | None = None  # resolved from spec.broker.tls (PEM text: never logged)
+    insecure_tls_announced: bool = False
     layout_checked: bool = False  # the broker's keys were scanned at least once for this pool
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from celery_fleet import GROUP, VERSION, metrics
 from celery_fleet.api.broker_url import BrokerUrlError, parse_broker_url
 from celery_fleet.api.models import CeleryWorkerPoolSpec, InvalidSpec, Tier, parse_pool
+from celery_fleet.brokers.redis import TlsSettings
 from celery_fleet.handlers.cache import FleetCache, ObjKey, PoolRuntime
 from celery_fleet.handlers.children import ChildConflict, apply_child
 from celery_fleet.kube.client import ApiError, Kube
@@ -106,6 +107,19 @@ class PoolReconciler:
             return Outcome()
 
         problem = self._resolve_broker(namespace, spec, runtime, reader=object_version(body))
+        if problem is None:
+            problem = self._resolve_tls(namespace, spec, runtime, reader=object_version(body))
+        if problem is None and spec.broker.tls is not None and spec.broker.tls.insecure_skip_verify:
+            if not runtime.insecure_tls_announced:
+                runtime.insecure_tls_announced = True
+                message = (
+                    "spec.broker.tls.insecureSkipVerify: the broker's certificate is NOT verified, for the operator "
+                    "and the workers; anyone on the network path can read the traffic and the broker password"
+                )
+                log.warning("pool %s/%s: %s", namespace, name, message)
+                post_event(self.kube, ref, "BrokerTLSInsecure", message, "Warning")
+        else:
+            runtime.insecure_tls_announced = False
         if problem is not None:
             self._write_status(key, body, ref, spec=spec, problem=problem)
             return Outcome(requeue_after=5.0, error=True)
@@ -158,7 +172,50 @@ class PoolReconciler:
                 f"spec.broker.urlSecretRef: key {ref.key!r} of Secret {namespace}/{ref.name} does not hold a "
                 f"usable broker URL: {err.message}. Store a redis://, rediss:// or sentinel:// URL in it.",
             )
+        if broker.tls is not None and (";" in value or "?" in value or not value.strip().startswith("rediss://")):
+            return Problem(
+                "BrokerSecretInvalid",
+                f"spec.broker.urlSecretRef: with spec.broker.tls, key {ref.key!r} of Secret {namespace}/{ref.name} "
+                "must hold one rediss:// URL without a query: the operator adds the TLS options for the workers.",
+            )
         runtime.broker_url = value.strip()
+        return None
+
+    def _resolve_tls(
+        self, namespace: str, spec: CeleryWorkerPoolSpec, runtime: PoolRuntime, *, reader: str
+    ) -> Problem | None:
+        """Read spec.broker.tls's CA and client certificate (for the operator's own reads)."""
+        tls = spec.broker.tls
+        if tls is None:
+            runtime.broker_tls = None
+            return None
+        ca = cert = key = None
+        if tls.ca is not None:
+            if tls.ca.secret_name is not None:
+                where = f"Secret {namespace}/{tls.ca.secret_name}"
+                ca = self.kube.secret_value(namespace, tls.ca.secret_name, tls.ca.key, reader=reader)
+            else:
+                assert tls.ca.config_map_name is not None
+                where = f"ConfigMap {namespace}/{tls.ca.config_map_name}"
+                config_map = self.kube.get("v1", "ConfigMap", namespace, tls.ca.config_map_name) or {}
+                ca = (config_map.get("data") or {}).get(tls.ca.key)
+            if not ca or "BEGIN CERTIFICATE" not in ca:
+                return Problem(
+                    "BrokerTLSInvalid",
+                    f"spec.broker.tls.ca: {where} has no PEM certificate under key {tls.ca.key!r}; "
+                    "store the CA that signed the broker's certificate there.",
+                )
+        if tls.client_certificate is not None:
+            c = tls.client_certificate
+            cert = self.kube.secret_value(namespace, c.secret_name, c.cert_key, reader=reader)
+            key = self.kube.secret_value(namespace, c.secret_name, c.key_key, reader=reader)
+            if not cert or not key:
+                return Problem(
+                    "BrokerTLSInvalid",
+                    f"spec.broker.tls.clientCertificate: Secret {namespace}/{c.secret_name} needs keys "
+                    f"{c.cert_key!r} and {c.key_key!r} (PEM certificate and key).",
+                )
+        runtime.broker_tls = TlsSettings(ca, cert, key, tls.insecure_skip_verify)
         return None
 
     def _apply_children(

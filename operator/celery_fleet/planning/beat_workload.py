@@ -32,6 +32,7 @@ from celery_fleet.planning.workload import (
     POD_NAME_ENV,
     POD_NAMESPACE_ENV,
     Manifest,
+    broker_tls_volume,
     container_base,
     container_tail,
     object_meta,
@@ -295,6 +296,7 @@ def beat_pod_template(beat_name: str, spec: CeleryBeatSpec, default_elector_imag
     volumes: Sequence[Manifest] = [
         {"name": ELECTOR_VOLUME, "emptyDir": {}},
         {"name": SCHEDULE_VOLUME, "emptyDir": {}},
+        *broker_tls_volume(spec.broker),
         *spec.volumes,
     ]
     pod["volumes"] = list(volumes)

@@ -31,6 +31,7 @@ from celery_fleet.api.models import (
     GROUP,
     POOL_KIND,
     Broker,
+    BrokerTls,
     CeleryWorkerPoolSpec,
     InvalidSpec,
     Tier,
@@ -51,7 +52,12 @@ POD_NAMESPACE_ENV = "POD_NAMESPACE"
 REMAP_SIGTERM_ENV = "REMAP_SIGTERM"  # billiard: which signal SIGTERM acts as
 # Names the operator sets itself; a user entry with the same name would be a duplicate key,
 # which server-side apply rejects for the whole Deployment.
-OPERATOR_ENV = (POD_NAME_ENV, POD_NAMESPACE_ENV, BROKER_URL_ENV)
+BROKER_SECRET_URL_ENV = "CELERY_FLEET_BROKER_URL"  # with spec.broker.tls: the Secret's URL, before the TLS query
+OPERATOR_ENV = (POD_NAME_ENV, POD_NAMESPACE_ENV, BROKER_URL_ENV, BROKER_SECRET_URL_ENV)
+# spec.broker.tls files in worker and beat pods (kombu reads their paths from the URL query).
+BROKER_TLS_VOLUME = "celery-fleet-broker-tls"
+BROKER_TLS_DIR = "/etc/celery-fleet/broker-tls"
+BROKER_TLS_CA, BROKER_TLS_CERT, BROKER_TLS_KEY = "ca.crt", "tls.crt", "tls.key"
 
 # A warm shutdown (SIGTERM) lets running tasks finish; the margin covers the worker's own
 # shutdown (acks, closing the pool) after the last task hits its time limit.
@@ -143,14 +149,74 @@ def object_meta(name: str, namespace: str, labels: Mapping[str, str], owner: Man
 # -- pieces shared with the beat -------------------------------------------------------------------
 
 
-def broker_url_env(broker: Broker) -> Manifest:
-    """The broker URL for Celery: a literal (schema-checked to carry no password) or a Secret ref."""
+def broker_tls_query(tls: BrokerTls) -> str:
+    """The URL query kombu reads its TLS settings from (``ssl_*`` keys), pointing at the mounted files."""
+    if tls.insecure_skip_verify:
+        return "ssl_cert_reqs=none"  # explicit: kombu's silent fallback would look the same, unannounced
+    query = ["ssl_cert_reqs=required"]
+    if tls.ca is not None:
+        query.append(f"ssl_ca_certs={BROKER_TLS_DIR}/{BROKER_TLS_CA}")
+    if tls.client_certificate is not None:
+        query += [f"ssl_certfile={BROKER_TLS_DIR}/{BROKER_TLS_CERT}", f"ssl_keyfile={BROKER_TLS_DIR}/{BROKER_TLS_KEY}"]
+    return "&".join(query)
+
+
+def _with_tls_query(url: str, tls: BrokerTls) -> str:
+    extra = broker_tls_query(tls)
+    segments = []
+    for segment in url.split(";"):
+        base = segment.strip()
+        # The spec's own ssl_cert_reqs=required (the only query allowed) is replaced by ours.
+        base = base.split("?", 1)[0]
+        segments.append(f"{base}?{extra}" if base.startswith("rediss://") else base)
+    return ";".join(segments)
+
+
+def broker_url_env(broker: Broker) -> list[Manifest]:
+    """The broker URL for Celery: a literal (schema-checked to carry no password) or a Secret ref.
+
+    With spec.broker.tls the URL carries kombu's ``ssl_*`` options for the mounted files. A URL from
+    a Secret is then one rediss:// URL without a query (the reconciler checks it): Kubernetes
+    expands ``$(VAR)`` in env values, so the query is appended to it in the pod.
+    """
+    tls = broker.tls
     if broker.url_secret_ref is not None:
         ref = broker.url_secret_ref
-        return {"name": BROKER_URL_ENV, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+        source = {"valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+        if tls is None:
+            return [{"name": BROKER_URL_ENV, **source}]
+        return [
+            {"name": BROKER_SECRET_URL_ENV, **source},
+            {"name": BROKER_URL_ENV, "value": f"$({BROKER_SECRET_URL_ENV})?{broker_tls_query(tls)}"},
+        ]
     # The model guarantees exactly one of the two.
     assert broker.url is not None
-    return {"name": BROKER_URL_ENV, "value": broker.url}
+    return [{"name": BROKER_URL_ENV, "value": broker.url if tls is None else _with_tls_query(broker.url, tls)}]
+
+
+def broker_tls_volume(broker: Broker) -> list[Manifest]:
+    """The CA and client certificate of spec.broker.tls as files, for kombu in the pod."""
+    tls = broker.tls
+    if tls is None or (tls.ca is None and tls.client_certificate is None):
+        return []
+    sources: list[Manifest] = []
+    if tls.ca is not None:
+        item = {"items": [{"key": tls.ca.key, "path": BROKER_TLS_CA}]}
+        if tls.ca.secret_name is not None:
+            sources.append({"secret": {"name": tls.ca.secret_name, **item}})
+        else:
+            sources.append({"configMap": {"name": tls.ca.config_map_name, **item}})
+    if tls.client_certificate is not None:
+        c = tls.client_certificate
+        items = [{"key": c.cert_key, "path": BROKER_TLS_CERT}, {"key": c.key_key, "path": BROKER_TLS_KEY}]
+        sources.append({"secret": {"name": c.secret_name, "items": items}})
+    return [{"name": BROKER_TLS_VOLUME, "projected": {"sources": sources, "defaultMode": 0o440}}]
+
+
+def broker_tls_mounts(broker: Broker) -> list[Manifest]:
+    if not broker_tls_volume(broker):
+        return []
+    return [{"name": BROKER_TLS_VOLUME, "mountPath": BROKER_TLS_DIR, "readOnly": True}]
 
 
 def container_env(spec: WorkloadSpec) -> list[Manifest]:
@@ -174,7 +240,7 @@ def container_env(spec: WorkloadSpec) -> list[Manifest]:
     return [
         {"name": POD_NAME_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": POD_NAMESPACE_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-        broker_url_env(spec.broker),
+        *broker_url_env(spec.broker),
         *spec.env,
     ]
 
@@ -221,7 +287,7 @@ def container_tail(
         tail["envFrom"] = spec.env_from
     if resources:
         tail["resources"] = dict(resources)
-    all_mounts = [*mounts, *spec.volume_mounts]
+    all_mounts = [*mounts, *broker_tls_mounts(spec.broker), *spec.volume_mounts]
     if all_mounts:
         tail["volumeMounts"] = all_mounts
     if spec.container_security_context:
@@ -336,8 +402,9 @@ def tier_pod_template(pool_name: str, spec: CeleryWorkerPoolSpec, tier: Tier) ->
         pod["automountServiceAccountToken"] = False
     pod["terminationGracePeriodSeconds"] = termination_grace_period(tier)
     pod["containers"] = [container]
-    if spec.volumes:
-        pod["volumes"] = spec.volumes
+    volumes = [*broker_tls_volume(spec.broker), *spec.volumes]
+    if volumes:
+        pod["volumes"] = volumes
     metadata: Manifest = {"labels": pod_labels(spec, tier_labels(pool_name, tier.name))}
     if spec.pod_annotations:
         metadata["annotations"] = dict(spec.pod_annotations)
