@@ -73,3 +73,10 @@ def test_an_answer_for_another_object_is_an_error_never_data(answer: dict[str, A
 def test_the_asked_for_object_is_returned() -> None:
     api = RecordingApi(_secret("team-a", "redis"))
     assert Kube(api).secret_value("team-a", "redis", "url") == "redis://:s@b:6379/0"  # type: ignore[arg-type]
+
+
+def test_a_list_with_another_namespaces_items_is_an_error() -> None:
+    api = RecordingApi({"items": [_secret("team-a", "x"), _secret("team-b", "y")]})
+    with pytest.raises(ApiError, match="WrongObject"):
+        Kube(api).list("v1", "Secret", "team-a")  # type: ignore[arg-type]
+    assert len(Kube(RecordingApi({"items": [_secret("team-a", "x")]})).list("v1", "Secret", "team-a")) == 1  # type: ignore[arg-type]

@@ -248,4 +248,7 @@ class Kube:
     def list(self, api_version: str, kind: str, namespace: str, label_selector: str = "") -> list[dict[str, Any]]:
         query = [("labelSelector", label_selector)] if label_selector else []
         data = self.request("GET", resource_path(api_version, kind, namespace), query=query)
-        return list(cast(dict[str, Any], data).get("items") or [])
+        items = list(cast(dict[str, Any], data).get("items") or [])
+        if any((item.get("metadata") or {}).get("namespace") != namespace for item in items):
+            raise ApiError(status=0, reason="WrongObject", message=f"asked for {kind} in {namespace}, got others")
+        return items
