@@ -65,9 +65,13 @@ def test_no_password_published_and_no_unexpected_connection(
                     push_backlog(broker.client(), "work-good", 30)
                     wait_for(lambda: replicas(k8s_api, ns, "good-work") == 3, timeout=60, message="good scaled")
                     failures: dict[str, Any] = {}
-                    for name, reason in (("wrong", "BrokerAuthFailed"), ("dead", "BrokerUnreachable"),
-                                         ("invalid", "BrokerInvalidUrl")):  # fmt: skip
-                        failures[name] = wait_condition(k8s_api, ns, name, "BrokerReachable", "False", reason=reason)
+                    # An unparseable URL in the Secret is refused before any connection, naming the Secret.
+                    for name, type_, status, reason in (
+                        ("wrong", "BrokerReachable", "False", "BrokerAuthFailed"),
+                        ("dead", "BrokerReachable", "False", "BrokerUnreachable"),
+                        ("invalid", "Degraded", "True", "BrokerSecretInvalid"),
+                    ):
+                        failures[name] = wait_condition(k8s_api, ns, name, type_, status, reason=reason)
                     # A rotation: the Secret now names the right password; the next reconcile picks it up.
                     client.CoreV1Api(k8s_api).patch_namespaced_secret("wrong", ns, {"stringData": {"url": broker.url}})
                     client.CustomObjectsApi(k8s_api).patch_namespaced_custom_object(
