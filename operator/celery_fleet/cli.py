@@ -38,15 +38,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("CELERY_FLEET_ELECTOR_IMAGE", f"ghcr.io/celery-fleet/celery-fleet:{__version__}"),
         help="image whose single-file elector is copied into beat pods",
     )
-    peering = run.add_mutually_exclusive_group()
-    peering.add_argument("--standalone", action="store_true", default=True, help="no peering (one replica; default)")
-    peering.add_argument(
-        "--peering",
-        metavar="NAME",
-        help="Kopf peering object NAME (pauses Kopf's watches only, not our reconcile and scaling loops: "
-        "for several replicas use --leader-elect)",
-    )
-    run.add_argument("--priority", type=int, default=0, help="peering priority of this replica")
     election = run.add_argument_group(
         "leader election (several replicas, one active: the operator runs only while it holds a Lease)"
     )
@@ -99,9 +90,7 @@ def _run(args: argparse.Namespace) -> int:
     kopf.run(
         clusterwide=not args.namespace,
         namespaces=args.namespace,
-        standalone=args.peering is None,
-        peering_name=args.peering,
-        priority=args.priority,
+        standalone=True,  # one active replica is the Lease's job (--leader-elect), not Kopf peering's
         liveness_endpoint=args.health_endpoint or None,
         memo=kopf.Memo(fleet=Fleet(kube=kube, config=config)),
     )

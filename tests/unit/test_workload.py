@@ -16,9 +16,7 @@ from celery_fleet.planning.workload import (
     CONFIG_HASH_ANNOTATION,
     DEFAULT_GRACE_SECONDS,
     GRACE_MARGIN_SECONDS,
-    child_names,
     pool_children,
-    pool_selector,
     termination_grace_period,
     tier_deployment,
     tier_pdb,
@@ -266,10 +264,6 @@ def test_labels_selector_and_owner() -> None:
     }
 
 
-def test_pool_selector() -> None:
-    assert pool_selector("shop") == "celeryfleet.io/pool=shop,app.kubernetes.io/managed-by=celery-fleet"
-
-
 def test_user_pod_fields_are_copied() -> None:
     fields: dict[str, Any] = {
         "imagePullPolicy": "Always",
@@ -399,19 +393,6 @@ def test_tier_pdb(budget: dict[str, Any] | None, expected: dict[str, Any] | None
         **expected,
         "selector": {"matchLabels": {"celeryfleet.io/pool": "shop", "celeryfleet.io/tier": "t"}},
         "unhealthyPodEvictionPolicy": "AlwaysAllow",
-    }
-
-
-def test_child_names_list_desired_children_only() -> None:
-    spec = pool(
-        tiers=default_tiers_with(high={"podDisruptionBudget": {}}, low={"podDisruptionBudget": {"enabled": False}})
-    )
-    names = child_names("shop", spec)
-    assert names.deployments == {"shop-high", "shop-medium", "shop-low"}
-    assert names.pod_disruption_budgets == {"shop-high"}
-    built = {(c["kind"], c["metadata"]["name"]) for c in pool_children("shop", "prod", UID, spec)}
-    assert built == {("Deployment", n) for n in names.deployments} | {
-        ("PodDisruptionBudget", n) for n in names.pod_disruption_budgets
     }
 
 

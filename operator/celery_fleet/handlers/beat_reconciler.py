@@ -107,7 +107,7 @@ class BeatReconciler:
                     raise
         requeue = self._write_status(key, body, ref, runtime, spec, problem)
         if problem is not None and problem.reason.startswith("BrokerSecret"):
-            return Outcome(requeue_after=5.0, error=True)
+            return Outcome(error=True)
         if problem is not None and problem.reason == CHILD_CONFLICT:
             return Outcome(error=True)  # nothing wakes us when the other object goes: back off and look again
         return Outcome(requeue_after=requeue)

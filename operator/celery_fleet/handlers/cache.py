@@ -37,7 +37,6 @@ def _slim(body: Mapping[str, Any]) -> dict[str, Any]:
 class PoolRuntime:
     """Per-pool state the autoscaler keeps between polls."""
 
-    lock: threading.Lock = field(default_factory=threading.Lock)
     desired: dict[str, int] = field(default_factory=dict)
     scaling: dict[str, TierScaling] = field(default_factory=dict)
     history: dict[str, Any] = field(default_factory=dict)

@@ -26,7 +26,6 @@ class FleetConfig:
     poll_interval: float = 1.0
     reconcile_workers: int = 4
     elector_image: str = "ghcr.io/celery-fleet/celery-fleet:0.1.0"
-    resync_seconds: float = 300.0
 
 
 @dataclass

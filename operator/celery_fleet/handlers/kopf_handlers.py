@@ -29,7 +29,6 @@ def _fleet(memo: Any) -> Fleet:
 
 @kopf.on.startup(id="start-fleet")
 async def start_fleet(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) -> None:
-    settings.persistence.finalizer = "celeryfleet.io/kopf-finalizer"  # unused: we register no deletion handlers
     settings.watching.server_timeout = 600
     settings.watching.client_timeout = 660
     settings.posting.level = logging.WARNING

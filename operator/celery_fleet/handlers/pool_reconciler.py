@@ -122,7 +122,7 @@ class PoolReconciler:
             runtime.insecure_tls_announced = False
         if problem is not None:
             self._write_status(key, body, ref, spec=spec, problem=problem)
-            return Outcome(requeue_after=5.0, error=True)
+            return Outcome(error=True)
 
         if not spec.paused:
             try:

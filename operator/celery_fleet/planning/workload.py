@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from celery_fleet.api.models import (
@@ -104,11 +103,6 @@ sys.exit(1)
 def tier_child_name(pool_name: str, tier_name: str) -> str:
     """Name of the tier's Deployment and PodDisruptionBudget."""
     return f"{pool_name}-{tier_name}"
-
-
-def pool_selector(pool_name: str) -> str:
-    """Label selector matching every child of the pool (to find children of removed tiers)."""
-    return f"{POOL_LABEL}={pool_name},app.kubernetes.io/managed-by={MANAGED_BY}"
 
 
 def tier_selector_labels(pool_name: str, tier_name: str) -> dict[str, str]:
@@ -489,23 +483,3 @@ def pool_children(
         if pdb is not None:
             children.append(pdb)
     return children
-
-
-@dataclass(frozen=True)
-class PoolChildNames:
-    """Names of the children a pool should have; children found by `pool_selector` that are not
-    listed here belong to removed tiers (or disabled budgets) and are to be deleted."""
-
-    deployments: frozenset[str]
-    pod_disruption_budgets: frozenset[str]
-
-
-def child_names(pool_name: str, spec: CeleryWorkerPoolSpec) -> PoolChildNames:
-    return PoolChildNames(
-        deployments=frozenset(tier_child_name(pool_name, t.name) for t in spec.tiers),
-        pod_disruption_budgets=frozenset(
-            tier_child_name(pool_name, t.name)
-            for t in spec.tiers
-            if t.pod_disruption_budget is not None and t.pod_disruption_budget.enabled
-        ),
-    )
