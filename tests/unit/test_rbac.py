@@ -7,8 +7,6 @@ come from Kopf's own registry of our handlers.
 
 from __future__ import annotations
 
-import base64
-import json
 from pathlib import Path
 from typing import Any
 
@@ -24,42 +22,15 @@ from celery_fleet.handlers.cache import POOL_LABEL, FleetCache
 from celery_fleet.handlers.pool_reconciler import PoolReconciler
 from celery_fleet.kube.client import Kube
 from celery_fleet.planning.beat_workload import beat_role
+from tests.support.fake_api import RecordingApi
+from tests.support.rbac_check import Request, allows, requests_for
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMESPACE = "shop"
-BROKER_URL = "redis://redis.shop.svc:6379/0"
 
 ALL = rbac.Mode(all_namespaces=True)
 LISTED = rbac.Mode(all_namespaces=False)
 MODES = [pytest.param(ALL, id="all-namespaces"), pytest.param(LISTED, id="listed-namespaces")]
-
-
-class RecordingApi:
-    """Stands in for kubernetes.client.ApiClient: records (method, path, query, content type)."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, str, dict[str, str], str]] = []
-
-    def call_api(self, path: str, method: str, **kwargs: Any) -> tuple[Any, int, dict[str, str]]:
-        query = dict(kwargs.get("query_params") or [])
-        content_type = (kwargs.get("header_params") or {}).get("Content-Type", "")
-        self.calls.append((method, path, query, content_type))
-        body = kwargs.get("body")
-        if method == "GET" and "/secrets/" in path:
-            namespace, name = path.split("/")[4], path.split("/")[6]
-            meta = {"namespace": namespace, "name": name}
-            return {"metadata": meta, "data": {"url": base64.b64encode(BROKER_URL.encode()).decode()}}, 200, {}
-        if method == "PATCH" and content_type == "application/apply-patch+yaml":
-            applied = json.loads(json.dumps(body))
-            applied["metadata"].setdefault("uid", "child-uid")
-            return applied, 200, {}
-        return {}, 200, {}
-
-    def requests(self) -> list[rbac.Request]:
-        found: list[rbac.Request] = []
-        for method, path, query, content_type in self.calls:
-            found += rbac.requests_for(method, path, query, apply=content_type == "application/apply-patch+yaml")
-        return found
 
 
 def _sample(name: str, kind: str) -> dict[str, Any]:
@@ -69,7 +40,7 @@ def _sample(name: str, kind: str) -> dict[str, Any]:
     return dict(body)
 
 
-def _pool_requests() -> list[rbac.Request]:
+def _pool_requests() -> list[Request]:
     """A pool with a broker Secret and a PodDisruptionBudget, plus a stale tier to delete."""
     api = RecordingApi()
     kube = Kube(api)  # type: ignore[arg-type]  # duck-typed ApiClient
@@ -95,7 +66,7 @@ def _pool_requests() -> list[rbac.Request]:
     return api.requests()
 
 
-def _beat_requests() -> list[rbac.Request]:
+def _beat_requests() -> list[Request]:
     api = RecordingApi()
     kube = Kube(api)  # type: ignore[arg-type]  # duck-typed ApiClient
     cache = FleetCache()
@@ -122,7 +93,7 @@ class TakenNamesApi(RecordingApi):
         return super().call_api(path, method, **kwargs)
 
 
-def _taken_names_requests() -> list[rbac.Request]:
+def _taken_names_requests() -> list[Request]:
     """Pool and beat whose child names are taken: the operator looks (GET) and writes nothing more."""
     api = TakenNamesApi()
     kube = Kube(api)  # type: ignore[arg-type]  # duck-typed ApiClient
@@ -141,13 +112,13 @@ def _taken_names_requests() -> list[rbac.Request]:
 def test_looking_at_a_taken_name_is_allowed(mode: rbac.Mode) -> None:
     requests = _taken_names_requests()
     rules = rbac.policy_rules(rbac.Scope.WATCHED, mode)
-    refused = [r for r in requests if not rbac.allows(rules, r)]
+    refused = [r for r in requests if not allows(rules, r)]
     assert not refused, f"operator requests not granted by celery_fleet.rbac: {refused}"
     gets = {r.resource for r in requests if r.verb == "get"}
     assert {"deployments", "poddisruptionbudgets", "serviceaccounts"} <= gets, gets
 
 
-def _verbs_seen(requests: list[rbac.Request]) -> set[tuple[str, str]]:
+def _verbs_seen(requests: list[Request]) -> set[tuple[str, str]]:
     return {(r.resource, r.verb) for r in requests}
 
 
@@ -156,7 +127,7 @@ def _verbs_seen(requests: list[rbac.Request]) -> set[tuple[str, str]]:
 def test_every_request_of_a_reconcile_is_allowed(mode: rbac.Mode, gather: Any) -> None:
     requests = gather()
     rules = rbac.policy_rules(rbac.Scope.WATCHED, mode)
-    refused = [r for r in requests if not rbac.allows(rules, r)]
+    refused = [r for r in requests if not allows(rules, r)]
     assert not refused, f"operator requests not granted by celery_fleet.rbac: {refused}"
 
 
@@ -199,8 +170,8 @@ def test_every_kopf_watch_has_list_and_watch(mode: rbac.Mode) -> None:
     rules = rbac.policy_rules(rbac.Scope.WATCHED, mode)
     for group, plural in sorted(_watched_by_kopf()):
         for verb in ("list", "watch"):
-            request = rbac.Request(verb, group, plural, "shop", None)
-            assert rbac.allows(rules, request), f"Kopf watches {group}/{plural} but RBAC has no {verb}"
+            request = Request(verb, group, plural, "shop", None)
+            assert allows(rules, request), f"Kopf watches {group}/{plural} but RBAC has no {verb}"
 
 
 def test_list_and_watch_only_where_kopf_watches() -> None:
@@ -228,8 +199,8 @@ def test_operator_holds_what_it_grants_to_beat_pods(mode: rbac.Mode) -> None:
         for verb in rule["verbs"]:
             for name in rule.get("resourceNames") or [None]:
                 for resource in rule["resources"]:
-                    request = rbac.Request(verb, rule["apiGroups"][0], resource, "shop", name)
-                    assert rbac.allows(rules, request), f"beat Role grants {request} the operator lacks"
+                    request = Request(verb, rule["apiGroups"][0], resource, "shop", name)
+                    assert allows(rules, request), f"beat Role grants {request} the operator lacks"
 
 
 def test_no_dangerous_grants() -> None:
@@ -251,8 +222,8 @@ def test_every_rule_names_code_that_exists(rule: rbac.Rule) -> None:
 def test_secret_rule_narrows_to_named_secrets() -> None:
     mode = rbac.Mode(all_namespaces=False, resource_names={"rbac.brokerSecretNames": ["shop-broker"]})
     rules = rbac.policy_rules(rbac.Scope.WATCHED, mode)
-    assert rbac.allows(rules, rbac.Request("get", "", "secrets", "shop", "shop-broker"))
-    assert not rbac.allows(rules, rbac.Request("get", "", "secrets", "shop", "db-password"))
+    assert allows(rules, Request("get", "", "secrets", "shop", "shop-broker"))
+    assert not allows(rules, Request("get", "", "secrets", "shop", "db-password"))
 
 
 @pytest.mark.parametrize(
@@ -282,7 +253,7 @@ def test_secret_rule_narrows_to_named_secrets() -> None:
 def test_request_attributes(
     method: str, path: str, query: dict[str, str], apply: bool, expected: list[tuple[str, str, str, str | None]]
 ) -> None:
-    got = [(r.verb, r.api_group, r.resource, r.name) for r in rbac.requests_for(method, path, query, apply=apply)]
+    got = [(r.verb, r.api_group, r.resource, r.name) for r in requests_for(method, path, query, apply=apply)]
     assert got == expected
 
 
