@@ -12,19 +12,22 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
-# Dependencies first: this layer is reused until the lock file changes.
-COPY requirements.lock requirements-build.lock ./
-RUN python -m venv /opt/celery-fleet/venv \
- && /opt/celery-fleet/venv/bin/pip install --require-hashes --only-binary=:all: --no-deps -r requirements.lock
-# Our own wheel, built in a throwaway venv with pinned build tools, installed without deps
-# (they are all in the lock file already).
-COPY pyproject.toml README.md ./
-COPY operator ./operator
+# pip and the pinned build tools live in a throwaway venv; the operator's venv gets no pip, no
+# setuptools (nothing it needs at run time) and is filled with `pip --python`.
+COPY requirements-build.lock ./
 RUN python -m venv /tmp/build-venv \
  && /tmp/build-venv/bin/pip install --require-hashes --only-binary=:all: --no-deps -r requirements-build.lock \
- && /tmp/build-venv/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /tmp/wheels . \
- && /opt/celery-fleet/venv/bin/pip install --no-deps /tmp/wheels/celery_fleet-*.whl \
- && /opt/celery-fleet/venv/bin/pip check
+ && python -m venv --without-pip /opt/celery-fleet/venv
+# Dependencies next: this layer is reused until the lock file changes.
+COPY requirements.lock ./
+RUN /tmp/build-venv/bin/pip --python /opt/celery-fleet/venv/bin/python install \
+      --require-hashes --only-binary=:all: --no-deps -r requirements.lock
+# Our own wheel, installed without deps (they are all in the lock file already).
+COPY pyproject.toml README.md ./
+COPY operator ./operator
+RUN /tmp/build-venv/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /tmp/wheels . \
+ && /tmp/build-venv/bin/pip --python /opt/celery-fleet/venv/bin/python install --no-deps /tmp/wheels/celery_fleet-*.whl \
+ && /tmp/build-venv/bin/pip --python /opt/celery-fleet/venv/bin/python check
 # The elector as one standard-library-only file (a zipapp of celery_fleet.elector), where beat
 # pods' init container copies it from (it runs as another UID in the user's image: mode 0444).
 RUN /opt/celery-fleet/venv/bin/python -m celery_fleet.elector.bundle /opt/celery-fleet/elector.pyz

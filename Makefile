@@ -67,8 +67,16 @@ typecheck: install ## mypy --strict on the package
 unit: install ## unit tests only
 	$(VENV)/bin/pytest tests/unit -q
 
+.PHONY: image-tools
+image-tools: ## the daemonless image builder from Debian's packages (buildah, podman, mmdebstrap), unless a Docker engine runs
+	hack/image.sh tools
+
+.PHONY: image
+image: image-tools ## build the operator image (docker build, else buildah on a cached local Debian base)
+	hack/image.sh build
+
 .PHONY: test
-test: install install-system binaries lint typecheck verify ## the whole suite: lint, types, generated files, unit + integration
+test: install install-system binaries image-tools lint typecheck verify ## the whole suite: lint, types, generated files, unit + integration (the image tests build it)
 	$(VENV)/bin/pytest tests -q --durations=15
 
 .PHONY: demo
