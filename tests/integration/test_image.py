@@ -14,6 +14,7 @@ import json
 import re
 import subprocess
 import tarfile
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,10 @@ from packaging.markers import Marker
 
 from celery_fleet import __version__
 from celery_fleet.planning.beat_workload import ELECTOR_SOURCE
-from tests.support.cluster import ROOT
+from tests.support.cluster import ROOT, Cluster
+from tests.support.operator_process import OperatorProcess
+from tests.support.redis_server import RedisServer
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -209,3 +213,51 @@ def test_image_config_matches_the_deployment(image: Image) -> None:
     assert config["Entrypoint"] == ["celery-fleet"]
     assert config["Cmd"] == ["run"]
     assert Path(ELECTOR_SOURCE).is_absolute()
+
+
+def test_operator_from_the_image_reconciles_and_scales_a_pool(
+    image: Image, cluster: Cluster, crds_installed: list[str], unwatched_namespace: str, redis_server: RedisServer,
+    redis_db: object, tmp_path: Path,
+) -> None:  # fmt: skip
+    """The shipped artifact against the local cluster: host network (the apiserver and Redis are on
+    loopback), the kubeconfig mounted read-only, root filesystem read-only, as 65532."""
+    import redis
+
+    name = f"celery-fleet-it-{uuid.uuid4().hex[:6]}"
+    command = [*image.engine, "run", "--rm", "--name", name, "--read-only", "--network", "host"]
+    command += ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
+    command += ["-v", f"{cluster.kubeconfig}:{cluster.kubeconfig}:ro", image.ref]
+    operator = OperatorProcess(cluster.kubeconfig, [unwatched_namespace], tmp_path / "operator.log", command=command)
+    ns = unwatched_namespace
+    try:
+        operator.start()
+        pool = {
+            "apiVersion": "celeryfleet.io/v1alpha1",
+            "kind": "CeleryWorkerPool",
+            "metadata": {"name": "shipped"},
+            "spec": {
+                "app": "tasks:app",
+                "image": "ghcr.io/example/celery-app:1.0",
+                "broker": {"url": redis_server.url},
+                "tiers": [{"name": "high", "queues": ["high_priority"], "concurrency": 4,
+                           "replicas": {"min": 1, "max": 8}, "autoscaling": {"targetDepthPerReplica": 100}}],
+            },
+        }  # fmt: skip
+        cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(pool))
+
+        def replicas() -> int | None:
+            got = cluster.kubectl("get", "deployment", "shipped-high", "-n", ns, "-o", "json", check=False)
+            return int(json.loads(got.stdout)["spec"]["replicas"]) if got.returncode == 0 else None
+
+        wait_for(
+            lambda: replicas() == 1, timeout=120, message=lambda: f"tier at min 1; log:\n{operator.logs()[-3000:]}"
+        )
+        # 300 messages as a Celery producer at its defaults writes them (a plain list, no priority).
+        client = redis.Redis.from_url(redis_server.url)
+        client.lpush("high_priority", *[json.dumps({"body": i}) for i in range(300)])
+        wait_for(lambda: replicas() == 3, timeout=60, message=lambda: f"scaled to 3; log:\n{operator.logs()[-3000:]}")
+        # No worker runs here (kwok plays the kubelet): nothing consumed, nothing lost.
+        assert client.llen("high_priority") == 300
+    finally:
+        operator.stop()
+        subprocess.run([*image.engine, "rm", "-f", name], capture_output=True, check=False)

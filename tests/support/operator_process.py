@@ -14,7 +14,11 @@ from tests.support.wait import wait_for
 
 
 class OperatorProcess:
-    def __init__(self, kubeconfig: Path, namespaces: list[str], log_path: Path, *extra: str) -> None:
+    def __init__(
+        self, kubeconfig: Path, namespaces: list[str], log_path: Path, *extra: str, command: list[str] | None = None
+    ) -> None:
+        # `command` runs `celery-fleet` some other way (the built image, in tests/integration/test_image.py).
+        self.command = command or [sys.executable, "-m", "celery_fleet.cli"]
         self.kubeconfig = kubeconfig
         self.namespaces = namespaces
         self.log_path = log_path
@@ -28,7 +32,7 @@ class OperatorProcess:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def start(self) -> None:
-        args = [sys.executable, "-m", "celery_fleet.cli", "run", "--kubeconfig", str(self.kubeconfig)]
+        args = [*self.command, "run", "--kubeconfig", str(self.kubeconfig)]
         for ns in self.namespaces:
             args += ["--namespace", ns]
         args += [
