@@ -23,10 +23,11 @@ $(STAMP): pyproject.toml
 install: $(STAMP) ## virtualenv with the project and dev deps (.venv)
 
 .PHONY: install-system
-install-system: ## system packages the tests need (redis-server)
-	@command -v redis-server >/dev/null || { \
+install-system: ## system packages the tests need (redis-server, redis-sentinel)
+	@command -v redis-server >/dev/null && command -v redis-sentinel >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-	  $$SUDO apt-get install -y -q redis-server || { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q redis-server; }; }
+	  $$SUDO apt-get install -y -q redis-server redis-sentinel || \
+	    { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q redis-server redis-sentinel; }; }
 
 .PHONY: binaries
 binaries: ## build the control-plane binaries into the cache (slow the first time)

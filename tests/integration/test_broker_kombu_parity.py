@@ -278,3 +278,119 @@ def test_the_documented_acl_user_reads_everything(redis_db: redis.Redis[bytes], 
             assert err.value.kind is ErrorKind.AUTH_FAILED and password not in str(err.value)
         finally:
             held.release()
+
+
+# -- Redis Sentinel (issue 14.3) ----------------------------------------------------------------------------
+
+
+class SentinelSet:
+    """A master, a replica and three real redis-sentinel processes watching them (quorum 2)."""
+
+    def __init__(self, root: Any) -> None:
+        import shutil
+        import subprocess
+
+        from tests.support.redis_server import free_port
+
+        binary = shutil.which("redis-sentinel")
+        if binary is None:
+            pytest.fail("redis-sentinel not found: run `make install-system` (apt-get install redis-sentinel)")
+        self.master = RedisServer(root / "master")
+        self.replica = RedisServer(root / "replica")
+        self.master.start()
+        self.replica.start()
+        self.replica.client().execute_command("REPLICAOF", "127.0.0.1", self.master.port)
+        self.ports = [free_port() for _ in range(3)]
+        self.procs = []
+        for port in self.ports:
+            conf = root / f"sentinel-{port}.conf"
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {root}\n"
+                f"sentinel monitor mymaster 127.0.0.1 {self.master.port} 2\n"
+                "sentinel down-after-milliseconds mymaster 1000\nsentinel failover-timeout mymaster 5000\n"
+            )
+            log = (root / f"sentinel-{port}.log").open("wb")
+            self.procs.append(subprocess.Popen([binary, str(conf)], stdout=log, stderr=subprocess.STDOUT))
+
+    @property
+    def url(self) -> str:
+        return ";".join(f"sentinel://127.0.0.1:{p}" for p in self.ports)
+
+    def master_port(self) -> int:
+        client = redis.Redis(port=self.ports[0], socket_timeout=2)
+        try:
+            return int(client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "mymaster")[1])
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+            proc.wait(timeout=10)
+        self.master.stop()
+        self.replica.stop()
+
+
+@pytest.fixture
+def sentinels(tmp_path: Any) -> Iterator[SentinelSet]:
+    from tests.support.wait import wait_for
+
+    s = SentinelSet(tmp_path)
+    try:
+        wait_for(lambda: s.master_port() == s.master.port, timeout=20, message="the Sentinels to know the master")
+        wait_for(
+            lambda: s.replica.client().info("replication").get("master_link_status") == "up",
+            timeout=20,
+            message="the replica to sync",
+        )
+        yield s
+    finally:
+        s.stop()
+
+
+def test_sentinel_is_read_as_kombu_reads_it_and_a_failover_is_followed(sentinels: SentinelSet) -> None:
+    from celery_fleet.brokers import BrokerError
+    from tests.support.wait import wait_for
+
+    refs = queue_refs(["celery"])
+    options = {"master_name": "mymaster", "priority_steps": [0, 3, 6, 9]}
+
+    async def poll_until_answer(source: Any) -> DepthReading:
+        # During the switch a poll fails (the autoscaler holds replicas then); it never reads a wrong depth.
+        failures = 0
+        for _ in range(400):
+            try:
+                return await source.read(refs)
+            except BrokerError:
+                failures += 1
+                await asyncio.sleep(0.05)
+        raise AssertionError(f"no answer after {failures} failed polls")
+
+    async def main() -> None:
+        source = connect(sentinels.url, master_name="mymaster")
+        try:
+            with celery(sentinels.url, options) as app:
+                for i in range(10):
+                    app.send_task(TASK, priority=i % 10)
+                assert ours(await source.read(refs), refs, ["celery"]) == truth_sentinel(app) == Observation(10, 0)
+                assert sentinels.master.client().execute_command("WAIT", 1, 5000) == 1  # the replica has all 10
+                old = sentinels.master.port
+                sentinels.master.proc.kill()  # type: ignore[union-attr]
+                sentinels.master.proc.wait()  # type: ignore[union-attr]
+                wait_for(lambda: sentinels.master_port() != old, timeout=30, message="the Sentinels to fail over")
+            with celery(sentinels.url, options) as app:
+                for i in range(5):
+                    app.send_task(TASK, priority=i % 10)  # kombu asks the Sentinels: the new master
+                reading = await poll_until_answer(source)
+                expected = truth_sentinel(app)
+                assert ours(reading, refs, ["celery"]) == expected
+                assert expected == Observation(15, 0)
+        finally:
+            await source.aclose()
+
+    asyncio.run(main())
+
+
+def truth_sentinel(app: Any) -> Observation:
+    with app.connection_for_read() as conn:
+        return Observation(conn.default_channel._size("celery"), 0)

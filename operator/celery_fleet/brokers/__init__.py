@@ -63,9 +63,15 @@ def redis_registry(
 
     limit = redis_source.DEFAULT_SCAN_LIMIT if scan_limit is None else scan_limit
 
-    def connect(url: str, tls: redis_source.TlsSettings | None = None) -> QueueDepthSource:
+    def connect(url: str, options: redis_source.ConnectOptions | None = None) -> QueueDepthSource:
+        options = options or redis_source.ConnectOptions()
         return redis_source.connect(
-            url, connect_timeout=connect_timeout, read_timeout=read_timeout, scan_limit=limit, tls=tls
+            url,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            scan_limit=limit,
+            tls=options.tls,
+            master_name=options.master_name,
         )
 
     def display(url: str) -> str:

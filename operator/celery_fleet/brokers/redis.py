@@ -43,6 +43,7 @@ from typing import Any, Final
 from urllib.parse import SplitResult, parse_qsl, quote, urlencode, urlsplit
 
 import redis.asyncio as aioredis
+import redis.asyncio.sentinel as aioredis_sentinel
 from redis import exceptions as rexc
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -651,6 +652,14 @@ class TlsSettings:
         return f"TlsSettings(ca={self.ca_pem is not None}, client_cert={self.cert_pem is not None})"
 
 
+@dataclass(frozen=True)
+class ConnectOptions:
+    """What besides the URL identifies a broker connection (part of the poller's key)."""
+
+    tls: TlsSettings | None = None
+    master_name: str | None = None
+
+
 class _ClientFiles:
     """A client certificate and key as files (Python's ssl loads them only from paths): a private
     directory readable by the operator alone, removed when the source closes."""
@@ -719,6 +728,7 @@ def connect(
     scan_limit: int = DEFAULT_SCAN_LIMIT,
     inflight_budget: float = 0.02,
     tls: TlsSettings | None = None,
+    master_name: str | None = None,
 ) -> RedisDepthSource:
     """A source on ``redis.asyncio`` (Kopf runs on asyncio; a sync client would stall its loop).
 
@@ -729,7 +739,7 @@ def connect(
     """
     target = RedisTarget.parse(url)
     if target.sentinels:
-        raise BrokerError(ErrorKind.INVALID_URL, "Redis Sentinel (sentinel://) is not supported yet")
+        return _connect_sentinel(target, master_name, connect_timeout, read_timeout, scan_limit, inflight_budget)
     tls_kwargs, files = _tls_kwargs(tls if target.tls else None)
     try:
         clients = [
@@ -765,6 +775,53 @@ def connect(
         scan_limit=scan_limit,
         inflight_budget=inflight_budget,
         deadline_seconds=(connect_timeout + 2 * read_timeout) * len(clients),
+        close=close,
+    )
+
+
+def _connect_sentinel(
+    target: RedisTarget,
+    master_name: str | None,
+    connect_timeout: float,
+    read_timeout: float,
+    scan_limit: int,
+    inflight_budget: float,
+) -> RedisDepthSource:
+    """Read the master the Sentinels name, as kombu's SentinelChannel does: the first URL's user,
+    password and database are the master's; every new connection asks the Sentinels again, so a
+    failover is followed once the old master's connection fails."""
+    if not master_name:
+        raise BrokerError(
+            ErrorKind.INVALID_URL, "a sentinel:// broker needs spec.broker.masterName (Celery's master_name)"
+        )
+    timeouts: dict[str, Any] = {"socket_connect_timeout": connect_timeout, "socket_timeout": read_timeout}
+    sentinel = aioredis_sentinel.Sentinel(list(target.sentinels), sentinel_kwargs=dict(timeouts))
+    client = sentinel.master_for(
+        master_name,
+        username=target.username,
+        password=target.password,
+        db=target.db,
+        retry=Retry(NoBackoff(), 0),
+        retry_on_timeout=False,
+        max_connections=4,
+        health_check_interval=0,
+        driver_info=None,
+        **timeouts,
+    )
+    failover = _Failover([client])
+
+    async def close() -> None:
+        await failover.aclose()
+        for node in sentinel.sentinels:
+            await node.aclose()  # type: ignore[attr-defined]  # types-redis 4.6 predates aclose (redis 5)
+
+    return RedisDepthSource(
+        failover.round_trip,
+        target,
+        scan_limit=scan_limit,
+        inflight_budget=inflight_budget,
+        # Discovery asks the Sentinels first: one more connect and read.
+        deadline_seconds=2 * (connect_timeout + 2 * read_timeout),
         close=close,
     )
 

@@ -28,7 +28,7 @@ from celery_fleet.api.models import CeleryWorkerPoolSpec, InvalidSpec, parse_poo
 from celery_fleet.brokers import redis as redis_broker
 from celery_fleet.brokers.layout import mismatch_message
 from celery_fleet.brokers.poller import BrokerPoller, BrokerRegistry
-from celery_fleet.brokers.redis import TlsSettings
+from celery_fleet.brokers.redis import ConnectOptions
 from celery_fleet.brokers.source import BrokerError, DepthReading, ErrorKind, KeyLayout, QueueRef, queue_refs
 from celery_fleet.handlers.cache import FleetCache, ObjKey, PoolRuntime
 from celery_fleet.handlers.pool_reconciler import POOL_API_VERSION
@@ -101,11 +101,12 @@ _Entry = tuple[ObjKey, Mapping[str, Any], CeleryWorkerPoolSpec, dict[str, list[Q
 
 
 # A broker is its URL and its TLS settings (two pools on one URL with different CAs poll apart).
-BrokerKey = tuple[str, TlsSettings | None]
+BrokerKey = tuple[str, ConnectOptions | None]
 
 
-def _connect(url: str, tls: TlsSettings | None = None) -> redis_broker.RedisDepthSource:
-    return redis_broker.connect(url, tls=tls)
+def _connect(url: str, options: ConnectOptions | None = None) -> redis_broker.RedisDepthSource:
+    options = options or ConnectOptions()
+    return redis_broker.connect(url, tls=options.tls, master_name=options.master_name)
 
 
 def _display(broker: str | BrokerKey) -> str:
@@ -188,7 +189,11 @@ class Autoscaler:
             url = runtime.broker_url
             if parsed is None or url is None or body["metadata"].get("deletionTimestamp"):
                 continue
-            by_broker.setdefault((url, runtime.broker_tls), []).append((key, body, *parsed))
+            spec = parsed[0]
+            options = ConnectOptions(runtime.broker_tls, spec.broker.master_name)
+            by_broker.setdefault((url, options if options != ConnectOptions() else None), []).append(
+                (key, body, *parsed)
+            )
         return by_broker
 
     async def _schedule(self, *, start: bool = True) -> None:

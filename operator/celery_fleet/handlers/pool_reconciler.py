@@ -172,6 +172,12 @@ class PoolReconciler:
                 f"spec.broker.urlSecretRef: key {ref.key!r} of Secret {namespace}/{ref.name} does not hold a "
                 f"usable broker URL: {err.message}. Store a redis://, rediss:// or sentinel:// URL in it.",
             )
+        if value.strip().startswith("sentinel://") and broker.master_name is None:
+            return Problem(
+                "BrokerSecretInvalid",
+                f"spec.broker.urlSecretRef: key {ref.key!r} of Secret {namespace}/{ref.name} holds sentinel:// URLs; "
+                "set spec.broker.masterName (Celery's broker_transport_options.master_name).",
+            )
         if broker.tls is not None and (";" in value or "?" in value or not value.strip().startswith("rediss://")):
             return Problem(
                 "BrokerSecretInvalid",
