@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	@# The local runtime (dev/celery_fleet_localrun) is development only: on the path, not in the wheel.
+	$(PY) -c 'import pathlib, sys, sysconfig; pathlib.Path(sysconfig.get_path("purelib"), "celery-fleet-dev.pth").write_text(sys.argv[1] + "\n")' '$(CURDIR)/dev'
 	touch $@
 
 .PHONY: install
@@ -56,8 +58,8 @@ verify: install ## fail when generated files are stale
 
 .PHONY: lint
 lint: install ## ruff + import layering
-	$(VENV)/bin/ruff check operator tests bench
-	$(VENV)/bin/ruff format --check operator tests bench
+	$(VENV)/bin/ruff check operator dev tests bench
+	$(VENV)/bin/ruff format --check operator dev tests bench
 	$(VENV)/bin/lint-imports
 
 .PHONY: typecheck

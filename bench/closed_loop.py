@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         operator = start_operator(cluster, [namespace], workdir)
         with (workdir / "localrun.log").open("wb") as log:
             localrun = subprocess.Popen(
-                [sys.executable, "-m", "celery_fleet.localrun", "--namespace", namespace,
+                [sys.executable, "-m", "celery_fleet_localrun", "--namespace", namespace,
                  "--kubeconfig", str(cluster.kubeconfig), "--state-dir", str(workdir / "localrun"),
                  "--pythonpath", str(ROOT / "demo"), "--interval", "0.25"],
                 stdout=log, stderr=subprocess.STDOUT,

@@ -97,12 +97,21 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _localrun(argv: list[str]) -> int:
+    # Development only, so it is not in the wheel or the image: `make install` puts the
+    # checkout's dev/ on the virtualenv's path.
+    try:
+        import celery_fleet_localrun  # type: ignore[import-not-found, unused-ignore]
+    except ImportError:
+        sys.stderr.write("celery-fleet localrun is a development tool, not shipped: run it from a checkout\n")
+        return 2
+    return int(celery_fleet_localrun.main(argv))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "localrun":
-        from celery_fleet import localrun
-
-        return int(localrun.main(argv[1:]))
+        return _localrun(argv[1:])
     if argv and argv[0] == "elect":
         from celery_fleet import leader
 

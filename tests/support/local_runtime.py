@@ -1,4 +1,4 @@
-"""`python -m celery_fleet.localrun` for one namespace (real worker processes), its log kept for assertions."""
+"""`python -m celery_fleet_localrun` for one namespace (real worker processes), its log kept for assertions."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ class LocalRuntime:
     def __init__(self, cluster: Cluster, namespace: str, state_dir: Path, pythonpath: Path = ROOT / "demo") -> None:
         self.log_path = state_dir / "localrun.log"
         args = [
-            sys.executable, "-m", "celery_fleet.localrun", "--namespace", namespace,
+            sys.executable, "-m", "celery_fleet_localrun", "--namespace", namespace,
             "--kubeconfig", str(cluster.kubeconfig), "--state-dir", str(state_dir),
             "--pythonpath", str(pythonpath), "--interval", "0.25", "--shutdown-timeout", "20",
         ]  # fmt: skip

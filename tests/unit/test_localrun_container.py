@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 
 from celery_fleet.api.models import parse_beat, parse_pool
-from celery_fleet.localrun.container import (
+from celery_fleet.planning.beat_workload import ELECTOR_SOURCE, beat_deployment
+from celery_fleet.planning.workload import BROKER_URL_ENV, tier_deployment
+from celery_fleet_localrun.container import (
     ContainerConfigError,
     PodLayout,
     broker_port,
@@ -20,9 +22,7 @@ from celery_fleet.localrun.container import (
     process_spec,
     rewrite_path,
 )
-from celery_fleet.localrun.expansion import expand
-from celery_fleet.planning.beat_workload import ELECTOR_SOURCE, beat_deployment
-from celery_fleet.planning.workload import BROKER_URL_ENV, tier_deployment
+from celery_fleet_localrun.expansion import expand
 
 
 class Objects:

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from celery_fleet.localrun import procfs
-from celery_fleet.localrun.status import READY, STARTING, status_patch, stopped_patch
-from celery_fleet.localrun.supervisor import ContainerView, Exit, PodView
+from celery_fleet_localrun import procfs
+from celery_fleet_localrun.status import READY, STARTING, status_patch, stopped_patch
+from celery_fleet_localrun.supervisor import ContainerView, Exit, PodView
 
 NOW = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
 EARLIER = dt.datetime(2026, 1, 2, 3, 0, 0, tzinfo=dt.UTC)

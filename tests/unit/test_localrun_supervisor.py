@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from celery_fleet.localrun.container import ContainerConfigError, ProcessSpec
-from celery_fleet.localrun.supervisor import Backoff, PreparedPod, Supervisor, is_live
+from celery_fleet_localrun.container import ContainerConfigError, ProcessSpec
+from celery_fleet_localrun.supervisor import Backoff, PreparedPod, Supervisor, is_live
 
 
 class FakeProcess:

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from celery_fleet.localrun.container import ProcessSpec
+from celery_fleet_localrun.container import ProcessSpec
 
 PR_SET_PDEATHSIG = 1
 

@@ -32,7 +32,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
-from celery_fleet.localrun.container import ContainerConfigError, ProcessSpec, grace_seconds
+from celery_fleet_localrun.container import ContainerConfigError, ProcessSpec, grace_seconds
 
 log = logging.getLogger(__name__)
 

@@ -14,14 +14,14 @@ from pathlib import Path
 from types import FrameType
 
 from celery_fleet.kube.client import load_api_client
-from celery_fleet.localrun import procfs
-from celery_fleet.localrun.cluster import MANAGED_SELECTOR, LocalCluster
-from celery_fleet.localrun.preparer import LocalPreparer, default_image_files
-from celery_fleet.localrun.processes import SubprocessLauncher
-from celery_fleet.localrun.status import status_patch, stopped_patch
-from celery_fleet.localrun.supervisor import Backoff, Supervisor
+from celery_fleet_localrun import procfs
+from celery_fleet_localrun.cluster import MANAGED_SELECTOR, LocalCluster
+from celery_fleet_localrun.preparer import LocalPreparer, default_image_files
+from celery_fleet_localrun.processes import SubprocessLauncher
+from celery_fleet_localrun.status import status_patch, stopped_patch
+from celery_fleet_localrun.supervisor import Backoff, Supervisor
 
-log = logging.getLogger("celery_fleet.localrun")
+log = logging.getLogger("celery_fleet_localrun")
 
 DESCRIPTION = """\
 A local runtime for development and tests only. For the pods of celery-fleet's Deployments in a

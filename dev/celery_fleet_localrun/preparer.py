@@ -25,8 +25,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from celery_fleet.localrun.cluster import LocalCluster
-from celery_fleet.localrun.container import (
+from celery_fleet.planning.beat_workload import ELECTOR_SOURCE
+from celery_fleet.planning.workload import BROKER_URL_ENV, broker_readiness_probe
+from celery_fleet_localrun.cluster import LocalCluster
+from celery_fleet_localrun.container import (
     KUBECONFIG_ENV,
     SERVICE_ACCOUNT_MOUNT,
     ContainerConfigError,
@@ -39,9 +41,7 @@ from celery_fleet.localrun.container import (
     process_spec,
     service_account_kubeconfig,
 )
-from celery_fleet.localrun.supervisor import PreparedPod
-from celery_fleet.planning.beat_workload import ELECTOR_SOURCE
-from celery_fleet.planning.workload import BROKER_URL_ENV, broker_readiness_probe
+from celery_fleet_localrun.supervisor import PreparedPod
 
 log = logging.getLogger(__name__)
 

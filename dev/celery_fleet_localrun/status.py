@@ -22,7 +22,7 @@ import datetime as dt
 from collections.abc import Mapping
 from typing import Any
 
-from celery_fleet.localrun.supervisor import ContainerView, Exit, PodView
+from celery_fleet_localrun.supervisor import ContainerView, Exit, PodView
 
 Manifest = Mapping[str, Any]
 

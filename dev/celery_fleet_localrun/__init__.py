@@ -6,8 +6,10 @@ container, started from the pod's command, args and env; SIGTERM (a Celery warm 
 the pod goes away and SIGKILL after its grace period; restarts with back-off; real readiness
 written back to the pod's status. `make demo` and the closed-loop tests use it.
 
-It is not part of the operator: nothing in celery_fleet imports it except the `celery-fleet
-localrun` command. Entry point: :func:`main` (also `python -m celery_fleet.localrun`).
+It is not part of the operator and does not ship: it lives outside the package (dev/), so the
+wheel and the image lack it; `make install` puts dev/ on the virtualenv's path. Nothing in
+celery_fleet imports it except the `celery-fleet localrun` command (an import contract).
+Entry point: :func:`main` (also `python -m celery_fleet_localrun`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from celery_fleet.localrun.command import main as run
+    from celery_fleet_localrun.command import main as run
 
     return run(argv)
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from celery_fleet.localrun.expansion import expand
+from celery_fleet_localrun.expansion import expand
 
 Manifest = Mapping[str, Any]
 
