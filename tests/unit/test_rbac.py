@@ -24,6 +24,7 @@ from celery_fleet.kube.client import Kube
 from celery_fleet.planning.beat_workload import beat_role
 from tests.support.fake_api import RecordingApi
 from tests.support.rbac_check import Request, allows, requests_for
+from tests.support.samples import sample
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMESPACE = "shop"
@@ -33,19 +34,12 @@ LISTED = rbac.Mode(all_namespaces=False)
 MODES = [pytest.param(ALL, id="all-namespaces"), pytest.param(LISTED, id="listed-namespaces")]
 
 
-def _sample(name: str, kind: str) -> dict[str, Any]:
-    docs = yaml.safe_load_all((ROOT / "deploy" / "samples" / name).read_text())
-    body = next(d for d in docs if d["kind"] == kind)
-    body["metadata"].update(namespace=NAMESPACE, uid=f"{kind.lower()}-uid", generation=1)
-    return dict(body)
-
-
 def _pool_requests() -> list[Request]:
     """A pool with a broker Secret and a PodDisruptionBudget, plus a stale tier to delete."""
     api = RecordingApi()
     kube = Kube(api)  # type: ignore[arg-type]  # duck-typed ApiClient
     cache = FleetCache()
-    pool = _sample("pool-three-tiers.yaml", "CeleryWorkerPool")
+    pool = sample("pool-three-tiers.yaml", "CeleryWorkerPool")
     key = cache.put_pool(pool)
     stale = {
         "kind": "Deployment",
@@ -70,7 +64,7 @@ def _beat_requests() -> list[Request]:
     api = RecordingApi()
     kube = Kube(api)  # type: ignore[arg-type]  # duck-typed ApiClient
     cache = FleetCache()
-    beat = _sample("beat.yaml", "CeleryBeat")
+    beat = sample("beat.yaml", "CeleryBeat")
     beat["spec"]["broker"] = {"urlSecretRef": {"name": "shop-broker", "key": "url"}}
     key = cache.put_beat(beat)
     outcome = BeatReconciler(kube, cache, "ghcr.io/celery-fleet/celery-fleet:0.1.0").reconcile(key)
@@ -98,8 +92,8 @@ def _taken_names_requests() -> list[Request]:
     api = TakenNamesApi()
     kube = Kube(api)  # type: ignore[arg-type]  # duck-typed ApiClient
     cache = FleetCache()
-    pool_key = cache.put_pool(_sample("pool-three-tiers.yaml", "CeleryWorkerPool"))
-    beat = _sample("beat.yaml", "CeleryBeat")
+    pool_key = cache.put_pool(sample("pool-three-tiers.yaml", "CeleryWorkerPool"))
+    beat = sample("beat.yaml", "CeleryBeat")
     beat_key = cache.put_beat(beat)
     assert PoolReconciler(kube, cache).reconcile(pool_key).error
     assert BeatReconciler(kube, cache, "ghcr.io/celery-fleet/celery-fleet:0.1.0").reconcile(beat_key).error

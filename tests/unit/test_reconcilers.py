@@ -1,0 +1,163 @@
+"""The pool and beat reconcilers' decisions, without a cluster: the real reconcilers run against a
+recording fake of the API (tests/support/fake_api.py) over a watch cache filled by hand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from celery_fleet.api.models import Tier
+from celery_fleet.handlers.beat_reconciler import BeatReconciler
+from celery_fleet.handlers.cache import POOL_LABEL, FleetCache, ObjKey
+from celery_fleet.handlers.pool_reconciler import PoolReconciler, replicas_for
+from celery_fleet.kube.client import Kube
+from tests.support.fake_api import RecordingApi
+from tests.support.samples import sample
+
+ROOT = Path(__file__).resolve().parents[2]
+NAMESPACE = "shop"
+ELECTOR_IMAGE = "ghcr.io/celery-fleet/celery-fleet:0.1.0"
+
+
+def _pool(**spec: Any) -> dict[str, Any]:
+    body = sample("pool-three-tiers.yaml", "CeleryWorkerPool")
+    body["spec"].update(spec)
+    return body
+
+
+def _reconcile_pool(body: dict[str, Any], api: RecordingApi | None = None) -> tuple[RecordingApi, FleetCache, Any]:
+    api = api or RecordingApi()
+    cache = FleetCache()
+    key = cache.put_pool(body)
+    outcome = PoolReconciler(Kube(api), cache).reconcile(key)  # type: ignore[arg-type]  # duck-typed ApiClient
+    return api, cache, outcome
+
+
+def _condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next(c for c in status["conditions"] if c["type"] == type_)
+
+
+def _deployments(api: RecordingApi) -> dict[str, dict[str, Any]]:
+    return {o["metadata"]["name"]: o for o in api.applied() if o["kind"] == "Deployment"}
+
+
+def test_a_new_pool_gets_a_deployment_per_tier_at_its_minimum_and_a_status() -> None:
+    api, _, outcome = _reconcile_pool(_pool())
+    assert not outcome.error
+    tiers = _pool()["spec"]["tiers"]
+    deployments = _deployments(api)
+    assert set(deployments) == {f"billing-{t['name']}" for t in tiers}
+    for t in tiers:
+        assert deployments[f"billing-{t['name']}"]["spec"]["replicas"] == t["replicas"]["min"]
+    status = api.statuses()[-1]
+    assert status["observedGeneration"] == 1
+    assert _condition(status, "Degraded")["status"] == "False"
+
+
+def test_a_pool_that_is_not_valid_writes_only_its_status() -> None:
+    api, _, outcome = _reconcile_pool(_pool(tiers=[]))
+    assert not outcome.error  # retrying cannot help: the spec must change, which wakes us
+    assert not api.applied()
+    degraded = _condition(api.statuses()[-1], "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "InvalidSpec")
+    assert "spec.tiers" in degraded["message"]
+
+
+def test_a_missing_broker_secret_creates_nothing_and_retries() -> None:
+    api, _, outcome = _reconcile_pool(_pool(), RecordingApi(broker_url=None))
+    assert outcome.error  # nothing wakes us when the Secret appears: back off and look again
+    assert not _deployments(api)
+    degraded = _condition(api.statuses()[-1], "Degraded")
+    assert degraded["reason"] == "BrokerSecretMissing"
+    assert "billing-broker" in degraded["message"] and "change-me" not in str(api.writes)
+
+
+def test_a_paused_pool_leaves_its_children_alone() -> None:
+    api, _, outcome = _reconcile_pool(_pool(paused=True))
+    assert not outcome.error
+    assert not api.applied()
+    assert api.statuses()
+
+
+def test_a_removed_tier_is_deleted_and_a_stranger_is_not() -> None:
+    body = _pool()
+    api = RecordingApi()
+    cache = FleetCache()
+    key = cache.put_pool(body)
+    for name, owner_uid in (("billing-gone", body["metadata"]["uid"]), ("billing-foreign", "someone-else")):
+        ref = {"kind": "CeleryWorkerPool", "name": "billing", "uid": owner_uid, "controller": True}
+        meta = {"name": name, "namespace": NAMESPACE, "uid": f"{name}-uid", "labels": {POOL_LABEL: "billing"},
+                "ownerReferences": [ref]}  # fmt: skip
+        cache.put_child(POOL_LABEL, {"kind": "Deployment", "metadata": meta, "spec": {"replicas": 1}})
+    PoolReconciler(Kube(api), cache).reconcile(key)  # type: ignore[arg-type]  # duck-typed ApiClient
+    assert [p.rsplit("/", 1)[-1] for p in api.deleted()] == ["billing-gone"]
+
+
+def test_a_converged_pool_sends_nothing_on_the_next_event() -> None:
+    api, cache, _ = _reconcile_pool(_pool())
+    key: ObjKey = (NAMESPACE, "billing")
+    body = cache.pool(key)
+    assert body is not None
+    cache.put_pool({**body, "status": api.statuses()[-1]})  # the watch brings our status back
+    before = len(api.writes)
+    PoolReconciler(Kube(api), cache).reconcile(key)  # type: ignore[arg-type]  # duck-typed ApiClient
+    assert api.writes[before:] == []
+
+
+TIER = Tier.model_validate({"name": "high", "queues": ["q"], "concurrency": 1, "replicas": {"min": 2, "max": 8}})
+
+
+@pytest.mark.parametrize(
+    ("observed", "scaler", "expected"),
+    [
+        pytest.param(None, None, 2, id="new-tier-starts-at-min"),
+        pytest.param({"spec": {"replicas": 5}}, None, 5, id="keeps-the-current-value"),
+        pytest.param({"spec": {"replicas": 50}}, None, 8, id="current-above-max-is-capped"),
+        pytest.param({"spec": {"replicas": 5}}, 7, 7, id="the-autoscalers-value-wins"),
+        pytest.param({"spec": {"replicas": 5}}, 0, 2, id="the-autoscaler-is-held-to-min"),
+    ],
+)
+def test_one_value_of_spec_replicas(observed: dict[str, Any] | None, scaler: int | None, expected: int) -> None:
+    assert replicas_for(TIER, observed, scaler) == expected
+
+
+def _reconcile_beat(body: dict[str, Any], api: RecordingApi | None = None) -> tuple[RecordingApi, Any]:
+    api = api or RecordingApi()
+    cache = FleetCache()
+    key = cache.put_beat(body)
+    outcome = BeatReconciler(Kube(api), cache, ELECTOR_IMAGE).reconcile(key)  # type: ignore[arg-type]
+    return api, outcome
+
+
+def _beat(**spec: Any) -> dict[str, Any]:
+    body = sample("beat.yaml", "CeleryBeat")
+    body["spec"].update(spec)
+    return body
+
+
+def test_a_new_beat_gets_its_identity_and_lease_before_its_pods() -> None:
+    api, outcome = _reconcile_beat(_beat())
+    assert not outcome.error
+    kinds = [o["kind"] for o in api.applied()]
+    assert kinds == ["ServiceAccount", "Lease", "Role", "RoleBinding", "Deployment"]
+    deployment = api.applied()[-1]
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"  # never two beats from a rollout
+    init = deployment["spec"]["template"]["spec"]["initContainers"]
+    assert [c["image"] for c in init] == [ELECTOR_IMAGE]
+
+
+def test_a_beat_whose_broker_secret_is_missing_runs_no_pods() -> None:
+    body = _beat(broker={"urlSecretRef": {"name": "shop-broker", "key": "url"}})
+    api, outcome = _reconcile_beat(body, RecordingApi(broker_url=None))
+    assert outcome.error
+    assert not api.applied()
+    assert _condition(api.statuses()[-1], "Degraded")["reason"] == "BrokerSecretMissing"
+
+
+def test_a_beat_that_is_not_valid_writes_only_its_status() -> None:
+    api, outcome = _reconcile_beat(_beat(standby=-1))
+    assert not outcome.error
+    assert not api.applied()
+    assert _condition(api.statuses()[-1], "Degraded")["reason"] == "InvalidSpec"
