@@ -227,11 +227,11 @@ def test_killed_worker_is_restarted_and_its_restart_reported(
         pod = client.CoreV1Api(k8s_api).read_namespaced_pod(pod_name, namespace)
         status = (pod.status.container_statuses or [None])[0]
         new_pid = _local_pids(k8s_api, namespace).get(pod_name)
-        return status if status and status.restart_count == 1 and new_pid and new_pid != pid else None
+        # Ready comes a probe period after the restart is reported: wait for both.
+        return status if status and status.restart_count == 1 and status.ready and new_pid and new_pid != pid else None
 
     status = wait_for(restarted, timeout=90, message=lambda: f"a restarted worker; log:\n{localrun.logs()[-2000:]}")
     assert status.last_state.terminated.exit_code == 137
-    assert status.ready is True
 
     # The restarted worker really works.
     _send(redis_server.url, 1, 0.1)
