@@ -131,7 +131,9 @@ def predict_waits(
     to the new worker's ``worker_ready`` (so it includes the local runtime's reaction time).
     ``scaler`` replaces the operator's decision (to show what a wrong model would predict).
     """
-    params = FleetParams.for_tier(tier, initial_replicas=initial_replicas, startup_delay=startup_delay, dt=dt)
+    params = FleetParams.for_tier(
+        tier, initial_replicas=initial_replicas, startup_delay=startup_delay, dt=dt, scale_in="idle-first"
+    )
     scaler = scaler or OperatorScaler(tier, poll_interval=poll_interval, phase=poll_phase)
     result = simulate(trace, scaler, params, seed=seed)
     changes: list[tuple[float, int]] = [(0.0, params.initial_replicas)]

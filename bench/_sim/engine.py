@@ -286,6 +286,7 @@ class _World:
             spec_replicas=self.spec,
             status_replicas=len(self.deployment),
             ready_replicas=sum(1 for p in self.deployment if p.ready),
+            workers=tuple((p.id, p.running, len(p.reserved)) for p in self.deployment if p.ready),
         )
 
     def _sample(self, now: float) -> None:

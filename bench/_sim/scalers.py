@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from celery_fleet.api.models import Tier
+from celery_fleet.planning.scale_in import TierWorkers, WorkerReport
 from celery_fleet.planning.scaling import Decision, Observation, TierHistory, decide
 
 from .view import FleetView
@@ -14,11 +15,22 @@ class OperatorScaler:
     """celery-fleet: `planning.scaling.decide` on every poll, fed what the Redis reader sees.
 
     The reader sums every priority sub-list of the tier's queues and counts the queue's entries in
-    `unacked`; `current` is the Deployment's spec.replicas, as in `handlers.autoscaler`.
+    `unacked`; `current` is the Deployment's spec.replicas, as in `handlers.autoscaler`. With ``ask_workers``
+    (what is built, issue 12) a decision that asks for the workers is taken again with their answers
+    (running and reserved per ready pod), as the operator does through Celery remote control.
     """
 
-    def __init__(self, tier: Tier, *, poll_interval: float = 1.0, phase: float = 0.0, name: str = "celery-fleet"):
+    def __init__(
+        self,
+        tier: Tier,
+        *,
+        poll_interval: float = 1.0,
+        phase: float = 0.0,
+        name: str = "celery-fleet",
+        ask_workers: bool = True,
+    ):
         self.name = name
+        self.ask_workers = ask_workers
         self.tier = tier
         self.poll_interval = poll_interval
         self.history = TierHistory()
@@ -31,13 +43,12 @@ class OperatorScaler:
     def tick(self, now: float, view: FleetView) -> int | None:
         self._next += self.poll_interval
         observation = Observation(queue_depth=sum(view.list_lengths.values()), in_flight=view.in_flight)
-        (decision,) = decide(
-            [self.tier],
-            {self.tier.name: observation},
-            {self.tier.name: view.spec_replicas},
-            {self.tier.name: self.history},
-            now=now,
-        )
+        args = ([self.tier], {self.tier.name: observation}, {self.tier.name: view.spec_replicas},
+                {self.tier.name: self.history})  # fmt: skip
+        (decision,) = decide(*args, now=now)
+        if self.ask_workers and decision.asks_workers:
+            census = TierWorkers(now, tuple(WorkerReport(str(i), active=r, reserved=q) for i, r, q in view.workers))
+            (decision,) = decide(*args, now=now, workers={self.tier.name: census})
         self.history = decision.history
         if decision.changed:
             self.decisions.append((now, decision))

@@ -16,6 +16,8 @@ class FleetView:
     spec_replicas: int  # Deployment spec.replicas
     status_replicas: int  # pods not terminating (Deployment status.replicas)
     ready_replicas: int
+    # (pod id, running, reserved) of every ready pod: what Celery remote control would answer.
+    workers: tuple[tuple[int, int, int], ...] = ()
 
 
 class Autoscaler(Protocol):

@@ -277,3 +277,50 @@ def test_silent_worker_is_treated_as_busy(
     # Answering again and idle: it goes too.
     wait_for(lambda: client.AppsV1Api(k8s_api).read_namespaced_deployment("mute-work", namespace).spec.replicas == 0,
              timeout=60, message="scaled to 0 once the worker answers idle")  # fmt: skip
+
+
+def test_drained_worker_starts_no_task_after_the_decision_while_tasks_keep_arriving(
+    cluster: Cluster, k8s_api: client.ApiClient, operator: OperatorProcess, namespace: str,
+    redis_server: RedisServer, redis_db: Any, localrun: LocalRuntime,
+) -> None:  # fmt: skip
+    queue = _queue(namespace)
+    _setup(cluster, k8s_api, namespace, redis_server.url, _pool("drain", queue, lo=3))
+    wait_for(lambda: len(_ready_pids(k8s_api, namespace)) == 3, timeout=180, message="three ready workers")
+    stop = threading.Event()
+    sent = 0
+
+    def trickle() -> None:
+        nonlocal sent
+        while not stop.is_set():
+            _send(redis_server.url, queue, 1, 0.5)
+            sent += 1
+            stop.wait(0.5)
+
+    producer = threading.Thread(target=trickle, daemon=True)
+    producer.start()
+    drained_line = re.compile(rf"^(\S+ \S+) INFO .*{namespace}/drain: tier work: drained (.+) before scale-in$")
+    try:
+        cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(_pool("drain", queue, lo=1)))
+        match = wait_for(
+            lambda: next((m for line in operator.logs().splitlines() if (m := drained_line.match(line))), None),
+            timeout=60, message="a drain before the scale-in",
+        )  # fmt: skip
+        # A few more tasks arrive after the decision.
+        target = sent + 6
+        wait_for(lambda: sent >= target, timeout=30, message="tasks keep arriving")
+    finally:
+        stop.set()
+        producer.join(timeout=10)
+    wait_for(lambda: len({r["id"] for r in _records(redis_db, "plain:done")}) == sent, timeout=60,
+             message=lambda: f"{sent} tasks done (have {redis_db.llen('plain:done')})")  # fmt: skip
+    stamp, millis = match.group(1).split(",")
+    # The log's local time, to the millisecond; a message taken just before the drain starts at once.
+    drained_at = time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S")) + int(millis) / 1000 + 0.3
+    drained = set(match.group(2).split(", "))
+    late = [r for r in _records(redis_db, "plain:started") if r["worker"] in drained and r["at"] > drained_at]
+    account = _account(redis_db, sent)
+    print(f"drain: {sorted(drained)} drained; {sent} tasks sent, {account}; started there after: {len(late)}")
+    assert not late, late
+    # A message a chosen worker took in the moment between the census and the drain, and had not
+    # started, goes back to the queue at its warm shutdown (kombu marks it redelivered): never run twice.
+    assert (account["lost"], account["started_twice"], account["killed"]) == (0, 0, 0), account
