@@ -41,10 +41,10 @@ if [[ ! -s $tarball ]]; then
     --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/info/*' \
     --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-exclude=/usr/share/lintian/*' \
     --customize-hook='rm -rf "$1"/var/cache/* "$1"/var/lib/apt/lists/* "$1"/var/log/*' \
-    "$suite" "$tarball.tmp" \
+    "$suite" "$tarball.$$.tmp" \
     "deb $mirror $suite main" "deb $mirror $suite-updates main" \
     "deb ${mirror%/debian}/debian-security $suite-security main"
-  mv "$tarball.tmp" "$tarball"
+  mv "$tarball.$$.tmp" "$tarball"
 fi
 
 log "importing $tarball as $ref"
