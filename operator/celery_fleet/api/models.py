@@ -28,10 +28,11 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
+from celery_fleet import GROUP, VERSION
 from celery_fleet.api.broker_url import QUERY_HINT, BrokerUrlError, parse_broker_url
 
-GROUP = "celeryfleet.io"
-VERSION = "v1alpha1"
+__all__ = ["GROUP", "VERSION"]  # re-exported: the API's group and version are declared once, in celery_fleet
+
 API_VERSION = f"{GROUP}/{VERSION}"
 POOL_KIND = "CeleryWorkerPool"
 BEAT_KIND = "CeleryBeat"

@@ -51,7 +51,7 @@ from celery_fleet.planning.scaling import (
     TierObservation,
     decide,
 )
-from celery_fleet.planning.workload import tier_selector_labels
+from celery_fleet.planning.workload import tier_child_name, tier_selector_labels
 from celery_fleet.workers.control import CeleryControl, ControlError, ControlTarget, WorkerControl
 
 log = logging.getLogger(__name__)
@@ -403,7 +403,7 @@ class Autoscaler:
         children = self.cache.children_of(key, owner_uid=str(body["metadata"].get("uid", "")))
         current: dict[str, int | None] = {}
         for t in spec.tiers:
-            dep = children.get(("Deployment", f"{name}-{t.name}"))
+            dep = children.get(("Deployment", tier_child_name(name, t.name)))
             current[t.name] = None if dep is None else int((dep.get("spec") or {}).get("replicas", 0))
         now = self.clock()
         signature = (
@@ -489,7 +489,7 @@ class Autoscaler:
         if removal is not None:
             drained = await self._prepare_removal(key, d.tier, removal)
         try:
-            await asyncio.to_thread(self.kube.scale, namespace, f"{name}-{d.tier}", d.desired)
+            await asyncio.to_thread(self.kube.scale, namespace, tier_child_name(name, d.tier), d.desired)
         except ApiError as err:
             log.warning("pool %s/%s: could not scale tier %s: %s", namespace, name, d.tier, err)
             self._steady.pop(key, None)

@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from celery_fleet import GROUP, VERSION, metrics
-from celery_fleet.api.models import CeleryBeatSpec, InvalidSpec, parse_beat
+from celery_fleet import metrics
+from celery_fleet.api.models import API_VERSION, CeleryBeatSpec, InvalidSpec, parse_beat
 from celery_fleet.handlers.cache import BEAT_LABEL, FleetCache, ObjKey
 from celery_fleet.handlers.children import ChildConflict, apply_child
 from celery_fleet.handlers.pool_reconciler import Outcome, object_version, rejected_child, utcnow
@@ -29,7 +29,7 @@ from celery_fleet.planning.pool_status import Problem
 
 log = logging.getLogger(__name__)
 
-BEAT_API_VERSION = f"{GROUP}/{VERSION}"
+BEAT_API_VERSION = API_VERSION
 # renewTime moves every retry period; status follows it only this often unless the leader changes.
 RENEW_TIME_REFRESH = dt.timedelta(seconds=30)
 # Children we do not watch (to keep watches few) are re-applied at most this often.

@@ -14,14 +14,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from celery_fleet.brokers.redis import TlsSettings
+from celery_fleet.planning.beat_workload import BEAT_LABEL
 from celery_fleet.planning.ownership import is_controlled_by
 from celery_fleet.planning.pool_status import TierScaling
+from celery_fleet.planning.workload import POOL_LABEL
+
+__all__ = ["BEAT_LABEL", "POOL_LABEL"]  # re-exported for the handlers; declared in planning
 
 ObjKey = tuple[str, str]  # (namespace, name)
 ChildKey = tuple[str, str]  # (kind, name)
-
-POOL_LABEL = "celeryfleet.io/pool"
-BEAT_LABEL = "celeryfleet.io/beat"
 
 
 def _slim(body: Mapping[str, Any]) -> dict[str, Any]:

@@ -17,9 +17,10 @@ import kopf
 from celery_fleet import GROUP, VERSION
 from celery_fleet.handlers.cache import BEAT_LABEL, POOL_LABEL, ObjKey
 from celery_fleet.handlers.fleet import Fleet
+from celery_fleet.planning.workload import MANAGED_BY, MANAGED_BY_LABEL
 
 log = logging.getLogger(__name__)
-MANAGED = {"app.kubernetes.io/managed-by": "celery-fleet"}
+MANAGED = {MANAGED_BY_LABEL: MANAGED_BY}
 
 
 def _fleet(memo: Any) -> Fleet:

@@ -14,9 +14,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from celery_fleet import GROUP, VERSION, metrics
+from celery_fleet import metrics
 from celery_fleet.api.broker_url import BrokerUrlError, parse_broker_url
-from celery_fleet.api.models import CeleryWorkerPoolSpec, InvalidSpec, Tier, parse_pool
+from celery_fleet.api.models import API_VERSION, CeleryWorkerPoolSpec, InvalidSpec, Tier, parse_pool
 from celery_fleet.brokers.redis import TlsSettings
 from celery_fleet.handlers.cache import FleetCache, ObjKey, PoolRuntime
 from celery_fleet.handlers.children import ChildConflict, apply_child
@@ -26,11 +26,11 @@ from celery_fleet.planning.conditions import ConditionUpdate, conditions_equal, 
 from celery_fleet.planning.drift import drifted_fields, has_drifted
 from celery_fleet.planning.ownership import CHILD_CONFLICT, is_controlled_by
 from celery_fleet.planning.pool_status import PoolStatusInput, Problem, observe_deployment, pool_status
-from celery_fleet.planning.workload import pool_children
+from celery_fleet.planning.workload import POOL_LABEL, TIER_LABEL, pool_children, tier_child_name
 
 log = logging.getLogger(__name__)
 
-POOL_API_VERSION = f"{GROUP}/{VERSION}"
+POOL_API_VERSION = API_VERSION
 
 
 @dataclass(frozen=True)
@@ -234,7 +234,7 @@ class PoolReconciler:
         runtime = self.cache.runtime[key]
         replicas = {
             tier.name: replicas_for(
-                tier, owned.get(("Deployment", f"{name}-{tier.name}")), runtime.desired.get(tier.name)
+                tier, owned.get(("Deployment", tier_child_name(name, tier.name))), runtime.desired.get(tier.name)
             )
             for tier in spec.tiers
         }
@@ -252,7 +252,7 @@ class PoolReconciler:
             except ChildConflict as conflict:
                 conflicts.append(conflict.problem)
                 continue
-            self.cache.put_child("celeryfleet.io/pool", {**applied, "kind": child["kind"]})
+            self.cache.put_child(POOL_LABEL, {**applied, "kind": child["kind"]})
             if current is None:
                 action, reason, message = "create", "Created", f"Created {child['kind']} {ckey[1]}"
             else:
@@ -271,7 +271,7 @@ class PoolReconciler:
             kind_api = {"Deployment": "apps/v1", "PodDisruptionBudget": "policy/v1"}.get(ckey[0])
             if kind_api is None:
                 continue
-            tier = (current["metadata"].get("labels") or {}).get("celeryfleet.io/tier", "?")
+            tier = (current["metadata"].get("labels") or {}).get(TIER_LABEL, "?")
             if self.kube.delete(kind_api, ckey[0], namespace, ckey[1], uid=current["metadata"].get("uid")):
                 message = f"Deleted {ckey[0]} {ckey[1]}: tier {tier} is no longer in the spec"
                 if ckey[0] == "PodDisruptionBudget":
@@ -279,7 +279,7 @@ class PoolReconciler:
                 metrics.CHILD_WRITES.labels(ckey[0], "delete").inc()
                 log.info("pool %s/%s: %s", namespace, name, message)
                 post_event(self.kube, ref, "Deleted", message)
-            self.cache.put_child("celeryfleet.io/pool", {**current, "kind": ckey[0]}, deleted=True)
+            self.cache.put_child(POOL_LABEL, {**current, "kind": ckey[0]}, deleted=True)
         return conflicts
 
     def _write_status(
@@ -297,7 +297,9 @@ class PoolReconciler:
         tiers = spec.tiers if spec is not None else []
         inp = PoolStatusInput(
             generation=int(body["metadata"].get("generation", 0)),
-            tiers=[observe_deployment(t.name, observed.get(("Deployment", f"{name}-{t.name}"))) for t in tiers],
+            tiers=[
+                observe_deployment(t.name, observed.get(("Deployment", tier_child_name(name, t.name)))) for t in tiers
+            ],
             scaling=dict(runtime.scaling),
             problem=problem,
             paused=bool(spec and spec.paused),

@@ -21,6 +21,7 @@ from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
 from celery_fleet import FIELD_MANAGER
+from celery_fleet.api.models import API_VERSION, BEAT_KIND, POOL_KIND
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,8 @@ _RESOURCES: dict[tuple[str, str], tuple[str, bool]] = {
     ("rbac.authorization.k8s.io/v1", "Role"): ("roles", True),
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): ("rolebindings", True),
     ("coordination.k8s.io/v1", "Lease"): ("leases", True),
-    ("celeryfleet.io/v1alpha1", "CeleryWorkerPool"): ("celeryworkerpools", True),
-    ("celeryfleet.io/v1alpha1", "CeleryBeat"): ("celerybeats", True),
+    (API_VERSION, POOL_KIND): ("celeryworkerpools", True),
+    (API_VERSION, BEAT_KIND): ("celerybeats", True),
 }
 
 

@@ -29,6 +29,7 @@ from celery_fleet.elector import SERVICE_ACCOUNT_DIR
 from celery_fleet.elector.process import UNKILLABLE_AFTER_SECONDS
 from celery_fleet.planning.workload import (
     MANAGED_BY,
+    MANAGED_BY_LABEL,
     POD_NAME_ENV,
     POD_NAMESPACE_ENV,
     Manifest,
@@ -107,7 +108,7 @@ def beat_labels(beat_name: str) -> dict[str, str]:
         "app.kubernetes.io/name": "celery-beat",
         "app.kubernetes.io/instance": beat_name,
         "app.kubernetes.io/component": "beat",
-        "app.kubernetes.io/managed-by": MANAGED_BY,
+        MANAGED_BY_LABEL: MANAGED_BY,
         **beat_selector_labels(beat_name),
     }
 

@@ -40,6 +40,7 @@ from celery_fleet.api.models import (
 Manifest = dict[str, Any]
 
 MANAGED_BY = "celery-fleet"
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 POOL_LABEL = f"{GROUP}/pool"
 TIER_LABEL = f"{GROUP}/tier"
 CONFIG_HASH_ANNOTATION = f"{GROUP}/config-hash"
@@ -115,7 +116,7 @@ def tier_labels(pool_name: str, tier_name: str) -> dict[str, str]:
         "app.kubernetes.io/name": "celery-worker",
         "app.kubernetes.io/instance": pool_name,
         "app.kubernetes.io/component": "worker",
-        "app.kubernetes.io/managed-by": MANAGED_BY,
+        MANAGED_BY_LABEL: MANAGED_BY,
         **tier_selector_labels(pool_name, tier_name),
     }
 
