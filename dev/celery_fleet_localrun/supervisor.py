@@ -32,6 +32,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
+from celery_fleet.planning import backoff
 from celery_fleet_localrun.container import ContainerConfigError, ProcessSpec, grace_seconds
 
 log = logging.getLogger(__name__)
@@ -75,14 +76,12 @@ Prober = Callable[[int, int], bool]
 
 
 @dataclass(frozen=True)
-class Backoff:
+class Backoff(backoff.Backoff):
+    """The kubelet's restart back-off: doubling per crash in a row, reset after `reset_after` s up."""
+
     initial: float = 1.0
     maximum: float = 30.0
     reset_after: float = 60.0
-
-    def delay(self, streak: int) -> float:
-        """Seconds before restart number `streak` of a crash series (streak >= 1)."""
-        return float(min(self.maximum, self.initial * (2 ** max(0, streak - 1))))
 
 
 class Waiting(StrEnum):

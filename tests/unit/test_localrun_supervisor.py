@@ -96,7 +96,7 @@ class World:
         self.probes = 0
         self.supervisor = Supervisor(
             self.launcher, self.preparer, self.probe, clock=self.clock,
-            wall=lambda: dt.datetime(2026, 1, 1, tzinfo=dt.UTC), backoff=Backoff(1, 8, 60),
+            wall=lambda: dt.datetime(2026, 1, 1, tzinfo=dt.UTC), backoff=Backoff(initial=1, maximum=8, reset_after=60),
         )  # fmt: skip
 
     def probe(self, pid: int, port: int) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from celery_fleet.handlers.workqueue import WorkQueue
+from celery_fleet.planning.backoff import Backoff
 
 
 def test_dedup_and_requeue_while_active() -> None:
@@ -39,7 +40,7 @@ def test_dedup_and_requeue_while_active() -> None:
 
 def test_backoff_grows_and_caps() -> None:
     async def scenario() -> list[float]:
-        q: WorkQueue[str] = WorkQueue(base_delay=0.5, max_delay=4)
+        q: WorkQueue[str] = WorkQueue(backoff=Backoff(initial=0.5, maximum=4))
         delays = []
         for _ in range(6):
             delays.append(q.backoff("k"))

@@ -18,18 +18,9 @@ from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 
 from celery_fleet.brokers.source import BrokerError, DepthReading, ErrorKind, QueueDepthSource, QueueRef
+from celery_fleet.planning.backoff import Backoff
 
-
-@dataclass(frozen=True)
-class Backoff:
-    """Wait before the n-th consecutive retry: initial * factor**(n-1), at most ``maximum``."""
-
-    initial: float = 0.5
-    factor: float = 2.0
-    maximum: float = 5.0
-
-    def delay(self, failures: int) -> float:
-        return float(min(self.maximum, self.initial * self.factor ** max(0, failures - 1)))
+__all__ = ["Backoff", "BrokerPoller", "BrokerRegistry"]
 
 
 @dataclass

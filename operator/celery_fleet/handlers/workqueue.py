@@ -12,19 +12,21 @@ import time
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
 
+from celery_fleet.planning.backoff import Backoff
+
 K = TypeVar("K", bound=Hashable)
+RETRY_BACKOFF = Backoff(initial=0.5, maximum=30.0)  # a failed reconcile: 0.5 s, doubling, at most 30 s
 
 
 class WorkQueue(Generic[K]):
-    def __init__(self, *, base_delay: float = 0.5, max_delay: float = 30.0) -> None:
+    def __init__(self, *, backoff: Backoff = RETRY_BACKOFF) -> None:
         self._queue: asyncio.Queue[K] = asyncio.Queue()
         self._waiting: set[K] = set()
         self._active: set[K] = set()
         self._dirty: set[K] = set()
         self._failures: dict[K, int] = {}
         self._timers: dict[K, asyncio.TimerHandle] = {}
-        self.base_delay = base_delay
-        self.max_delay = max_delay
+        self._backoff = backoff
 
     def add(self, key: K) -> None:
         if key in self._active:
@@ -49,9 +51,9 @@ class WorkQueue(Generic[K]):
         self.add(key)
 
     def backoff(self, key: K) -> float:
-        n = self._failures.get(key, 0)
-        self._failures[key] = n + 1
-        delay = float(min(self.max_delay, self.base_delay * (2**n)))
+        n = self._failures.get(key, 0) + 1
+        self._failures[key] = n
+        delay = self._backoff.delay(n)
         self.add_after(key, delay)
         return delay
 
