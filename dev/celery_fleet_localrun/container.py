@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from celery_fleet.api.broker_url import BrokerUrlError, parse_broker_url
 from celery_fleet_localrun.expansion import expand
 
 Manifest = Mapping[str, Any]
@@ -307,17 +308,15 @@ def rewrite_path(arg: str, paths: Mapping[str, Path]) -> str:
 
 
 def broker_port(url: str | None) -> int | None:
-    """The port the operator's readiness probe looks for (see `planning.workload`): None when the
-    URL is not a Redis one, as the probe then passes."""
-    from urllib.parse import urlsplit
-
+    """The port the operator's readiness probe looks for (see `planning.workload`), of the first
+    ';' segment: None when the URL is not a Redis one, as the probe then passes."""
     if not url:
         return None
     try:
-        parts = urlsplit(url.split(";")[0])
-        return (parts.port or 6379) if parts.scheme in ("redis", "rediss") else None
-    except ValueError:
+        parsed = parse_broker_url(url)
+    except BrokerUrlError:
         return None
+    return parsed.endpoints[0].port if parsed.kind == "redis" else None
 
 
 def process_spec(

@@ -25,6 +25,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from celery_fleet.api.broker_url import DEFAULT_PORTS
 from celery_fleet.api.models import (
     API_VERSION,
     GROUP,
@@ -67,7 +68,7 @@ GRACE_MARGIN_SECONDS = 30
 DEFAULT_GRACE_SECONDS = 300
 
 DEFAULT_PDB_MAX_UNAVAILABLE = 1
-DEFAULT_REDIS_PORT = 6379
+DEFAULT_REDIS_PORT = DEFAULT_PORTS["redis"]
 
 # Run by the readiness probe with the interpreter of the user's image (Celery needs one).
 # It never prints the URL (probe output lands in Events), and when it cannot tell which port
