@@ -60,6 +60,7 @@ def test_apiserver_defaults_a_minimal_pool(cluster: Cluster, crds_installed: lis
             "concurrency": concurrency,
             "pool": "prefork",
             "prefetchMultiplier": 1,
+            "disablePrefetch": False,
             "logLevel": "INFO",
             "replicas": {"min": low, "max": high},
             "autoscaling": autoscaling,
