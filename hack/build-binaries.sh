@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the local control plane (kube-apiserver, kube-controller-manager,
-# kube-scheduler, kubectl, etcd, kwok, kwokctl, helm) from Go modules into a
-# cache outside the repo, keyed by version. A second run is a no-op.
+# kube-scheduler, kubectl, etcd, kwok, kwokctl, helm) and the checkers the tests judge with
+# (kstatus, kubeconform, kube-score) from Go modules into a cache outside the repo, keyed by
+# version. A second run is a no-op.
 #
 # Kubernetes and etcd cannot be `go install`ed directly (their go.mod files
 # carry replace directives), so each is built through a small wrapper module.
@@ -23,6 +24,11 @@ export GOCACHE="${GOCACHE:-$cache_root/gocache}"
 log() { printf '[build-binaries] %s\n' "$*" >&2; }
 
 have() { [[ -x "$bin_dir/$1" ]]; }
+
+# Binaries whose recipe can change without a version in the directory name carry a stamp of it:
+# a binary with another (or no) stamp is rebuilt.
+stamped() { have "$1" && [[ "$(cat "$bin_dir/.$1.recipe" 2>/dev/null)" == "$2" ]]; }
+stamp() { printf '%s' "$2" > "$bin_dir/.$1.recipe"; }
 
 build_kubernetes() {
   local cmds=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
@@ -81,29 +87,71 @@ build_kwok() {
 }
 
 build_helm() {
-  have helm && return 0
-  log "building helm $HELM_VERSION"
-  GOBIN="$bin_dir" go install -trimpath -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
-    "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" 2>&1 || {
-    # helm's go.mod may carry replace lines on some tags; fall back to a wrapper module.
-    local mod="$work/helm-$HELM_VERSION"
-    rm -rf "$mod"; mkdir -p "$mod"; cd "$mod"
-    go mod init local/helmbin >/dev/null 2>&1
-    printf '//go:build tools\npackage tools\nimport _ "helm.sh/helm/v3/cmd/helm"\n' > tools.go
-    go get "helm.sh/helm/v3@$HELM_VERSION" >/dev/null
-    go mod tidy >/dev/null
-    go build -trimpath -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" -o "$bin_dir/helm" helm.sh/helm/v3/cmd/helm
-  }
+  # helm template without a cluster assumes the Kubernetes version stamped at build time (v1.20
+  # when unstamped, which a chart's kubeVersion ">=1.27" refuses): stamp the version of the
+  # client-go helm is built with, as helm's own Makefile does.
+  local gomod client_go major minor
+  gomod="$(go mod download -json "helm.sh/helm/v3@$HELM_VERSION" | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')"
+  client_go="$(awk '$1 == "k8s.io/client-go" {print $2}' "$gomod")"
+  # k8s.io modules v0.N.M are Kubernetes v1.N.
+  major=1; minor="${client_go#v0.}"; minor="${minor%%.*}"
+  local recipe="helm $HELM_VERSION kube v$major.$minor"
+  stamped helm "$recipe" && return 0
+  log "building helm $HELM_VERSION (Kubernetes v$major.$minor without a cluster)"
+  local ldflags="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+  local pkg
+  for pkg in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
+    ldflags+=" -X $pkg.k8sVersionMajor=$major -X $pkg.k8sVersionMinor=$minor"
+  done
+  GOBIN="$bin_dir" go install -trimpath -ldflags "$ldflags" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+  stamp helm "$recipe"
+}
+
+build_kstatus() {
+  # A small command over sigs.k8s.io/cli-utils' status.Compute (source: hack/kstatus/main.go).
+  local src="$here/kstatus/main.go" sum
+  sum="$(sha256sum "$src" | cut -c1-16)"
+  local recipe="cli-utils $CLI_UTILS_VERSION main.go $sum"
+  stamped kstatus "$recipe" && return 0
+  log "building kstatus (sigs.k8s.io/cli-utils $CLI_UTILS_VERSION)"
+  local mod="$work/kstatus-$CLI_UTILS_VERSION"
+  rm -rf "$mod"; mkdir -p "$mod"; cd "$mod"
+  go mod init local/kstatus >/dev/null 2>&1
+  cp "$src" main.go
+  go get "sigs.k8s.io/cli-utils@$CLI_UTILS_VERSION" >/dev/null 2>&1
+  go mod tidy >/dev/null 2>&1
+  go build -trimpath -ldflags "-s -w" -o "$bin_dir/kstatus.tmp" .
+  mv "$bin_dir/kstatus.tmp" "$bin_dir/kstatus"
+  stamp kstatus "$recipe"
+}
+
+build_kubeconform() {
+  stamped kubeconform "kubeconform $KUBECONFORM_VERSION" && return 0
+  log "building kubeconform $KUBECONFORM_VERSION"
+  GOBIN="$bin_dir" go install -trimpath -ldflags "-s -w -X main.version=$KUBECONFORM_VERSION" \
+    "github.com/yannh/kubeconform/cmd/kubeconform@$KUBECONFORM_VERSION"
+  stamp kubeconform "kubeconform $KUBECONFORM_VERSION"
+}
+
+build_kube_score() {
+  stamped kube-score "$KUBE_SCORE_VERSION" && return 0
+  log "building kube-score $KUBE_SCORE_VERSION"
+  GOBIN="$bin_dir" go install -trimpath -ldflags "-s -w -X main.version=$KUBE_SCORE_VERSION" \
+    "github.com/zegl/kube-score/cmd/kube-score@$KUBE_SCORE_VERSION"
+  stamp kube-score "$KUBE_SCORE_VERSION"
 }
 
 targets=("$@")
-[[ ${#targets[@]} == 0 ]] && targets=(kwok etcd kubernetes helm)
+[[ ${#targets[@]} == 0 ]] && targets=(kwok etcd kubernetes helm kstatus kubeconform kube-score)
 for t in "${targets[@]}"; do
   case "$t" in
     kubernetes) build_kubernetes ;;
     etcd) build_etcd ;;
     kwok) build_kwok ;;
     helm) build_helm ;;
+    kstatus) build_kstatus ;;
+    kubeconform) build_kubeconform ;;
+    kube-score) build_kube_score ;;
     *) echo "unknown target $t" >&2; exit 2 ;;
   esac
 done

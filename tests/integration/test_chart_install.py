@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from tests.support.cluster import ROOT, Cluster
+from tests.support.tools import tool
 from tests.support.wait import wait_for
-from tests.unit.test_chart import helm_binary
 
 pytestmark = pytest.mark.integration
 
@@ -25,11 +25,8 @@ NAMESPACED_KINDS = "deployments,replicasets,pods,services,serviceaccounts,roles,
 
 
 def helm(cluster: Cluster, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    binary = helm_binary()
-    if binary is None:
-        pytest.fail("helm is not built: run `make binaries` (hack/build-binaries.sh builds it with the cluster tools)")
     proc = subprocess.run(
-        [binary, "--kubeconfig", str(cluster.kubeconfig), *args], capture_output=True, text=True, timeout=360
+        [str(tool("helm")), "--kubeconfig", str(cluster.kubeconfig), *args], capture_output=True, text=True, timeout=360
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"helm {' '.join(args)} failed:\n{proc.stderr}{proc.stdout}")

@@ -29,8 +29,8 @@ from kubernetes import client
 from tests.support.cluster import ROOT, Cluster
 from tests.support.operator_process import OperatorProcess
 from tests.support.redis_server import RedisServer
+from tests.support.tools import tool
 from tests.support.wait import wait_for
-from tests.unit.test_chart import helm_binary
 
 pytestmark = pytest.mark.integration
 
@@ -74,9 +74,7 @@ def install(cluster: Cluster, crds_installed: list[str], tmp_path: Path) -> Iter
     for ns in (release_ns, watched, unwatched):
         cluster.kubectl("create", "namespace", ns)
     release = f"sa-{suffix}"
-    binary = helm_binary()
-    assert binary, "helm is not built: run `make binaries`"
-    helm = [binary, "--kubeconfig", str(cluster.kubeconfig)]
+    helm = [str(tool("helm")), "--kubeconfig", str(cluster.kubeconfig)]
     values = tmp_path / "values.yaml"
     values.write_text(json.dumps({"watchNamespaces": [watched]}))
     subprocess.run(

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from celery_fleet.planning.beat_status import BeatStatusInput, LeaseView, beat_status, current_leader, view_lease
-from celery_fleet.planning.conditions import ConditionUpdate, conditions_equal, merge_conditions
+from celery_fleet.planning.conditions import STALLED_REASONS, ConditionUpdate, conditions_equal, merge_conditions
 from celery_fleet.planning.drift import drifted_fields, has_drifted
 from celery_fleet.planning.pool_status import PoolStatusInput, Problem, TierObservation, observe_deployment, pool_status
 
@@ -118,6 +118,49 @@ def test_pool_status(tiers: list[TierObservation], problem: Problem | None, read
     assert body["observedGeneration"] == 4
 
 
+def _health(updates: list[ConditionUpdate]) -> tuple[str, ...]:
+    by_type = {u.type: u.status for u in updates}
+    return tuple(by_type[t] for t in ("Ready", "Reconciling", "Stalled", "Degraded"))
+
+
+# (Ready, Reconciling, Stalled, Degraded): kstatus reads Reconciling=True as InProgress, Stalled=True as Failed.
+CURRENT, IN_PROGRESS = ("True", "False", "False", "False"), ("False", "True", "False", "False")
+
+
+@pytest.mark.parametrize(
+    ("inp", "health"),
+    [
+        pytest.param(PoolStatusInput(1, [_tier("high", 2, 2)]), CURRENT, id="ready"),
+        pytest.param(PoolStatusInput(1, [_tier("high", 2, 2)], paused=True), CURRENT, id="paused"),
+        pytest.param(PoolStatusInput(1, [TierObservation("high", False)]), IN_PROGRESS, id="creating"),
+        pytest.param(PoolStatusInput(1, [_tier("high", 2, 1)]), IN_PROGRESS, id="rolling-out"),
+        *(
+            pytest.param(PoolStatusInput(1, [], problem=Problem(r, "fix it")), ("False", "False", "True", "True"), id=r)
+            for r in sorted(STALLED_REASONS)
+        ),
+        pytest.param(
+            PoolStatusInput(1, [], problem=Problem("SomethingTransient", "retrying")),
+            ("False", "True", "False", "True"),
+            id="unknown-reason-is-not-stalled",
+        ),
+    ],
+)
+def test_pool_health_conditions(inp: PoolStatusInput, health: tuple[str, ...]) -> None:
+    _, updates = pool_status(inp)
+    assert _health(updates) == health
+    stalled = next(u for u in updates if u.type == "Stalled")
+    if stalled.status == "True":
+        assert inp.problem is not None
+        assert (stalled.reason, stalled.message) == (inp.problem.reason, inp.problem.message)
+
+
+def test_retired_conditions_are_dropped_and_order_is_stable() -> None:
+    old = [{"type": "Progressing", "status": "True"}, {"type": "BrokerReachable", "status": "True"}]
+    merged = merge_conditions(old, pool_status(PoolStatusInput(1, [_tier("high", 1, 1)]))[1], generation=1, now=NOW)
+    assert [c["type"] for c in merged] == ["Ready", "Reconciling", "Stalled", "Degraded", "BrokerReachable"]
+    assert all(c.get("observedGeneration") == 1 for c in merged[:4])
+
+
 def test_observe_deployment_reads_status() -> None:
     dep = {
         "metadata": {"generation": 2},
@@ -152,4 +195,7 @@ def test_beat_degraded_only_after_a_lease_duration_without_leader() -> None:
     assert {u.type: u.status for u in beat_status(early)[1]}["Degraded"] == "False"
     body, updates = beat_status(late)
     assert {u.type: (u.status, u.reason) for u in updates}["Degraded"] == ("True", "NoLeader")
+    # Leaderless is never Current; not Stalled either: a standby or a restarted pod may still lead.
+    assert _health(beat_status(early)[1]) == IN_PROGRESS
+    assert _health(updates) == ("False", "True", "False", "True")
     assert body["leader"] == "" and body["leaseTransitions"] == 2

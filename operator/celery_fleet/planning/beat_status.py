@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from celery_fleet.planning.conditions import ConditionUpdate
+from celery_fleet.planning.conditions import ConditionUpdate, blocked, progressing, settled
 from celery_fleet.planning.pool_status import Problem
 
 
@@ -71,30 +71,19 @@ def beat_status(inp: BeatStatusInput) -> tuple[dict[str, Any], list[ConditionUpd
     if inp.lease.renew_time is not None:
         body["renewTime"] = inp.lease.renew_time.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     if inp.problem is not None:
-        return body, [
-            ConditionUpdate("Ready", "False", inp.problem.reason, inp.problem.message),
-            ConditionUpdate("Degraded", "True", inp.problem.reason, inp.problem.message),
-        ]
+        return body, blocked(inp.problem.reason, inp.problem.message)
     if leader is not None:
-        return body, [
-            ConditionUpdate("Ready", "True", "LeaderElected", f"{leader} holds the lease and runs celery beat"),
-            ConditionUpdate("Degraded", "False", "LeaderElected", "the lease is held and renewed"),
-        ]
+        return body, settled("LeaderElected", f"{leader} holds the lease and runs celery beat")
     since = inp.leaderless_since or inp.now
     waited = (inp.now - since).total_seconds()
     if waited > inp.configured_duration:
+        # Degraded, not Stalled: a standby or a restarted pod may still take the lease.
         message = (
             f"no pod has held the lease for {int(waited)}s (> leaseDuration {inp.configured_duration}s): "
             "check the beat pods' logs and that they can reach the apiserver"
         )
-        return body, [
-            ConditionUpdate("Ready", "False", "NoLeader", message),
-            ConditionUpdate("Degraded", "True", "NoLeader", message),
-        ]
+        return body, blocked("NoLeader", message)
     message = "waiting for a beat pod to acquire the lease"
     if not inp.deployment_exists:
         message = "creating the beat Deployment"
-    return body, [
-        ConditionUpdate("Ready", "False", "Electing", message),
-        ConditionUpdate("Degraded", "False", "Electing", message),
-    ]
+    return body, progressing("Electing", message)

@@ -1,4 +1,10 @@
-"""Status conditions in the shape kstatus, Argo CD and Flux read (pure)."""
+"""Status conditions in the shape kstatus, Argo CD and Flux read (pure).
+
+kstatus (Flux, Helm 4 `--wait`) reads `observedGeneration`, then `Reconciling=True` as
+InProgress, `Stalled=True` as Failed, then `Ready`; it ignores `Degraded`, which we keep for
+people and for Argo CD's health script. Every state below sets all four, so no stale
+abnormal-true condition outlives the state that raised it.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +23,61 @@ class ConditionUpdate:
     message: str
 
 
+# Reasons only a change by the user can clear (the spec, a Secret, a conflicting object):
+# retrying will not help, so they are Stalled and a pipeline fails with our message at once.
+STALLED_REASONS = frozenset(
+    {
+        "InvalidSpec",
+        "BrokerSecretMissing",
+        "BrokerSecretEmpty",
+        "BrokerSecretInvalid",
+        "ChildRejected",
+        "ChildConflict",
+    }
+)
+# Condition types earlier versions wrote and nothing writes any more: dropped on the next write.
+RETIRED_TYPES = frozenset({"Progressing"})
+ORDER = {"Ready": 0, "Reconciling": 1, "Stalled": 2, "Degraded": 3, "BrokerReachable": 4}
+
+
+def settled(reason: str, message: str) -> list[ConditionUpdate]:
+    """The desired state is reached."""
+    return [
+        ConditionUpdate("Ready", "True", reason, message),
+        ConditionUpdate("Reconciling", "False", reason, "the desired state is reached"),
+        ConditionUpdate("Stalled", "False", reason, "nothing blocks the reconcile"),
+        ConditionUpdate("Degraded", "False", reason, "nothing blocks the reconcile"),
+    ]
+
+
+def progressing(reason: str, message: str) -> list[ConditionUpdate]:
+    """On the way to the desired state; nothing is wrong."""
+    return [
+        ConditionUpdate("Ready", "False", reason, message),
+        ConditionUpdate("Reconciling", "True", reason, message),
+        ConditionUpdate("Stalled", "False", reason, "nothing blocks the reconcile"),
+        ConditionUpdate("Degraded", "False", reason, "nothing blocks the reconcile"),
+    ]
+
+
+def blocked(reason: str, message: str) -> list[ConditionUpdate]:
+    """Something is wrong: Stalled when only the user can fix it, else still Reconciling."""
+    stalled = reason in STALLED_REASONS
+    return [
+        ConditionUpdate("Ready", "False", reason, message),
+        ConditionUpdate(
+            "Reconciling",
+            "False" if stalled else "True",
+            reason,
+            "stalled until the problem is fixed; see Stalled" if stalled else message,
+        ),
+        ConditionUpdate(
+            "Stalled", "True" if stalled else "False", reason, message if stalled else "retrying; see Degraded"
+        ),
+        ConditionUpdate("Degraded", "True", reason, message),
+    ]
+
+
 def merge_conditions(
     current: Iterable[Mapping[str, Any]] | None,
     updates: Iterable[ConditionUpdate],
@@ -25,7 +86,9 @@ def merge_conditions(
     now: str,
 ) -> list[dict[str, Any]]:
     """Apply updates; lastTransitionTime moves only when a condition's status changes."""
-    by_type: dict[str, dict[str, Any]] = {c["type"]: dict(c) for c in current or [] if "type" in c}
+    by_type: dict[str, dict[str, Any]] = {
+        c["type"]: dict(c) for c in current or [] if "type" in c and c["type"] not in RETIRED_TYPES
+    }
     for up in updates:
         old = by_type.get(up.type)
         changed = old is None or old.get("status") != up.status
@@ -37,8 +100,7 @@ def merge_conditions(
             "observedGeneration": generation,
             "lastTransitionTime": now if changed or old is None else old.get("lastTransitionTime", now),
         }
-    order = {"Ready": 0, "Progressing": 1, "Degraded": 2, "BrokerReachable": 3}
-    return sorted(by_type.values(), key=lambda c: (order.get(c["type"], 99), c["type"]))
+    return sorted(by_type.values(), key=lambda c: (ORDER.get(c["type"], 99), c["type"]))
 
 
 def conditions_equal(a: Iterable[Mapping[str, Any]] | None, b: Iterable[Mapping[str, Any]] | None) -> bool:

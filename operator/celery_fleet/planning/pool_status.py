@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from celery_fleet.planning.conditions import ConditionUpdate
+from celery_fleet.planning.conditions import ConditionUpdate, blocked, progressing, settled
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class TierScaling:
 
 @dataclass(frozen=True)
 class Problem:
-    """Why the pool cannot be reconciled; goes to Degraded unchanged."""
+    """Why the object cannot be reconciled; goes to the conditions unchanged (see conditions.blocked)."""
 
     reason: str
     message: str
@@ -96,43 +96,24 @@ def pool_status(inp: PoolStatusInput) -> tuple[dict[str, Any], list[ConditionUpd
 
     # "7/8": ready pods over pods the tiers should have, for the Ready printer column.
     body["ready"] = f"{sum(t.ready_replicas for t in inp.tiers)}/{sum(t.spec_replicas for t in inp.tiers)}"
-    updates: list[ConditionUpdate] = []
     if inp.problem is not None:
-        updates += [
-            ConditionUpdate("Ready", "False", inp.problem.reason, inp.problem.message),
-            ConditionUpdate("Degraded", "True", inp.problem.reason, inp.problem.message),
-            ConditionUpdate("Progressing", "False", inp.problem.reason, "reconcile is blocked; see Degraded"),
-        ]
-        return body, updates
+        return body, blocked(inp.problem.reason, inp.problem.message)
 
-    updates.append(ConditionUpdate("Degraded", "False", "Reconciled", "all tier Deployments are applied"))
     missing = [t.name for t in inp.tiers if not t.exists]
-    rolling = [t.name for t in inp.tiers if t.exists and not tier_rolled_out(t)]
+    rolling = [t for t in inp.tiers if t.exists and not tier_rolled_out(t)]
     if missing or rolling:
         parts = []
         if missing:
             parts.append("creating " + ", ".join(missing))
         if rolling:
             parts.append(
-                "waiting for "
-                + ", ".join(
-                    f"{t.name} ({t.ready_replicas}/{t.spec_replicas} ready)" for t in inp.tiers if t.name in rolling
-                )
+                "waiting for " + ", ".join(f"{t.name} ({t.ready_replicas}/{t.spec_replicas} ready)" for t in rolling)
             )
-        message = "; ".join(parts)
-        updates += [
-            ConditionUpdate("Ready", "False", "RollingOut", message),
-            ConditionUpdate("Progressing", "True", "RollingOut", message),
-        ]
-    else:
-        message = f"{len(inp.tiers)} tiers, {sum(t.ready_replicas for t in inp.tiers)} workers ready"
-        if inp.paused:
-            message += " (paused: changes are not applied)"
-        updates += [
-            ConditionUpdate("Ready", "True", "Paused" if inp.paused else "AllTiersReady", message),
-            ConditionUpdate("Progressing", "False", "RolledOut", "every tier is at its desired state"),
-        ]
-    return body, updates
+        return body, progressing("RollingOut", "; ".join(parts))
+    message = f"{len(inp.tiers)} tiers, {sum(t.ready_replicas for t in inp.tiers)} workers ready"
+    if inp.paused:
+        message += " (paused: changes are not applied)"
+    return body, settled("Paused" if inp.paused else "AllTiersReady", message)
 
 
 def observe_deployment(tier: str, deployment: Mapping[str, Any] | None) -> TierObservation:
