@@ -1,4 +1,5 @@
-"""Issue 16: pools and beats judged by kstatus itself (cli-utils' status.Compute, what Flux and Helm 4 use).
+"""Issue 16: pools and beats judged by kstatus itself (cli-utils' status.Compute, what Flux and Helm 4 use)
+and by the chart's Argo CD health script in a real Lua runtime.
 
 Every version of the object the apiserver hands out (a watch from before its creation) goes through the
 `kstatus` command built from sigs.k8s.io/cli-utils by hack/build-binaries.sh, so what is asserted is what a
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 from kubernetes import client, watch
 
+from tests.support.argocd import argocd_health
 from tests.support.cluster import Cluster
 from tests.support.operator_process import OperatorProcess
 from tests.support.tools import tool
@@ -137,6 +139,8 @@ def test_pool_new_ready_broken_fixed_changed(
     assert with_status[0][2] == "InProgress", verdicts
     assert first_current > 0 and all(v[2] == "InProgress" for v in with_status[:first_current]), verdicts
     assert all(v[2] == "Current" for v in with_status[first_current:]), verdicts
+    argo = [argocd_health(o)[0] for o in h.snapshot()]
+    assert argo[0] == "Progressing" and argo[-1] == "Healthy", argo  # Argo CD: no status yet is not Healthy
 
     # broken: a Secret only the user can create -> Failed, with our message, once generation 2 is observed.
     _apply(cluster, namespace, _pool(name, {"urlSecretRef": {"name": "broker", "key": "url"}}))
@@ -145,6 +149,7 @@ def test_pool_new_ready_broken_fixed_changed(
     stalled = _condition(pool, "Stalled")
     assert stalled["reason"] == "BrokerSecretMissing" and failed[3] == stalled["message"]
     assert "spec.broker.urlSecretRef" in failed[3] and "Create it" in failed[3]
+    assert argocd_health(pool) == ("Degraded", stalled["message"])
     # Until the operator observed generation 2, kstatus said InProgress, never Current or Failed.
     assert all(v[2] == "InProgress" for v in h.verdicts() if v[0] == 2 and v[1] != 2)
 
@@ -160,6 +165,15 @@ def test_pool_new_ready_broken_fixed_changed(
     gen3 = [v for v in h.verdicts() if v[0] == 3]
     assert gen3[0][2] == "InProgress", gen3  # the apiserver's first version of generation 3 is not observed yet
     assert all(v[2] == "InProgress" for v in gen3 if v[1] != 3), gen3
+    assert argocd_health(h.snapshot()[-1])[0] == "Healthy"
+    assert all(argocd_health(o)[0] == "Progressing" for o in h.snapshot() if o["metadata"]["generation"] == 3
+               and (o.get("status") or {}).get("observedGeneration") != 3)  # fmt: skip
+
+    # paused: Argo CD shows Suspended; kstatus Current (nothing is in progress).
+    paused = _pool(name, {"urlSecretRef": {"name": "broker", "key": "url"}}, image="example/shop:2", paused=True)
+    _apply(cluster, namespace, paused)
+    h.wait_status("Current", generation=4, timeout=30)
+    assert argocd_health(h.snapshot()[-1])[0] == "Suspended"
 
 
 def test_pool_child_rejected_is_failed(
@@ -170,6 +184,7 @@ def test_pool_child_rejected_is_failed(
     failed = h.wait_status("Failed", generation=1, timeout=30)
     assert "rejected a child" in failed[3] and "not ok!" in failed[3]
     assert _condition(h.snapshot()[-1], "Stalled")["reason"] == "ChildRejected"
+    assert argocd_health(h.snapshot()[-1]) == ("Degraded", failed[3])
 
 
 def _now() -> str:
@@ -196,6 +211,7 @@ def test_beat_electing_led_leaderless(
     _apply(cluster, namespace, beat)
     electing = h.wait_status("InProgress", generation=1, timeout=30)
     assert electing[1] == 1  # observed, and still not Current: nobody holds the lease
+    assert argocd_health(h.snapshot()[-1])[0] == "Progressing"
 
     coord = client.CoordinationV1Api(k8s_api)
     lease = wait_for(lambda: coord.read_namespaced_lease(f"{name}-beat", namespace), timeout=30, message="Lease")
@@ -203,6 +219,7 @@ def test_beat_electing_led_leaderless(
     lease.spec.renew_time = lease.spec.acquire_time = dt.datetime.now(dt.UTC)
     coord.replace_namespaced_lease(f"{name}-beat", namespace, lease)
     h.wait_status("Current", generation=1, timeout=20)
+    assert argocd_health(h.snapshot()[-1]) == ("Healthy", f"{name}-beat-pod-a holds the lease and runs celery beat")
 
     # Nobody renews: leaderless is not Current (InProgress with our message; a standby may still lead).
     def leaderless() -> tuple[int, int | None, str, str] | None:
@@ -211,3 +228,4 @@ def test_beat_electing_led_leaderless(
 
     last = wait_for(leaderless, timeout=30, message="beat leaderless")
     assert last[2] == "InProgress" and "no pod has held the lease" in last[3]
+    assert argocd_health(h.snapshot()[-1]) == ("Degraded", last[3])
