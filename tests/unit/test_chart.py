@@ -428,3 +428,30 @@ def test_operator_down_alert_matches_the_scrape_job() -> None:
     monitor = one(docs, "ServiceMonitor")
     assert monitor["spec"]["endpoints"][0]["port"] == "http-metrics"
     assert monitor["spec"]["endpoints"][0]["honorLabels"] is True
+
+
+def _panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
+    return [p for p in dashboard["panels"] if p["type"] != "row"]
+
+
+def test_dashboard_datasource_variables_and_ids() -> None:
+    """Grafana imports it anywhere: one datasource variable, no dangling or unused variables, stable ids."""
+    dashboard = _dashboard()
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    builtin = {"__rate_interval", "__interval", "__range", "__all"}
+    text = json.dumps(dashboard)
+    used = set(re.findall(r"\$\{?(\w+)", text))
+    assert not (used - set(variables) - builtin), f"variables used but not defined: {used - set(variables) - builtin}"
+    assert not (set(variables) - used), f"variables defined but never used: {set(variables) - used}"
+    for var in variables.values():
+        if var["type"] == "query":
+            assert var["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, var["name"]
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids repeat"
+    for panel in _panels(dashboard):
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+        assert {"h", "w", "x", "y"} <= set(panel["gridPos"]), panel["title"]
+        ref_ids = [t["refId"] for t in panel["targets"]]
+        assert len(ref_ids) == len(set(ref_ids)), panel["title"]
+    assert dashboard["uid"] == "celery-fleet" and dashboard["title"]
