@@ -1,3 +1,4 @@
+# Just over 500 lines: the kubelet's pod lifecycle (init, run, restart, probe, stop) as one state machine.
 """The kubelet's job for local processes: one process per container of every scheduled pod.
 
 Level-triggered: each tick the runtime hands in the pods it sees (`sync`) and calls `step`.

@@ -1,3 +1,4 @@
+# Over 500 lines on purpose: each permission beside its reason, and the renderers of that one source.
 """The operator's RBAC: every permission it holds, each beside the reason and the code that needs it.
 
 This module is the one source. `python -m celery_fleet.rbac` writes it into the Helm chart

@@ -1,3 +1,4 @@
+# Over 500 lines, half of it the Lua poll script and its notes; script, parser, client could split.
 """Queue depth and in-flight work from a Redis broker, the way kombu's Redis transport lays them out.
 
 One poll is ONE round trip carrying one ``EVAL`` of :data:`POLL_SCRIPT` per key prefix (almost

@@ -1,3 +1,4 @@
+# Over 500 lines, not split yet: the poll loop and scale-in (census, drain) share per-pool state.
 """The autoscaler loop: every poll, read each broker once, decide every tier, act on changes.
 
 gather (one pipelined read per broker, shared by its pools) -> decide (pure,

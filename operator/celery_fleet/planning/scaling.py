@@ -1,3 +1,4 @@
+# Over 500 lines on purpose: one pure decision (demand, activation, windows, step, budget), read as one.
 """Autoscaling decisions for the worker tiers of one pool: a pure function of what was observed.
 
 ``decide(tiers, observations, current, histories, now=..., max_total_replicas=..., paused=...)``
