@@ -30,7 +30,6 @@ Least privilege, and why each choice:
 
 from __future__ import annotations
 
-import argparse
 import enum
 import filecmp
 import importlib
@@ -44,6 +43,7 @@ from typing import Any
 import yaml
 
 from celery_fleet import GROUP
+from celery_fleet.api.generated import REPO_ROOT, generator_main
 
 STALE_MESSAGE = "RBAC is stale: run make generate"
 CHART_RBAC = Path("charts/celery-fleet/templates/rbac.yaml")
@@ -611,26 +611,18 @@ def resolve(reference: str) -> object:
 
 
 def repo_root() -> Path:
-    # operator/celery_fleet/rbac.py -> the checkout root (the package is installed editable).
-    return Path(__file__).resolve().parents[2]
+    return REPO_ROOT
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m celery_fleet.rbac", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--check", action="store_true", help="fail if the files on disk are stale")
-    parser.add_argument("--root", type=Path, default=repo_root(), help="checkout root (default: %(default)s)")
-    args = parser.parse_args(argv)
-    if args.check:
-        stale = stale_files(args.root)
-        for path in stale:
-            print(f"stale: {path}", file=sys.stderr)
-        if stale:
-            print(STALE_MESSAGE, file=sys.stderr)
-            return 1
-        return 0
-    for path in write(args.root):
-        print(f"wrote {path}")
-    return 0
+    return generator_main(
+        argv,
+        prog="python -m celery_fleet.rbac",
+        description=(__doc__ or "").split("\n\n")[0],
+        write=write,
+        stale_files=stale_files,
+        stale_message=STALE_MESSAGE,
+    )
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ apiserver should fill them in.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import filecmp
 import json
@@ -28,6 +27,7 @@ from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
 from pydantic_core import core_schema, to_jsonable_python
 
 from celery_fleet.api import models
+from celery_fleet.api.generated import REPO_ROOT, generator_main
 
 Schema = dict[str, Any]
 
@@ -348,26 +348,18 @@ def stale_files(root: Path) -> list[Path]:
 
 
 def repo_root() -> Path:
-    # operator/celery_fleet/api/crdgen.py -> the checkout root (the package is installed editable).
-    return Path(__file__).resolve().parents[3]
+    return REPO_ROOT
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m celery_fleet.api.crdgen", description=__doc__)
-    parser.add_argument("--check", action="store_true", help="fail if the files on disk are stale")
-    parser.add_argument("--root", type=Path, default=repo_root(), help="checkout root (default: %(default)s)")
-    args = parser.parse_args(argv)
-    if args.check:
-        stale = stale_files(args.root)
-        if stale:
-            for path in stale:
-                print(f"stale: {path}", file=sys.stderr)
-            print(STALE_MESSAGE, file=sys.stderr)
-            return 1
-        return 0
-    for path in write_crds(args.root):
-        print(f"wrote {path}")
-    return 0
+    return generator_main(
+        argv,
+        prog="python -m celery_fleet.api.crdgen",
+        description=__doc__ or "",
+        write=write_crds,
+        stale_files=stale_files,
+        stale_message=STALE_MESSAGE,
+    )
 
 
 if __name__ == "__main__":
