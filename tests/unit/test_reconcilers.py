@@ -65,6 +65,15 @@ def test_a_pool_that_is_not_valid_writes_only_its_status() -> None:
     assert "spec.tiers" in degraded["message"]
 
 
+def test_a_spec_only_the_builders_refuse_is_degraded_not_a_crash() -> None:
+    api, _, outcome = _reconcile_pool(_pool(env=[{"name": "CELERY_BROKER_URL", "value": "redis://x:6379/0"}]))
+    assert not outcome.error
+    assert not _deployments(api)
+    degraded = _condition(api.statuses()[-1], "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "InvalidSpec")
+    assert "spec.env[0].name" in degraded["message"]
+
+
 def test_a_missing_broker_secret_creates_nothing_and_retries() -> None:
     api, _, outcome = _reconcile_pool(_pool(), RecordingApi(broker_url=None))
     assert outcome.error  # nothing wakes us when the Secret appears: back off and look again
