@@ -25,11 +25,12 @@ $(STAMP): pyproject.toml
 install: $(STAMP) ## virtualenv with the project and dev deps (.venv)
 
 .PHONY: install-system
-install-system: ## system packages the tests need (redis-server, redis-sentinel)
-	@command -v redis-server >/dev/null && command -v redis-sentinel >/dev/null || { \
+install-system: ## system packages the tests need (redis-server, redis-sentinel, promtool from prometheus)
+	@command -v redis-server >/dev/null && command -v redis-sentinel >/dev/null && command -v promtool >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-	  $$SUDO apt-get install -y -q redis-server redis-sentinel || \
-	    { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q redis-server redis-sentinel; }; }
+	  pkgs="redis-server redis-sentinel prometheus"; \
+	  $$SUDO apt-get install -y -q --no-install-recommends $$pkgs || \
+	    { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q --no-install-recommends $$pkgs; }; }
 
 .PHONY: binaries
 binaries: ## build the control-plane binaries into the cache (slow the first time)
