@@ -1,4 +1,8 @@
-"""Prometheus metrics of the operator. Labels never carry broker URLs or credentials."""
+"""Prometheus metrics of the operator. Labels never carry broker URLs or credentials.
+
+Labels follow celery-exporter's names where they mean the same (`queue_name`), plus our own
+`namespace`, `pool` and `tier`.
+"""
 
 from __future__ import annotations
 
@@ -32,13 +36,13 @@ CHILD_WRITES = Counter(
 QUEUE_DEPTH = Gauge(
     "celery_fleet_queue_depth",
     "Messages waiting in a queue's priority sub-list.",
-    ["namespace", "pool", "tier", "queue", "priority"],
+    ["namespace", "pool", "tier", "queue_name", "priority"],
     registry=REGISTRY,
 )
 IN_FLIGHT = Gauge(
     "celery_fleet_queue_in_flight",
     "Messages reserved or running (kombu unacked) for a queue.",
-    ["namespace", "pool", "tier", "queue"],
+    ["namespace", "pool", "tier", "queue_name"],
     registry=REGISTRY,
 )
 DESIRED_REPLICAS = Gauge(
@@ -129,7 +133,7 @@ def forget_pool(namespace: str, pool: str, *, tier: str | None = None, queue: st
     if tier is not None:
         labels["tier"], metrics = tier, TIER_SERIES
     if queue is not None:
-        labels["queue"], metrics = queue, QUEUE_SERIES
+        labels["queue_name"], metrics = queue, QUEUE_SERIES
     for metric in metrics:
         metric.remove_by_labels(labels)
 

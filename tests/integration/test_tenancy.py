@@ -273,7 +273,7 @@ def test_metrics_of_deleted_pools_tiers_queues_and_beats_are_removed(
 
     def every_series_present() -> bool:
         return bool(
-            _series(operator, namespace, pool="shop", tier="low", queue="bulk")
+            _series(operator, namespace, pool="shop", tier="low", queue_name="bulk")
             and [s for s in _series(operator, namespace, pool="shop", tier="high") if "scaling_decisions" in s]
             and [s for s in _series(operator, namespace, pool="down") if s.startswith("celery_fleet_broker_reachable")]
             and _series(operator, namespace, beat="shop")
@@ -285,9 +285,9 @@ def test_metrics_of_deleted_pools_tiers_queues_and_beats_are_removed(
     # A queue leaves a tier, then a whole tier leaves the pool.
     tiers[1]["queues"] = ["low_priority"]
     apply(cluster, namespace, pool_manifest("shop", shop, tiers))
-    wait_for(lambda: not _series(operator, namespace, pool="shop", queue="bulk"), timeout=30,
-             message=lambda: "\n".join(_series(operator, namespace, queue="bulk")))  # fmt: skip
-    assert _series(operator, namespace, pool="shop", tier="low", queue="low_priority")
+    wait_for(lambda: not _series(operator, namespace, pool="shop", queue_name="bulk"), timeout=30,
+             message=lambda: "\n".join(_series(operator, namespace, queue_name="bulk")))  # fmt: skip
+    assert _series(operator, namespace, pool="shop", tier="low", queue_name="low_priority")
     apply(cluster, namespace, pool_manifest("shop", shop, tiers[:1]))
     wait_for(lambda: not _series(operator, namespace, pool="shop", tier="low"), timeout=30,
              message=lambda: "\n".join(_series(operator, namespace, tier="low")))  # fmt: skip
