@@ -1,9 +1,16 @@
-"""Kubernetes Events on our custom resources: one per decision, with its reason."""
+"""Kubernetes Events on our custom resources: one per decision, with its reason.
+
+A repeat of the same Event (object, type, reason, message) within SERIES_WINDOW is counted on the
+Event already written (`count`, `lastTimestamp`, as client-go's correlator does) instead of adding
+an object per repeat: a broker that flaps, or a tier scaled back and forth by the same figures, keeps
+one Event per distinct message.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -54,10 +61,48 @@ def event_body(ref: ObjectRef, reason: str, message: str, type_: EventType, now:
     }
 
 
+SERIES_WINDOW = dt.timedelta(minutes=10)
+SERIES_MAX = 10_000  # remembered series; the oldest are forgotten first
+
+
+@dataclass
+class _Series:
+    name: str
+    count: int
+    last: dt.datetime
+
+
+_series: dict[tuple[str, str, str, str, str], _Series] = {}
+_series_lock = threading.Lock()
+
+
 def post_event(kube: Kube, ref: ObjectRef, reason: str, message: str, type_: EventType = "Normal") -> None:
     """Best effort: an Event that cannot be written must not fail the reconcile that caused it."""
-    body = event_body(ref, reason, message, type_, dt.datetime.now(dt.UTC))
+    now = dt.datetime.now(dt.UTC)
+    body = event_body(ref, reason, message, type_, now)
+    key = (ref.namespace, ref.uid, type_, reason, body["message"])
+    with _series_lock:
+        series = _series.get(key)
+        if series is not None and now - series.last < SERIES_WINDOW:
+            series.count += 1
+            series.last = now
+            repeat: tuple[str, int] | None = (series.name, series.count)
+        else:
+            repeat = None
     try:
+        if repeat is not None:
+            patch = {"count": repeat[1], "lastTimestamp": body["lastTimestamp"]}
+            try:
+                kube.request("PATCH", resource_path("v1", "Event", ref.namespace, repeat[0]), body=patch,
+                             content_type="application/merge-patch+json")  # fmt: skip
+                return
+            except ApiError as err:
+                if err.status != 404:  # expired or deleted: start a new series below
+                    raise
         kube.request("POST", resource_path("v1", "Event", ref.namespace), body=body)
+        with _series_lock:
+            if len(_series) >= SERIES_MAX:
+                _series.pop(next(iter(_series)))
+            _series[key] = _Series(body["metadata"]["name"], 1, now)
     except ApiError as err:
         log.warning("could not post event %s on %s/%s: %s", reason, ref.namespace, ref.name, err)
