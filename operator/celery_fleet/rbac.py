@@ -146,8 +146,9 @@ RULES: tuple[Rule, ...] = (
     Rule(
         ("",),
         ("events",),
-        ("create",),
-        "An Event per scaling decision and child change (and Kopf's own warnings).",
+        ("create", "patch"),
+        "An Event per scaling decision and child change (and Kopf's own warnings); patch counts a repeat on "
+        "the Event already written.",
         ("celery_fleet.kube.events:post_event",),
     ),
     # --- Children, written with server-side apply (PATCH; create when absent).

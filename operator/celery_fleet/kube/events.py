@@ -12,6 +12,7 @@ import datetime as dt
 import logging
 import threading
 import uuid
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -72,7 +73,8 @@ class _Series:
     last: dt.datetime
 
 
-_series: dict[tuple[str, str, str, str, str], _Series] = {}
+# Per client, so each operator (and each test's fake apiserver) has series of its own.
+_series: weakref.WeakKeyDictionary[Kube, dict[tuple[str, str, str, str, str], _Series]] = weakref.WeakKeyDictionary()
 _series_lock = threading.Lock()
 
 
@@ -82,7 +84,8 @@ def post_event(kube: Kube, ref: ObjectRef, reason: str, message: str, type_: Eve
     body = event_body(ref, reason, message, type_, now)
     key = (ref.namespace, ref.uid, type_, reason, body["message"])
     with _series_lock:
-        series = _series.get(key)
+        known = _series.setdefault(kube, {})
+        series = known.get(key)
         if series is not None and now - series.last < SERIES_WINDOW:
             series.count += 1
             series.last = now
@@ -101,8 +104,8 @@ def post_event(kube: Kube, ref: ObjectRef, reason: str, message: str, type_: Eve
                     raise
         kube.request("POST", resource_path("v1", "Event", ref.namespace), body=body)
         with _series_lock:
-            if len(_series) >= SERIES_MAX:
-                _series.pop(next(iter(_series)))
-            _series[key] = _Series(body["metadata"]["name"], 1, now)
+            if len(known) >= SERIES_MAX:
+                known.pop(next(iter(known)))
+            known[key] = _Series(body["metadata"]["name"], 1, now)
     except ApiError as err:
         log.warning("could not post event %s on %s/%s: %s", reason, ref.namespace, ref.name, err)
