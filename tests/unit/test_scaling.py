@@ -47,6 +47,9 @@ DOWN = ReadFailure("Timeout", "no answer from redis.celery.svc:6379 within 1s")
 # A default-tier trio, each at target 10 per replica.
 HIGH, MEDIUM, LOW = tier("high", 2, 8), tier("medium", 4, 12), tier("low", 1, 4)
 FAST = {"scale_down_stabilization_seconds": 0}
+# The scale-down limits before the defaults changed (a 60 s window, a fixed step of 2), set explicitly.
+STEP2 = {"scale_down_stabilization_seconds": 60, "scale_down_max_step": 2}
+HIGH_STEP2 = tier("high", 2, 8, **STEP2)
 
 
 @dataclass
@@ -144,7 +147,7 @@ SCENARIOS = [
     ),
     pytest.param(
         Scenario(
-            [tier("high", 1, 8, count_in_flight=False)],
+            [tier("high", 1, 8, count_in_flight=False, **STEP2)],
             {"high": 4},
             [
                 Poll(0, {"high": q(0, 40)}, {"high": (4, R.STABILIZATION_WINDOW)}),
@@ -185,7 +188,7 @@ SCENARIOS = [
     ),
     pytest.param(
         Scenario(
-            [tier("low", 0, 4)],
+            [tier("low", 0, 4, **STEP2)],
             {"low": 1},
             polls(
                 "low",
@@ -214,10 +217,35 @@ SCENARIOS = [
     ),
     # -- scale-down: stabilization window and step ----------------------------------------------------
     pytest.param(one(HIGH, 8, q(0), 8, R.STABILIZATION_WINDOW), id="restart-never-scales-down-at-once"),
-    pytest.param(one(tier("high", 2, 8, **FAST), 8, q(0), 6, R.QUEUE_DRAINED), id="no-window-steps-down-at-once"),
+    pytest.param(one(tier("high", 2, 8, **FAST), 8, q(0), 2, R.QUEUE_DRAINED), id="no-window-100-percent-at-once"),
+    pytest.param(
+        one(tier("high", 2, 8, scale_down_max_step=2, **FAST), 8, q(0), 6, R.QUEUE_DRAINED),
+        id="no-window-fixed-step-steps-down",
+    ),
     pytest.param(
         Scenario(
-            [HIGH],
+            [tier("high", 2, 8, scale_down_max_percent=50, **FAST)],
+            {"high": 8},
+            polls(
+                "high",
+                (0, q(0), 4, R.QUEUE_DRAINED),  # 50 % of 8
+                (10, q(0), 4, R.SCALE_DOWN_LIMITED),  # 50 % of the period's start (8) already used
+                (16, q(0), 2, R.QUEUE_DRAINED),  # a new period: 50 % of 4
+            ),
+        ),
+        id="percent-step-of-the-period-start",
+    ),
+    pytest.param(
+        Scenario(
+            [tier("high", 1, 8, scale_down_max_percent=10, **FAST)],
+            {"high": 3},
+            [Poll(0, {"high": q(0)}, {"high": (2, R.QUEUE_DRAINED)}, {"high": "at most 10% per 15s"})],
+        ),
+        id="percent-step-rounds-up-to-one",
+    ),
+    pytest.param(
+        Scenario(
+            [HIGH_STEP2],
             {"high": 6},
             polls(
                 "high",
@@ -364,7 +392,7 @@ SCENARIOS = [
     ),
     pytest.param(
         Scenario(
-            [HIGH],
+            [HIGH_STEP2],
             {"high": 6},
             polls(
                 "high",

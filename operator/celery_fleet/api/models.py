@@ -523,23 +523,36 @@ class Autoscaling(_Spec):
         description="Window, in seconds, over which scaleUpMaxStep applies.",
     )
     scale_down_stabilization_seconds: int = Field(
-        default=60,
+        default=30,
         ge=0,
         le=3600,
         description="Scale down only to the highest desired count seen in this many seconds, "
-        "so short dips do not remove workers.",
+        "so short dips do not remove workers. The default 30 comes from the autoscaling "
+        "simulation (bench/results/autoscale_sim.md); busy workers are kept regardless "
+        "(scaleInBusyWorkers).",
     )
-    scale_down_max_step: int = Field(
-        default=2,
+    scale_down_max_step: int | None = Field(
+        default=None,
         ge=1,
         le=MAX_REPLICAS,
-        description="Most replicas removed per scaleDownPeriodSeconds.",
+        description="Most replicas removed per scaleDownPeriodSeconds, a fixed count. When set "
+        "it alone limits scale-down and scaleDownMaxPercent is ignored; unset (the default) "
+        "means scaleDownMaxPercent applies.",
+    )
+    scale_down_max_percent: int = Field(
+        default=100,
+        ge=1,
+        le=100,
+        description="Most replicas removed per scaleDownPeriodSeconds, as a percentage of the "
+        "replicas the tier had at the start of that period, rounded up (at least 1), as the "
+        "HPA's scale-down policies count it; the default 100 is the HPA's default. Ignored "
+        "when scaleDownMaxStep is set.",
     )
     scale_down_period_seconds: int = Field(
         default=15,
         ge=1,
         le=3600,
-        description="Window, in seconds, over which scaleDownMaxStep applies.",
+        description="Window, in seconds, over which scaleDownMaxStep or scaleDownMaxPercent applies.",
     )
     cooldown_seconds: int = Field(
         default=120,

@@ -17,7 +17,9 @@ The rules, per tier (``a`` is ``tier.autoscaling``):
 * Scale-up is immediate, at most ``a.scale_up_max_step`` replicas added per
   ``a.scale_up_period_seconds`` when a step is set.
 * Scale-down follows the highest recommendation of the last ``a.scale_down_stabilization_seconds``
-  (as the HPA does), removing at most ``a.scale_down_max_step`` per ``a.scale_down_period_seconds``.
+  (as the HPA does), removing at most ``a.scale_down_max_step`` per ``a.scale_down_period_seconds``
+  when that is set, else ``a.scale_down_max_percent`` of the replicas the tier had at the start
+  of that period (rounded up, at least 1; the HPA's rule, default 100 %).
   A fresh history (first poll, operator restart) starts the window with the current replica
   count, so a restart never scales down before a full window of observations.
 * Read failure: hold the current replicas. ``a.fallback_replicas`` only ever raises (never lowers)
@@ -48,7 +50,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
-from celery_fleet.api.models import BusyWorkers, Tier
+from celery_fleet.api.models import Autoscaling, BusyWorkers, Tier
 from celery_fleet.planning.redact import redact_urls
 from celery_fleet.planning.scale_in import TierWorkers
 
@@ -404,6 +406,21 @@ def _scale_up(p: _Proposal, recommended: int, now: float, wanted: int) -> None:
     p.detail = "; ".join(notes)
 
 
+def _scale_down_allowance(a: Autoscaling, replicas: int, removed: int) -> int:
+    """Replicas that may still go this period: ``replicas`` now, ``removed`` already gone in it."""
+    if a.scale_down_max_step is not None:
+        limit = a.scale_down_max_step
+    else:  # the HPA's Percent policy: of the replicas at the period's start, rounded up
+        limit = max(1, math.ceil((replicas + removed) * a.scale_down_max_percent / 100))
+    return max(0, limit - removed)
+
+
+def _scale_down_limit(a: Autoscaling, *, short: bool = False) -> str:
+    if a.scale_down_max_step is not None:
+        return str(a.scale_down_max_step) if short else f"scaleDownMaxStep {a.scale_down_max_step}"
+    return f"{a.scale_down_max_percent}%" if short else f"scaleDownMaxPercent {a.scale_down_max_percent}%"
+
+
 def _scale_down(p: _Proposal, recs: tuple[Recommendation, ...], now: float, idle_since: float | None) -> None:
     a = p.spec.autoscaling
     window = a.scale_down_stabilization_seconds
@@ -420,7 +437,7 @@ def _scale_down(p: _Proposal, recs: tuple[Recommendation, ...], now: float, idle
         for e in p.history.scale_events
         if e.at > now - a.scale_down_period_seconds
     )
-    allowed = max(0, a.scale_down_max_step - removed)
+    allowed = _scale_down_allowance(a, p.base, removed)
     target = max(stabilized, p.base - allowed)
     obs = p.observation
     if target == 0 and isinstance(obs, Observation) and not obs.in_flight_exact and obs.in_flight > 0:
@@ -440,10 +457,7 @@ def _scale_down(p: _Proposal, recs: tuple[Recommendation, ...], now: float, idle
                 return
     if target == p.base:
         p.reason = Reason.SCALE_DOWN_LIMITED
-        p.detail = (
-            f"recommends {stabilized}, scaleDownMaxStep {a.scale_down_max_step} per "
-            f"{a.scale_down_period_seconds}s already used"
-        )
+        p.detail = f"recommends {stabilized}, {_scale_down_limit(a)} per {a.scale_down_period_seconds}s already used"
         return
     p.desired = target
     if target == 0:
@@ -452,7 +466,8 @@ def _scale_down(p: _Proposal, recs: tuple[Recommendation, ...], now: float, idle
     else:
         p.reason = Reason.QUEUE_DRAINED
         if target > stabilized:
-            p.detail = f"heading to {stabilized}, at most {a.scale_down_max_step} per {a.scale_down_period_seconds}s"
+            step = _scale_down_limit(a, short=True)
+            p.detail = f"heading to {stabilized}, at most {step} per {a.scale_down_period_seconds}s"
 
 
 def _apply_budget(proposals: list[_Proposal], budget: int) -> None:
