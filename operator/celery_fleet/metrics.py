@@ -112,37 +112,6 @@ KUBE_REQUESTS = Gauge(
 )
 
 
-# Every series labelled with one pool (and its tiers and queues) or one beat: removed with it, so a
-# deleted pool's broker-unreachable gauge cannot keep an alert firing.
-QUEUE_SERIES = (QUEUE_DEPTH, IN_FLIGHT)
-TIER_SERIES: tuple[Gauge | Counter, ...] = (
-    *QUEUE_SERIES,
-    DESIRED_REPLICAS,
-    CURRENT_REPLICAS,
-    MAX_REPLICAS,
-    SCALING_DECISIONS,
-)
-POOL_SERIES: tuple[Gauge | Counter, ...] = (*TIER_SERIES, BROKER_UP)
-BEAT_SERIES = (BEAT_LEADER_CHANGES, BEAT_HAS_LEADER, BEAT_LEADERLESS_SECONDS)
-
-
-def forget_pool(namespace: str, pool: str, *, tier: str | None = None, queue: str | None = None) -> None:
-    """Remove a pool's series, or only one tier's, or only those of one queue of a tier."""
-    labels = {"namespace": namespace, "pool": pool}
-    metrics: tuple[Gauge | Counter, ...] = POOL_SERIES
-    if tier is not None:
-        labels["tier"], metrics = tier, TIER_SERIES
-    if queue is not None:
-        labels["queue_name"], metrics = queue, QUEUE_SERIES
-    for metric in metrics:
-        metric.remove_by_labels(labels)
-
-
-def forget_beat(namespace: str, beat: str) -> None:
-    for metric in BEAT_SERIES:
-        metric.remove_by_labels({"namespace": namespace, "beat": beat})
-
-
 # -- scale-in (remote control)
 WORKER_CENSUSES = Counter(
     "celery_fleet_worker_censuses_total",
@@ -173,6 +142,36 @@ SCHEDULED_TASKS = Gauge(
     ["namespace", "pool", "tier"],
     registry=REGISTRY,
 )
-# A deleted pool's or tier's scale-in series go with it, like the others.
-TIER_SERIES = (*TIER_SERIES, BUSY_WORKERS, SCHEDULED_TASKS)
-POOL_SERIES = (*POOL_SERIES, BUSY_WORKERS, SCHEDULED_TASKS)
+
+
+# Every series labelled with one pool (and its tiers and queues) or one beat: removed with it, so a
+# deleted pool's broker-unreachable gauge cannot keep an alert firing.
+QUEUE_SERIES = (QUEUE_DEPTH, IN_FLIGHT)
+TIER_SERIES: tuple[Gauge | Counter, ...] = (
+    *QUEUE_SERIES,
+    DESIRED_REPLICAS,
+    CURRENT_REPLICAS,
+    MAX_REPLICAS,
+    SCALING_DECISIONS,
+    BUSY_WORKERS,
+    SCHEDULED_TASKS,
+)
+POOL_SERIES: tuple[Gauge | Counter, ...] = (*TIER_SERIES, BROKER_UP)
+BEAT_SERIES = (BEAT_LEADER_CHANGES, BEAT_HAS_LEADER, BEAT_LEADERLESS_SECONDS)
+
+
+def forget_pool(namespace: str, pool: str, *, tier: str | None = None, queue: str | None = None) -> None:
+    """Remove a pool's series, or only one tier's, or only those of one queue of a tier."""
+    labels = {"namespace": namespace, "pool": pool}
+    metrics: tuple[Gauge | Counter, ...] = POOL_SERIES
+    if tier is not None:
+        labels["tier"], metrics = tier, TIER_SERIES
+    if queue is not None:
+        labels["queue_name"], metrics = queue, QUEUE_SERIES
+    for metric in metrics:
+        metric.remove_by_labels(labels)
+
+
+def forget_beat(namespace: str, beat: str) -> None:
+    for metric in BEAT_SERIES:
+        metric.remove_by_labels({"namespace": namespace, "beat": beat})
