@@ -33,7 +33,10 @@ from pathlib import Path
 import redis
 
 from celery_fleet.brokers import BrokerPoller, queue_refs
-from celery_fleet.brokers.redis import DEFAULT_SCAN_LIMIT, Command, RedisDepthSource, RedisTarget, Reply, connect
+from celery_fleet.brokers.redis.connection import connect
+from celery_fleet.brokers.redis.scripts import DEFAULT_SCAN_LIMIT, Command, Reply
+from celery_fleet.brokers.redis.source import RedisDepthSource
+from celery_fleet.brokers.redis.target import RedisTarget
 from celery_fleet.brokers.source import KeyLayout
 from celery_fleet.planning.scaling import Observation
 

@@ -165,7 +165,7 @@ RULES: tuple[Rule, ...] = (
         ("deployments/scale",),
         ("patch",),
         "The autoscaler's only write: spec.replicas through the scale subresource.",
-        ("celery_fleet.kube.client:Kube.scale", "celery_fleet.handlers.autoscaler:Autoscaler"),
+        ("celery_fleet.kube.client:Kube.scale", "celery_fleet.handlers.autoscaler.pool:PoolScaler"),
     ),
     Rule(
         ("policy",),
@@ -218,8 +218,8 @@ RULES: tuple[Rule, ...] = (
         "Scale-in lists a tier's pods to ask their workers what they run, and sets "
         "controller.kubernetes.io/pod-deletion-cost on them so the ReplicaSet controller removes idle ones first.",
         (
-            "celery_fleet.handlers.autoscaler:Autoscaler._tier_pods",
-            "celery_fleet.handlers.autoscaler:Autoscaler._set_deletion_cost",
+            "celery_fleet.handlers.autoscaler.scale_in:ScaleIn.tier_pods",
+            "celery_fleet.handlers.autoscaler.scale_in:ScaleIn.set_deletion_cost",
         ),
     ),
     Rule(

@@ -19,7 +19,7 @@ import pytest
 import redis
 
 from celery_fleet.brokers import DepthReading, QueueRef, queue_refs
-from celery_fleet.brokers.redis import connect
+from celery_fleet.brokers.redis.connection import connect
 from celery_fleet.brokers.source import DEFAULT_SEP, KeyLayout
 from celery_fleet.planning.scaling import Observation
 from tests.support.redis_server import RedisServer
@@ -258,7 +258,7 @@ def test_transport_options_are_read_as_kombu_writes_them(
 
 def test_the_documented_acl_user_reads_everything(redis_db: redis.Redis[bytes], redis_server: RedisServer) -> None:
     from celery_fleet.brokers import BrokerError, ErrorKind
-    from celery_fleet.brokers.redis import READER_ACL
+    from celery_fleet.brokers.redis.scripts import READER_ACL
 
     password = "acl-reader-pw"
     redis_db.execute_command("ACL", "SETUSER", "fleet-reader", f">{password}", *READER_ACL.split())

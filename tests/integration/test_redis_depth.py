@@ -29,7 +29,7 @@ from celery_fleet.brokers import (
     queue_refs,
     redis_registry,
 )
-from celery_fleet.brokers.redis import TlsSettings, connect
+from celery_fleet.brokers.redis.connection import TlsSettings, connect
 from celery_fleet.brokers.source import KeyLayout
 from celery_fleet.planning.scaling import Observation, ReadFailure
 from tests.support.celery_depth_app import HOLD

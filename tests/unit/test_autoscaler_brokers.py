@@ -8,7 +8,7 @@ from typing import Any
 
 from celery_fleet.brokers import BrokerRegistry, DepthReading, QueueRef, UnackedSummary
 from celery_fleet.brokers.source import KeyLayout, QueueDepthSource
-from celery_fleet.handlers.autoscaler import Autoscaler
+from celery_fleet.handlers.autoscaler.loop import Autoscaler
 from celery_fleet.handlers.cache import FleetCache
 
 FAST, SLOW = "redis://fast:6379/0", "redis://slow:6379/0"

@@ -9,7 +9,7 @@ from typing import Any
 
 from celery_fleet.brokers import BrokerRegistry, DepthReading, QueueRef, UnackedSummary
 from celery_fleet.brokers.source import BrokerError, ErrorKind, KeyLayout, QueueDepthSource
-from celery_fleet.handlers.autoscaler import Autoscaler
+from celery_fleet.handlers.autoscaler.loop import Autoscaler
 from celery_fleet.handlers.cache import POOL_LABEL, FleetCache, ObjKey
 from celery_fleet.kube.client import Kube
 from tests.support.fake_api import RecordingApi

@@ -6,7 +6,7 @@ import pytest
 
 from celery_fleet.api.broker_url import BrokerUrlError, parse_broker_url
 from celery_fleet.brokers import BrokerError, ErrorKind
-from celery_fleet.brokers.redis import RedisTarget
+from celery_fleet.brokers.redis.target import RedisTarget
 
 SECRET = "s3cret"
 

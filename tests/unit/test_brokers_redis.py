@@ -11,18 +11,10 @@ from redis import exceptions as rexc
 
 from celery_fleet.api.models import ReplicaBounds, Tier
 from celery_fleet.brokers import BrokerError, DepthReading, ErrorKind, QueueRef, observe_tiers, queue_refs
-from celery_fleet.brokers.redis import (
-    POLL_SCRIPT,
-    Command,
-    RedisDepthSource,
-    RedisTarget,
-    Reply,
-    classify,
-    parse_poll,
-    plan_poll,
-    priority_key,
-    queued_by_priority,
-)
+from celery_fleet.brokers.redis.poll import parse_poll, plan_poll, priority_key, queued_by_priority
+from celery_fleet.brokers.redis.scripts import POLL_SCRIPT, Command, Reply
+from celery_fleet.brokers.redis.source import RedisDepthSource
+from celery_fleet.brokers.redis.target import RedisTarget, classify
 from celery_fleet.brokers.source import KeyLayout
 from celery_fleet.planning.scaling import Observation, ReadFailure, Reason, decide
 
@@ -440,7 +432,7 @@ def test_a_classified_failure_reaches_the_event_readable_and_without_secrets() -
 def test_the_documented_acl_line_is_the_one_the_tests_use() -> None:
     from pathlib import Path
 
-    from celery_fleet.brokers.redis import READER_ACL
+    from celery_fleet.brokers.redis.scripts import READER_ACL
 
     doc = (Path(__file__).resolve().parents[2] / "docs" / "install.md").read_text()
     assert f"ACL SETUSER celery-fleet on >PASSWORD {READER_ACL.removeprefix('on ')}\n" in doc

@@ -59,13 +59,13 @@ def redis_registry(
     **kwargs: Any,
 ) -> BrokerRegistry:
     """A registry whose pollers read Redis brokers (``redis://`` / ``rediss://`` URLs)."""
-    from celery_fleet.brokers import redis as redis_source
+    from celery_fleet.brokers.redis import connection, scripts, target
 
-    limit = redis_source.DEFAULT_SCAN_LIMIT if scan_limit is None else scan_limit
+    limit = scripts.DEFAULT_SCAN_LIMIT if scan_limit is None else scan_limit
 
-    def connect(url: str, options: redis_source.ConnectOptions | None = None) -> QueueDepthSource:
-        options = options or redis_source.ConnectOptions()
-        return redis_source.connect(
+    def connect(url: str, options: connection.ConnectOptions | None = None) -> QueueDepthSource:
+        options = options or connection.ConnectOptions()
+        return connection.connect(
             url,
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
@@ -75,6 +75,6 @@ def redis_registry(
         )
 
     def display(url: str) -> str:
-        return redis_source.RedisTarget.parse(url).display
+        return target.RedisTarget.parse(url).display
 
     return BrokerRegistry(connect, max_age=max_age, backoff=backoff, display=display, **kwargs)

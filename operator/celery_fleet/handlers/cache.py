@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from celery_fleet.brokers.redis import TlsSettings
+from celery_fleet.brokers.redis.connection import TlsSettings
 from celery_fleet.planning.beat_workload import BEAT_LABEL
 from celery_fleet.planning.ownership import is_controlled_by
 from celery_fleet.planning.pool_status import TierScaling

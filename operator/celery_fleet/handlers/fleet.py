@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from celery_fleet import metrics
-from celery_fleet.handlers.autoscaler import Autoscaler
+from celery_fleet.handlers.autoscaler.loop import Autoscaler
 from celery_fleet.handlers.beat_reconciler import BeatReconciler
 from celery_fleet.handlers.cache import FleetCache, ObjKey
 from celery_fleet.handlers.pool_reconciler import Outcome, PoolReconciler

@@ -17,7 +17,7 @@ from typing import Any
 from celery_fleet import metrics
 from celery_fleet.api.broker_url import BrokerUrlError, parse_broker_url
 from celery_fleet.api.models import API_VERSION, CeleryWorkerPoolSpec, InvalidSpec, Tier, parse_pool
-from celery_fleet.brokers.redis import TlsSettings
+from celery_fleet.brokers.redis.connection import TlsSettings
 from celery_fleet.handlers.cache import FleetCache, ObjKey, PoolRuntime
 from celery_fleet.handlers.children import ChildConflict, apply_child
 from celery_fleet.kube.client import ApiError, Kube

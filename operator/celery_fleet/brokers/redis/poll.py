@@ -1,0 +1,209 @@
+"""One poll, pure: the commands (one EVAL of the poll script per key layout), then the reading
+built from their replies (kombu's routing applied to the in-flight counts)."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+
+from redis import exceptions as rexc
+
+from celery_fleet.brokers import routing
+from celery_fleet.brokers.redis.scripts import (
+    BINDING_KEY_PREFIX,
+    BOUNDS,
+    DEFAULT_SCAN_LIMIT,
+    MAX_KEYS_PER_EVAL,
+    POLL_SCRIPT,
+    Command,
+    Reply,
+    ReplyBounds,
+)
+from celery_fleet.brokers.redis.target import first_line
+from celery_fleet.brokers.source import BrokerError, DepthReading, ErrorKind, KeyLayout, QueueRef, UnackedSummary
+
+# -- keys -----------------------------------------------------------------------------------------------
+
+
+def priority_key(ref: QueueRef, step: int) -> str:
+    """The Redis list holding ``ref``'s messages of one priority step (kombu's ``_q_for_pri``)."""
+    name = ref.name if step == 0 else f"{ref.name}{ref.sep}{step}"
+    return ref.keyprefix + name
+
+
+def unacked_key(layout: KeyLayout) -> str:
+    return layout.keyprefix + layout.unacked_key
+
+
+# -- one poll: the commands, then the replies -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PollPlan:
+    """The commands of one poll (one EVAL per key layout) and which reply answers what."""
+
+    commands: tuple[Command, ...]
+    # (layout, ((queue, step), ...), whether this EVAL reads the unacked hash): one per command.
+    batches: tuple[tuple[KeyLayout, tuple[tuple[QueueRef, int], ...], bool], ...]
+
+
+def plan_poll(
+    refs: Collection[QueueRef],
+    scan_limit: int = DEFAULT_SCAN_LIMIT,
+    skip_scan: Collection[KeyLayout] = (),
+    bounds: ReplyBounds = BOUNDS,
+    max_keys: int = MAX_KEYS_PER_EVAL,
+) -> PollPlan:
+    """One EVAL per key layout (per ``max_keys`` lists); ``skip_scan`` layouts get scan limit 0 (HLEN only)."""
+    ordered = sorted(set(refs))
+    batches: list[tuple[KeyLayout, tuple[tuple[QueueRef, int], ...], bool]] = []
+    for p in sorted({r.layout for r in ordered}):
+        steps = [(r, s) for r in ordered if r.layout == p for s in r.priority_steps]
+        for start in range(0, len(steps), max_keys):
+            batches.append((p, tuple(steps[start : start + max_keys]), start == 0))
+    commands: list[Command] = []
+    limits = (bounds.max_routes, bounds.max_exchanges, bounds.max_bindings, bounds.max_member_bytes)
+    for p, lists, scans in batches:
+        keys = [priority_key(r, s) for r, s in lists] + [unacked_key(p)]
+        limit = -1 if not (scans and p.ack_emulation) else 0 if p in skip_scan else scan_limit
+        binding_prefix = p.keyprefix + BINDING_KEY_PREFIX
+        commands.append(("EVAL", POLL_SCRIPT, len(keys), *keys, limit, binding_prefix, *limits, bounds.max_name_bytes))
+    return PollPlan(tuple(commands), tuple(batches))
+
+
+def reply_items(replies: Sequence[Reply]) -> int:
+    """How much parsing a poll's replies need (pairs and binding members), to keep big ones off the loop."""
+    items = 0
+    for reply in replies:
+        if isinstance(reply, list) and len(reply) == 6:
+            pairs, bindings = reply[4], reply[5]
+            items += len(pairs) if isinstance(pairs, list) else 0
+            if isinstance(bindings, list):
+                items += sum(len(b) for b in bindings[1::2] if isinstance(b, list))
+    return items
+
+
+def parse_poll(plan: PollPlan, replies: Sequence[Reply], *, duration_seconds: float = 0.0) -> DepthReading:
+    """Build the reading from the replies (an exception object stands for a command's error)."""
+    if len(replies) != len(plan.commands):
+        raise BrokerError(
+            ErrorKind.RESPONSE_ERROR, f"expected {len(plan.commands)} replies in the round trip, got {len(replies)}"
+        )
+    queued: dict[QueueRef, dict[int, int]] = defaultdict(dict)
+    queue_errors: dict[QueueRef, str] = {}
+    in_flight: Counter[tuple[KeyLayout, str]] = Counter()
+    routes: Counter[tuple[KeyLayout, frozenset[str]]] = Counter()
+    unacked: dict[KeyLayout, UnackedSummary] = {}
+    for (layout, lists, scans), reply in zip(plan.batches, replies, strict=True):
+        if isinstance(reply, BaseException):
+            auth = _auth_error(reply)
+            if auth is not None:
+                raise auth
+            why = first_line(reply)
+            queue_errors.update((r, why) for r, _ in lists)
+            unacked[layout] = UnackedSummary(0, 0, error=why)
+            continue
+        if not isinstance(reply, list) or len(reply) != 6 or not isinstance(reply[0], list):
+            raise BrokerError(ErrorKind.RESPONSE_ERROR, "unexpected reply to the poll script")
+        lengths = reply[0]
+        if len(lengths) != len(lists):
+            raise BrokerError(ErrorKind.RESPONSE_ERROR, f"expected {len(lists)} list lengths, got {len(lengths)}")
+        for (ref, step), n in zip(lists, lengths, strict=True):
+            if isinstance(n, BaseException):
+                queue_errors[ref] = first_line(n)
+            elif isinstance(n, int):
+                queued[ref][step] = n
+            else:
+                queue_errors[ref] = f"LLEN answered {type(n).__name__}, not an integer"
+        if not scans:
+            continue  # a later chunk of a big layout: lengths only
+        try:
+            summary, counts = _parse_inflight(reply[1:], layout)
+        except (TypeError, ValueError, IndexError) as exc:
+            unacked[layout] = UnackedSummary(0, 0, error=f"unexpected in-flight reply ({exc})")
+            continue
+        unacked.setdefault(layout, summary)  # an error of another chunk stays
+        watched = {r.name for lay, lists_, _ in plan.batches if lay == layout for r, _ in lists_}
+        for queues, n in counts.items():
+            mine = queues & watched
+            if mine:
+                routes[(layout, frozenset(mine))] += n
+                for queue in mine:
+                    in_flight[(layout, queue)] += n
+    for ref in queue_errors:
+        queued.pop(ref, None)
+    return DepthReading(
+        queued={r: dict(s) for r, s in queued.items()},
+        in_flight=dict(in_flight),
+        unacked=unacked,
+        duration_seconds=duration_seconds,
+        queue_errors=queue_errors,
+        in_flight_routes=dict(routes),
+    )
+
+
+def _parse_inflight(reply: Sequence[Reply], layout: KeyLayout) -> tuple[UnackedSummary, dict[frozenset[str], int]]:
+    """Unacked counts per set of queues kombu routes them to (a delivery tag counts once per set)."""
+    size, scanned, unparsed, flat_pairs, flat_bindings = reply
+    if not isinstance(flat_pairs, list) or not isinstance(flat_bindings, list):
+        raise ValueError("expected lists of pairs and bindings")
+    size, scanned, unparsed = _int(size), _int(scanned), _int(unparsed)
+    tables: dict[str, list[routing.Binding]] = {}
+    direct: dict[str, Mapping[str, frozenset[str]] | None] = {}
+    for i in range(0, len(flat_bindings), 2):
+        exchange, members = reply_text(flat_bindings[i]), flat_bindings[i + 1]
+        if not isinstance(members, list):
+            continue  # too many bindings to read: its messages stay unattributed
+        table = [b for b in (routing.parse_binding(reply_text(m), layout.sep) for m in members) if b is not None]
+        tables[exchange] = table
+        direct[exchange] = routing.route_table(exchange, table, layout.fanout_exchanges)
+    counts: Counter[frozenset[str]] = Counter()
+    unattributed = unparsed
+    for i in range(0, len(flat_pairs), 3):
+        exchange, routing_key, n = reply_text(flat_pairs[i]), reply_text(flat_pairs[i + 1]), _int(flat_pairs[i + 2])
+        if exchange and exchange not in tables:
+            unattributed += n  # its binding table was not read (bounds)
+            continue
+        lookup = direct.get(exchange)
+        if lookup is not None:
+            queues = lookup.get(routing_key, frozenset())
+        else:
+            queues = routing.route(exchange, routing_key, tables.get(exchange, []), layout.fanout_exchanges)
+        if not queues:
+            unattributed += n  # kombu would deliver (and restore) it nowhere
+            continue
+        counts[queues] += n
+    if scanned and scanned < size:
+        # Scan limit hit: scale the sample up to the whole hash (HSCAN order is unrelated to queues).
+        factor = size / scanned
+        counts = Counter({q: math.ceil(n * factor) for q, n in counts.items()})
+    return UnackedSummary(size=size, scanned=scanned, unattributed=unattributed), dict(counts)
+
+
+def _int(value: object) -> int:
+    if isinstance(value, int):
+        return value
+    raise ValueError(f"expected an integer, got {type(value).__name__}")
+
+
+def reply_text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def _auth_error(exc: BaseException) -> BrokerError | None:
+    if isinstance(exc, rexc.NoPermissionError) or str(exc).startswith(("NOPERM", "NOAUTH", "WRONGPASS")):
+        return BrokerError(ErrorKind.AUTH_FAILED, first_line(exc))
+    return None
+
+
+def queued_by_priority(reading: DepthReading) -> Mapping[tuple[str, int], int]:
+    """Depth per (queue, priority step), summed over key prefixes: what the queue-depth metric shows."""
+    out: Counter[tuple[str, int]] = Counter()
+    for ref, steps in reading.queued.items():
+        for step, n in steps.items():
+            out[(ref.name, step)] += n
+    return dict(out)

@@ -1,0 +1,151 @@
+"""What runs inside the user's Redis: the read-only Lua scripts, the bounds on what they send back,
+and the smallest ACL they need. Nothing here does I/O."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+BINDING_KEY_PREFIX: Final = "_kombu.binding."
+# The smallest Redis ACL the operator's reads need (docs/install.md shows it; a test runs as it):
+# read-only keys, no channels, and only the read-only script call plus what the scripts run.
+# SELECT is for brokers on a database other than 0. No CLIENT SETNAME / SETINFO, no EVAL.
+READER_ACL: Final = "on resetkeys %R~* resetchannels -@all +eval_ro +llen +hlen +hscan +scard +smembers +scan +select"
+DEFAULT_SCAN_LIMIT: Final = 5_000  # ~6 µs of Redis time per 1 KB entry: ~30 ms at the limit
+
+
+@dataclass(frozen=True)
+class ReplyBounds:
+    """What one poll may carry back from a user's Redis, whatever that Redis holds.
+
+    Worst case about ``max_exchanges * max_bindings * max_member_bytes`` (4 MiB) of binding
+    members plus ``max_routes`` short strings; in practice a few hundred bytes.
+    """
+
+    max_routes: int = 512  # distinct (exchange, routing key) pairs in flight; beyond: unattributed
+    max_exchanges: int = 16  # binding tables read; entries of other exchanges are unattributed
+    max_bindings: int = 256  # members per binding table; a bigger table is not read
+    max_member_bytes: int = 1024  # longer binding members are skipped
+    max_name_bytes: int = 255  # longer exchange names / routing keys are unattributed
+
+
+BOUNDS: Final = ReplyBounds()
+# Lists per EVAL: Redis runs a script without serving anyone else, so one poll of a huge fleet is
+# cut into several EVALs (still one round trip) instead of one long stall of the user's Redis.
+MAX_KEYS_PER_EVAL: Final = 1024
+# Replies bigger than this (pairs + binding members) are parsed in a worker thread.
+
+Command = tuple[str | int, ...]
+Reply = object
+RoundTrip = Callable[[Sequence[Command]], Awaitable[list[Reply]]]
+
+# KEYS[1..n-1] = priority lists, KEYS[n] = the unacked hash; ARGV = scan limit (-1: no unacked
+# hash, kombu's ack_emulation is off), binding-table key prefix, then the ReplyBounds in order.
+# Returns {{LLEN or error per list}, hlen, scanned, unparsed, {exchange, routing_key, count, ...},
+# {exchange, {members} or SCARD when the table is too big, ...}}.
+# The exchange and routing key are the last two JSON strings of each value: they are located by
+# walking back from the end, so the payload (often kilobytes) is never decoded or pattern-matched
+# (an unanchored string.match costs ~8x more); cjson handles what the walk cannot (escapes).
+POLL_SCRIPT: Final = r"""
+local function tail_strings(v)
+  local j = #v - 1
+  if string.byte(v, j + 1) ~= 93 or string.byte(v, j) ~= 34 then return nil end
+  local k = j - 1
+  while k > 0 and string.byte(v, k) ~= 34 do k = k - 1 end
+  local m = k - 1
+  while m > 0 and (string.byte(v, m) == 32 or string.byte(v, m) == 44) do m = m - 1 end
+  if m < 1 or string.byte(v, m) ~= 34 then return nil end
+  local q = m - 1
+  while q > 0 and string.byte(v, q) ~= 34 do q = q - 1 end
+  if q < 1 or string.byte(v, q - 1) == 92 or string.byte(v, k - 1) == 92 then return nil end
+  local ex, rk = string.sub(v, q + 1, m - 1), string.sub(v, k + 1, j - 1)
+  if string.find(ex, '\\', 1, true) or string.find(rk, '\\', 1, true) then return nil end
+  return ex, rk
+end
+local lists, unacked = #KEYS - 1, KEYS[#KEYS]
+local limit, bprefix = tonumber(ARGV[1]), ARGV[2]
+local max_routes, max_exchanges, max_bindings = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local max_member, max_name = tonumber(ARGV[6]), tonumber(ARGV[7])
+local lengths = {}
+for i = 1, lists do
+  -- pcall: a name taken by a non-list key fails that queue only (the error goes back in place).
+  lengths[i] = redis.pcall('LLEN', KEYS[i])
+end
+if limit < 0 then return {lengths, 0, 0, 0, {}, {}} end
+local size = redis.call('HLEN', unacked)
+local counts, order = {}, {}
+local scanned, unparsed = 0, 0
+if size > 0 and limit > 0 then
+  local cursor = '0'
+  repeat
+    local page = redis.call('HSCAN', unacked, cursor, 'COUNT', 500)
+    cursor = page[1]
+    local entries = page[2]
+    for i = 2, #entries, 2 do
+      local value = entries[i]
+      local ex, rk = tail_strings(value)
+      if not ex then
+        local ok, decoded = pcall(cjson.decode, value)
+        if ok and type(decoded) == 'table' and type(decoded[2]) == 'string' and type(decoded[3]) == 'string' then
+          ex, rk = decoded[2], decoded[3]
+        end
+      end
+      if ex and #ex <= max_name and #rk <= max_name then
+        local key = ex .. '\0' .. rk
+        if counts[key] == nil and #order < max_routes then
+          counts[key] = 0
+          order[#order + 1] = {ex, rk, key}
+        end
+        if counts[key] == nil then
+          unparsed = unparsed + 1
+        else
+          counts[key] = counts[key] + 1
+        end
+      else
+        unparsed = unparsed + 1
+      end
+      scanned = scanned + 1
+    end
+  until cursor == '0' or scanned >= limit
+end
+local pairs_out, seen, bindings, tables = {}, {}, {}, 0
+for _, item in ipairs(order) do
+  pairs_out[#pairs_out + 1] = item[1]
+  pairs_out[#pairs_out + 1] = item[2]
+  pairs_out[#pairs_out + 1] = counts[item[3]]
+  if item[1] ~= '' and not seen[item[1]] and tables < max_exchanges then
+    seen[item[1]] = true
+    tables = tables + 1
+    local key = bprefix .. item[1]
+    local n = redis.call('SCARD', key)
+    bindings[#bindings + 1] = item[1]
+    if n > max_bindings then
+      bindings[#bindings + 1] = n
+    else
+      local kept = {}
+      for _, member in ipairs(redis.call('SMEMBERS', key)) do
+        if #member <= max_member then kept[#kept + 1] = member end
+      end
+      bindings[#bindings + 1] = kept
+    end
+  end
+end
+return {lengths, size, scanned, unparsed, pairs_out, bindings}
+"""
+
+
+# ARGV = cursor, MATCH pattern ('' for none), COUNT, max key length. Returns {cursor, {keys}}: one
+# SCAN page of list keys, names longer than the bound left out (the reply stays bounded).
+SCAN_SCRIPT: Final = r"""
+local args = {'SCAN', ARGV[1]}
+if ARGV[2] ~= '' then args[#args + 1] = 'MATCH'; args[#args + 1] = ARGV[2] end
+args[#args + 1] = 'COUNT'; args[#args + 1] = ARGV[3]; args[#args + 1] = 'TYPE'; args[#args + 1] = 'list'
+local page = redis.call(unpack(args))
+local keys, max = {}, tonumber(ARGV[4])
+for _, k in ipairs(page[2]) do
+  if #k <= max then keys[#keys + 1] = k end
+end
+return {page[1], keys}
+"""
+LAYOUT_SCAN_PAGES: Final = 10  # SCAN pages (COUNT 1000) per check; a bigger keyspace takes several checks

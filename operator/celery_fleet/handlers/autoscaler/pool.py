@@ -1,0 +1,331 @@
+"""One pool per poll: observe its tiers, decide (pure, `planning.scaling.decide`), and act: the
+scale subresource, Events, metrics and a status refresh through the pool's work queue.
+
+A decision that would lower a tier (or raise it on in-flight work that may be ETA tasks) first
+asks the tier's workers (:mod:`.scale_in`) in a background task, one per pool at a time, and
+decides again with their answer; the poll loop never waits for it."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from celery_fleet import metrics
+from celery_fleet.api.models import CeleryWorkerPoolSpec
+from celery_fleet.brokers.source import BrokerError, DepthReading, ErrorKind, QueueRef
+from celery_fleet.handlers.autoscaler.scale_in import Removal, ScaleIn
+from celery_fleet.handlers.autoscaler.signals import EventNotes, PoolSeries
+from celery_fleet.handlers.cache import FleetCache, ObjKey, PoolRuntime
+from celery_fleet.handlers.pool_reconciler import POOL_API_VERSION
+from celery_fleet.kube.client import ApiError, Kube
+from celery_fleet.kube.events import ObjectRef, post_event
+from celery_fleet.planning.pool_status import TierScaling
+from celery_fleet.planning.scaling import (
+    Decision,
+    Direction,
+    ReadFailure,
+    Reason,
+    Recommendation,
+    TierObservation,
+    decide,
+)
+from celery_fleet.planning.workload import tier_child_name
+from celery_fleet.workers.control import ControlTarget
+
+log = logging.getLogger(__name__)
+
+# Queue depth and in-flight change on every poll under load; writing them to status that
+# often would cost an apiserver write per pool per second, so only decisions and broker
+# state changes refresh status at once, and plain depth changes at most this often.
+STATUS_REFRESH_SECONDS = 5.0
+# A pool whose inputs have not changed since a decision that changed nothing is not decided
+# again (idle fleets are the common case), but at least this often all the same.
+FULL_DECIDE_SECONDS = 10.0
+
+
+@dataclass
+class _Steady:
+    signature: tuple[Any, ...]
+    replicas: dict[str, int]
+    decided_at: float
+    skipped_at: float | None = None
+
+
+def pool_ref(body: Mapping[str, Any]) -> ObjectRef:
+    return ObjectRef.from_body({**body, "apiVersion": POOL_API_VERSION, "kind": "CeleryWorkerPool"})
+
+
+class PoolScaler:
+    def __init__(
+        self,
+        kube: Kube,
+        cache: FleetCache,
+        refresh_status: Callable[[ObjKey], None],
+        clock: Callable[[], float],
+        series: PoolSeries,
+        scale_in: ScaleIn,
+        notes: EventNotes,
+        max_replicas: Callable[[ObjKey, str], int],
+    ) -> None:
+        self.kube = kube
+        self.cache = cache
+        self.refresh_status = refresh_status
+        self.clock = clock
+        self.series = series
+        self.scale_in = scale_in
+        self.notes = notes
+        self.max_replicas = max_replicas
+        self._last_status: dict[ObjKey, float] = {}
+        self._steady: dict[ObjKey, _Steady] = {}
+        self._scale_ins: dict[ObjKey, asyncio.Task[None]] = {}
+
+    def forget(self, key: ObjKey) -> None:
+        """A deleted pool."""
+        self._last_status.pop(key, None)
+        self._steady.pop(key, None)
+
+    def scale_pool(
+        self,
+        key: ObjKey,
+        body: Mapping[str, Any],
+        spec: CeleryWorkerPoolSpec,
+        refs: dict[str, list[QueueRef]],
+        result: DepthReading | BrokerError,
+    ) -> list[Coroutine[Any, Any, None]]:
+        """Observe, decide and settle one pool; returns the API calls to make (scales, Events)."""
+        runtime = self.cache.runtime[key]
+        namespace, name = key
+        observations: dict[str, TierObservation]
+        broker_problem: tuple[str, str] | None = None
+        tier_problem: tuple[str, str] | None = None  # the broker answered, some tiers' queues did not
+        try:
+            if isinstance(result, BrokerError):
+                raise result
+            reading = result
+            observations = {tier: reading.observe(tier_refs) for tier, tier_refs in refs.items()}
+            self.series.record_depth(namespace, name, refs, reading)
+            unread = {t: o for t, o in observations.items() if isinstance(o, ReadFailure)}
+            if unread:
+                # The broker answered, but not for every tier (e.g. WRONGTYPE: a queue name taken by
+                # another type of key). Those tiers hold; the pool must say why, as for a dead broker.
+                why = "; ".join(f"tier {t}: {o.message}" for t, o in unread.items())
+                kind = ErrorKind.RESPONSE_ERROR.value
+                tier_problem = (f"Broker{kind}", f"cannot read queue depth of {why}; those tiers are held")
+                metrics.BROKER_ERRORS.labels(kind).inc()
+        except BrokerError as err:
+            failure = err.as_failure()
+            observations = {t.name: failure for t in spec.tiers}
+            broker_problem = (f"Broker{err.kind.value}", f"cannot read queue depth: {err}; replicas are held")
+            metrics.BROKER_ERRORS.labels(err.kind.value).inc()
+
+        # Only Deployments this pool controls: a look-alike with copied labels is never scaled.
+        children = self.cache.children_of(key, owner_uid=str(body["metadata"].get("uid", "")))
+        current: dict[str, int | None] = {}
+        for t in spec.tiers:
+            dep = children.get(("Deployment", tier_child_name(name, t.name)))
+            current[t.name] = None if dep is None else int((dep.get("spec") or {}).get("replicas", 0))
+        now = self.clock()
+        signature = (
+            int(body["metadata"].get("generation", 0)),
+            tuple(observations.get(t.name) for t in spec.tiers),
+            tuple(current.values()),
+        )
+        steady = self._steady.get(key)
+        if steady is not None and steady.signature == signature and now - steady.decided_at < FULL_DECIDE_SECONDS:
+            # Same inputs as a decision that changed nothing: it would decide the same again.
+            steady.skipped_at = now
+            if now - self._last_status.get(key, 0.0) >= STATUS_REFRESH_SECONDS:
+                self._last_status[key] = now
+            return []
+        histories = dict(runtime.history)
+        if steady is not None and steady.skipped_at is not None:
+            # The skipped polls each recommended the steady count: keep that in the stabilization window.
+            for tier, replicas in steady.replicas.items():
+                h = histories.get(tier)
+                if h is not None:
+                    histories[tier] = replace(
+                        h, recommendations=(*h.recommendations, Recommendation(steady.skipped_at, replicas))
+                    )
+        decisions = decide(
+            spec.tiers,
+            observations,
+            current,
+            histories,
+            now=now,
+            max_total_replicas=spec.max_total_replicas,
+            paused=spec.paused,
+        )
+        if key in self._scale_ins:
+            return []  # that pool's workers are being asked; its decision follows from their answer
+        asking = [d.tier for d in decisions if d.asks_workers] if broker_problem is None else []
+        if asking:
+            cached = self.scale_in.reusable_censuses(key, asking, observations, now)
+            if cached is not None:
+                again = decide(
+                    spec.tiers, observations, current, histories, now=now,
+                    max_total_replicas=spec.max_total_replicas, paused=spec.paused, workers=cached,
+                )  # fmt: skip
+                if not any(d.tier in cached and d.desired < (d.current or 0) for d in again):
+                    self._steady.pop(key, None)
+                    return self._act(key, body, runtime, again, broker_problem, tier_problem)
+            task = asyncio.get_running_loop().create_task(
+                self._ask_then_decide(key, body, spec, observations, current, histories, now, asking, tier_problem)
+            )
+            self._scale_ins[key] = task
+            task.add_done_callback(lambda _t, k=key: self._scale_ins.pop(k, None))  # type: ignore[misc]
+            self._steady.pop(key, None)
+            return []
+        if (
+            not broker_problem
+            and not tier_problem
+            and all(
+                d.reason is Reason.STEADY and d.current is not None and d.desired == d.current == d.recommended
+                for d in decisions
+            )
+        ):
+            self._steady[key] = _Steady(signature, {d.tier: d.desired for d in decisions}, decided_at=now)
+        else:
+            self._steady.pop(key, None)
+        return self._act(key, body, runtime, decisions, broker_problem, tier_problem)
+
+    async def _ask_then_decide(
+        self,
+        key: ObjKey,
+        body: Mapping[str, Any],
+        spec: CeleryWorkerPoolSpec,
+        observations: Mapping[str, TierObservation],
+        current: Mapping[str, int | None],
+        histories: Mapping[str, Any],
+        now: float,
+        asking: list[str],
+        tier_problem: tuple[str, str] | None,
+    ) -> None:
+        """The background scale-in of one pool: ask the workers, decide again with their answer, act."""
+        namespace, name = key
+        runtime = self.cache.runtime[key]
+        url = runtime.broker_url
+        if url is None:
+            return
+        ref = pool_ref(body)
+        target = ControlTarget(url, spec.broker.global_keyprefix, spec.broker.master_name)
+        try:
+            census = await self.scale_in.census(key, ref, target, observations, asking)
+            if census is None:
+                return
+            decisions = decide(
+                spec.tiers, observations, current, histories, now=now,
+                max_total_replicas=spec.max_total_replicas, paused=spec.paused, workers=census.workers,
+            )  # fmt: skip
+            removals = self.scale_in.removals(decisions, census, target, {t.name: t for t in spec.tiers})
+            calls = census.notes + self._act(key, body, runtime, decisions, None, tier_problem, removals)
+            if calls:
+                await asyncio.gather(*calls)
+        except Exception:  # one pool's failed scale-in must not end autoscaling
+            log.exception("pool %s/%s: scale-in failed", namespace, name)
+
+    async def _scale_tier(
+        self, key: ObjKey, ref: ObjectRef, d: Decision, previous: TierScaling, removal: Removal | None = None
+    ) -> None:
+        namespace, name = key
+        runtime = self.cache.runtime[key]
+        drained: set[str] = set()
+        if removal is not None:
+            drained = await self.scale_in.prepare_removal(key, d.tier, removal)
+        try:
+            await asyncio.to_thread(self.kube.scale, namespace, tier_child_name(name, d.tier), d.desired)
+        except ApiError as err:
+            log.warning("pool %s/%s: could not scale tier %s: %s", namespace, name, d.tier, err)
+            self._steady.pop(key, None)
+            if removal is not None and drained:
+                await self.scale_in.undrain(key, d.tier, removal, drained, "the scale failed")
+            return
+        self.scale_in.forget_census(key, d.tier)
+        if removal is not None and drained:
+            asyncio.get_running_loop().create_task(self.scale_in.check_drained(key, d.tier, removal, drained))
+        runtime.history[d.tier] = d.history  # only once the replicas were written
+        runtime.desired[d.tier] = d.desired
+        runtime.scaling[d.tier] = TierScaling(
+            desired_replicas=d.desired,
+            queue_depth=d.queue_depth if d.queue_depth is not None else previous.queue_depth,
+            in_flight=d.in_flight if d.in_flight is not None else previous.in_flight,
+            last_scale_time=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            last_scale_reason=d.message,
+            scheduled=d.scheduled if d.scheduled is not None else previous.scheduled,
+            busy_workers=d.busy_workers if d.busy_workers is not None else previous.busy_workers,
+        )
+        direction = "ScaledUp" if d.direction is Direction.UP else "ScaledDown"
+        metrics.SCALING_DECISIONS.labels(namespace, name, d.tier, d.direction.value, d.reason.value).inc()
+        log.info("pool %s/%s: %s", namespace, name, d.message)
+        self._last_status[key] = self.clock()
+        self.refresh_status(key)
+        await asyncio.to_thread(post_event, self.kube, ref, direction, d.message)
+
+    def _act(
+        self,
+        key: ObjKey,
+        body: Mapping[str, Any],
+        runtime: PoolRuntime,
+        decisions: tuple[Decision, ...],
+        broker_problem: tuple[str, str] | None,
+        tier_problem: tuple[str, str] | None = None,
+        removals: Mapping[str, Removal] | None = None,
+    ) -> list[Coroutine[Any, Any, None]]:
+        namespace, name = key
+        ref = pool_ref(body)
+        calls: list[Coroutine[Any, Any, None]] = []
+        urgent = False
+        removals = removals or {}
+        for d in decisions:
+            previous = runtime.scaling.get(d.tier, TierScaling())
+            last_time, last_reason = previous.last_scale_time, previous.last_scale_reason
+            if d.reason is Reason.BUSY_WORKERS and d.desired == d.current:
+                calls += self.notes.once(key, ref, d.tier, "ScaleDownHeld", d.message)
+            if d.current is not None and d.desired != d.current and not (broker_problem and d.desired < d.current):
+                calls.append(self._scale_tier(key, ref, d, previous, removals.get(d.tier)))
+                self.series.set(metrics.DESIRED_REPLICAS, (namespace, name, d.tier), d.desired)
+                continue
+            runtime.history[d.tier] = d.history
+            if d.current is None:
+                runtime.desired[d.tier] = d.desired
+            scaling = TierScaling(
+                desired_replicas=d.desired,
+                queue_depth=d.queue_depth if d.queue_depth is not None else previous.queue_depth,
+                in_flight=d.in_flight if d.in_flight is not None else previous.in_flight,
+                last_scale_time=last_time,
+                last_scale_reason=last_reason,
+                scheduled=d.scheduled if d.scheduled is not None else previous.scheduled,
+                busy_workers=d.busy_workers if d.busy_workers is not None else previous.busy_workers,
+            )
+            if (scaling.desired_replicas, scaling.scheduled, scaling.busy_workers) != (
+                previous.desired_replicas,
+                previous.scheduled,
+                previous.busy_workers,
+            ):
+                urgent = True
+            runtime.scaling[d.tier] = scaling
+            self.series.set(metrics.DESIRED_REPLICAS, (namespace, name, d.tier), d.desired)
+            self.series.set(metrics.MAX_REPLICAS, (namespace, name, d.tier), self.max_replicas(key, d.tier))
+            if d.current is not None:
+                self.series.set(metrics.CURRENT_REPLICAS, (namespace, name, d.tier), d.current)
+
+        problem = broker_problem or tier_problem
+        if problem != runtime.broker_problem:
+            urgent = True
+            if problem is not None:
+                if broker_problem is not None:
+                    self.series.set(metrics.BROKER_UP, (namespace, name), 0)
+                log.warning("pool %s/%s: %s", namespace, name, problem[1])
+                calls.append(asyncio.to_thread(post_event, self.kube, ref, problem[0], problem[1], "Warning"))
+            elif runtime.broker_problem is not None:
+                message = "the broker answers again; autoscaling resumed"
+                calls.append(asyncio.to_thread(post_event, self.kube, ref, "BrokerReachable", message))
+            runtime.broker_problem = problem
+        now = self.clock()
+        if urgent or now - self._last_status.get(key, 0.0) >= STATUS_REFRESH_SECONDS:
+            self._last_status[key] = now
+            self.refresh_status(key)
+        return calls
