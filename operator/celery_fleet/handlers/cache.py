@@ -38,6 +38,8 @@ def _slim(body: Mapping[str, Any]) -> dict[str, Any]:
 class PoolRuntime:
     """Per-pool state the autoscaler keeps between polls."""
 
+    # Both derived from the tiers' decisions in one place (planning.tier_scaling): the count the reconciler
+    # applies to spec.replicas (last written), and the status record (last decided, held or not).
     desired: dict[str, int] = field(default_factory=dict)
     scaling: dict[str, TierScaling] = field(default_factory=dict)
     history: dict[str, Any] = field(default_factory=dict)

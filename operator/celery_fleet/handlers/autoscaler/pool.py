@@ -11,7 +11,7 @@ import asyncio
 import datetime as dt
 import logging
 from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from celery_fleet import metrics
@@ -29,10 +29,10 @@ from celery_fleet.planning.scaling import (
     Direction,
     ReadFailure,
     Reason,
-    Recommendation,
     TierObservation,
     decide,
 )
+from celery_fleet.planning.tier_scaling import applied_replicas, tier_scaling, with_skipped_polls
 from celery_fleet.planning.workload import tier_child_name
 from celery_fleet.workers.control import ControlTarget
 
@@ -49,8 +49,10 @@ FULL_DECIDE_SECONDS = 10.0
 
 @dataclass
 class _Steady:
-    signature: tuple[Any, ...]
-    replicas: dict[str, int]
+    """The inputs of the last decision that changed nothing (every tier held at its current count)."""
+
+    signature: tuple[Any, ...]  # generation, observations, current replicas by tier
+    current: dict[str, int | None]
     decided_at: float
     skipped_at: float | None = None
 
@@ -132,7 +134,7 @@ class PoolScaler:
         signature = (
             int(body["metadata"].get("generation", 0)),
             tuple(observations.get(t.name) for t in spec.tiers),
-            tuple(current.values()),
+            tuple(current.items()),
         )
         steady = self._steady.get(key)
         if steady is not None and steady.signature == signature and now - steady.decided_at < FULL_DECIDE_SECONDS:
@@ -142,14 +144,9 @@ class PoolScaler:
                 self._last_status[key] = now
             return []
         histories = dict(runtime.history)
-        if steady is not None and steady.skipped_at is not None:
+        if steady is not None:
             # The skipped polls each recommended the steady count: keep that in the stabilization window.
-            for tier, replicas in steady.replicas.items():
-                h = histories.get(tier)
-                if h is not None:
-                    histories[tier] = replace(
-                        h, recommendations=(*h.recommendations, Recommendation(steady.skipped_at, replicas))
-                    )
+            histories = with_skipped_polls(histories, steady.skipped_at, steady.current)
         decisions = decide(
             spec.tiers,
             observations,
@@ -187,7 +184,7 @@ class PoolScaler:
                 for d in decisions
             )
         ):
-            self._steady[key] = _Steady(signature, {d.tier: d.desired for d in decisions}, decided_at=now)
+            self._steady[key] = _Steady(signature, current, decided_at=now)
         else:
             self._steady.pop(key, None)
         return self._act(key, body, runtime, decisions, broker_problem, tier_problem)
@@ -246,23 +243,27 @@ class PoolScaler:
         self.scale_in.forget_census(key, d.tier)
         if removal is not None and drained:
             asyncio.get_running_loop().create_task(self.scale_in.check_drained(key, d.tier, removal, drained))
-        runtime.history[d.tier] = d.history  # only once the replicas were written
-        runtime.desired[d.tier] = d.desired
-        runtime.scaling[d.tier] = TierScaling(
-            desired_replicas=d.desired,
-            queue_depth=d.queue_depth if d.queue_depth is not None else previous.queue_depth,
-            in_flight=d.in_flight if d.in_flight is not None else previous.in_flight,
-            last_scale_time=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            last_scale_reason=d.message,
-            scheduled=d.scheduled if d.scheduled is not None else previous.scheduled,
-            busy_workers=d.busy_workers if d.busy_workers is not None else previous.busy_workers,
-        )
+        # Only once the replicas were written: the history records the scale as done.
+        self._record(runtime, d, previous, scaled_at=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
         direction = "ScaledUp" if d.direction is Direction.UP else "ScaledDown"
         metrics.SCALING_DECISIONS.labels(namespace, name, d.tier, d.direction.value, d.reason.value).inc()
         log.info("pool %s/%s: %s", namespace, name, d.message)
         self._last_status[key] = self.clock()
         self.refresh_status(key)
         await asyncio.to_thread(post_event, self.kube, ref, direction, d.message)
+
+    @staticmethod
+    def _record(
+        runtime: PoolRuntime, d: Decision, previous: TierScaling, *, scaled_at: str | None = None
+    ) -> TierScaling:
+        """Keep decision `d` of one tier (`scaled_at`: it was written then); every count kept of it
+        is derived from it here (:mod:`~celery_fleet.planning.tier_scaling`)."""
+        runtime.history[d.tier] = d.history
+        applied = applied_replicas(d, runtime.desired.get(d.tier), written=scaled_at is not None)
+        if applied is not None:
+            runtime.desired[d.tier] = applied
+        scaling = runtime.scaling[d.tier] = tier_scaling(d, previous, scaled_at=scaled_at)
+        return scaling
 
     def _act(
         self,
@@ -281,32 +282,19 @@ class PoolScaler:
         removals = removals or {}
         for d in decisions:
             previous = runtime.scaling.get(d.tier, TierScaling())
-            last_time, last_reason = previous.last_scale_time, previous.last_scale_reason
             if d.reason is Reason.BUSY_WORKERS and d.desired == d.current:
                 calls += self.notes.once(key, ref, d.tier, "ScaleDownHeld", d.message)
             if d.current is not None and d.desired != d.current and not (broker_problem and d.desired < d.current):
                 calls.append(self._scale_tier(key, ref, d, previous, removals.get(d.tier)))
                 self.series.set(metrics.DESIRED_REPLICAS, (namespace, name, d.tier), d.desired)
                 continue
-            runtime.history[d.tier] = d.history
-            if d.current is None:
-                runtime.desired[d.tier] = d.desired
-            scaling = TierScaling(
-                desired_replicas=d.desired,
-                queue_depth=d.queue_depth if d.queue_depth is not None else previous.queue_depth,
-                in_flight=d.in_flight if d.in_flight is not None else previous.in_flight,
-                last_scale_time=last_time,
-                last_scale_reason=last_reason,
-                scheduled=d.scheduled if d.scheduled is not None else previous.scheduled,
-                busy_workers=d.busy_workers if d.busy_workers is not None else previous.busy_workers,
-            )
+            scaling = self._record(runtime, d, previous)
             if (scaling.desired_replicas, scaling.scheduled, scaling.busy_workers) != (
                 previous.desired_replicas,
                 previous.scheduled,
                 previous.busy_workers,
             ):
                 urgent = True
-            runtime.scaling[d.tier] = scaling
             self.series.set(metrics.DESIRED_REPLICAS, (namespace, name, d.tier), d.desired)
             self.series.set(metrics.MAX_REPLICAS, (namespace, name, d.tier), self.max_replicas(key, d.tier))
             if d.current is not None:
