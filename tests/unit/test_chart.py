@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 from functools import cache
 from pathlib import Path
@@ -80,6 +81,56 @@ def test_helm_lint_is_clean(values: tuple[str, ...]) -> None:
     proc = helm("lint", "--strict", str(CHART), *values)
     assert "0 chart(s) failed" in proc.stdout
     assert "[WARNING]" not in proc.stdout and "[ERROR]" not in proc.stdout, proc.stdout
+
+
+def rendered_notes(tmp_path: Path, *values: str) -> str:
+    """NOTES.txt as `helm install` prints it, rendered offline by helm's own engine: `helm template` skips
+    NOTES.txt and `helm install --dry-run=client` still needs a cluster, so a copy of the chart carries the
+    notes verbatim inside a define and one ConfigMap renders it."""
+    chart = tmp_path / "chart"
+    shutil.copytree(CHART, chart)
+    notes = (chart / "templates" / "NOTES.txt").read_text()
+    (chart / "templates" / "_notes_under_test.tpl").write_text(
+        '{{- define "notes-under-test" -}}\n' + notes + "{{- end -}}\n"
+    )
+    (chart / "templates" / "notes-under-test.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes-under-test}\ndata:\n"
+        '  notes: {{ include "notes-under-test" . | toJson }}\n'
+    )
+    out = helm("template", RELEASE, str(chart), "--namespace", RELEASE_NAMESPACE, *values,
+               "--show-only", "templates/notes-under-test.yaml").stdout  # fmt: skip
+    return str(yaml.safe_load(out)["data"]["notes"])
+
+
+def test_notes_render_the_default_install(tmp_path: Path) -> None:
+    notes = rendered_notes(tmp_path)
+    assert "<no value>" not in notes
+    assert f"is installed as release {RELEASE} in namespace {RELEASE_NAMESPACE}." in notes
+    assert "It serves every namespace." in notes
+    assert f"kubectl -n {RELEASE_NAMESPACE} rollout status deployment/{RELEASE}\n" in notes
+    assert "kubectl -n <namespace> create secret generic shop-broker" in notes
+    assert "(set metrics.serviceMonitor.enabled=true for the Prometheus Operator)" in notes
+    assert "Alerts:" not in notes and "Dashboard:" not in notes
+
+
+def test_notes_follow_custom_values(tmp_path: Path) -> None:
+    values = yaml.safe_load(CUSTOM_VALUES.read_text())
+    notes = rendered_notes(tmp_path, *CUSTOM)
+    assert "<no value>" not in notes
+    assert f"It serves only these namespaces: {', '.join(values['watchNamespaces'])}." in notes
+    assert f"kubectl -n {values['watchNamespaces'][0]} create secret generic shop-broker" in notes
+    assert f"these Secrets: {', '.join(values['rbac']['brokerSecretNames'])}:" in notes
+    assert "serviceMonitor.enabled=true" not in notes
+    assert f"Alerts: PrometheusRule {RELEASE}." in notes
+    label = f"label {values['grafanaDashboard'].get('label', 'grafana_dashboard')}="
+    assert f"Dashboard: ConfigMap {RELEASE}-dashboard ({label}" in notes
+
+
+def test_notes_name_the_argocd_health_keys_of_both_kinds(tmp_path: Path) -> None:
+    notes = rendered_notes(tmp_path)
+    for kind in ("CeleryWorkerPool", "CeleryBeat"):
+        assert f"resource.customizations.health.celeryfleet.io_{kind}\n" in notes
+    assert (CHART / "argocd" / "health.lua").is_file(), "the notes point at the chart's health script"
 
 
 @pytest.mark.parametrize(
