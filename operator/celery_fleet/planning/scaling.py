@@ -350,7 +350,8 @@ def _propose_on_failure(
     a = tier.autoscaling
     lo, hi = tier.replicas.min, tier.replicas.max
     desired, reason = base, Reason.BROKER_UNREACHABLE
-    detail = f"queue depth unknown, broker read failed ({obs.kind}: {_scrub(obs.message)})"
+    # The message comes from a broker adapter: never a URL in it (it may hold a password), whatever the adapter did.
+    detail = f"queue depth unknown, broker read failed ({obs.kind}: {redact_urls(obs.message)})"
     if a.fallback_replicas is not None and _clamp(a.fallback_replicas, tier) > base:
         desired, reason = _clamp(a.fallback_replicas, tier), Reason.FALLBACK_REPLICAS
         detail += f"; raised to fallbackReplicas {a.fallback_replicas}"
@@ -597,8 +598,3 @@ def _within_events(events: tuple[ScaleEvent, ...], now: float, tier: Tier) -> tu
     a = tier.autoscaling
     keep = max(a.scale_up_period_seconds, a.scale_down_period_seconds)
     return tuple(e for e in events if e.at > now - keep)
-
-
-# Anything URL-shaped: a failure message comes from a broker adapter and must never carry a URL
-# (it may hold a password), whatever that adapter did.
-_scrub = redact_urls

@@ -8,7 +8,6 @@ decides again with their answer; the poll loop never waits for it."""
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from celery_fleet.brokers.source import BrokerError, DepthReading, ErrorKind, Qu
 from celery_fleet.handlers.autoscaler.scale_in import Removal, ScaleIn
 from celery_fleet.handlers.autoscaler.signals import EventNotes, PoolSeries
 from celery_fleet.handlers.cache import FleetCache, ObjKey, PoolRuntime
-from celery_fleet.handlers.pool_reconciler import POOL_API_VERSION
+from celery_fleet.handlers.pool_reconciler import POOL_API_VERSION, utcnow
 from celery_fleet.kube.client import ApiError, Kube
 from celery_fleet.kube.events import ObjectRef, post_event
 from celery_fleet.planning.pool_status import TierScaling
@@ -244,7 +243,7 @@ class PoolScaler:
         if removal is not None and drained:
             asyncio.get_running_loop().create_task(self.scale_in.check_drained(key, d.tier, removal, drained))
         # Only once the replicas were written: the history records the scale as done.
-        self._record(runtime, d, previous, scaled_at=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+        self._record(runtime, d, previous, scaled_at=utcnow())
         direction = "ScaledUp" if d.direction is Direction.UP else "ScaledDown"
         metrics.SCALING_DECISIONS.labels(namespace, name, d.tier, d.direction.value, d.reason.value).inc()
         log.info("pool %s/%s: %s", namespace, name, d.message)
