@@ -313,10 +313,10 @@ def test_aggregated_roles_let_namespace_admins_and_editors_manage_and_viewers_re
 ) -> None:
     import uuid
 
-    from celery_fleet import rbac
+    from celery_fleet.rbac import render, rules
 
     prefix = f"tenancy-{uuid.uuid4().hex[:6]}"  # ClusterRoles are cluster-wide: names of this test's own
-    docs = rbac._user_role_docs(prefix, ["    app.kubernetes.io/part-of: celery-fleet-test"])
+    docs = render._user_role_docs(prefix, ["    app.kubernetes.io/part-of: celery-fleet-test"])
     cluster.kubectl("apply", "-f", "-", input="\n---\n".join(docs))
     try:
         for user, role in (("alice", "admin"), ("bob", "edit"), ("carol", "view")):
@@ -341,7 +341,7 @@ def test_aggregated_roles_let_namespace_admins_and_editors_manage_and_viewers_re
             assert not _can(cluster, "alice", "list", pools, other)
         assert not _can(cluster, "dave", "list", pools, namespace)
     finally:
-        for role in rbac.USER_ROLES:
+        for role in rules.USER_ROLES:
             cluster.kubectl("delete", "clusterrole", f"{prefix}-{role.suffix}", "--wait=false", check=False)
 
 

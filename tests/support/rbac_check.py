@@ -1,7 +1,7 @@
 """How the apiserver authorizes a request, for tests: the verb RBAC checks and rule matching.
 
 Tests feed it the requests a recording fake of the API saw (tests/support/fake_api.py) and the
-rules celery_fleet.rbac generates, so a reconcile that sends a request its RBAC does not grant fails.
+rules celery_fleet.rbac.rules declares, so a reconcile that sends a request its RBAC does not grant fails.
 """
 
 from __future__ import annotations

@@ -19,8 +19,9 @@ from typing import Any
 import pytest
 import yaml
 
-from celery_fleet import metrics, rbac
+from celery_fleet import metrics
 from celery_fleet.planning.beat_workload import ELECTOR_SOURCE
+from celery_fleet.rbac import rules
 from tests.support.tools import tool
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -281,13 +282,13 @@ def _rules(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 def test_all_namespaces_rbac_is_generated_from_the_rules() -> None:
     docs = rendered()
-    mode = rbac.Mode(all_namespaces=True)
-    assert _rules(one(docs, "ClusterRole", "celery-fleet")) == rbac.policy_rules(rbac.Scope.WATCHED, mode)
-    assert _rules(one(docs, "ClusterRole", "celery-fleet-cluster")) == rbac.policy_rules(rbac.Scope.CLUSTER, mode)
+    mode = rules.Mode(all_namespaces=True)
+    assert _rules(one(docs, "ClusterRole", "celery-fleet")) == rules.policy_rules(rules.Scope.WATCHED, mode)
+    assert _rules(one(docs, "ClusterRole", "celery-fleet-cluster")) == rules.policy_rules(rules.Scope.CLUSTER, mode)
     # The one Role: leader election, in the release namespace.
     (role,) = find(docs, "Role")
     assert role["metadata"]["namespace"] == "celery-fleet"
-    assert _rules(role) == rbac.policy_rules(rbac.Scope.OPERATOR_NAMESPACE, mode)
+    assert _rules(role) == rules.policy_rules(rules.Scope.OPERATOR_NAMESPACE, mode)
     for binding in find(docs, "ClusterRoleBinding"):
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "celery-fleet", "namespace": "celery-fleet"}]
 
@@ -295,11 +296,11 @@ def test_all_namespaces_rbac_is_generated_from_the_rules() -> None:
 def test_listed_namespaces_get_a_role_each_and_nothing_cluster_wide() -> None:
     docs = rendered(*CUSTOM)
     names = {"rbac.brokerSecretNames": ["shop-broker", "billing-broker"]}
-    mode = rbac.Mode(all_namespaces=False, resource_names=names)
+    mode = rules.Mode(all_namespaces=False, resource_names=names)
     roles = [r for r in find(docs, "Role") if not r["metadata"]["name"].endswith("-leader-election")]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["billing", "shop"]
     for role in roles:
-        assert _rules(role) == rbac.policy_rules(rbac.Scope.WATCHED, mode)
+        assert _rules(role) == rules.policy_rules(rules.Scope.WATCHED, mode)
     bindings = [b for b in find(docs, "RoleBinding") if not b["metadata"]["name"].endswith("-leader-election")]
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["billing", "shop"]
     for binding in bindings:
@@ -307,7 +308,7 @@ def test_listed_namespaces_get_a_role_each_and_nothing_cluster_wide() -> None:
             {"kind": "ServiceAccount", "name": "fleet-operator", "namespace": RELEASE_NAMESPACE}
         ]
     (cluster_role,) = [r for r in find(docs, "ClusterRole") if not r["metadata"]["name"].endswith(("-view", "-edit"))]
-    assert _rules(cluster_role) == rbac.policy_rules(rbac.Scope.CLUSTER, mode)
+    assert _rules(cluster_role) == rules.policy_rules(rules.Scope.CLUSTER, mode)
     secrets = [r for r in _rules(roles[0]) if "secrets" in r["resources"]]
     assert secrets == [
         {

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from celery_fleet import rbac
+from celery_fleet.rbac import render, rules
 from tests.unit.test_chart import RELEASE, find, helm, one, rendered, template_args
 
 
@@ -23,8 +23,8 @@ def test_aggregated_roles_ship_by_default_with_the_labels_kubernetes_aggregates(
     assert set(view["rules"][0]["verbs"]) == {"get", "list", "watch"}
     assert "delete" in edit["rules"][0]["verbs"]
     # The same roles, from the same source, in the kustomize base.
-    assert [r.suffix for r in rbac.USER_ROLES] == ["view", "edit"]
-    assert "celery-fleet-edit" in rbac.render_deploy_rbac()
+    assert [r.suffix for r in rules.USER_ROLES] == ["view", "edit"]
+    assert "celery-fleet-edit" in render.render_deploy_rbac()
 
 
 def test_aggregated_roles_can_be_left_out() -> None:

@@ -15,13 +15,14 @@ import pytest
 import yaml
 from kubernetes.client.rest import ApiException
 
-from celery_fleet import rbac
 from celery_fleet.handlers import kopf_handlers
 from celery_fleet.handlers.beat_reconciler import BeatReconciler
 from celery_fleet.handlers.cache import POOL_LABEL, FleetCache
 from celery_fleet.handlers.pool_reconciler import PoolReconciler
 from celery_fleet.kube.client import Kube
 from celery_fleet.planning.beat_workload import beat_role
+from celery_fleet.rbac import render
+from celery_fleet.rbac import rules as rbac
 from tests.support.fake_api import RecordingApi
 from tests.support.rbac_check import Request, allows, requests_for
 from tests.support.samples import sample
@@ -252,23 +253,23 @@ def test_request_attributes(
 
 
 def test_generated_files_are_fresh() -> None:
-    stale = rbac.stale_files(ROOT)
-    assert not stale, f"{[str(p) for p in stale]}: {rbac.STALE_MESSAGE}"
+    stale = render.stale_files(ROOT)
+    assert not stale, f"{[str(p) for p in stale]}: {render.STALE_MESSAGE}"
 
 
 def test_check_fails_with_the_fix_when_stale(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rbac.write(tmp_path)
-    assert rbac.main(["--check", "--root", str(tmp_path)]) == 0
-    target = tmp_path / rbac.DEPLOY_RBAC
+    render.write(tmp_path)
+    assert render.main(["--check", "--root", str(tmp_path)]) == 0
+    target = tmp_path / render.DEPLOY_RBAC
     target.write_text(target.read_text().replace('"patch"', '"patch", "update"', 1))
-    assert rbac.main(["--check", "--root", str(tmp_path)]) == 1
-    assert rbac.STALE_MESSAGE in capsys.readouterr().err
-    (tmp_path / rbac.CHART_RBAC).unlink()
-    assert rbac.main(["--check", "--root", str(tmp_path)]) == 1
+    assert render.main(["--check", "--root", str(tmp_path)]) == 1
+    assert render.STALE_MESSAGE in capsys.readouterr().err
+    (tmp_path / render.CHART_RBAC).unlink()
+    assert render.main(["--check", "--root", str(tmp_path)]) == 1
 
 
 def test_deploy_rbac_is_the_cluster_wide_rules() -> None:
-    docs = list(yaml.safe_load_all((ROOT / rbac.DEPLOY_RBAC).read_text()))
+    docs = list(yaml.safe_load_all((ROOT / render.DEPLOY_RBAC).read_text()))
     users = {f"celery-fleet-{r.suffix}" for r in rbac.USER_ROLES}  # aggregated into admin/edit/view, bound by no one
     roles = {
         d["metadata"]["name"]: d["rules"]
