@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from celery_fleet.api.models import BROKER_URL_ENV
 from celery_fleet.planning.beat_workload import ELECTOR_SOURCE
-from celery_fleet.planning.workload import BROKER_URL_ENV, broker_readiness_probe
+from celery_fleet.planning.workload import broker_readiness_probe
 from celery_fleet_localrun.cluster import LocalCluster
 from celery_fleet_localrun.container import (
     KUBECONFIG_ENV,

@@ -153,11 +153,6 @@ def _cases(good_url: str, host: str, port: int, password: str) -> list[Case]:
              {"url": f"redis://[::1:{port}/0"}),
         Case("queue-named-unacked", "BrokerReachable", "False", "BrokerResponseError", ("unacked", "WRONGTYPE"),
              {"url": good_url}, mutate=_set("spec.tiers", [tier("q", "unacked")])),
-        # Whitespace the schema's RE2 \\s misses (it is ASCII-only); the operator's check is not.
-        Case("nbsp-queue", "Degraded", "True", "InvalidSpec", ("spec.tiers[0].queues[0]", "whitespace"),
-             {"url": good_url}, mutate=_set("spec.tiers.0.queues", ["nbsp\u00a0queue"])),
-        Case("vtab-queue", "Degraded", "True", "InvalidSpec", ("spec.tiers[0].queues[0]", "whitespace"),
-             {"url": good_url}, mutate=_set("spec.tiers.0.queues", ["tab\u000bqueue"])),
         Case("bad-pod-label", "Degraded", "True", "ChildRejected", ("bad-pod-label-q", "labels", "not a label value!"),
              {"url": good_url}, mutate=_set("spec.podLabels", {"team": "not a label value!"})),
         Case("bad-quantity", "Degraded", "True", "ChildRejected", ("bad-quantity-q", "quantities"),

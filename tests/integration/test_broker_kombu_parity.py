@@ -174,7 +174,8 @@ def test_failover_list_is_followed_as_kombu_follows_it(redis_db: redis.Redis[byt
     import subprocess
     import sys
 
-    from celery_fleet.planning.workload import BROKER_CONNECTED_PROBE, BROKER_URL_ENV
+    from celery_fleet.api.models import BROKER_URL_ENV
+    from celery_fleet.planning.workload import BROKER_CONNECTED_PROBE
     from tests.support.redis_server import free_port
 
     url = f"redis://127.0.0.1:{free_port()}/0;{redis_server.url}"

@@ -237,7 +237,7 @@ INVALID = [
     ),
     case(
         put("spec.tiers.0.replicas", {"min": 5, "max": 3}),
-        "spec.tiers[0].replicas",
+        "spec.tiers[0].replicas.min",
         "min must be <= max",
         id="replicas-min-over-max",
     ),
@@ -260,6 +260,19 @@ INVALID = [
         "spec.tiers[0].queues[0]",
         "must not contain commas or whitespace",
         id="queue-name-comma",
+    ),
+    # Every whitespace Celery strips from -Q names, not only RE2's ASCII \\s.
+    case(
+        put("spec.tiers.0.queues", ["nbsp\u00a0queue"]),
+        "spec.tiers[0].queues[0]",
+        "must not contain commas or whitespace",
+        id="queue-name-nbsp",
+    ),
+    case(
+        put("spec.tiers.0.queues", ["tab\u000bqueue"]),
+        "spec.tiers[0].queues[0]",
+        "must not contain commas or whitespace",
+        id="queue-name-vertical-tab",
     ),
     case(put("spec.tiers.0.name", "High_Tier"), "spec.tiers[0].name", "must be a DNS label", id="tier-name"),
     case(

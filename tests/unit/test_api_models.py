@@ -302,7 +302,7 @@ INVALID_POOLS = [
     ),
     pytest.param(
         _set("tiers.0.replicas", {"min": 5, "max": 3}),
-        "spec.tiers[0].replicas: min must be <= max (got min 5, max 3)",
+        "spec.tiers[0].replicas.min: min must be <= max (got 5 and 3)",
         id="replicas-min-over-max",
     ),
     pytest.param(

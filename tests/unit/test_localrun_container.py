@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from celery_fleet.api.models import parse_beat, parse_pool
+from celery_fleet.api.models import BROKER_URL_ENV, parse_beat, parse_pool
 from celery_fleet.planning.beat_workload import ELECTOR_SOURCE, beat_deployment
-from celery_fleet.planning.workload import BROKER_URL_ENV, tier_deployment
+from celery_fleet.planning.workload import tier_deployment
 from celery_fleet_localrun.container import (
     ContainerConfigError,
     PodLayout,

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import io
-import re
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from celery_fleet.api.models import CeleryWorkerPoolSpec, InvalidSpec, Tier, parse_beat, parse_pool
+from celery_fleet.api.models import CeleryWorkerPoolSpec, Tier, parse_beat, parse_pool
 from celery_fleet.planning.beat_workload import beat_deployment
 from celery_fleet.planning.workload import (
     BROKER_CONNECTED_PROBE,
@@ -337,33 +336,6 @@ def test_broker_url_from_secret_is_a_reference() -> None:
             "valueFrom": {"secretKeyRef": {"name": "shop-broker", "key": "url"}},
         }
         assert not [v for v in walk(d) if isinstance(v, str) and "redis://" in v]
-
-
-@pytest.mark.parametrize(
-    ("env", "message"),
-    [
-        pytest.param(
-            [{"name": "CELERY_BROKER_URL", "value": "redis://x"}],
-            "spec.env[0].name: CELERY_BROKER_URL is set by the operator (from spec.broker)",
-            id="broker-url",
-        ),
-        pytest.param(
-            [{"name": "A", "value": "1"}, {"name": "POD_NAME", "value": "x"}],
-            "spec.env[1].name: POD_NAME is set by the operator (from the downward API)",
-            id="pod-name",
-        ),
-        pytest.param(
-            [{"name": "A", "value": "1"}, {"name": "B", "value": "2"}, {"name": "A", "value": "3"}],
-            "spec.env[2].name: A is already set by spec.env[0]",
-            id="duplicate",
-        ),
-        pytest.param([{"value": "1"}], "spec.env[0].name: required", id="nameless"),
-    ],
-)
-def test_env_conflicts_are_rejected_naming_the_field(env: list[dict[str, Any]], message: str) -> None:
-    spec = pool(env=env)
-    with pytest.raises(InvalidSpec, match=re.escape(message)):
-        pool_children("shop", "prod", UID, spec)
 
 
 # -- pod disruption budgets ------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from celery_fleet.api.models import CeleryBeatSpec, InvalidSpec, parse_beat
+from celery_fleet.api.models import CeleryBeatSpec, parse_beat
 from celery_fleet.elector import cli as elector_cli
 from celery_fleet.elector import lease_client
 from celery_fleet.planning.beat_workload import (
@@ -247,36 +247,6 @@ def test_broker_url_from_secret() -> None:
     (main,) = pod(beat(broker={"urlSecretRef": {"name": "shop-broker", "key": "url"}}))["containers"]
     (broker,) = [e for e in main["env"] if e["name"] == "CELERY_BROKER_URL"]
     assert broker == {"name": "CELERY_BROKER_URL", "valueFrom": {"secretKeyRef": {"name": "shop-broker", "key": "url"}}}
-
-
-@pytest.mark.parametrize(
-    ("fields", "message"),
-    [
-        pytest.param(
-            {"volumes": [{"name": "a", "emptyDir": {}}, {"name": "celery-fleet", "emptyDir": {}}]},
-            "spec.volumes[1].name: celery-fleet is used by the operator",
-            id="elector-volume-name",
-        ),
-        pytest.param(
-            {"volumes": [{"name": "beat-schedule", "emptyDir": {}}]},
-            "spec.volumes[0].name: beat-schedule is used by the operator",
-            id="schedule-volume-name",
-        ),
-        pytest.param(
-            {"volumes": [{"name": "x", "emptyDir": {}}], "volumeMounts": [{"name": "x", "mountPath": "/celery-beat"}]},
-            "spec.volumeMounts[0].mountPath: /celery-beat is used by the operator",
-            id="schedule-mount-path",
-        ),
-        pytest.param(
-            {"env": [{"name": "POD_NAMESPACE", "value": "other"}]},
-            "spec.env[0].name: POD_NAMESPACE is set by the operator",
-            id="env",
-        ),
-    ],
-)
-def test_collisions_with_our_names_are_rejected(fields: dict[str, Any], message: str) -> None:
-    with pytest.raises(InvalidSpec, match=re.escape(message)):
-        beat_children("nightly", "prod", UID, beat(**fields), OPERATOR_IMAGE)
 
 
 def test_names() -> None:

@@ -218,7 +218,7 @@ def _root_schema(kind: str, spec: type[BaseModel], status: type[BaseModel]) -> S
         "description": f"{kind} ({models.API_VERSION}): {spec_schema.get('description', '')}",
         "type": "object",
         "required": ["spec"],
-        "x-kubernetes-validations": [models.pool_name_rule()],
+        "x-kubernetes-validations": [r.x_validation() for r in models.OBJECT_RULES],
         "properties": {
             "apiVersion": {
                 "description": "APIVersion defines the versioned schema of this representation of an object.",

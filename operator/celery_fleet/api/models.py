@@ -3,34 +3,50 @@
 
 These models are the single source of the API. The CRDs in `crds/` are generated from them
 (`python -m celery_fleet.api.crdgen`), including descriptions, defaults and the CEL rules
-(`x-kubernetes-validations`) attached below with `_cel(...)`. Every CEL rule has a pydantic twin
-with the same wording, so an object that slipped past the apiserver (stored before a CRD
-upgrade, or sent with validation off) is reported by the operator in the same words.
+(`x-kubernetes-validations`). Each rule is declared once (`api.rules`), as a model's `RULES` or
+a field's `Annotated` metadata, and yields both the CEL rule and the models' check, in the same
+words, so an object that slipped past the apiserver (stored before a CRD upgrade, or sent with
+validation off) is reported by the operator as the apiserver would have.
 """
 
 from __future__ import annotations
 
-import itertools
-import re
+import functools
 from collections.abc import Mapping
 from enum import StrEnum
-from typing import Annotated, Any, Literal, Self, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, Self, TypeVar
 
-from pydantic import (
-    AfterValidator,
-    AliasChoices,
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
-from pydantic_core import PydanticCustomError
 
 from celery_fleet import GROUP, VERSION
 from celery_fleet.api.broker_url import QUERY_HINT, BrokerUrlError, parse_broker_url
+from celery_fleet.api.rules import (
+    RULE_ERROR,
+    Expr,
+    ListRules,
+    Rule,
+    Violation,
+    at_most_one,
+    cmp,
+    compare,
+    exactly_one,
+    is_set,
+    is_true,
+    judged_elsewhere,
+    matches,
+    max_length,
+    model_schema_extra,
+    pattern,
+    re2,
+    rule,
+    rule_error,
+    strictly_increasing,
+    unique,
+    unset,
+    value_at,
+    when_set,
+)
 
 __all__ = ["GROUP", "VERSION"]  # re-exported: the API's group and version are declared once, in celery_fleet
 
@@ -48,12 +64,10 @@ MAX_EXTRA_ARG_LENGTH = 512
 MAX_URL_LENGTH = 2048
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-_DNS_LABEL_RE = re.compile(DNS_LABEL)
 # Names of Secrets, ConfigMaps, ServiceAccounts, PriorityClasses...: a DNS subdomain. `[.]`, not
 # `\.`, so the same text is a valid pattern inside a CEL string literal. The operator builds
 # REST paths from some of these names: `/`, `..` and `%` must never get that far.
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-_DNS_SUBDOMAIN_RE = re.compile(DNS_SUBDOMAIN)
 MAX_OBJECT_NAME_LENGTH = 253
 OBJECT_NAME_RULE = (
     "must be a Kubernetes object name: lowercase letters, digits, '-' and '.', "
@@ -62,7 +76,7 @@ OBJECT_NAME_RULE = (
 # Broker URLs may be `;` lists (kombu's failover alternates, or several Sentinels): every rule
 # below holds for every segment.
 _SEGMENT_SCHEMES = r"^[ ]*(rediss?|sentinel)://[^;]*(;[ ]*(rediss?|sentinel)://[^;]*)*$"
-_MIXED_KINDS = (r"(^|;)[ ]*rediss?://", r"(^|;)[ ]*sentinel://")
+_REDIS_SEGMENT, _SENTINEL_SEGMENT = r"(^|;)[ ]*rediss?://", r"(^|;)[ ]*sentinel://"
 # A password hides in the userinfo (`redis://:pw@host`, `redis://user:pw@host`) of any segment or
 # in a `password=` query parameter, which redis-py also honours.
 _USERINFO_PASSWORD = r"(^|;)[ ]*[a-z]+://[^/?#;@]*:[^/?#;@]*@"
@@ -71,67 +85,51 @@ _QUERY_PASSWORD = r"[?&]password="
 _QUERY_SHAPE = (
     r"^[^?#;]*([?]ssl_cert_reqs=(required|CERT_REQUIRED))?(;[^?#;]*([?]ssl_cert_reqs=(required|CERT_REQUIRED))?)*$"
 )
-_SEGMENT_SCHEMES_RE = re.compile(_SEGMENT_SCHEMES)
-_MIXED_KINDS_RE = tuple(re.compile(r) for r in _MIXED_KINDS)
-_USERINFO_PASSWORD_RE = re.compile(_USERINFO_PASSWORD)
-_QUERY_PASSWORD_RE = re.compile(_QUERY_PASSWORD)
-_QUERY_SHAPE_RE = re.compile(_QUERY_SHAPE)
-_URL_SCHEME_MESSAGE = "must start with redis://, rediss:// or sentinel:// (every ';'-separated URL)"
-_SENTINEL_MASTER_MESSAGE = "sentinel:// URLs need masterName (Celery's broker_transport_options.master_name)"
-_URL_MIXED_MESSAGE = "do not mix sentinel:// with redis:// or rediss:// in one URL"
 _URL_PASSWORD_MESSAGE = (
     "must not contain a password (in any ';'-separated URL); store the full URL in a Secret and use urlSecretRef"
 )
 _PERCENT = r"^(100|[1-9]?[0-9])%$"
-_PERCENT_RE = re.compile(_PERCENT)
-_QUEUE_NAME_RE = re.compile(r"^[^,\s]+$")
+# Every character Python's str.isspace() knows (Celery strips them from -Q names), spelled out:
+# RE2's `\s` is ASCII-only and has no vertical tab.
+_WHITESPACE = "".join(c for c in map(chr, range(0x3001)) if c.isspace())
+_QUEUE_NAME = f"^[^,{_WHITESPACE}]+$"
 
-RULE_ERROR = "celeryfleet_rule"
+# Names the operator sets itself in worker and beat pods; a user entry with the same name would
+# be a duplicate key, which server-side apply rejects for the whole Deployment.
+POD_NAME_ENV = "POD_NAME"
+POD_NAMESPACE_ENV = "POD_NAMESPACE"
+BROKER_URL_ENV = "CELERY_BROKER_URL"
+BROKER_SECRET_URL_ENV = "CELERY_FLEET_BROKER_URL"  # with spec.broker.tls: the Secret's URL, before the TLS query
+OPERATOR_ENV = (POD_NAME_ENV, POD_NAMESPACE_ENV, BROKER_URL_ENV, BROKER_SECRET_URL_ENV)
+# Beat pods: the elector's volume and the schedule's, and where they are mounted.
+ELECTOR_VOLUME, ELECTOR_DIR = "celery-fleet", "/celery-fleet"
+SCHEDULE_VOLUME, SCHEDULE_DIR = "beat-schedule", "/celery-beat"
 
 _M = TypeVar("_M", bound="BaseModel")
 
 
-def _cel(
-    rule: str,
-    message: str,
-    *,
-    field_path: str | None = None,
-    reason: str | None = None,
-) -> dict[str, str]:
-    """One `x-kubernetes-validations` entry.
-
-    Messages are static: a messageExpression that formats numbers (`string(int)`) has an unbounded
-    estimated cost and the apiserver refuses it inside the tier list. The pydantic twin of each
-    rule adds the offending values after the same words.
-    """
-    entry = {"rule": rule, "message": message}
-    if field_path is not None:
-        entry["fieldPath"] = field_path
-    if reason is not None:
-        entry["reason"] = reason
-    return entry
-
-
-def _rules(*rules: dict[str, str]) -> dict[str, Any]:
-    return {"x-kubernetes-validations": list(rules)}
-
-
-def _rule_error(message: str, field: str | None = None) -> PydanticCustomError:
-    """A validation error whose text is used as is; `field` points below the model's own location."""
-    # Braces would be read as format placeholders by pydantic-core.
-    message = message.replace("{", "(").replace("}", ")")
-    return PydanticCustomError(RULE_ERROR, message, {"field": field} if field else None)
-
-
 class _Spec(BaseModel):
-    """Spec models: camelCase on the wire, unknown fields rejected (they are typos)."""
+    """Spec models: camelCase on the wire, unknown fields rejected (they are typos).
+
+    `RULES` are the model's own validation rules (api.rules): CEL on the object in the CRD, and
+    checked here once the fields are valid.
+    """
 
     model_config = ConfigDict(
         alias_generator=to_camel,
         populate_by_name=True,
         extra="forbid",
         validate_default=False,
+        json_schema_extra=model_schema_extra,
     )
+
+    RULES: ClassVar[tuple[Rule, ...]] = ()
+
+    @model_validator(mode="after")
+    def _declared_rules(self) -> Self:
+        for each in self.RULES:
+            each.check(self)
+        return self
 
 
 class _Status(BaseModel):
@@ -142,59 +140,37 @@ class _Status(BaseModel):
 
 KubeObject = dict[str, Any]
 
-
-def _queue_name(name: str) -> str:
-    if not _QUEUE_NAME_RE.match(name):
-        raise _rule_error("queue names must not contain commas or whitespace")
-    return name
-
-
 QueueName = Annotated[
     str,
-    Field(
-        min_length=1,
-        max_length=MAX_QUEUE_NAME_LENGTH,
-        json_schema_extra=_rules(
-            _cel("self.matches('^[^,\\\\s]+$')", "queue names must not contain commas or whitespace")
-        ),
-    ),
-    AfterValidator(_queue_name),
+    Field(min_length=1, max_length=MAX_QUEUE_NAME_LENGTH),
+    pattern(_QUEUE_NAME, "queue names must not contain commas or whitespace", bad="a,b"),
 ]
 PriorityStep = Annotated[int, Field(ge=0, le=9)]
 ExtraArg = Annotated[str, Field(max_length=MAX_EXTRA_ARG_LENGTH)]
 
-
-def _object_name_cel() -> dict[str, str]:
-    return _cel(f"self.matches('{DNS_SUBDOMAIN}')", OBJECT_NAME_RULE)
-
-
-def _is_object_name(value: object) -> bool:
-    return isinstance(value, str) and len(value) <= MAX_OBJECT_NAME_LENGTH and bool(_DNS_SUBDOMAIN_RE.match(value))
-
-
-def _object_name(name: str) -> str:
-    if not _is_object_name(name):
-        raise _rule_error(OBJECT_NAME_RULE)
-    return name
-
-
 ObjectName = Annotated[
     str,
-    Field(min_length=1, max_length=MAX_OBJECT_NAME_LENGTH, json_schema_extra=_rules(_object_name_cel())),
-    AfterValidator(_object_name),
+    Field(min_length=1, max_length=MAX_OBJECT_NAME_LENGTH),
+    pattern(DNS_SUBDOMAIN, OBJECT_NAME_RULE, bad="Not/A/Name"),
 ]
 
+_PASS_THROUGH = (
+    "an unbounded list of Kubernetes objects: a CEL rule over its items would exceed the apiserver's "
+    "cost budget (the apiserver validates the objects again on the Deployment)"
+)
 
-def _named_object_list(*paths: str) -> tuple[dict[str, Any], AfterValidator]:
-    """Schema and check for object names inside pass-through Kubernetes objects (EnvVar, Volume...).
 
-    The objects stay free-form (the apiserver validates them again on the Deployment), but the
-    names at `paths` (dotted, e.g. `valueFrom.secretKeyRef.name`) are checked at admission and
-    here, in the words of OBJECT_NAME_RULE.
+def _names_in(*paths: str, item: KubeObject) -> tuple[tuple[Rule, ...], KubeObject]:
+    """Rules and item schema for object names inside pass-through Kubernetes objects (EnvVar, Volume...).
+
+    The objects stay free-form, but the names at `paths` (dotted, e.g. `valueFrom.secretKeyRef.name`)
+    are checked at admission by an OpenAPI pattern and here, in the words of OBJECT_NAME_RULE.
+    `item` is the rest of a valid item, for the rules' bad examples.
     """
-    item: dict[str, Any] = {"type": "object", "x-kubernetes-preserve-unknown-fields": True, "properties": {}}
+    schema: KubeObject = {"type": "object", "x-kubernetes-preserve-unknown-fields": True, "properties": {}}
+    rules = []
     for path in paths:
-        node = item
+        node = schema
         *parents, leaf = path.split(".")
         for part in parents:
             node = node["properties"].setdefault(
@@ -206,37 +182,157 @@ def _named_object_list(*paths: str) -> tuple[dict[str, Any], AfterValidator]:
                     "properties": {},
                 },
             )
-        # `pattern`, not CEL: a rule inside these unbounded lists would exceed the CEL cost budget.
         node["properties"][leaf] = {
             "description": f"Name of an object in this namespace; {OBJECT_NAME_RULE}.",
             "type": "string",
             "maxLength": MAX_OBJECT_NAME_LENGTH,
             "pattern": DNS_SUBDOMAIN,
         }
+        bad: Any = "Not/A/Name"
+        for part in reversed(path.split(".")):
+            bad = {part: bad}
+        rules.append(
+            judged_elsewhere(
+                OBJECT_NAME_RULE,
+                functools.partial(_first_bad_name, path=path),
+                admission="pattern",
+                pattern=DNS_SUBDOMAIN,
+                why=_PASS_THROUGH,
+                bad=[{**item, **bad}],
+            )
+        )
+    return tuple(rules), schema
 
-    def check(items: list[KubeObject]) -> list[KubeObject]:
-        for index, obj in enumerate(items):
-            for path in paths:
-                value: Any = obj
-                for part in path.split("."):
-                    value = value.get(part) if isinstance(value, Mapping) else None
-                if value is None:
-                    continue
-                if not _is_object_name(value):
-                    raise _rule_error(OBJECT_NAME_RULE, f"{index}.{path}")
-        return items
 
-    return {"items": item}, AfterValidator(check)
+_OBJECT_NAME_RE = re2(DNS_SUBDOMAIN)
 
 
-_ENV_NAMES = _named_object_list("valueFrom.secretKeyRef.name", "valueFrom.configMapKeyRef.name")
-_ENV_FROM_NAMES = _named_object_list("secretRef.name", "configMapRef.name")
-_VOLUME_NAMES = _named_object_list("secret.secretName", "configMap.name", "persistentVolumeClaim.claimName")
-_PULL_SECRET_NAMES = _named_object_list("name")
+def _first_bad_name(items: list[KubeObject], *, path: str) -> Violation | None:
+    for index, obj in enumerate(items):
+        name = value_at(obj, path)
+        if name is None:
+            continue
+        if not (isinstance(name, str) and len(name) <= MAX_OBJECT_NAME_LENGTH and _OBJECT_NAME_RE.search(name)):
+            return Violation(f"{index}.{path}")
+    return None
+
+
+def _env_without_name(env: list[KubeObject]) -> Violation | None:
+    for index, var in enumerate(env):
+        name = var.get("name")
+        if not isinstance(name, str) or not name:
+            return Violation(f"{index}.name")
+    return None
+
+
+def _env_set_by_operator(env: list[KubeObject]) -> Violation | None:
+    for index, var in enumerate(env):
+        if var.get("name") in OPERATOR_ENV:
+            return Violation(f"{index}.name", f"(got {var['name']})")
+    return None
+
+
+def _env_repeated(env: list[KubeObject]) -> Violation | None:
+    seen: dict[Any, int] = {}
+    for index, var in enumerate(env):
+        name = var.get("name")
+        if name in seen:
+            return Violation(f"{index}.name", f"(got {name}, as in entry {seen[name]})")
+        seen[name] = index
+    return None
+
+
+_ENV_NAMES = _names_in("valueFrom.secretKeyRef.name", "valueFrom.configMapKeyRef.name", item={"name": "SOME_VAR"})
+_ENV_RULES = ListRules(
+    (
+        judged_elsewhere(
+            "required (an EnvVar needs a name)",
+            _env_without_name,
+            admission="operator",
+            why=_PASS_THROUGH,
+            bad=[{"value": "x"}],
+        ),
+        judged_elsewhere(
+            f"is set by the operator ({POD_NAME_ENV} and {POD_NAMESPACE_ENV} from the downward API, "
+            f"{BROKER_URL_ENV} and {BROKER_SECRET_URL_ENV} from spec.broker); remove it from spec.env",
+            _env_set_by_operator,
+            admission="operator",
+            why=_PASS_THROUGH,
+            bad=[{"name": BROKER_URL_ENV, "value": "redis://elsewhere:6379/0"}],
+        ),
+        judged_elsewhere(
+            "is already set by an earlier entry of spec.env; keep one of them",
+            _env_repeated,
+            admission="operator",
+            why=_PASS_THROUGH,
+            bad=[{"name": "SOME_VAR", "value": "1"}, {"name": "SOME_VAR", "value": "2"}],
+        ),
+        *_ENV_NAMES[0],
+    ),
+    _ENV_NAMES[1],
+)
+_ENV_FROM_RULES = ListRules(*_names_in("secretRef.name", "configMapRef.name", item={}))
+_VOLUME_RULES = ListRules(
+    *_names_in("secret.secretName", "configMap.name", "persistentVolumeClaim.claimName", item={"name": "data"})
+)
+_PULL_SECRET_RULES = ListRules(*_names_in("name", item={}))
+
+
+def _beat_volume_taken(spec: Any) -> Violation | None:
+    for index, volume in enumerate(spec.volumes):
+        if volume.get("name") in (ELECTOR_VOLUME, SCHEDULE_VOLUME):
+            return Violation(f"volumes.{index}.name", f"(got {volume['name']})")
+    return None
+
+
+def _beat_mount_path_taken(spec: Any) -> Violation | None:
+    for index, mount in enumerate(spec.volume_mounts):
+        if mount.get("mountPath") in (ELECTOR_DIR, SCHEDULE_DIR):
+            return Violation(f"volumeMounts.{index}.mountPath", f"(got {mount['mountPath']})")
+    return None
+
+
+_BEAT_VOLUME_RULES = (
+    judged_elsewhere(
+        f"is used by the operator for the beat pods ({ELECTOR_VOLUME}, {SCHEDULE_VOLUME}); rename the volume",
+        _beat_volume_taken,
+        admission="operator",
+        why=_PASS_THROUGH,
+        bad={"volumes": [{"name": SCHEDULE_VOLUME, "emptyDir": {}}]},
+    ),
+    judged_elsewhere(
+        f"is used by the operator for the beat pods ({ELECTOR_DIR}, {SCHEDULE_DIR}); mount the volume elsewhere",
+        _beat_mount_path_taken,
+        admission="operator",
+        why=_PASS_THROUGH,
+        bad={"volumeMounts": [{"name": "data", "mountPath": ELECTOR_DIR}]},
+    ),
+)
 
 # ---------------------------------------------------------------------------------------------
 # Broker
 # ---------------------------------------------------------------------------------------------
+
+
+BrokerUrl = Annotated[
+    str,
+    pattern(
+        _SEGMENT_SCHEMES,
+        "must start with redis://, rediss:// or sentinel:// (every ';'-separated URL)",
+        bad="amqp://rabbit:5672//",
+    ),
+    rule(
+        ~(matches(_REDIS_SEGMENT) & matches(_SENTINEL_SEGMENT)),
+        "do not mix sentinel:// with redis:// or rediss:// in one URL",
+        bad="redis://r1:6379/0;sentinel://s1:26379",
+    ),
+    rule(
+        ~matches(_USERINFO_PASSWORD) & ~matches(_QUERY_PASSWORD),
+        _URL_PASSWORD_MESSAGE,
+        bad="redis://:hunter2@redis:6379/0",
+    ),
+    pattern(_QUERY_SHAPE, QUERY_HINT, bad="redis://shown:6379/0?host=elsewhere"),
+]
 
 
 class SecretKeyRef(_Spec):
@@ -255,10 +351,8 @@ class SecretKeyRef(_Spec):
 class KeySelector(_Spec):
     """A key of a Secret or a ConfigMap in the object's own namespace."""
 
-    model_config = ConfigDict(
-        json_schema_extra=_rules(
-            _cel("has(self.secretName) != has(self.configMapName)", "set exactly one of secretName or configMapName")
-        )
+    RULES = (
+        exactly_one("secretName", "configMapName", bad={"secretName": "ca", "configMapName": "ca", "key": "ca.crt"}),
     )
 
     secret_name: str | None = Field(
@@ -268,12 +362,6 @@ class KeySelector(_Spec):
         default=None, min_length=1, max_length=253, pattern=DNS_SUBDOMAIN, description="A ConfigMap in this namespace."
     )
     key: str = Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$", description="Key in it.")
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> Self:
-        if (self.secret_name is None) == (self.config_map_name is None):
-            raise _rule_error("set exactly one of secretName or configMapName")
-        return self
 
 
 class ClientCertificate(_Spec):
@@ -293,13 +381,12 @@ class ClientCertificate(_Spec):
 class BrokerTls(_Spec):
     """How to trust the broker (and prove who we are) over rediss://."""
 
-    model_config = ConfigDict(
-        json_schema_extra=_rules(
-            _cel(
-                "!(has(self.insecureSkipVerify) && self.insecureSkipVerify && has(self.ca))",
-                "set either ca or insecureSkipVerify, not both",
-            )
-        )
+    RULES = (
+        rule(
+            ~(is_true("insecureSkipVerify") & is_set("ca")),
+            "set either ca or insecureSkipVerify, not both",
+            bad={"ca": {"secretName": "ca", "key": "ca.crt"}, "insecureSkipVerify": True},
+        ),
     )
 
     ca: KeySelector | None = Field(default=None, description="PEM CA bundle that signed the broker's certificate.")
@@ -310,31 +397,21 @@ class BrokerTls(_Spec):
         "traffic and the password). The pool says so in a Warning Event and condition.",
     )
 
-    @model_validator(mode="after")
-    def _ca_or_insecure(self) -> Self:
-        if self.insecure_skip_verify and self.ca is not None:
-            raise _rule_error("set either ca or insecureSkipVerify, not both")
-        return self
-
 
 class Broker(_Spec):
     """The Redis broker the workers consume from and the operator reads queue depth from."""
 
-    model_config = ConfigDict(
-        json_schema_extra=_rules(
-            _cel(
-                "has(self.url) != has(self.urlSecretRef)",
-                "set exactly one of url or urlSecretRef",
-            ),
-            _cel(
-                f"!has(self.url) || !self.url.matches('{_MIXED_KINDS[1]}') || has(self.masterName)",
-                _SENTINEL_MASTER_MESSAGE,
-                field_path=".masterName",
-            ),
-        )
+    RULES = (
+        exactly_one("url", "urlSecretRef", bad={"urlSecretRef": {"name": "broker", "key": "url"}}),
+        rule(
+            unset("url") | ~matches(_SENTINEL_SEGMENT, "url") | is_set("masterName"),
+            "sentinel:// URLs need masterName (Celery's broker_transport_options.master_name)",
+            field_path="masterName",
+            bad={"url": "sentinel://s1:26379"},
+        ),
     )
 
-    url: str | None = Field(
+    url: BrokerUrl | None = Field(
         default=None,
         max_length=MAX_URL_LENGTH,
         description="Broker URL without credentials, redis:// or rediss:// "
@@ -342,12 +419,6 @@ class Broker(_Spec):
         "(redis://a:6379/0;redis://b:6379/0), and sentinel://h1:26379;sentinel://h2:26379 reads "
         "through Redis Sentinel (set masterName). Put URLs that carry a password in a Secret "
         "and use urlSecretRef. Exactly one of url and urlSecretRef is required.",
-        json_schema_extra=_rules(
-            _cel(f"self.matches('{_SEGMENT_SCHEMES}')", _URL_SCHEME_MESSAGE),
-            _cel(f"!(self.matches('{_MIXED_KINDS[0]}') && self.matches('{_MIXED_KINDS[1]}'))", _URL_MIXED_MESSAGE),
-            _cel(f"!self.matches('{_USERINFO_PASSWORD}') && !self.matches('{_QUERY_PASSWORD}')", _URL_PASSWORD_MESSAGE),
-            _cel(f"self.matches('{_QUERY_SHAPE}')", QUERY_HINT),
-        ),
     )
     url_secret_ref: SecretKeyRef | None = Field(
         default=None,
@@ -360,19 +431,13 @@ class Broker(_Spec):
         description="Celery's broker_transport_options.global_keyprefix: a prefix on every "
         "Redis key, so queue depth is read from the right keys. Empty means none.",
     )
-    priority_steps: list[PriorityStep] = Field(
+    priority_steps: Annotated[list[PriorityStep], strictly_increasing(bad=[0, 6, 3])] = Field(
         default_factory=lambda: [0, 3, 6, 9],
         min_length=1,
         max_length=10,
         description="Celery's broker_transport_options.priority_steps: each step other than 0 is "
         "a separate Redis list (queue + '\\x06\\x16' + step) that counts toward queue depth. "
         "Strictly increasing, each 0-9.",
-        json_schema_extra=_rules(
-            _cel(
-                "self.isSorted() && self.all(s, self.exists_one(t, t == s))",
-                "must be strictly increasing (e.g. [0, 3, 6, 9])",
-            )
-        ),
     )
 
     sep: str = Field(
@@ -414,40 +479,17 @@ class Broker(_Spec):
 
     @field_validator("url")
     @classmethod
-    def _url_is_redis_without_password(cls, url: str | None) -> str | None:
+    def _url_parses(cls, url: str | None) -> str | None:
+        """After the declared rules (BrokerUrl), the parser's finer checks (database number, segment count)."""
         if url is None:
             return url
-        # The CEL rules in order, then the parser's finer checks (database number, segment count).
-        if not _SEGMENT_SCHEMES_RE.match(url):
-            raise _rule_error(_URL_SCHEME_MESSAGE)
-        if all(r.search(url) for r in _MIXED_KINDS_RE):
-            raise _rule_error(_URL_MIXED_MESSAGE)
-        if _USERINFO_PASSWORD_RE.search(url) or _QUERY_PASSWORD_RE.search(url):
-            raise _rule_error(_URL_PASSWORD_MESSAGE)
-        if not _QUERY_SHAPE_RE.match(url):
-            raise _rule_error(QUERY_HINT)
         try:
             parsed = parse_broker_url(url)
         except BrokerUrlError as err:
-            raise _rule_error(err.message) from None
+            raise rule_error(err.message) from None
         if parsed.secrets:  # a userinfo the regex cannot see (e.g. a '/' in it)
-            raise _rule_error(_URL_PASSWORD_MESSAGE)
+            raise rule_error(_URL_PASSWORD_MESSAGE)
         return url
-
-    @field_validator("priority_steps")
-    @classmethod
-    def _steps_increase(cls, steps: list[int]) -> list[int]:
-        if any(a >= b for a, b in itertools.pairwise(steps)):
-            raise _rule_error("must be strictly increasing (e.g. [0, 3, 6, 9])")
-        return steps
-
-    @model_validator(mode="after")
-    def _exactly_one_source(self) -> Self:
-        if (self.url is None) == (self.url_secret_ref is None):
-            raise _rule_error("set exactly one of url or urlSecretRef")
-        if self.url is not None and _MIXED_KINDS_RE[1].search(self.url) and self.master_name is None:
-            raise _rule_error(_SENTINEL_MASTER_MESSAGE, "masterName")
-        return self
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,14 +500,7 @@ class Broker(_Spec):
 class ReplicaBounds(_Spec):
     """The autoscaler keeps the tier's replica count within [min, max]."""
 
-    model_config = ConfigDict(
-        json_schema_extra=_rules(
-            _cel(
-                "self.min <= self.max",
-                "min must be <= max",
-            )
-        )
-    )
+    RULES = (compare("min", "<=", "max", bad={"min": 5, "max": 3}),)
 
     min: int = Field(
         ge=0,
@@ -473,12 +508,6 @@ class ReplicaBounds(_Spec):
         description="Fewest replicas of this tier (0 lets an idle tier scale to zero).",
     )
     max: int = Field(ge=1, le=MAX_REPLICAS, description="Most replicas of this tier.")
-
-    @model_validator(mode="after")
-    def _min_le_max(self) -> Self:
-        if self.min > self.max:
-            raise _rule_error(f"min must be <= max (got min {self.min}, max {self.max})")
-        return self
 
 
 class BusyWorkers(StrEnum):
@@ -578,64 +607,53 @@ class Autoscaling(_Spec):
     )
 
 
-_INT_OR_PERCENT = {
-    # maxLength bounds the CEL cost of matching the string form ("100%" is the longest).
-    "maxLength": 4,
-    **_rules(
-        _cel(
-            f"type(self) == int ? self >= 0 : string(self).matches('{_PERCENT}')",
-            "must be a non-negative integer or a percentage like '25%'",
-        )
+_PERCENT_RE = re2(_PERCENT)
+# Judged as written (`raw`): the CEL sees the JSON value, before pydantic would turn True into 1.
+_INT_OR_PERCENT = rule(
+    Expr(
+        f"type(self) == int ? self >= 0 : string(self).matches('{_PERCENT}')",
+        lambda v: (
+            v is None
+            or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)
+            or (isinstance(v, str) and _PERCENT_RE.search(v) is not None)
+        ),
     ),
-}
+    "must be a non-negative integer or a percentage like '25%'",
+    bad="half",
+    raw=True,
+)
+# maxLength bounds the CEL cost of matching the string form ("100%" is the longest).
+IntOrPercent = Annotated[int | str | None, _INT_OR_PERCENT, Field(json_schema_extra={"maxLength": 4})]
 
 
 class PodDisruptionBudgetSpec(_Spec):
     """A PodDisruptionBudget for the tier's workers."""
 
-    model_config = ConfigDict(
-        json_schema_extra=_rules(
-            _cel(
-                "!(has(self.maxUnavailable) && has(self.minAvailable))",
-                "set at most one of maxUnavailable or minAvailable",
-            )
-        )
-    )
+    RULES = (at_most_one("maxUnavailable", "minAvailable", bad={"maxUnavailable": 1, "minAvailable": 1}),)
 
     enabled: bool = Field(default=True, description="Create the PodDisruptionBudget.")
-    max_unavailable: int | str | None = Field(
+    max_unavailable: IntOrPercent = Field(
         default=None,
         description="Pods that may be evicted at once: a number or a percentage like '25%'. "
         "When neither this nor minAvailable is set the operator uses maxUnavailable 1.",
-        json_schema_extra=_INT_OR_PERCENT,
     )
-    min_available: int | str | None = Field(
+    min_available: IntOrPercent = Field(
         default=None,
         description="Pods that must stay available: a number or a percentage like '75%'.",
-        json_schema_extra=_INT_OR_PERCENT,
     )
-
-    @field_validator("max_unavailable", "min_available", mode="before")
-    @classmethod
-    def _int_or_percent(cls, value: object) -> object:
-        if value is None:
-            return value
-        ok = (isinstance(value, int) and not isinstance(value, bool) and value >= 0) or (
-            isinstance(value, str) and _PERCENT_RE.match(value) is not None
-        )
-        if not ok:
-            raise _rule_error("must be a non-negative integer or a percentage like '25%'")
-        return value
-
-    @model_validator(mode="after")
-    def _at_most_one(self) -> Self:
-        if self.max_unavailable is not None and self.min_available is not None:
-            raise _rule_error("set at most one of maxUnavailable or minAvailable")
-        return self
 
 
 class Shutdown(_Spec):
     """How a tier's workers stop on SIGTERM (scale-in, rollout, node drain)."""
+
+    RULES = (
+        rule(
+            ~is_true("remapSigterm") | is_set("softShutdownTimeoutSeconds"),
+            "remapSigterm needs softShutdownTimeoutSeconds",
+            field_path="remapSigterm",
+            bad={"remapSigterm": True},
+        ),
+    )
 
     soft_shutdown_timeout_seconds: int | None = Field(
         default=None,
@@ -656,76 +674,60 @@ class Shutdown(_Spec):
         "so reserved and ETA messages are handed back before the worker stops.",
     )
 
-    @model_validator(mode="after")
-    def _remap_needs_timeout(self) -> Self:
-        if self.remap_sigterm and self.soft_shutdown_timeout_seconds is None:
-            raise _rule_error("remapSigterm needs softShutdownTimeoutSeconds", "remapSigterm")
-        return self
-
 
 WorkerPoolKind = Literal["prefork", "threads", "gevent", "eventlet", "solo"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
+_FALLBACK = "autoscaling.fallbackReplicas"
+
+
 class Tier(_Spec):
     """One priority tier: its own Deployment consuming its own queues, scaled on their depth."""
 
-    model_config = ConfigDict(
-        json_schema_extra=_rules(
-            _cel(
-                "!has(self.softTimeLimitSeconds) || !has(self.timeLimitSeconds) "
-                "|| self.softTimeLimitSeconds < self.timeLimitSeconds",
-                "softTimeLimitSeconds must be < timeLimitSeconds",
-                field_path=".softTimeLimitSeconds",
-            ),
-            _cel(
-                "!has(self.terminationGracePeriodSeconds) || !has(self.timeLimitSeconds) "
-                "|| self.terminationGracePeriodSeconds >= self.timeLimitSeconds",
-                "terminationGracePeriodSeconds must be >= timeLimitSeconds so scale-in never cuts a running task short",
-                field_path=".terminationGracePeriodSeconds",
-            ),
-            _cel(
-                "!has(self.shutdown) || !has(self.shutdown.softShutdownTimeoutSeconds) "
-                "|| !has(self.terminationGracePeriodSeconds) "
-                "|| self.terminationGracePeriodSeconds >= self.shutdown.softShutdownTimeoutSeconds",
-                "terminationGracePeriodSeconds must be >= shutdown.softShutdownTimeoutSeconds",
-                field_path=".terminationGracePeriodSeconds",
-            ),
-            _cel(
-                "!has(self.shutdown) || !has(self.shutdown.remapSigterm) || !self.shutdown.remapSigterm "
-                "|| has(self.shutdown.softShutdownTimeoutSeconds)",
-                "remapSigterm needs softShutdownTimeoutSeconds",
-                field_path=".shutdown.remapSigterm",
-            ),
-            _cel(
-                "!has(self.autoscaling) || !has(self.autoscaling.fallbackReplicas) "
-                "|| (self.autoscaling.fallbackReplicas >= self.replicas.min "
-                "&& self.autoscaling.fallbackReplicas <= self.replicas.max)",
-                "fallbackReplicas must lie within replicas.min..replicas.max",
-                field_path=".autoscaling.fallbackReplicas",
-            ),
-        )
+    RULES = (
+        compare(
+            "softTimeLimitSeconds", "<", "timeLimitSeconds", bad={"softTimeLimitSeconds": 60, "timeLimitSeconds": 60}
+        ),
+        compare(
+            "terminationGracePeriodSeconds",
+            ">=",
+            "timeLimitSeconds",
+            why="so scale-in never cuts a running task short",
+            bad={"timeLimitSeconds": 300, "terminationGracePeriodSeconds": 30},
+        ),
+        compare(
+            "terminationGracePeriodSeconds",
+            ">=",
+            "shutdown.softShutdownTimeoutSeconds",
+            bad={"terminationGracePeriodSeconds": 30, "shutdown": {"softShutdownTimeoutSeconds": 60}},
+        ),
+        rule(
+            when_set([_FALLBACK], cmp(_FALLBACK, ">=", "replicas.min") & cmp(_FALLBACK, "<=", "replicas.max")),
+            "fallbackReplicas must lie within replicas.min..replicas.max",
+            field_path=_FALLBACK,
+            details=lambda t: f"(got {t.autoscaling.fallback_replicas}, bounds {t.replicas.min}..{t.replicas.max})",
+            bad={"autoscaling": {"fallbackReplicas": 20}},
+        ),
     )
 
-    name: str = Field(
+    name: Annotated[
+        str,
+        pattern(
+            DNS_LABEL,
+            "must be a DNS label: lowercase letters, digits and '-', starting and ending with a letter or digit",
+            bad="High_Tier",
+        ),
+    ] = Field(
         min_length=1,
         max_length=63,
         description="Tier name, a DNS label (lowercase letters, digits, '-'); part of the "
         "Deployment name <pool>-<name>.",
-        json_schema_extra=_rules(
-            _cel(
-                f"self.matches('{DNS_LABEL}')",
-                "must be a DNS label: lowercase letters, digits and '-', starting and ending with a letter or digit",
-            )
-        ),
     )
-    queues: list[QueueName] = Field(
+    queues: Annotated[list[QueueName], unique("must not list a queue twice", bad=["a", "a"])] = Field(
         min_length=1,
         max_length=MAX_QUEUES_PER_TIER,
         description="Celery queues this tier consumes (-Q); a queue belongs to at most one tier.",
-        json_schema_extra=_rules(
-            _cel("self.all(q, self.exists_one(r, r == q))", "must not list a queue twice"),
-        ),
     )
     concurrency: int = Field(ge=1, le=1024, description="Worker processes/threads per pod (--concurrency); at least 1.")
     pool: WorkerPoolKind = Field(default="prefork", description="Celery execution pool (--pool).")
@@ -795,53 +797,6 @@ class Tier(_Spec):
         "process is free, so nothing waits reserved behind a running task.",
     )
 
-    @field_validator("name")
-    @classmethod
-    def _name_is_dns_label(cls, name: str) -> str:
-        if not _DNS_LABEL_RE.match(name):
-            raise _rule_error(
-                "must be a DNS label: lowercase letters, digits and '-', starting and ending with a letter or digit"
-            )
-        return name
-
-    @field_validator("queues")
-    @classmethod
-    def _queue_names(cls, queues: list[str]) -> list[str]:
-        if len(set(queues)) != len(queues):
-            raise _rule_error("must not list a queue twice")
-        return queues
-
-    @model_validator(mode="after")
-    def _cross_field(self) -> Self:
-        soft, hard = self.soft_time_limit_seconds, self.time_limit_seconds
-        if soft is not None and hard is not None and soft >= hard:
-            raise _rule_error(
-                f"softTimeLimitSeconds must be < timeLimitSeconds (got {soft} and {hard})",
-                "softTimeLimitSeconds",
-            )
-        grace = self.termination_grace_period_seconds
-        if grace is not None and hard is not None and grace < hard:
-            raise _rule_error(
-                "terminationGracePeriodSeconds must be >= timeLimitSeconds so scale-in never cuts a running task "
-                f"short (got {grace} and {hard})",
-                "terminationGracePeriodSeconds",
-            )
-        soft = self.shutdown.soft_shutdown_timeout_seconds if self.shutdown else None
-        if grace is not None and soft is not None and grace < soft:
-            raise _rule_error(
-                "terminationGracePeriodSeconds must be >= shutdown.softShutdownTimeoutSeconds "
-                f"(got {grace} and {soft})",
-                "terminationGracePeriodSeconds",
-            )
-        fallback = self.autoscaling.fallback_replicas
-        if fallback is not None and not self.replicas.min <= fallback <= self.replicas.max:
-            raise _rule_error(
-                "fallbackReplicas must lie within replicas.min..replicas.max "
-                f"(got {fallback}, bounds {self.replicas.min}..{self.replicas.max})",
-                "autoscaling.fallbackReplicas",
-            )
-        return self
-
 
 def default_tiers() -> list[Tier]:
     """The three tiers teams run by hand today; used when a pool names no tiers."""
@@ -873,21 +828,18 @@ class WorkloadSpec(_Spec):
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
         default=None, description="Image pull policy; unset uses the Kubernetes default."
     )
-    image_pull_secrets: Annotated[list[KubeObject], _PULL_SECRET_NAMES[1]] = Field(
+    image_pull_secrets: Annotated[list[KubeObject], _PULL_SECRET_RULES] = Field(
         default_factory=list,
         description="Secrets for pulling the image (LocalObjectReference: {name}).",
-        json_schema_extra=_PULL_SECRET_NAMES[0],
     )
     broker: Broker = Field(description="The Redis broker.")
-    env: Annotated[list[KubeObject], _ENV_NAMES[1]] = Field(
+    env: Annotated[list[KubeObject], _ENV_RULES] = Field(
         default_factory=list,
         description="Extra environment variables (EnvVar) for the container.",
-        json_schema_extra=_ENV_NAMES[0],
     )
-    env_from: Annotated[list[KubeObject], _ENV_FROM_NAMES[1]] = Field(
+    env_from: Annotated[list[KubeObject], _ENV_FROM_RULES] = Field(
         default_factory=list,
         description="Extra environment sources (EnvFromSource) for the container.",
-        json_schema_extra=_ENV_FROM_NAMES[0],
     )
     service_account_name: ObjectName | None = Field(default=None, description="ServiceAccount the pods run as.")
     pod_labels: dict[str, str] = Field(
@@ -907,47 +859,62 @@ class WorkloadSpec(_Spec):
     container_security_context: KubeObject | None = Field(
         default=None, description="Container-level securityContext (SecurityContext)."
     )
-    volumes: Annotated[list[KubeObject], _VOLUME_NAMES[1]] = Field(
-        default_factory=list, description="Extra pod volumes.", json_schema_extra=_VOLUME_NAMES[0]
-    )
+    volumes: Annotated[list[KubeObject], _VOLUME_RULES] = Field(default_factory=list, description="Extra pod volumes.")
     volume_mounts: list[KubeObject] = Field(
         default_factory=list, description="Extra volume mounts of the main container."
     )
 
 
-def _tier_queue_owners(tiers: list[Tier]) -> str | None:
-    """The first queue claimed by two tiers, as a message; None when every queue has one tier."""
+def _queue_in_two_tiers(tiers: list[Tier]) -> str | None:
+    """The first queue claimed by two (differently named) tiers, as details; None when there is none."""
     owner: dict[str, str] = {}
     for tier in tiers:
         for queue in tier.queues:
             if queue in owner and owner[queue] != tier.name:
-                where = f"got {queue!r} in tiers {owner[queue]!r} and {tier.name!r}"
-                return f"a queue may belong to at most one tier ({where})"
+                return f"(got {queue!r} in tiers {owner[queue]!r} and {tier.name!r})"
             owner.setdefault(queue, tier.name)
     return None
+
+
+def _budget_covers_minimums(spec: Any) -> bool:
+    return spec.max_total_replicas is None or spec.max_total_replicas >= sum(t.replicas.min for t in spec.tiers)
+
+
+def _tier(name: str, queue: str, low: int = 0) -> KubeObject:
+    return {"name": name, "queues": [queue], "concurrency": 1, "replicas": {"min": low, "max": 4}}
 
 
 class CeleryWorkerPoolSpec(WorkloadSpec):
     """A fleet of Celery workers: one Deployment per tier, scaled on its queues' depth."""
 
-    model_config = ConfigDict(
-        json_schema_extra=_rules(
-            _cel(
-                "self.tiers.all(t, self.tiers.exists_one(u, u.name == t.name))",
-                "tier names must be unique",
-                field_path=".tiers",
-            ),
-            _cel(
+    RULES = (
+        unique(
+            "tier names must be unique",
+            path="tiers",
+            key="name",
+            bad={"tiers": [_tier("a", "q1"), _tier("a", "q2")]},
+        ),
+        rule(
+            Expr(
                 "self.tiers.all(t, self.tiers.all(u, t.name == u.name || t.queues.all(q, !(q in u.queues))))",
-                "a queue may belong to at most one tier",
-                field_path=".tiers",
+                lambda spec: _queue_in_two_tiers(spec.tiers) is None,
             ),
-            _cel(
+            "a queue may belong to at most one tier",
+            field_path="tiers",
+            details=lambda spec: _queue_in_two_tiers(spec.tiers) or "",
+            bad={"tiers": [_tier("a", "q"), _tier("b", "q")]},
+        ),
+        rule(
+            Expr(
                 "!has(self.maxTotalReplicas) || self.maxTotalReplicas >= self.tiers.map(t, t.replicas.min).sum()",
-                "maxTotalReplicas must be >= the sum of the tiers' replicas.min",
-                field_path=".maxTotalReplicas",
+                _budget_covers_minimums,
+                "||",
             ),
-        )
+            "maxTotalReplicas must be >= the sum of the tiers' replicas.min",
+            field_path="maxTotalReplicas",
+            details=lambda spec: f"(got {spec.max_total_replicas}, sum {sum(t.replicas.min for t in spec.tiers)})",
+            bad={"tiers": [_tier("a", "q", low=2)], "maxTotalReplicas": 1},
+        ),
     )
 
     tiers: list[Tier] = Field(
@@ -970,41 +937,18 @@ class CeleryWorkerPoolSpec(WorkloadSpec):
         description="Stop autoscaling and leave the Deployments as they are.",
     )
 
-    @model_validator(mode="after")
-    def _tiers_consistent(self) -> Self:
-        names = [t.name for t in self.tiers]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise _rule_error(f"tier names must be unique (got {', '.join(duplicates)} more than once)", "tiers")
-        clash = _tier_queue_owners(self.tiers)
-        if clash:
-            raise _rule_error(clash, "tiers")
-        floor = sum(t.replicas.min for t in self.tiers)
-        if self.max_total_replicas is not None and self.max_total_replicas < floor:
-            raise _rule_error(
-                "maxTotalReplicas must be >= the sum of the tiers' replicas.min "
-                f"(got {self.max_total_replicas}, sum {floor})",
-                "maxTotalReplicas",
-            )
-        return self
-
 
 class LeaseSpec(_Spec):
     """Timing of the Kubernetes Lease that elects the single running beat."""
 
-    model_config = ConfigDict(
-        json_schema_extra=_rules(
-            _cel(
-                "self.renewDeadlineSeconds < self.durationSeconds",
-                "renewDeadlineSeconds must be < durationSeconds",
-                field_path=".renewDeadlineSeconds",
-            ),
-            _cel(
-                "self.retryPeriodSeconds < self.renewDeadlineSeconds",
-                "retryPeriodSeconds must be < renewDeadlineSeconds",
-                field_path=".retryPeriodSeconds",
-            ),
-        )
+    RULES = (
+        compare(
+            "renewDeadlineSeconds",
+            "<",
+            "durationSeconds",
+            bad={"durationSeconds": 10, "renewDeadlineSeconds": 10, "retryPeriodSeconds": 2},
+        ),
+        compare("retryPeriodSeconds", "<", "renewDeadlineSeconds", bad={"retryPeriodSeconds": 10}),
     )
 
     duration_seconds: int = Field(
@@ -1027,25 +971,11 @@ class LeaseSpec(_Spec):
         description="Seconds between renew/acquire attempts; must be < renewDeadlineSeconds.",
     )
 
-    @model_validator(mode="after")
-    def _ordered(self) -> Self:
-        if self.renew_deadline_seconds >= self.duration_seconds:
-            raise _rule_error(
-                "renewDeadlineSeconds must be < durationSeconds "
-                f"(got {self.renew_deadline_seconds} and {self.duration_seconds})",
-                "renewDeadlineSeconds",
-            )
-        if self.retry_period_seconds >= self.renew_deadline_seconds:
-            raise _rule_error(
-                "retryPeriodSeconds must be < renewDeadlineSeconds "
-                f"(got {self.retry_period_seconds} and {self.renew_deadline_seconds})",
-                "retryPeriodSeconds",
-            )
-        return self
-
 
 class CeleryBeatSpec(WorkloadSpec):
     """The single Celery Beat scheduler of an application, fenced by a Kubernetes Lease."""
+
+    RULES = _BEAT_VOLUME_RULES
 
     scheduler: str = Field(
         default="celery.beat:PersistentScheduler",
@@ -1203,6 +1133,10 @@ def _spec_of(body_or_spec: Mapping[str, Any]) -> Mapping[str, Any]:
 
 def _parse(model: type[_M], body_or_spec: Mapping[str, Any]) -> _M:
     spec = _spec_of(body_or_spec)
+    if "spec" in body_or_spec:
+        for each in OBJECT_RULES:
+            if each.find(body_or_spec) is not None:
+                raise InvalidSpec(f"{each.field_path}: {each.message}")
     try:
         return model.model_validate(dict(spec))
     except ValidationError as error:
@@ -1220,10 +1154,12 @@ def parse_beat(body_or_spec: Mapping[str, Any]) -> CeleryBeatSpec:
     return _parse(CeleryBeatSpec, body_or_spec)
 
 
-def pool_name_rule() -> dict[str, str]:
-    """Object names become label values and Deployment name prefixes, so keep them DNS labels."""
-    return _cel(
-        "size(self.metadata.name) <= 63",
+# Rules on the whole object (CEL at the schema's root; checked by parse_pool/parse_beat when given one).
+OBJECT_RULES = (
+    max_length(
+        "metadata.name",
+        63,
         "metadata.name must be at most 63 characters (it is used in label values)",
-        field_path=".metadata.name",
-    )
+        bad={"metadata": {"name": "x" * 70}},
+    ),
+)

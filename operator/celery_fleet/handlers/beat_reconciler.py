@@ -97,8 +97,6 @@ class BeatReconciler:
         if problem is None and not spec.paused:
             try:
                 self._apply_children(key, body, spec, ref, runtime)
-            except InvalidSpec as err:
-                problem = Problem("InvalidSpec", f"{err.message}. Fix the manifest and apply it again.")
             except ChildConflict as conflict:
                 problem = conflict.problem
             except ApiError as err:

@@ -127,10 +127,6 @@ class PoolReconciler:
         if not spec.paused:
             try:
                 conflicts = self._apply_children(key, name, body, spec, ref)
-            except InvalidSpec as err:  # a rule only the builders check (e.g. an env name the operator sets)
-                invalid = Problem("InvalidSpec", f"{err.message}. Fix the manifest and apply it again.")
-                self._write_status(key, body, ref, spec=spec, problem=invalid)
-                return Outcome()
             except ApiError as err:
                 rejected = rejected_child(err)
                 if rejected is None:

@@ -23,15 +23,23 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from celery_fleet.api.models import BEAT_KIND, GROUP, CeleryBeatSpec, InvalidSpec
+from celery_fleet.api.models import (
+    BEAT_KIND,
+    ELECTOR_DIR,
+    ELECTOR_VOLUME,
+    GROUP,
+    POD_NAME_ENV,
+    POD_NAMESPACE_ENV,
+    SCHEDULE_DIR,
+    SCHEDULE_VOLUME,
+    CeleryBeatSpec,
+)
 from celery_fleet.elector import BUNDLE_FILE_NAME as ELECTOR_FILE
 from celery_fleet.elector import SERVICE_ACCOUNT_DIR
 from celery_fleet.elector.process import UNKILLABLE_AFTER_SECONDS
 from celery_fleet.planning.workload import (
     MANAGED_BY,
     MANAGED_BY_LABEL,
-    POD_NAME_ENV,
-    POD_NAMESPACE_ENV,
     Manifest,
     broker_tls_volume,
     container_base,
@@ -49,13 +57,11 @@ INSTALL_CONTAINER = "install-elector"
 
 # Where the operator image carries the elector, and where the beat container finds it.
 ELECTOR_SOURCE = f"/opt/celery-fleet/{ELECTOR_FILE}"
-ELECTOR_VOLUME = "celery-fleet"
-ELECTOR_DIR = "/celery-fleet"
+# The elector's and the schedule's volumes and mount paths are declared in api.models, whose
+# rules keep the user's volumes and mounts off them.
 ELECTOR_PATH = f"{ELECTOR_DIR}/{ELECTOR_FILE}"
 # PersistentScheduler writes its state file into the working directory by default, which a
 # non-root user or a read-only root filesystem cannot; give it a writable place of its own.
-SCHEDULE_VOLUME = "beat-schedule"
-SCHEDULE_DIR = "/celery-beat"
 SCHEDULE_FILE = f"{SCHEDULE_DIR}/celerybeat-schedule"
 
 # CeleryBeatSpec has no log level; `--loglevel` in extraArgs overrides this (the last one wins).
@@ -234,24 +240,6 @@ def beat_grace_period(spec: CeleryBeatSpec) -> int:
     return math.ceil(total)
 
 
-def _check_reserved(spec: CeleryBeatSpec) -> None:
-    """Our volume names and mount paths must not collide with the user's (duplicate keys fail
-    server-side apply for the whole Deployment)."""
-    ours = {ELECTOR_VOLUME, SCHEDULE_VOLUME}
-    for index, volume in enumerate(spec.volumes):
-        if volume.get("name") in ours:
-            raise InvalidSpec(
-                f"spec.volumes[{index}].name: {volume.get('name')} is used by the operator for the beat pods; "
-                "rename the volume"
-            )
-    for index, mount in enumerate(spec.volume_mounts):
-        if mount.get("mountPath") in (ELECTOR_DIR, SCHEDULE_DIR):
-            raise InvalidSpec(
-                f"spec.volumeMounts[{index}].mountPath: {mount.get('mountPath')} is used by the operator "
-                "for the beat pods; mount the volume elsewhere"
-            )
-
-
 def _install_elector(elector_image: str, spec: CeleryBeatSpec) -> Manifest:
     container: Manifest = {"name": INSTALL_CONTAINER, "image": elector_image}
     if spec.image_pull_policy:
@@ -272,7 +260,6 @@ def _install_elector(elector_image: str, spec: CeleryBeatSpec) -> Manifest:
 
 
 def beat_pod_template(beat_name: str, spec: CeleryBeatSpec, default_elector_image: str) -> Manifest:
-    _check_reserved(spec)
     beat: Manifest = {
         **container_base(spec, BEAT_CONTAINER),
         # Exec form: SIGTERM reaches the elector, which stops beat and releases the Lease.

@@ -28,12 +28,15 @@ from typing import Any
 from celery_fleet.api.broker_url import DEFAULT_PORTS
 from celery_fleet.api.models import (
     API_VERSION,
+    BROKER_SECRET_URL_ENV,
+    BROKER_URL_ENV,
     GROUP,
+    POD_NAME_ENV,
+    POD_NAMESPACE_ENV,
     POOL_KIND,
     Broker,
     BrokerTls,
     CeleryWorkerPoolSpec,
-    InvalidSpec,
     Tier,
     WorkloadSpec,
 )
@@ -47,14 +50,7 @@ TIER_LABEL = f"{GROUP}/tier"
 CONFIG_HASH_ANNOTATION = f"{GROUP}/config-hash"
 
 WORKER_CONTAINER = "worker"
-BROKER_URL_ENV = "CELERY_BROKER_URL"
-POD_NAME_ENV = "POD_NAME"
-POD_NAMESPACE_ENV = "POD_NAMESPACE"
 REMAP_SIGTERM_ENV = "REMAP_SIGTERM"  # billiard: which signal SIGTERM acts as
-# Names the operator sets itself; a user entry with the same name would be a duplicate key,
-# which server-side apply rejects for the whole Deployment.
-BROKER_SECRET_URL_ENV = "CELERY_FLEET_BROKER_URL"  # with spec.broker.tls: the Secret's URL, before the TLS query
-OPERATOR_ENV = (POD_NAME_ENV, POD_NAMESPACE_ENV, BROKER_URL_ENV, BROKER_SECRET_URL_ENV)
 # spec.broker.tls files in worker and beat pods (kombu reads their paths from the URL query).
 BROKER_TLS_VOLUME = "celery-fleet-broker-tls"
 BROKER_TLS_DIR = "/etc/celery-fleet/broker-tls"
@@ -216,23 +212,10 @@ def broker_tls_mounts(broker: Broker) -> list[Manifest]:
 
 
 def container_env(spec: WorkloadSpec) -> list[Manifest]:
-    """Downward-API identity first (so `$(POD_NAME)` expands in args), the broker, then the user's."""
-    seen: dict[str, int] = {}
-    for index, var in enumerate(spec.env):
-        name = var.get("name")
-        if not isinstance(name, str) or not name:
-            raise InvalidSpec(f"spec.env[{index}].name: required (an EnvVar needs a name)")
-        if name in OPERATOR_ENV:
-            raise InvalidSpec(
-                f"spec.env[{index}].name: {name} is set by the operator "
-                f"({'from spec.broker' if name == BROKER_URL_ENV else 'from the downward API'}); "
-                "remove it from spec.env"
-            )
-        if name in seen:
-            raise InvalidSpec(
-                f"spec.env[{index}].name: {name} is already set by spec.env[{seen[name]}]; keep one of them"
-            )
-        seen[name] = index
+    """Downward-API identity first (so `$(POD_NAME)` expands in args), the broker, then the user's.
+
+    The user's names never collide with ours: the models reject OPERATOR_ENV names in spec.env.
+    """
     return [
         {"name": POD_NAME_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": POD_NAMESPACE_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
