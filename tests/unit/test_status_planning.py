@@ -7,10 +7,18 @@ from typing import Any
 
 import pytest
 
+from celery_fleet.api.models import CeleryBeatStatus, CeleryWorkerPoolStatus
 from celery_fleet.planning.beat_status import BeatStatusInput, LeaseView, beat_status, current_leader, view_lease
 from celery_fleet.planning.conditions import STALLED_REASONS, ConditionUpdate, conditions_equal, merge_conditions
 from celery_fleet.planning.drift import drifted_fields, has_drifted
-from celery_fleet.planning.pool_status import PoolStatusInput, Problem, TierObservation, observe_deployment, pool_status
+from celery_fleet.planning.pool_status import (
+    PoolStatusInput,
+    Problem,
+    TierObservation,
+    TierScaling,
+    observe_deployment,
+    pool_status,
+)
 
 DESIRED: dict[str, Any] = {
     "apiVersion": "apps/v1",
@@ -199,3 +207,15 @@ def test_beat_degraded_only_after_a_lease_duration_without_leader() -> None:
     assert _health(beat_status(early)[1]) == IN_PROGRESS
     assert _health(updates) == ("False", "True", "False", "True")
     assert body["leader"] == "" and body["leaseTransitions"] == 2
+
+
+def test_status_bodies_are_the_status_models_as_written() -> None:
+    """One shape: what the reconcilers write is the status model's JSON, nothing beside it."""
+    scaling = {"high": TierScaling(desired_replicas=3, queue_depth=40, in_flight=2, scheduled=1, busy_workers=0)}
+    pool, _ = pool_status(PoolStatusInput(2, [_tier("high", 2, 1), _tier("low", 1, 1)], scaling))
+    assert CeleryWorkerPoolStatus.model_validate(pool).to_json() == pool
+    assert "queueDepth" not in pool["tiers"][1]  # never read: left out, not written as 0
+    lease = LeaseView("p1", 2, dt.datetime(2026, 1, 1, tzinfo=dt.UTC), 15)
+    beat, _ = beat_status(BeatStatusInput(2, lease, dt.datetime(2026, 1, 1, 0, 0, 5, tzinfo=dt.UTC), None, 15, True))
+    assert CeleryBeatStatus.model_validate(beat).to_json() == beat
+    assert beat["renewTime"] == "2026-01-01T00:00:00.000000Z"

@@ -137,6 +137,10 @@ class _Status(BaseModel):
 
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
 
+    def to_json(self) -> dict[str, Any]:
+        """The status as written: wire names, unset (None) fields left out."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
 
 KubeObject = dict[str, Any]
 
@@ -1038,8 +1042,8 @@ class TierStatus(_Status):
     replicas: int = Field(default=0, description="Pods of the tier's Deployment.")
     ready_replicas: int = Field(default=0, description="Ready pods.")
     desired_replicas: int = Field(default=0, description="Replicas the autoscaler wants now.")
-    queue_depth: int = Field(default=0, description="Queued messages over the tier's queues.")
-    in_flight: int = Field(default=0, description="Messages taken by workers, not yet acknowledged.")
+    queue_depth: int | None = Field(default=None, description="Queued messages over the tier's queues.")
+    in_flight: int | None = Field(default=None, description="Messages taken by workers, not yet acknowledged.")
     last_scale_time: str | None = Field(
         default=None,
         description="When the autoscaler last changed replicas (RFC 3339).",

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from celery_fleet.api.models import CeleryBeatStatus
 from celery_fleet.planning.conditions import ConditionUpdate, blocked, progressing, settled
 from celery_fleet.planning.pool_status import Problem
 
@@ -63,13 +64,13 @@ class BeatStatusInput:
 
 def beat_status(inp: BeatStatusInput) -> tuple[dict[str, Any], list[ConditionUpdate]]:
     leader = current_leader(inp.lease, inp.now)
-    body: dict[str, Any] = {
-        "observedGeneration": inp.generation,
-        "leader": leader or "",
-        "leaseTransitions": inp.lease.transitions,
-    }
-    if inp.lease.renew_time is not None:
-        body["renewTime"] = inp.lease.renew_time.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    renewed = inp.lease.renew_time
+    body = CeleryBeatStatus(
+        observed_generation=inp.generation,
+        leader=leader or "",  # "", not None: a merge patch must clear the last leader
+        lease_transitions=inp.lease.transitions,
+        renew_time=renewed.strftime("%Y-%m-%dT%H:%M:%S.%fZ") if renewed is not None else None,
+    ).to_json()
     if inp.problem is not None:
         return body, blocked(inp.problem.reason, inp.problem.message)
     if leader is not None:

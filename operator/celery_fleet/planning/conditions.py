@@ -12,6 +12,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from celery_fleet.api.models import Condition
+
 ConditionStatus = Literal["True", "False", "Unknown"]
 
 
@@ -92,14 +94,15 @@ def merge_conditions(
     for up in updates:
         old = by_type.get(up.type)
         changed = old is None or old.get("status") != up.status
-        by_type[up.type] = {
-            "type": up.type,
-            "status": up.status,
-            "reason": up.reason,
-            "message": up.message,
-            "observedGeneration": generation,
-            "lastTransitionTime": now if changed or old is None else old.get("lastTransitionTime", now),
-        }
+        # Not validated: the apiserver judges the lengths, as for every status write.
+        by_type[up.type] = Condition.model_construct(
+            type=up.type,
+            status=up.status,
+            reason=up.reason,
+            message=up.message,
+            observed_generation=generation,
+            last_transition_time=now if changed or old is None else old.get("lastTransitionTime", now),
+        ).to_json()
     return sorted(by_type.values(), key=lambda c: (ORDER.get(c["type"], 99), c["type"]))
 
 

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from celery_fleet.api.models import CeleryWorkerPoolStatus, TierStatus
 from celery_fleet.planning.conditions import ConditionUpdate, blocked, progressing, settled
 
 
@@ -64,38 +65,33 @@ def tier_rolled_out(t: TierObservation) -> bool:
 
 
 def pool_status(inp: PoolStatusInput) -> tuple[dict[str, Any], list[ConditionUpdate]]:
-    """The status body (without conditions) and the condition updates for it."""
-    tiers: list[dict[str, Any]] = []
+    """The status body (conditions left empty) and the condition updates for it."""
+    tiers = []
     for t in inp.tiers:
         s = inp.scaling.get(t.name, TierScaling())
-        entry: dict[str, Any] = {
-            "name": t.name,
-            "replicas": t.replicas,
-            "readyReplicas": t.ready_replicas,
-            "desiredReplicas": s.desired_replicas if s.desired_replicas is not None else t.spec_replicas,
-        }
-        for key, value in (
-            ("queueDepth", s.queue_depth),
-            ("inFlight", s.in_flight),
-            ("lastScaleTime", s.last_scale_time),
-            ("lastScaleReason", s.last_scale_reason),
-            ("scheduled", s.scheduled),
-            ("busyWorkers", s.busy_workers),
-        ):
-            if value is not None:
-                entry[key] = value
-        tiers.append(entry)
-
-    body: dict[str, Any] = {
-        "observedGeneration": inp.generation,
-        "tiers": tiers,
-        "replicas": sum(t["replicas"] for t in tiers),
-        "desiredReplicas": sum(t["desiredReplicas"] for t in tiers),
-        "queued": sum(t.get("queueDepth", 0) for t in tiers),
-    }
-
-    # "7/8": ready pods over pods the tiers should have, for the Ready printer column.
-    body["ready"] = f"{sum(t.ready_replicas for t in inp.tiers)}/{sum(t.spec_replicas for t in inp.tiers)}"
+        tiers.append(
+            TierStatus(
+                name=t.name,
+                replicas=t.replicas,
+                ready_replicas=t.ready_replicas,
+                desired_replicas=s.desired_replicas if s.desired_replicas is not None else t.spec_replicas,
+                queue_depth=s.queue_depth,
+                in_flight=s.in_flight,
+                last_scale_time=s.last_scale_time,
+                last_scale_reason=s.last_scale_reason,
+                scheduled=s.scheduled,
+                busy_workers=s.busy_workers,
+            )
+        )
+    body = CeleryWorkerPoolStatus(
+        observed_generation=inp.generation,
+        tiers=tiers,
+        replicas=sum(t.replicas for t in tiers),
+        desired_replicas=sum(t.desired_replicas for t in tiers),
+        queued=sum(t.queue_depth or 0 for t in tiers),
+        # "7/8": ready pods over pods the tiers should have, for the Ready printer column.
+        ready=f"{sum(t.ready_replicas for t in inp.tiers)}/{sum(t.spec_replicas for t in inp.tiers)}",
+    ).to_json()
     if inp.problem is not None:
         return body, blocked(inp.problem.reason, inp.problem.message)
 
