@@ -6,7 +6,11 @@ Labels follow celery-exporter's names where they mean the same (`queue_name`), p
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -105,11 +109,26 @@ def serve(port: int, addr: str = "0.0.0.0") -> None:
         start_http_server(port, addr=addr, registry=REGISTRY)
 
 
-KUBE_REQUESTS = Gauge(
-    "celery_fleet_kube_api_requests",
-    "Requests made to the apiserver since start by reconcilers and the autoscaler (Kopf's watches not included).",
-    registry=REGISTRY,
-)
+class _KubeRequests(Collector):
+    """The apiserver requests counted by the client, read at scrape time (no lock on the hot path)."""
+
+    def __init__(self) -> None:
+        self.counts: Callable[[], Mapping[tuple[str, str], int]] = dict
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(
+            "celery_fleet_kube_api_requests",
+            "Requests made to the apiserver since start by reconcilers and the autoscaler, by verb and "
+            "resource (Kopf's watches not included).",
+            labels=["verb", "resource"],
+        )
+        for (verb, resource), n in sorted(dict(self.counts()).items()):
+            family.add_metric([verb, resource], n)
+        yield family
+
+
+KUBE_REQUESTS = _KubeRequests()
+REGISTRY.register(KUBE_REQUESTS)
 
 
 # -- scale-in (remote control)

@@ -38,7 +38,7 @@ class Fleet:
 
     def __post_init__(self) -> None:
         self.pools = PoolReconciler(self.kube, self.cache)
-        metrics.KUBE_REQUESTS.set_function(lambda: float(self.kube.requests))
+        metrics.KUBE_REQUESTS.counts = lambda: dict(self.kube.requests_by)
         self.beats = BeatReconciler(self.kube, self.cache, self.config.elector_image)
         self.autoscaler = Autoscaler(self.kube, self.cache, self.pool_queue.add, interval=self.config.poll_interval)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -17,6 +18,7 @@ import kopf
 from celery_fleet import GROUP, VERSION
 from celery_fleet.handlers.cache import BEAT_LABEL, POOL_LABEL, ObjKey
 from celery_fleet.handlers.fleet import Fleet
+from celery_fleet.kube.login import Transport, load_credentials
 from celery_fleet.planning.workload import MANAGED_BY, MANAGED_BY_LABEL
 
 log = logging.getLogger(__name__)
@@ -26,6 +28,22 @@ MANAGED = {MANAGED_BY_LABEL: MANAGED_BY}
 def _fleet(memo: Any) -> Fleet:
     fleet: Fleet = memo["fleet"]
     return fleet
+
+
+@kopf.on.login(id="login")
+def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
+    """Kopf's watches use the credentials the operator's own requests use (read again on a 401)."""
+    api = _fleet(memo).kube.api
+    creds = api.credentials if isinstance(api, Transport) else load_credentials(os.environ.get("KUBECONFIG"))
+    return kopf.ConnectionInfo(
+        server=creds.server,
+        ca_path=creds.ca_file,
+        insecure=creds.insecure or None,
+        token=creds.token(refresh=creds.refreshable),
+        certificate_path=creds.cert_file,
+        private_key_path=creds.key_file,
+        default_namespace=creds.namespace,
+    )
 
 
 @kopf.on.startup(id="start-fleet")

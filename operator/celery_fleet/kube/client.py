@@ -1,4 +1,4 @@
-"""A small, typed surface over the official Kubernetes client.
+"""A small, typed surface over the apiserver's REST API (kube.login's transport, or the official client).
 
 Request building (paths from apiVersion/kind) is separated from sending. Every write
 of a child object is a server-side apply under one field manager, so repeated
@@ -10,18 +10,21 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import threading
 import time
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import urllib3
-from kubernetes import client, config
-from kubernetes.client.rest import ApiException
 
 from celery_fleet import FIELD_MANAGER
 from celery_fleet.api.models import API_VERSION, BEAT_KIND, POOL_KIND
+from celery_fleet.kube.login import Transport, load_credentials
+
+if TYPE_CHECKING:
+    from kubernetes import client
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +74,24 @@ def segment(value: str) -> str:
     return urllib.parse.quote(value, safe="")
 
 
+def request_resource(path: str) -> str:
+    """The resource a request path names, e.g. "deployments/scale" (names and namespaces left out)."""
+    parts = path.split("?", 1)[0].strip("/").split("/")
+    rest = parts[2:] if parts[:1] == ["api"] else parts[3:]  # past /api/v1 or /apis/group/version
+    if rest[:1] == ["namespaces"] and len(rest) > 2:
+        rest = rest[2:]
+    return "/".join(rest[:1] + rest[2:3])
+
+
+def connect(kubeconfig: str | None = None, context: str | None = None, *, maxsize: int = 32) -> Transport:
+    """The operator's transport: in-cluster when running in a pod, else the kubeconfig (see kube.login)."""
+    return Transport(load_credentials(kubeconfig, context), maxsize=maxsize)
+
+
 def load_api_client(kubeconfig: str | None = None, context: str | None = None) -> client.ApiClient:
-    """In-cluster config when running in a pod, else the kubeconfig (KUBECONFIG or ~/.kube/config)."""
+    """The official client, for the tools that use it (leader election, the local runtime); not the operator."""
+    from kubernetes import client, config
+
     cfg = client.Configuration()
     if kubeconfig is None:
         try:
@@ -82,6 +101,12 @@ def load_api_client(kubeconfig: str | None = None, context: str | None = None) -
             pass
     config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=cfg)
     return client.ApiClient(cfg)
+
+
+class CallApi(Protocol):
+    """What Kube sends through: our Transport, or the official client's ApiClient."""
+
+    def call_api(self, resource_path: str, method: str, **kwargs: Any) -> Any: ...
 
 
 @dataclass(eq=False)  # not frozen: raising sets __traceback__ (a frozen one fails inside `with` blocks)
@@ -94,7 +119,8 @@ class ApiError(Exception):
         return f"{self.status} {self.reason}: {self.message}"
 
     @classmethod
-    def from_exception(cls, exc: ApiException) -> ApiError:
+    def from_exception(cls, exc: Any) -> ApiError:
+        """From an error answer: our HttpError or the official client's ApiException (same attributes)."""
         message = exc.reason or ""
         reason = str(exc.reason or "")
         try:
@@ -109,10 +135,13 @@ class ApiError(Exception):
 class Kube:
     """The operator's Kubernetes writes and the few reads it cannot take from its watch caches."""
 
-    def __init__(self, api: client.ApiClient, field_manager: str = FIELD_MANAGER) -> None:
+    def __init__(self, api: CallApi, field_manager: str = FIELD_MANAGER) -> None:
         self.api = api
         self.field_manager = field_manager
-        self.requests = 0  # counted for benchmarks: requests this process made outside Kopf's watches
+        # Counted for benchmarks and /metrics: requests this process made outside Kopf's watches,
+        # by (verb, resource[/subresource]).
+        self.requests_by: dict[tuple[str, str], int] = {}
+        self._count_lock = threading.Lock()  # requests come from many worker threads
         self._secrets: dict[tuple[str, str, str], tuple[float, dict[str, Any]]] = {}
 
     def request(
@@ -126,7 +155,9 @@ class Kube:
         timeout: float = 30,
     ) -> Any:
         """One apiserver request; every failure, answered or not, is an ApiError."""
-        self.requests += 1
+        counted = (method, request_resource(path))
+        with self._count_lock:
+            self.requests_by[counted] = self.requests_by.get(counted, 0) + 1
         try:
             data, _status, _headers = self.api.call_api(
                 path,
@@ -139,13 +170,19 @@ class Kube:
                 _preload_content=True,
                 _request_timeout=timeout,
             )
-        except ApiException as exc:
-            raise ApiError.from_exception(exc) from None
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             # No answer at all (apiserver restarting, network cut, timeout): an API error like any
             # other, so callers retry with backoff instead of crashing with a traceback.
             raise ApiError(status=0, reason="Unreachable", message=f"{type(exc).__name__}: {exc}"[:500]) from None
+        except Exception as exc:
+            if not isinstance(getattr(exc, "status", None), int) or not hasattr(exc, "body"):
+                raise
+            raise ApiError.from_exception(exc) from None
         return data
+
+    @property
+    def requests(self) -> int:
+        return sum(self.requests_by.values())
 
     def apply(
         self, obj: Mapping[str, Any], *, force: bool = True, create_only: bool = False, uid: str | None = None
