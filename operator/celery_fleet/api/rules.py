@@ -18,6 +18,7 @@ the Python side compiles them so they judge the same: ASCII classes and `$` only
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -38,12 +39,22 @@ Admission = Literal["cel", "pattern", "operator"]
 # ---------------------------------------------------------------------------------------------
 
 
+@functools.cache
+def _parts(path: str) -> tuple[str, ...]:
+    return tuple(path.split(".")) if path else ()
+
+
+@functools.cache
+def _attribute(model: type[BaseModel], wire: str) -> str:
+    """The Python name of a model's field from its wire name (rules are checked on every parse)."""
+    return next((name for name, info in model.model_fields.items() if (info.alias or name) == wire), wire)
+
+
 def value_at(node: Any, path: str) -> Any:
     """The value at a dotted path of wire (camelCase) names below a model or a plain mapping."""
-    for part in path.split(".") if path else ():
+    for part in _parts(path):
         if isinstance(node, BaseModel):
-            names = {(info.alias or name): name for name, info in type(node).model_fields.items()}
-            node = getattr(node, names.get(part, part), None)
+            node = getattr(node, _attribute(type(node), part), None)
         elif isinstance(node, Mapping):
             node = node.get(part)
         else:

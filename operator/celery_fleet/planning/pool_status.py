@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from celery_fleet.api.models import CeleryWorkerPoolStatus, TierStatus
@@ -68,21 +68,11 @@ def pool_status(inp: PoolStatusInput) -> tuple[dict[str, Any], list[ConditionUpd
     """The status body (conditions left empty) and the condition updates for it."""
     tiers = []
     for t in inp.tiers:
-        s = inp.scaling.get(t.name, TierScaling())
-        tiers.append(
-            TierStatus(
-                name=t.name,
-                replicas=t.replicas,
-                ready_replicas=t.ready_replicas,
-                desired_replicas=s.desired_replicas if s.desired_replicas is not None else t.spec_replicas,
-                queue_depth=s.queue_depth,
-                in_flight=s.in_flight,
-                last_scale_time=s.last_scale_time,
-                last_scale_reason=s.last_scale_reason,
-                scheduled=s.scheduled,
-                busy_workers=s.busy_workers,
-            )
-        )
+        # TierScaling's fields are TierStatus's (same names): the autoscaler's record goes in as it is.
+        scaling = asdict(inp.scaling.get(t.name, TierScaling()))
+        if scaling["desired_replicas"] is None:
+            scaling["desired_replicas"] = t.spec_replicas
+        tiers.append(TierStatus(name=t.name, replicas=t.replicas, ready_replicas=t.ready_replicas, **scaling))
     body = CeleryWorkerPoolStatus(
         observed_generation=inp.generation,
         tiers=tiers,
