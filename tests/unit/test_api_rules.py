@@ -117,7 +117,7 @@ def test_whitespace_classes_must_be_spelled_out() -> None:
         re2(r"^[^\s]+$")
 
 
-# -- names the operator sets itself (judged by the models alone) ------------------------------------
+# -- names the operator sets itself ------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -126,13 +126,13 @@ def test_whitespace_classes_must_be_spelled_out() -> None:
         pytest.param(
             POOL_KIND,
             {"env": [{"name": "CELERY_BROKER_URL", "value": "redis://x"}]},
-            "spec.env[0].name: is set by the operator",
+            "spec.env[0].name: CELERY_BROKER_URL is set by the operator (from spec.broker); remove it from spec.env",
             id="broker-url",
         ),
         pytest.param(
             POOL_KIND,
             {"env": [{"name": "A", "value": "1"}, {"name": "POD_NAME", "value": "x"}]},
-            "spec.env[1].name: is set by the operator",
+            "spec.env[1].name: POD_NAME is set by the operator (from the downward API)",
             id="pod-name",
         ),
         pytest.param(
@@ -145,19 +145,20 @@ def test_whitespace_classes_must_be_spelled_out() -> None:
         pytest.param(
             BEAT_KIND,
             {"volumes": [{"name": "a", "emptyDir": {}}, {"name": "celery-fleet", "emptyDir": {}}]},
-            "spec.volumes[1].name: is used by the operator for the beat pods",
+            "spec.volumes: volume name celery-fleet is used by the operator for the beat pods; rename the volume "
+            "(in volumes[1])",
             id="elector-volume-name",
         ),
         pytest.param(
             BEAT_KIND,
             {"volumes": [{"name": "x", "emptyDir": {}}], "volumeMounts": [{"name": "x", "mountPath": "/celery-beat"}]},
-            "spec.volumeMounts[0].mountPath: is used by the operator for the beat pods",
+            "spec.volumeMounts: mount path /celery-beat is used by the operator",
             id="schedule-mount-path",
         ),
         pytest.param(
             BEAT_KIND,
             {"env": [{"name": "POD_NAMESPACE", "value": "other"}]},
-            "spec.env[0].name: is set by the operator",
+            "spec.env[0].name: POD_NAMESPACE is set by the operator",
             id="beat-env",
         ),
     ],

@@ -129,6 +129,19 @@ def matches(pattern: str, path: str = "") -> Expr:
     return Expr(f"{_self(path)}.matches({cel_string(pattern)})", test)
 
 
+def none_of(path: str, values: Sequence[str]) -> Expr:
+    """The string at `path` is none of `values` (`!=` each: cheap enough for CEL in unbounded lists)."""
+    cel = " && ".join(f"self.{path} != {cel_string(v)}" for v in values)
+    return Expr(cel, lambda n: value_at(n, path) not in values, "&&" if len(values) > 1 else "cmp")
+
+
+def no_item_with(path: str, key: str, values: Sequence[str]) -> Expr:
+    """No item of the list at `path` has its `key` in `values`."""
+    names = " && ".join(f"x.{key} != {cel_string(v)}" for v in values)
+    cel = f"!has(self.{path}) || self.{path}.all(x, !has(x.{key}) || {names if len(values) == 1 else f'({names})'})"
+    return Expr(cel, lambda n: all(value_at(x, key) not in values for x in value_at(n, path) or ()), "||")
+
+
 _COMPARE: dict[str, Callable[[Any, Any], bool]] = {
     "<": lambda a, b: a < b,
     "<=": lambda a, b: a <= b,
@@ -338,7 +351,8 @@ class ListRules:
     def __get_pydantic_json_schema__(self, schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
         json_schema = handler(schema)
         if self.items:
-            json_schema["items"] = self.items
+            # Keep what the items' own annotations put there (their CEL rules).
+            json_schema["items"] = {**json_schema.get("items", {}), **self.items}
         return json_schema
 
 
