@@ -324,3 +324,57 @@ def test_drained_worker_starts_no_task_after_the_decision_while_tasks_keep_arriv
     # A message a chosen worker took in the moment between the census and the drain, and had not
     # started, goes back to the queue at its warm shutdown (kombu marks it redelivered): never run twice.
     assert (account["lost"], account["started_twice"], account["killed"]) == (0, 0, 0), account
+
+
+def test_look_alike_pod_with_copied_labels_is_never_annotated_drained_or_counted(
+    cluster: Cluster, k8s_api: client.ApiClient, operator: OperatorProcess, namespace: str,
+    redis_server: RedisServer, redis_db: Any, localrun: LocalRuntime,
+) -> None:  # fmt: skip
+    """Another tenant of the namespace copies a tier pod (labels and all) and keeps its worker busy:
+    it is not ours (no ReplicaSet of our Deployment controls it), so it neither holds the tier up
+    nor gets a deletion cost or a drain."""
+    queue = _queue(namespace)
+    core = client.CoreV1Api(k8s_api)
+    _setup(cluster, k8s_api, namespace, redis_server.url, _pool("own", queue, lo=2))
+    ours = wait_for(lambda: (p := _ready_pids(k8s_api, namespace)) and len(p) == 2 and sorted(p), timeout=180,
+                    message="two ready workers")  # fmt: skip
+    model = json.loads(cluster.kubectl("get", "pod", "-n", namespace, ours[0], "-o", "json").stdout)
+    other = f"{queue}-other"
+    container = {**model["spec"]["containers"][0]}
+    container["args"] = [other if a == queue else a for a in container.get("args") or []]
+    look_alike = {
+        # Every label but pod-template-hash: with it, our ReplicaSet would adopt the orphan (and delete it).
+        "metadata": {"name": "lookalike", "labels": {k: v for k, v in model["metadata"]["labels"].items()
+                                                     if k != "pod-template-hash"}},
+        # The same container (probes, env from the same Secret), on kwok's node (its taint keeps the scheduler off).
+        "spec": {"containers": [container], "terminationGracePeriodSeconds": 5,
+                 "nodeName": model["spec"]["nodeName"]},
+    }  # fmt: skip
+    core.create_namespaced_pod(namespace, look_alike)
+    wait_for(lambda: "lookalike" in _ready_pids(k8s_api, namespace), timeout=120,
+             message=lambda: f"the look-alike worker is ready: {core.read_namespaced_pod('lookalike', namespace)}; "
+             f"localrun:\n{localrun.logs()[-1500:]}")  # fmt: skip
+    _send(redis_server.url, other, 1, 25.0)
+    wait_for(lambda: any(r["worker"] == "lookalike" for r in _records(redis_db, "plain:started")), timeout=30,
+             message="the look-alike runs a task")  # fmt: skip
+
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(_pool("own", queue, lo=0)))
+    apps = client.AppsV1Api(k8s_api)
+    wait_for(
+        lambda: apps.read_namespaced_deployment("own-work", namespace).spec.replicas == 0,
+        timeout=60,
+        message=lambda: f"our two idle workers go; events {[e.message for e in _events(k8s_api, namespace, 'own')]}",
+    )
+    pod = core.read_namespaced_pod("lookalike", namespace)
+    assert "controller.kubernetes.io/pod-deletion-cost" not in (pod.metadata.annotations or {})
+    assert pod.metadata.deletion_timestamp is None
+    scaled = [e.message for e in _events(k8s_api, namespace, "own") if e.reason in ("ScaledDown", "ScaleDownHeld")]
+    assert scaled and not any("busy" in m or "lookalike" in m for m in scaled), scaled
+    drains = [line for line in operator.logs().splitlines() if f"{namespace}/own: tier work: drained" in line]
+    assert not any("lookalike" in line for line in drains), drains
+    status = client.CustomObjectsApi(k8s_api).get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "own")
+    assert status["status"]["tiers"][0].get("busyWorkers", 0) == 0
+    wait_for(lambda: len(_records(redis_db, "plain:done")) == 1, timeout=60, message="the look-alike's task ends")
+    account = _account(redis_db, 1)
+    print(f"look-alike: replicas 2 -> 0 with a busy look-alike; its task {account}")
+    assert account == {"lost": 0, "started_twice": 0, "redelivered": 0, "killed": 0}, account

@@ -172,9 +172,10 @@ def test_every_kopf_watch_has_list_and_watch(mode: rbac.Mode) -> None:
 def test_list_and_watch_only_where_kopf_watches() -> None:
     # Reading every object of a kind is a broad grant: only for what a handler watches.
     watched = _watched_by_kopf()
-    # The one exception: scale-in lists a tier's pods (label-selected) once per scale-down decision
-    # to ask their workers what they run; a watch on every pod of the namespaces would cost more.
-    listed_once = {("", "pods")}
+    # The exceptions: scale-in lists a tier's pods and ReplicaSets (label-selected) once per
+    # scale-down decision, to ask the workers of the pods its Deployment owns what they run; a
+    # watch on every pod of the namespaces would cost more.
+    listed_once = {("", "pods"), ("apps", "replicasets")}
     for rule in rbac.RULES:
         only_listed = set(rule.verbs) & {"list"} and not set(rule.verbs) & {"watch"}
         if only_listed and all((g, r) in listed_once | watched for g in rule.api_groups for r in rule.resources):

@@ -11,6 +11,7 @@ from celery_fleet.planning.scale_in import (
     COST_REMOVE,
     TierWorkers,
     WorkerReport,
+    owned_pods,
     plan_removal,
 )
 from celery_fleet.planning.scaling import Observation, Reason, decide
@@ -142,6 +143,36 @@ def test_plan_removal(workers: list[WorkerReport], keep: int, removed: tuple[str
     busy_costs = {plan.costs[w.pod] for w in workers if w.busy and w.pod not in removed}
     idle_costs = {plan.costs[w.pod] for w in workers if not w.busy and w.pod not in removed}
     assert not busy_costs or not idle_costs or min(busy_costs) > max(idle_costs)
+
+
+# -- whose pods: ownership, never labels
+
+
+def _obj(name: str, uid: str, owner: tuple[str, str] | None, controller: bool = True) -> dict[str, Any]:
+    refs = [{"kind": owner[0], "name": "x", "uid": owner[1], "controller": controller}] if owner else []
+    return {"metadata": {"name": name, "uid": uid, "ownerReferences": refs}}
+
+
+@pytest.mark.parametrize(
+    ("pod", "ours"),
+    [
+        pytest.param(_obj("p", "1", ("ReplicaSet", "rs-ours")), True, id="our-replicaset"),
+        pytest.param(_obj("p", "1", None), False, id="bare-look-alike"),
+        pytest.param(_obj("p", "1", ("ReplicaSet", "rs-theirs")), False, id="replicaset-of-another-deployment"),
+        pytest.param(_obj("p", "1", ("ReplicaSet", "rs-orphan")), False, id="replicaset-without-controller"),
+        pytest.param(_obj("p", "1", ("ReplicaSet", "rs-ours"), controller=False), False, id="not-the-controller"),
+        pytest.param(_obj("p", "1", ("StatefulSet", "rs-ours")), False, id="other-kind-same-uid"),
+        pytest.param(_obj("p", "1", ("ReplicaSet", "dep-uid")), False, id="owned-by-the-deployment-uid-itself"),
+    ],
+)
+def test_owned_pods_follow_the_replicaset_to_the_deployment_uid(pod: dict[str, Any], ours: bool) -> None:
+    replicasets = [
+        _obj("rs-1", "rs-ours", ("Deployment", "dep-uid")),
+        _obj("rs-2", "rs-theirs", ("Deployment", "other-uid")),
+        _obj("rs-3", "rs-orphan", None),
+    ]
+    assert owned_pods([pod], replicasets, "dep-uid") == ([pod] if ours else [])
+    assert owned_pods([pod], replicasets, "") == []  # no Deployment of ours: no pods
 
 
 # -- worker replies are untrusted

@@ -38,6 +38,7 @@ _RESOURCES: dict[tuple[str, str], tuple[str, bool]] = {
     ("v1", "ServiceAccount"): ("serviceaccounts", True),
     ("v1", "Secret"): ("secrets", True),
     ("v1", "Pod"): ("pods", True),  # scale-in: list a tier's pods, set their pod-deletion-cost
+    ("apps/v1", "ReplicaSet"): ("replicasets", True),  # scale-in: which pods a tier Deployment owns
     ("v1", "ConfigMap"): ("configmaps", True),  # spec.broker.tls.ca.configMapName
     ("v1", "Event"): ("events", True),
     ("rbac.authorization.k8s.io/v1", "Role"): ("roles", True),

@@ -16,8 +16,11 @@ it counts as idle, as before this existed, and the tier says so once.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+from celery_fleet.planning.ownership import controller_of, is_controlled_by
 
 __all__ = [
     "DELETION_COST_ANNOTATION",
@@ -25,6 +28,7 @@ __all__ = [
     "TierWorkers",
     "WorkerReport",
     "hostname",
+    "owned_pods",
     "plan_removal",
 ]
 
@@ -41,6 +45,27 @@ COST_BUSY_SPAN = 1000
 def hostname(pod: str) -> str:
     """A tier pod's Celery node name: the worker runs with ``--hostname celery@$(POD_NAME)``."""
     return f"celery@{pod}"
+
+
+def owned_pods(
+    pods: Iterable[Mapping[str, Any]], replicasets: Iterable[Mapping[str, Any]], deployment_uid: str
+) -> list[Mapping[str, Any]]:
+    """The pods of a tier Deployment: controlled by a ReplicaSet that the Deployment (by uid) controls.
+
+    Labels do not count: anyone who may create pods in the namespace can copy a tier's labels, and
+    such a pod must never be annotated, drained or counted as one of the tier's workers.
+    """
+    ours = {
+        str(rs["metadata"]["uid"])
+        for rs in replicasets
+        if is_controlled_by(rs, deployment_uid) and (rs.get("metadata") or {}).get("uid")
+    }
+    out = []
+    for pod in pods:
+        ref = controller_of(pod)
+        if ref is not None and ref.get("kind") == "ReplicaSet" and ref.get("uid") in ours:
+            out.append(pod)
+    return out
 
 
 @dataclass(frozen=True)

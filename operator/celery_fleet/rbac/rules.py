@@ -207,6 +207,14 @@ RULES: tuple[Rule, ...] = (
         ),
     ),
     Rule(
+        ("apps",),
+        ("replicasets",),
+        ("list",),
+        "Scale-in counts, asks and annotates only pods of a ReplicaSet that the tier's Deployment controls"
+        " (by uid): labels can be copied by anyone who may create pods in the namespace.",
+        ("celery_fleet.handlers.autoscaler.scale_in:ScaleIn.tier_pods",),
+    ),
+    Rule(
         ("",),
         ("secrets",),
         ("get",),

@@ -208,8 +208,14 @@ class PoolScaler:
             return
         ref = pool_ref(body)
         target = ControlTarget(url, spec.broker.global_keyprefix, spec.broker.master_name)
+        # Only pods of our own Deployments (by uid) are asked, annotated or drained.
+        children = self.cache.children_of(key, owner_uid=str(body["metadata"].get("uid", "")))
+        deployments: dict[str, str] = {}
+        for t in asking:
+            dep = children.get(("Deployment", tier_child_name(name, t))) or {}
+            deployments[t] = str((dep.get("metadata") or {}).get("uid", ""))
         try:
-            census = await self.scale_in.census(key, ref, target, observations, asking)
+            census = await self.scale_in.census(key, ref, target, observations, asking, deployments)
             if census is None:
                 return
             decisions = decide(

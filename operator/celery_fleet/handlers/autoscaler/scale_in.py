@@ -22,6 +22,7 @@ from celery_fleet.planning.scale_in import (
     RemovalPlan,
     TierWorkers,
     WorkerReport,
+    owned_pods,
     plan_removal,
 )
 from celery_fleet.planning.scaling import Decision, TierObservation
@@ -53,6 +54,7 @@ class Removal:
     target: ControlTarget
     queues: tuple[str, ...]
     live: Mapping[str, Mapping[str, Any]]  # pod name -> pod, as listed for the census
+    deployment_uid: str  # the tier Deployment whose pods these are
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class Census:
     workers: dict[str, TierWorkers]
     live: dict[str, dict[str, dict[str, Any]]]  # tier -> pod name -> pod
     notes: list[Coroutine[Any, Any, None]]
+    deployments: Mapping[str, str]  # tier -> its Deployment's uid
 
 
 class ScaleIn:
@@ -94,11 +97,14 @@ class ScaleIn:
     def forget_census(self, key: ObjKey, tier: str) -> None:
         self._censuses.pop((key, tier), None)
 
-    def tier_pods(self, namespace: str, pool: str, tier: str) -> dict[str, dict[str, Any]]:
+    def tier_pods(self, namespace: str, pool: str, tier: str, deployment_uid: str) -> dict[str, dict[str, Any]]:
+        """The tier's live pods: those of a ReplicaSet its Deployment controls, whatever else has its labels."""
         selector = ",".join(f"{k}={v}" for k, v in tier_selector_labels(pool, tier).items())
-        pods = self.kube.list("v1", "Pod", namespace, label_selector=selector)
+        # The ReplicaSets carry the pod template's labels: one small LIST, then ownership by uid.
+        replicasets = self.kube.list("apps/v1", "ReplicaSet", namespace, label_selector=selector)
+        pods = owned_pods(self.kube.list("v1", "Pod", namespace, label_selector=selector), replicasets, deployment_uid)
         live = {
-            str(p["metadata"]["name"]): p
+            str(p["metadata"]["name"]): dict(p)
             for p in pods
             if not p["metadata"].get("deletionTimestamp")
             and (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
@@ -112,13 +118,17 @@ class ScaleIn:
         target: ControlTarget,
         observations: Mapping[str, TierObservation],
         asking: list[str],
+        deployments: Mapping[str, str],
     ) -> Census | None:
-        """Ask the workers of each tier in `asking`; None when a tier's pods cannot be listed."""
+        """Ask the workers of each tier in `asking` (`deployments`: tier -> its Deployment's uid);
+        None when a tier's pods cannot be listed."""
         namespace, name = key
-        out = Census({}, {}, [])
+        out = Census({}, {}, [], deployments)
         for tier in asking:
+            if not deployments.get(tier):
+                return None  # no Deployment of ours yet: nothing to ask, nothing to remove
             try:
-                pods = await asyncio.to_thread(self.tier_pods, namespace, name, tier)
+                pods = await asyncio.to_thread(self.tier_pods, namespace, name, tier, deployments[tier])
             except ApiError as err:
                 # Without the pods nobody can be asked: no scale-in this time (the next poll retries).
                 log.warning("pool %s/%s: cannot list the pods of tier %s: %s", namespace, name, tier, err)
@@ -168,7 +178,9 @@ class ScaleIn:
                 workers_ = census.workers[d.tier].workers
                 going = max(0, min(d.current - d.desired, len(workers_) - d.desired))
                 plan = plan_removal(workers_, len(workers_) - going)
-                removals[d.tier] = Removal(plan, target, tuple(tiers[d.tier].queues), census.live[d.tier])
+                removals[d.tier] = Removal(
+                    plan, target, tuple(tiers[d.tier].queues), census.live[d.tier], census.deployments[d.tier]
+                )
         return removals
 
     def set_deletion_cost(self, namespace: str, pod: str, cost: int) -> None:
@@ -232,7 +244,7 @@ class ScaleIn:
         try:
             while left:
                 await asyncio.sleep(1.0)
-                pods = await asyncio.to_thread(self.tier_pods, namespace, name, tier)
+                pods = await asyncio.to_thread(self.tier_pods, namespace, name, tier, removal.deployment_uid)
                 left &= set(pods)
                 if left and self.clock() >= deadline:
                     await self.undrain(key, tier, removal, left, "still running after the scale-in")
