@@ -29,6 +29,8 @@ from celery_fleet.api.broker_url import DEFAULT_PORTS
 from celery_fleet.api.models import (
     API_VERSION,
     BROKER_SECRET_URL_ENV,
+    BROKER_TLS_DIR,
+    BROKER_TLS_VOLUME,
     BROKER_URL_ENV,
     GROUP,
     POD_NAME_ENV,
@@ -52,8 +54,6 @@ CONFIG_HASH_ANNOTATION = f"{GROUP}/config-hash"
 WORKER_CONTAINER = "worker"
 REMAP_SIGTERM_ENV = "REMAP_SIGTERM"  # billiard: which signal SIGTERM acts as
 # spec.broker.tls files in worker and beat pods (kombu reads their paths from the URL query).
-BROKER_TLS_VOLUME = "celery-fleet-broker-tls"
-BROKER_TLS_DIR = "/etc/celery-fleet/broker-tls"
 BROKER_TLS_CA, BROKER_TLS_CERT, BROKER_TLS_KEY = "ca.crt", "tls.crt", "tls.key"
 
 # A warm shutdown (SIGTERM) lets running tasks finish; the margin covers the worker's own
