@@ -15,7 +15,7 @@ import tracemalloc
 from collections import defaultdict
 from types import FrameType
 
-tracemalloc.start(int(os.environ.get("FLEET_TRACE_FRAMES", "20")))
+tracemalloc.start(int(os.environ.get("FLEET_TRACE_FRAMES", "12")))
 STDLIB = os.path.dirname(os.__file__)
 _dumps = 0
 
@@ -43,8 +43,8 @@ def dump(_sig: int, _frame: FrameType | None) -> None:
     _dumps += 1
     snapshot = tracemalloc.take_snapshot()
     by_owner: dict[str, int] = defaultdict(int)
-    for trace in snapshot.traces:
-        by_owner[owner(tuple(trace.traceback))] += trace.size
+    for stat in snapshot.statistics("traceback"):  # one row per distinct traceback
+        by_owner[owner(tuple(stat.traceback))] += stat.size
     current, peak = tracemalloc.get_traced_memory()
     out = f"{os.environ['FLEET_TRACE_OUT']}-{_dumps}.json"
     with open(out + ".tmp", "w") as f:

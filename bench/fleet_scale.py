@@ -368,7 +368,7 @@ def main() -> None:
 
         if profiles:
             sections.append(
-                "\n## Where the memory goes (tracemalloc, 20 frames, by the innermost frame in our package, "
+                "\n## Where the memory goes (tracemalloc, 12 frames, by the innermost frame in our package, "
                 "else in Kopf, else the library)\n\n" + memory_table(profiles)
                 + f"\nTracing's own bookkeeping: {profiles[-1][1]['overhead'] / 2**20:.0f} MiB (not in the table). "
                 "RSS also holds the interpreter, C extensions' memory and allocator fragmentation, which tracemalloc does not see.\n"

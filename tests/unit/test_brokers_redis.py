@@ -436,3 +436,19 @@ def test_the_documented_acl_line_is_the_one_the_tests_use() -> None:
 
     doc = (Path(__file__).resolve().parents[2] / "docs" / "install.md").read_text()
     assert f"ACL SETUSER celery-fleet on >PASSWORD {READER_ACL.removeprefix('on ')}\n" in doc
+
+
+def test_the_same_answer_keeps_its_revision_and_a_new_one_gets_another() -> None:
+    fake = FakeRedis({"high_priority": 2})
+    source = RedisDepthSource(fake, TARGET)
+
+    async def polls() -> list[DepthReading]:
+        # The first poll walks `unacked`, the next ones reuse that walk (its budget): same commands.
+        readings = [await source.read([HIGH]) for _ in range(3)]
+        fake.lists["high_priority"] = 3
+        return [*readings[1:], await source.read([HIGH])]
+
+    first, same, changed = asyncio.run(polls())
+    assert first.revision is not None and same.revision == first.revision  # an idle broker: nothing to parse
+    assert same.observe([HIGH]) == Observation(2, 0)
+    assert changed.revision not in (None, first.revision) and changed.observe([HIGH]) == Observation(3, 0)

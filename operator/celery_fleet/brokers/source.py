@@ -115,6 +115,9 @@ class DepthReading:
     # Queues whose keys could not be read (e.g. WRONGTYPE: the name is taken by a non-list key).
     queue_errors: Mapping[QueueRef, str] = field(default_factory=dict)
     in_flight_routes: Mapping[tuple[KeyLayout, frozenset[str]], int] = field(default_factory=dict)
+    # Two readings with the same (not None) revision hold the same queue lengths and in-flight counts
+    # (a source reuses it when the broker's answer was the same): an idle fleet's pools skip deciding.
+    revision: int | None = None
 
     def covers(self, refs: Iterable[QueueRef]) -> bool:
         return all(r in self.queued or r in self.queue_errors for r in refs)

@@ -6,7 +6,8 @@ state without polling the apiserver.
 
 from __future__ import annotations
 
-import copy
+import itertools
+import sys
 import threading
 from collections import defaultdict
 from collections.abc import Mapping
@@ -25,12 +26,44 @@ ObjKey = tuple[str, str]  # (namespace, name)
 ChildKey = tuple[str, str]  # (kind, name)
 
 
+# What the reconcilers read of a child's status (planning.pool_status.observe_deployment); the rest
+# of it (conditions with their messages and timestamps) is most of a status and never compared.
+_DEPLOYMENT_STATUS = ("replicas", "readyReplicas", "updatedReplicas", "availableReplicas", "observedGeneration")
+_UNREAD_ANNOTATIONS = ("kubectl.kubernetes.io/last-applied-configuration",)  # a second copy of the object
+_INTERNED_UP_TO = 64  # characters: names, labels, enum-like values repeat across thousands of objects
+
+
+def _copy(value: Any) -> Any:
+    """A deep copy whose keys and short strings are interned: one object per distinct string, so a
+    thousand Deployments built from one template share their keys and repeated values."""
+    if isinstance(value, dict):
+        return {sys.intern(k): _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    if isinstance(value, str) and len(value) <= _INTERNED_UP_TO:
+        return sys.intern(value)
+    return value
+
+
 def _slim(body: Mapping[str, Any]) -> dict[str, Any]:
-    """Drop what we never read (managedFields is most of an object's size)."""
-    out = {k: copy.deepcopy(v) for k, v in body.items() if k != "metadata"}
-    meta = dict(body.get("metadata") or {})
-    meta.pop("managedFields", None)
-    out["metadata"] = copy.deepcopy(meta)
+    """Keep what the reconcilers compare: drop managedFields (most of an object's size), a
+    client-side apply's copy of the object, and the parts of children's status nobody reads."""
+    kind = body.get("kind")
+    out: dict[str, Any] = {}
+    for key, value in body.items():
+        if key == "metadata":
+            meta = {k: v for k, v in (value or {}).items() if k != "managedFields"}
+            annotations = meta.get("annotations")
+            if annotations and any(a in annotations for a in _UNREAD_ANNOTATIONS):
+                meta["annotations"] = {k: v for k, v in annotations.items() if k not in _UNREAD_ANNOTATIONS}
+            out["metadata"] = _copy(meta)
+        elif key == "status" and kind == "Deployment":
+            out["status"] = {k: value[k] for k in _DEPLOYMENT_STATUS if k in (value or {})}
+        elif key == "status" and kind == "PodDisruptionBudget":
+            continue
+        else:
+            out[sys.intern(key)] = _copy(value)
+    out.setdefault("metadata", {})
     return out
 
 
@@ -59,18 +92,28 @@ class FleetCache:
         self.children: dict[ObjKey, dict[ChildKey, dict[str, Any]]] = defaultdict(dict)
         self.beat_children: dict[ObjKey, dict[ChildKey, dict[str, Any]]] = defaultdict(dict)
         self.runtime: dict[ObjKey, PoolRuntime] = defaultdict(PoolRuntime)
+        # Bumped on every write of a pool or one of its children: equal versions, same inputs.
+        self._versions: dict[ObjKey, int] = {}
+        self._version = itertools.count(1)
 
     # -- pools and beats
     def put_pool(self, body: Mapping[str, Any]) -> ObjKey:
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
         with self._lock:
             self.pools[key] = _slim(body)
+            self._versions[key] = next(self._version)
         return key
 
     def drop_pool(self, key: ObjKey) -> None:
         with self._lock:
             self.pools.pop(key, None)
             self.runtime.pop(key, None)
+            self._versions.pop(key, None)
+            self.children.pop(key, None)  # the GC deletes them; their DELETED events find nothing to drop
+
+    def version(self, key: ObjKey) -> int | None:
+        """Changes whenever the pool or any of its children is written (None: not cached)."""
+        return self._versions.get(key)
 
     def pool(self, key: ObjKey) -> dict[str, Any] | None:
         with self._lock:
@@ -97,9 +140,15 @@ class FleetCache:
         table = self.children if owner_label == POOL_LABEL else self.beat_children
         with self._lock:
             if deleted:
-                table[key].pop(ckey, None)
+                children = table.get(key)
+                if children is not None:
+                    children.pop(ckey, None)
+                    if not children:
+                        del table[key]
             else:
                 table[key][ckey] = _slim(body)
+            if key in self._versions:
+                self._versions[key] = next(self._version)
         return key
 
     def children_of(

@@ -4,6 +4,7 @@ round trip, holds the in-flight walk to its share of Redis' time, and checks the
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 import time
 from collections import defaultdict
@@ -26,6 +27,7 @@ from celery_fleet.brokers.source import BrokerError, DepthReading, ErrorKind, Ke
 
 # Replies bigger than this (pairs + binding members) are parsed in a worker thread.
 PARSE_OFF_LOOP_ITEMS: Final = 2_000
+_REVISIONS = itertools.count(1)  # unique over every source: a pool moving brokers never sees an old one
 
 
 def glob_escape(text: str) -> str:
@@ -78,6 +80,7 @@ class RedisDepthSource:
         self._read_only_scripts = True
         self._layout_found: dict[QueueRef, set[str]] = {}
         self._layout_seen: dict[QueueRef, set[str]] = {}
+        self._last: tuple[PollPlan, list[Reply], DepthReading] | None = None  # the last poll, parsed
 
     def __repr__(self) -> str:
         return f"RedisDepthSource({self.target.display})"
@@ -97,11 +100,19 @@ class RedisDepthSource:
             # The socket timeouts bound each connect/read; this bounds the whole poll (DNS included).
             replies = await self._scripts(plan.commands)
             took = self._clock() - started
-            if reply_items(replies) > PARSE_OFF_LOOP_ITEMS:
-                # Routing thousands of in-flight pairs is CPU work: keep it off the event loop.
-                reading = await asyncio.to_thread(parse_poll, plan, replies, duration_seconds=took)
+            last = self._last
+            if last is not None and last[0] is plan and last[1] == replies:
+                # The same answer to the same commands (an idle fleet, most polls): nothing to parse,
+                # and the same revision tells the pools their inputs did not change.
+                reading = replace(last[2], duration_seconds=took)
             else:
-                reading = parse_poll(plan, replies, duration_seconds=took)
+                if reply_items(replies) > PARSE_OFF_LOOP_ITEMS:
+                    # Routing thousands of in-flight pairs is CPU work: keep it off the event loop.
+                    reading = await asyncio.to_thread(parse_poll, plan, replies, duration_seconds=took)
+                else:
+                    reading = parse_poll(plan, replies, duration_seconds=took)
+                reading = replace(reading, revision=next(_REVISIONS))
+                self._last = (plan, replies, reading)
         except Exception as exc:
             raise classify(exc, self.target) from None
         return self._account(reading, names, skip, started)

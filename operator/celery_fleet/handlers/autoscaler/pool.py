@@ -54,6 +54,9 @@ class _Steady:
     current: dict[str, int | None]
     decided_at: float
     skipped_at: float | None = None
+    # (reading revision, cache version) the signature was last found equal for: while these
+    # hold, the signature would be the same too, so the pool is not even observed.
+    token: tuple[Any, ...] | None = None
 
 
 def pool_ref(body: Mapping[str, Any]) -> ObjectRef:
@@ -98,6 +101,14 @@ class PoolScaler:
         result: DepthReading | BrokerError,
     ) -> list[Coroutine[Any, Any, None]]:
         """Observe, decide and settle one pool; returns the API calls to make (scales, Events)."""
+        now = self.clock()
+        steady = self._steady.get(key)
+        token = None
+        if not isinstance(result, BrokerError) and result.revision is not None:
+            token = (result.revision, self.cache.version(key))
+            if steady is not None and steady.token == token and now - steady.decided_at < FULL_DECIDE_SECONDS:
+                # The broker answered as before and neither the pool nor its children changed.
+                return self._skip(key, steady, now)
         runtime = self.cache.runtime[key]
         namespace, name = key
         observations: dict[str, TierObservation]
@@ -129,19 +140,15 @@ class PoolScaler:
         for t in spec.tiers:
             dep = children.get(("Deployment", tier_child_name(name, t.name)))
             current[t.name] = None if dep is None else int((dep.get("spec") or {}).get("replicas", 0))
-        now = self.clock()
         signature = (
             int(body["metadata"].get("generation", 0)),
             tuple(observations.get(t.name) for t in spec.tiers),
             tuple(current.items()),
         )
-        steady = self._steady.get(key)
         if steady is not None and steady.signature == signature and now - steady.decided_at < FULL_DECIDE_SECONDS:
             # Same inputs as a decision that changed nothing: it would decide the same again.
-            steady.skipped_at = now
-            if now - self._last_status.get(key, 0.0) >= STATUS_REFRESH_SECONDS:
-                self._last_status[key] = now
-            return []
+            steady.token = token
+            return self._skip(key, steady, now)
         histories = dict(runtime.history)
         if steady is not None:
             # The skipped polls each recommended the steady count: keep that in the stabilization window.
@@ -183,10 +190,16 @@ class PoolScaler:
                 for d in decisions
             )
         ):
-            self._steady[key] = _Steady(signature, current, decided_at=now)
+            self._steady[key] = _Steady(signature, current, decided_at=now, token=token)
         else:
             self._steady.pop(key, None)
         return self._act(key, body, runtime, decisions, broker_problem, tier_problem)
+
+    def _skip(self, key: ObjKey, steady: _Steady, now: float) -> list[Coroutine[Any, Any, None]]:
+        steady.skipped_at = now
+        if now - self._last_status.get(key, 0.0) >= STATUS_REFRESH_SECONDS:
+            self._last_status[key] = now
+        return []
 
     async def _ask_then_decide(
         self,
