@@ -107,7 +107,9 @@ class Until(threading.Thread):
         super().__init__(daemon=True)
         self.list_fn, self.namespace, self.ok, self.want = list_fn, namespace, ok, want
         self.done: set[str] = set()
+        self.first_at: dict[str, float] = {}  # when each object first satisfied `ok`
         self.finished_at: float | None = None
+        self.watching = False
         self.stop_flag = threading.Event()
 
     def run(self) -> None:
@@ -116,6 +118,7 @@ class Until(threading.Thread):
             listing = self.list_fn(self.namespace)
             self.done = {o["metadata"]["name"] for o in listing["items"] if self.ok(o)}
             self._check()
+            self.watching = True
             w = watch.Watch()
             try:
                 for ev in w.stream(self.list_fn, self.namespace, resource_version=listing["metadata"]["resourceVersion"],
@@ -123,6 +126,7 @@ class Until(threading.Thread):
                     obj = ev["object"]
                     if ev["type"] != "DELETED" and self.ok(obj):
                         self.done.add(obj["metadata"]["name"])
+                        self.first_at.setdefault(obj["metadata"]["name"], time.monotonic())
                     else:
                         self.done.discard(obj["metadata"]["name"])
                     if self._check() or self.stop_flag.is_set():
@@ -143,11 +147,13 @@ class Until(threading.Thread):
         return self.finished_at
 
 
-def deployments_of(custom: client.CustomObjectsApi) -> Callable[..., Any]:
+def deployments_of(custom: client.CustomObjectsApi, selector: str = "") -> Callable[..., Any]:
     """List/watch Deployments as plain dicts: the client's models cost the watcher ~5 ms an event."""
 
     def list_fn(namespace: str, **kw: Any) -> Any:
-        return custom.list_namespaced_custom_object("apps", "v1", namespace, "deployments", **kw)
+        return custom.list_namespaced_custom_object(
+            "apps", "v1", namespace, "deployments", label_selector=selector, **kw
+        )
 
     return list_fn
 
@@ -210,7 +216,7 @@ def per(d: dict[tuple[str, str], float], n: int) -> str:
 
 
 class TracedOperator(OperatorProcess):
-    """The operator under tracemalloc (bench/_traced_operator.py); `profile()` asks it for a summary."""
+    """The operator with a memory hook (bench/_traced_operator.py); `profile()` asks it where memory goes."""
 
     def __init__(self, cluster: Cluster, namespaces: list[str], workdir: Path, *extra: str) -> None:
         super().__init__(cluster.kubeconfig, namespaces, workdir / "operator.log", "--log-level", "WARNING", *extra,
@@ -220,6 +226,7 @@ class TracedOperator(OperatorProcess):
         os.environ["FLEET_TRACE_OUT"] = str(self.out)  # inherited by the child at start()
 
     def profile(self) -> dict[str, Any]:
+        """The structures' sizes now (and tracemalloc's view with FLEET_TRACE_MALLOC=1)."""
         assert self.proc is not None
         self.dumps += 1
         path = Path(f"{self.out}-{self.dumps}.json")
@@ -228,21 +235,30 @@ class TracedOperator(OperatorProcess):
         return dict(json.loads(path.read_text()))
 
 
-def memory_table(profiles: list[tuple[str, dict[str, Any]]], top: int = 14) -> str:
-    """Traced bytes by owner at each point, the owners that grew most between the first and last first."""
-    first, last = profiles[0][1]["by_owner"], profiles[-1][1]["by_owner"]
-    owners = sorted(set(first) | set(last), key=lambda o: -(last.get(o, 0) - first.get(o, 0)))
+def memory_table(profiles: list[tuple[str, float, dict[str, Any]]]) -> str:
+    """Deep sizes of the operator's structures at each point (label, RSS MiB, profile)."""
     mib = 1024 * 1024
-    head = "| allocated by | " + " | ".join(f"{label} (MiB)" for label, _ in profiles) + " |\n"
-    head += "|---|" + "---|" * len(profiles) + "\n"
-    rows = []
-    for o in owners[:top]:
-        rows.append(f"| `{o}` | " + " | ".join(f"{p['by_owner'].get(o, 0) / mib:.1f}" for _, p in profiles) + " |")
-    rest = [o for o in set(first) | set(last) if o not in owners[:top]]
-    rows.append("| everything else | " + " | ".join(
-        f"{sum(p['by_owner'].get(o, 0) for o in rest) / mib:.1f}" for _, p in profiles) + " |")  # fmt: skip
-    rows.append("| **traced total** | " + " | ".join(f"{p['traced'] / mib:.1f}" for _, p in profiles) + " |")
-    return head + "\n".join(rows) + "\n"
+    head = "| held by | " + " | ".join(label for label, _, _ in profiles) + " |\n|---|" + "---|" * len(profiles) + "\n"
+    rows = [f"| {k} | " + " | ".join(f"{p['sizes'].get(k, 0) / mib:.1f}" for _, _, p in profiles) + " |"
+            for k in profiles[-1][2]["sizes"]]  # fmt: skip
+    rows.append("| rest: interpreter, imported modules, allocator free space | " + " | ".join(
+        f"{rss - sum(p['sizes'].values()) / mib:.1f}" for _, rss, p in profiles) + " |")  # fmt: skip
+    rows.append("| **RSS** | " + " | ".join(f"**{rss:.1f}**" for _, rss, _ in profiles) + " |")
+    table = head + "\n".join(rows) + "\n"
+    if "by_owner" in profiles[-1][2]:
+        first, last = profiles[0][2]["by_owner"], profiles[-1][2]["by_owner"]
+        owners = sorted(set(first) | set(last), key=lambda o: -(last.get(o, 0) - first.get(o, 0)))[:14]
+        table += "\ntracemalloc, by the innermost frame in our package, else Kopf, else the library (MiB):\n\n"
+        table += (
+            "| allocated by | "
+            + " | ".join(label for label, _, _ in profiles)
+            + " |\n|---|"
+            + "---|" * len(profiles)
+            + "\n"
+        )
+        table += "\n".join(f"| `{o}` | " + " | ".join(f"{p['by_owner'].get(o, 0) / mib:.1f}" for _, _, p in profiles) + " |"
+                            for o in owners) + "\n"  # fmt: skip
+    return table
 
 
 def main() -> None:
@@ -252,7 +268,7 @@ def main() -> None:
     ap.add_argument("--steady", type=float, default=60.0, help="seconds of idle fleet to measure CPU and requests")
     ap.add_argument("--no-floor", action="store_true", help="skip the kubectl-only leg (no ratio)")
     ap.add_argument("--memory-profile", action="store_true",
-                    help="run the operator under tracemalloc and report where its memory goes (slows it: no timings)")  # fmt: skip
+                    help="report where the operator's memory goes (FLEET_TRACE_MALLOC=1: tracemalloc too, slow)")  # fmt: skip
     ap.add_argument("--name", default="", help="result file suffix (default: the pool count)")
     ap.add_argument("--keep", action="store_true", help="leave the operator's namespace behind")
     args = ap.parse_args()
@@ -262,7 +278,7 @@ def main() -> None:
     cfg = client.Configuration()
     config.load_kube_config(str(cluster.kubeconfig), client_configuration=cfg)
     api = client.ApiClient(cfg)
-    custom, apps = client.CustomObjectsApi(api), client.AppsV1Api(api)
+    custom = client.CustomObjectsApi(api)
     work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     redis = RedisServer(work / "redis")
     redis.start()
@@ -303,12 +319,12 @@ def main() -> None:
         op.start()
     assert op.proc is not None
     pid = op.proc.pid
-    profiles: list[tuple[str, dict[str, Any]]] = []
+    profiles: list[tuple[str, float, dict[str, Any]]] = []
     try:
         time.sleep(3)  # let start-up settle before the 0-pool figure (an interval, not a condition)
         rss0, cpu0 = proc_usage(pid)
         if isinstance(op, TracedOperator):
-            profiles.append(("0 pools", op.profile()))
+            profiles.append(("0 pools (MiB)", rss0, op.profile()))
         req0 = requests_by(op)
         sampler = Sampler(pid)
         sampler.start()
@@ -361,18 +377,16 @@ def main() -> None:
             ("idle CPU per pool-poll", f"{idle_cpu / max(pool_polls, 1) * 1e6:.0f} us ({s_polls:.0f} broker polls x {args.pools} pools)"),
         ]  # fmt: skip
         if isinstance(op, TracedOperator):
-            profiles.append((f"{args.pools} pools", op.profile()))
+            profiles.append((f"{args.pools} pools, idle (MiB)", s_rss, op.profile()))
 
         if args.storm:
-            sections.append(storm(redis, apps, ns, min(args.storm, args.pools), op))
+            sections.append(storm(redis, custom, ns, min(args.storm, args.pools), op))
 
         if profiles:
             sections.append(
-                "\n## Where the memory goes (tracemalloc, 12 frames, by the innermost frame in our package, "
-                "else in Kopf, else the library)\n\n" + memory_table(profiles)
-                + f"\nTracing's own bookkeeping: {profiles[-1][1]['overhead'] / 2**20:.0f} MiB (not in the table). "
-                "RSS also holds the interpreter, C extensions' memory and allocator fragmentation, which tracemalloc does not see.\n"
-            )  # fmt: skip
+                "\n## Where the memory goes (deep sizes of the operator's structures, bench/_traced_operator.py)\n\n"
+                + memory_table(profiles)
+            )
         table = "| measure | value |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
         notes = (
             "\nLoad is the 1/5/15-minute load average (2 cores, shared with other test suites). Requests counted "
@@ -389,9 +403,13 @@ def main() -> None:
             cluster.kubectl("delete", "ns", gone, "--wait=false", check=False)
 
 
-def storm(redis: Any, apps: client.AppsV1Api, ns: str, n: int, op: OperatorProcess) -> str:
+def storm(redis: Any, custom: client.CustomObjectsApi, ns: str, n: int, op: OperatorProcess) -> str:
     """Queue depth jumps at once for n pools on one broker; time until every tier has its new replicas."""
     before = requests_by(op)
+    # Watching (plain dicts) before the burst, so no early scale can slip in ahead of the watch.
+    scaled = Until(deployments_of(custom, "celeryfleet.io/tier=high"), ns, lambda d: d["spec"].get("replicas") == 3, n)
+    scaled.start()
+    wait_for(lambda: scaled.watching, timeout=60, message="the storm's watch")
     r = redis.client()
     with r.pipeline(transaction=False) as pipe:
         for i in range(n):
@@ -399,22 +417,8 @@ def storm(redis: Any, apps: client.AppsV1Api, ns: str, n: int, op: OperatorProce
         t0 = time.monotonic()
         pipe.execute()
     landed = time.monotonic()
-    done_at: dict[str, float] = {}
-    rv = apps.list_namespaced_deployment(
-        ns, label_selector="celeryfleet.io/tier=high", limit=1
-    ).metadata.resource_version
-    w = watch.Watch()
-    deadline = time.monotonic() + 300
-    for ev in w.stream(apps.list_namespaced_deployment, ns, label_selector="celeryfleet.io/tier=high",
-                       resource_version=rv, timeout_seconds=300):  # fmt: skip
-        d = ev["object"]
-        if d.spec.replicas == 3 and d.metadata.name not in done_at:
-            done_at[d.metadata.name] = time.monotonic()
-        if len(done_at) >= n or time.monotonic() > deadline:
-            w.stop()
-    if len(done_at) < n:
-        raise AssertionError(f"only {len(done_at)} of {n} storm tiers scaled")
-    lat = sorted(t - landed for t in done_at.values())
+    scaled.wait(300, "storm tiers scaled")
+    lat = sorted(t - landed for t in scaled.first_at.values())
     p50, p99 = lat[len(lat) // 2], lat[min(len(lat) - 1, int(len(lat) * 0.99))]
     # The decisions' own requests (scale, Event, status refresh) land within a few seconds of the scale.
     wait_for(lambda: sum(delta(requests_by(op), before).values()) >= 3 * n, timeout=30, interval=0.5)
