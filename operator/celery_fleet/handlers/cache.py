@@ -151,6 +151,21 @@ class FleetCache:
                 self._versions[key] = next(self._version)
         return key
 
+    def note_replicas(self, key: ObjKey, deployment: str, replicas: int) -> None:
+        """A scale we wrote, before its watch event arrives: the next poll and reconcile see it, so
+        neither writes it again (a loaded apiserver's events lag the write by a second or more)."""
+        with self._lock:
+            children = self.children.get(key)
+            current = children.get(("Deployment", deployment)) if children else None
+            if children is None or current is None:
+                return
+            children[("Deployment", deployment)] = {
+                **current,
+                "spec": {**(current.get("spec") or {}), "replicas": replicas},
+            }
+            if key in self._versions:
+                self._versions[key] = next(self._version)
+
     def children_of(
         self, key: ObjKey, *, beat: bool = False, owner_uid: str | None = None
     ) -> dict[ChildKey, dict[str, Any]]:

@@ -258,6 +258,7 @@ class PoolScaler:
             if removal is not None and drained:
                 await self.scale_in.undrain(key, d.tier, removal, drained, "the scale failed")
             return
+        self.cache.note_replicas(key, tier_child_name(name, d.tier), d.desired)
         self.scale_in.forget_census(key, d.tier)
         if removal is not None and drained:
             asyncio.get_running_loop().create_task(self.scale_in.check_drained(key, d.tier, removal, drained))
