@@ -52,7 +52,7 @@ def fill(cache: FleetCache, pools: int, url: str) -> None:
                                          "status": status})  # fmt: skip
 
 
-async def run(pools: int, ticks: int, url: str, profile: bool) -> None:
+async def run(pools: int, ticks: int, url: str, profile: bool, busy: int, redis: RedisServer) -> None:
     cache = FleetCache()
     fill(cache, pools, url)
     autoscaler = Autoscaler(Kube(NoApi()), cache, refresh_status=lambda key: None, interval=0.0)
@@ -62,12 +62,18 @@ async def run(pools: int, ticks: int, url: str, profile: bool) -> None:
     cpu0, wall0 = time.process_time(), time.monotonic()
     if prof:
         prof.enable()
-    for _ in range(ticks):
+    r = redis.client()
+    for i in range(ticks):
+        if busy:  # a few pools' queues change every poll (one message more), the rest stay idle
+            with r.pipeline(transaction=False) as pipe:
+                for p in range(busy):
+                    pipe.lpush(f"p{p:04d}_low", b"{}") if i % 2 == 0 else pipe.rpop(f"p{p:04d}_low")
+                pipe.execute()
         await autoscaler.tick()
     if prof:
         prof.disable()
     cpu = time.process_time() - cpu0
-    print(f"{pools} pools, {ticks} ticks: {cpu / ticks * 1e3:.1f} ms CPU per tick, "
+    print(f"{pools} pools ({busy} busy), {ticks} ticks: {cpu / ticks * 1e3:.1f} ms CPU per tick, "
           f"{cpu / ticks / pools * 1e6:.1f} us per pool-poll (wall {time.monotonic() - wall0:.1f} s)")  # fmt: skip
     if prof:
         pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
@@ -79,11 +85,12 @@ def main() -> None:
     ap.add_argument("--pools", type=int, default=1000)
     ap.add_argument("--ticks", type=int, default=30)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--busy", type=int, default=0, help="pools whose low queue changes every tick")
     args = ap.parse_args()
     redis = RedisServer(Path(tempfile.mkdtemp(prefix="idle-")) / "redis")
     redis.start()
     try:
-        asyncio.run(run(args.pools, args.ticks, redis.url, args.profile))
+        asyncio.run(run(args.pools, args.ticks, redis.url, args.profile, args.busy, redis))
     finally:
         redis.stop()
 

@@ -452,3 +452,20 @@ def test_the_same_answer_keeps_its_revision_and_a_new_one_gets_another() -> None
     assert first.revision is not None and same.revision == first.revision  # an idle broker: nothing to parse
     assert same.observe([HIGH]) == Observation(2, 0)
     assert changed.revision not in (None, first.revision) and changed.observe([HIGH]) == Observation(3, 0)
+
+
+def test_a_queue_that_did_not_change_keeps_its_revision_when_others_did() -> None:
+    low = QueueRef("low_priority")
+    fake = FakeRedis({"high_priority": 2, "low_priority": 1})
+    source = RedisDepthSource(fake, TARGET)
+
+    async def polls() -> list[DepthReading]:
+        first = await source.read([HIGH, low])
+        fake.lists["high_priority"] = 7
+        return [first, await source.read([HIGH, low])]
+
+    first, second = asyncio.run(polls())
+    assert second.revision != first.revision
+    assert second.unchanged_since(first.revision or 0, [low])  # its pool need not be observed again
+    assert not second.unchanged_since(first.revision or 0, [HIGH])
+    assert not second.unchanged_since(first.revision or 0, [QueueRef("never_polled")])

@@ -87,7 +87,8 @@ def test_a_deleted_pool_leaves_nothing_behind() -> None:
 
 
 class CountingSource:
-    """The same answer on every poll, with one revision, as the Redis source gives an idle broker."""
+    """The same answer on every poll, with one revision, as the Redis source gives an idle broker
+    (every queue changed at the current revision: a new answer changes them all)."""
 
     def __init__(self) -> None:
         self.depth = 0
@@ -96,7 +97,7 @@ class CountingSource:
     async def read(self, refs: Collection[QueueRef]) -> DepthReading:
         queued = {r: {0: self.depth} for r in refs}
         return DepthReading(queued=queued, in_flight={}, unacked={KeyLayout(): UnackedSummary(0, 0)},
-                            revision=self.revision)  # fmt: skip
+                            revision=self.revision, changed_at={r: self.revision for r in refs})  # fmt: skip
 
     async def aclose(self) -> None:
         return None

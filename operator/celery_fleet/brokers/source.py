@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -40,8 +41,8 @@ class QueueRef:
     ack_emulation: bool = True
     fanout_exchanges: tuple[str, ...] = ()
 
-    @property
-    def layout(self) -> KeyLayout:
+    @functools.cached_property
+    def layout(self) -> KeyLayout:  # cached: asked for per queue per poll
         return KeyLayout(self.keyprefix, self.sep, self.unacked_key, self.ack_emulation, self.fanout_exchanges)
 
 
@@ -118,6 +119,16 @@ class DepthReading:
     # Two readings with the same (not None) revision hold the same queue lengths and in-flight counts
     # (a source reuses it when the broker's answer was the same): an idle fleet's pools skip deciding.
     revision: int | None = None
+    # The revision at which each queue's reading (lengths, in-flight count, errors) last changed, so
+    # a pool whose queues did not change is not observed again when other pools' queues did.
+    changed_at: Mapping[QueueRef, int] = field(default_factory=dict)
+
+    def unchanged_since(self, revision: int, refs: Iterable[QueueRef]) -> bool:
+        """Whether none of ``refs`` changed after ``revision`` (False when this reading cannot tell)."""
+        if self.revision is None:
+            return False
+        changed_at = self.changed_at
+        return all(r in changed_at and changed_at[r] <= revision for r in refs)
 
     def covers(self, refs: Iterable[QueueRef]) -> bool:
         return all(r in self.queued or r in self.queue_errors for r in refs)

@@ -45,6 +45,41 @@ class _Scan:
     at: float
 
 
+def changes(previous: DepthReading | None, reading: DepthReading) -> Mapping[QueueRef, int]:
+    """Each queue's last-changed revision: carried over where its reading is the same as before."""
+    assert reading.revision is not None
+    if previous is not None and previous.revision == reading.revision:
+        return previous.changed_at
+    rev = reading.revision
+    if previous is None:
+        return {r: rev for r in (*reading.queued, *reading.queue_errors)}
+    # A reused walk's age grows every poll; its counts are what matter.
+    layouts_changed = {p for p, summary in reading.unacked.items()
+                       if replace(summary, age_seconds=0.0) != _aged(previous.unacked.get(p))}  # fmt: skip
+    names_changed = {k for k in reading.in_flight.keys() | previous.in_flight.keys()
+                     if reading.in_flight.get(k) != previous.in_flight.get(k)}  # fmt: skip
+    routes_changed = {k for k in reading.in_flight_routes.keys() | previous.in_flight_routes.keys()
+                      if reading.in_flight_routes.get(k) != previous.in_flight_routes.get(k)}  # fmt: skip
+    for layout, queues in routes_changed:
+        names_changed.update((layout, q) for q in queues)
+    out: dict[QueueRef, int] = {}
+    for r in (*reading.queued, *reading.queue_errors):
+        before = previous.changed_at.get(r)
+        same = (
+            before is not None
+            and reading.queued.get(r) == previous.queued.get(r)
+            and reading.queue_errors.get(r) == previous.queue_errors.get(r)
+            and (r.layout, r.name) not in names_changed
+            and r.layout not in layouts_changed
+        )
+        out[r] = before if same and before is not None else rev
+    return out
+
+
+def _aged(summary: UnackedSummary | None) -> UnackedSummary | None:
+    return None if summary is None else replace(summary, age_seconds=0.0)
+
+
 class RedisDepthSource:
     """A :class:`~celery_fleet.brokers.source.QueueDepthSource` over one Redis broker.
 
@@ -81,6 +116,7 @@ class RedisDepthSource:
         self._layout_found: dict[QueueRef, set[str]] = {}
         self._layout_seen: dict[QueueRef, set[str]] = {}
         self._last: tuple[PollPlan, list[Reply], DepthReading] | None = None  # the last poll, parsed
+        self._previous: DepthReading | None = None  # the last reading handed out
 
     def __repr__(self) -> str:
         return f"RedisDepthSource({self.target.display})"
@@ -115,7 +151,10 @@ class RedisDepthSource:
                 self._last = (plan, replies, reading)
         except Exception as exc:
             raise classify(exc, self.target) from None
-        return self._account(reading, names, skip, started)
+        reading = self._account(reading, names, skip, started)
+        reading = replace(reading, changed_at=changes(self._previous, reading))
+        self._previous = reading
+        return reading
 
     async def _scripts(self, commands: Sequence[Command]) -> list[Reply]:
         """Run the (read-only) scripts as EVAL_RO, so an ACL user needs no EVAL; EVAL on Redis < 7."""

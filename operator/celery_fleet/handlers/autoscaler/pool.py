@@ -54,9 +54,9 @@ class _Steady:
     current: dict[str, int | None]
     decided_at: float
     skipped_at: float | None = None
-    # (reading revision, cache version) the signature was last found equal for: while these
-    # hold, the signature would be the same too, so the pool is not even observed.
-    token: tuple[Any, ...] | None = None
+    # The reading revision and cache version the signature was last found equal at: while the pool's
+    # queues are unchanged since that revision and the version holds, it is not even observed.
+    seen: tuple[int, int | None] | None = None
 
 
 def pool_ref(body: Mapping[str, Any]) -> ObjectRef:
@@ -103,12 +103,19 @@ class PoolScaler:
         """Observe, decide and settle one pool; returns the API calls to make (scales, Events)."""
         now = self.clock()
         steady = self._steady.get(key)
-        token = None
-        if not isinstance(result, BrokerError) and result.revision is not None:
-            token = (result.revision, self.cache.version(key))
-            if steady is not None and steady.token == token and now - steady.decided_at < FULL_DECIDE_SECONDS:
-                # The broker answered as before and neither the pool nor its children changed.
-                return self._skip(key, steady, now)
+        version = self.cache.version(key)
+        seen = None if isinstance(result, BrokerError) or result.revision is None else (result.revision, version)
+        if (
+            seen is not None
+            and steady is not None
+            and steady.seen is not None
+            and steady.seen[1] == version
+            and now - steady.decided_at < FULL_DECIDE_SECONDS
+            and not isinstance(result, BrokerError)
+            and all(result.unchanged_since(steady.seen[0], tier_refs) for tier_refs in refs.values())
+        ):
+            # Its queues read as before and neither the pool nor its children changed.
+            return self._skip(key, steady, now)
         runtime = self.cache.runtime[key]
         namespace, name = key
         observations: dict[str, TierObservation]
@@ -147,7 +154,7 @@ class PoolScaler:
         )
         if steady is not None and steady.signature == signature and now - steady.decided_at < FULL_DECIDE_SECONDS:
             # Same inputs as a decision that changed nothing: it would decide the same again.
-            steady.token = token
+            steady.seen = seen
             return self._skip(key, steady, now)
         histories = dict(runtime.history)
         if steady is not None:
@@ -190,7 +197,7 @@ class PoolScaler:
                 for d in decisions
             )
         ):
-            self._steady[key] = _Steady(signature, current, decided_at=now, token=token)
+            self._steady[key] = _Steady(signature, current, decided_at=now, seen=seen)
         else:
             self._steady.pop(key, None)
         return self._act(key, body, runtime, decisions, broker_problem, tier_problem)
