@@ -2,7 +2,7 @@
 
 Public surface: traces (`step_burst`, `poisson_bursts`, `diurnal`), the simulator (`simulate`,
 `FleetParams`), the autoscalers (`OperatorScaler` = the operator's real `decide`, `KedaHpaScaler`,
-`StaticFleet`), summaries, and the closed-loop check helpers (`predict_waits`,
+`StaticFleet`), summaries, the scaling Events a run writes (`scaling_events`), and the closed-loop check helpers (`predict_waits`,
 `compare_waits`, `closed_loop_trace`, `write_trace`, `read_trace`). Plots live in `_sim.plots`
 (matplotlib), imported only by the benchmark, so the simulator and its tests do without it.
 """
@@ -19,6 +19,7 @@ from .closed_loop import (
     write_trace,
 )
 from .engine import PRIORITY_SEP, FleetParams, Samples, SimResult, list_key, percentile, simulate
+from .events import ScalingEvents, scaling_events
 from .keda_hpa import (
     HorizontalPodAutoscaler,
     HpaBehavior,
@@ -50,6 +51,7 @@ __all__ = [
     "OperatorScaler",
     "Prediction",
     "Samples",
+    "ScalingEvents",
     "SimResult",
     "StaticFleet",
     "Summary",
@@ -65,6 +67,7 @@ __all__ = [
     "predict_waits",
     "priority_step",
     "read_trace",
+    "scaling_events",
     "simulate",
     "step_burst",
     "summarize",

@@ -14,7 +14,7 @@ import threading
 import uuid
 import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from celery_fleet.kube.client import ApiError, Kube, resource_path
@@ -65,6 +65,13 @@ def event_body(ref: ObjectRef, reason: str, message: str, type_: EventType, now:
 SERIES_WINDOW = dt.timedelta(minutes=10)
 SERIES_MAX = 10_000  # remembered series; the oldest are forgotten first
 
+SeriesKey = tuple[str, str, str, str, str]
+
+
+def series_key(ref: ObjectRef, reason: str, message: str, type_: EventType) -> SeriesKey:
+    """What makes two Events the same: object, type, reason and the message as written."""
+    return (ref.namespace, ref.uid, type_, reason, message[:1024])
+
 
 @dataclass
 class _Series:
@@ -73,8 +80,36 @@ class _Series:
     last: dt.datetime
 
 
+@dataclass
+class EventSeries:
+    """The aggregation rule, pure (time is an argument): which Event a repeat is counted on.
+
+    `repeat_of` says whether an Event is a repeat of one written within `window` (and counts it);
+    `started` remembers an Event just written as the head of its series. The simulation replays the
+    operator's decisions through this class to count the Events it writes.
+    """
+
+    window: dt.timedelta = SERIES_WINDOW
+    limit: int = SERIES_MAX
+    known: dict[SeriesKey, _Series] = field(default_factory=dict)
+
+    def repeat_of(self, key: SeriesKey, now: dt.datetime) -> tuple[str, int] | None:
+        """(the Event's name, its new count) when this is a repeat to count on it; None: write a new one."""
+        series = self.known.get(key)
+        if series is None or now - series.last >= self.window:
+            return None
+        series.count += 1
+        series.last = now
+        return series.name, series.count
+
+    def started(self, key: SeriesKey, name: str, now: dt.datetime) -> None:
+        if len(self.known) >= self.limit:
+            self.known.pop(next(iter(self.known)))
+        self.known[key] = _Series(name, 1, now)
+
+
 # Per client, so each operator (and each test's fake apiserver) has series of its own.
-_series: weakref.WeakKeyDictionary[Kube, dict[tuple[str, str, str, str, str], _Series]] = weakref.WeakKeyDictionary()
+_series: weakref.WeakKeyDictionary[Kube, EventSeries] = weakref.WeakKeyDictionary()
 _series_lock = threading.Lock()
 
 
@@ -82,16 +117,10 @@ def post_event(kube: Kube, ref: ObjectRef, reason: str, message: str, type_: Eve
     """Best effort: an Event that cannot be written must not fail the reconcile that caused it."""
     now = dt.datetime.now(dt.UTC)
     body = event_body(ref, reason, message, type_, now)
-    key = (ref.namespace, ref.uid, type_, reason, body["message"])
+    key = series_key(ref, reason, message, type_)
     with _series_lock:
-        known = _series.setdefault(kube, {})
-        series = known.get(key)
-        if series is not None and now - series.last < SERIES_WINDOW:
-            series.count += 1
-            series.last = now
-            repeat: tuple[str, int] | None = (series.name, series.count)
-        else:
-            repeat = None
+        series = _series.setdefault(kube, EventSeries())
+        repeat = series.repeat_of(key, now)
     try:
         if repeat is not None:
             patch = {"count": repeat[1], "lastTimestamp": body["lastTimestamp"]}
@@ -104,8 +133,6 @@ def post_event(kube: Kube, ref: ObjectRef, reason: str, message: str, type_: Eve
                     raise
         kube.request("POST", resource_path("v1", "Event", ref.namespace), body=body)
         with _series_lock:
-            if len(known) >= SERIES_MAX:
-                known.pop(next(iter(known)))
-            known[key] = _Series(body["metadata"]["name"], 1, now)
+            series.started(key, body["metadata"]["name"], now)
     except ApiError as err:
         log.warning("could not post event %s on %s/%s: %s", reason, ref.namespace, ref.name, err)
