@@ -48,6 +48,8 @@ from _sim import CLOSED_LOOP_TIER, Tolerance, closed_loop_trace, compare_waits, 
 from celery import Celery
 from kubernetes import client, config
 
+from celery_fleet_localrun.cluster import RUN_LABELS
+
 GROUP, VERSION = "celeryfleet.io", "v1alpha1"
 POOL = "loop"
 PID_IN_MESSAGE = re.compile(r"worker: pid (\d+), connected to the broker")
@@ -135,6 +137,7 @@ def pool_manifest() -> dict[str, Any]:
             "app": "demoapp",
             "image": "local/celery-fleet-demo:dev",
             "broker": {"urlSecretRef": {"name": "broker", "key": "url"}},
+            "podLabels": RUN_LABELS,
             "tiers": [tier],
         },
     }

@@ -80,10 +80,29 @@ build_etcd() {
 }
 
 build_kwok() {
-  have kwok && have kwokctl && return 0
-  log "building kwok/kwokctl $KWOK_VERSION"
-  GOBIN="$bin_dir" go install -trimpath -ldflags "-s -w" \
-    "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION" "sigs.k8s.io/kwok/cmd/kwokctl@$KWOK_VERSION"
+  if ! { have kwok && have kwokctl; }; then
+    log "building kwok/kwokctl $KWOK_VERSION"
+    GOBIN="$bin_dir" go install -trimpath -ldflags "-s -w" \
+      "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION" "sigs.k8s.io/kwok/cmd/kwokctl@$KWOK_VERSION"
+  fi
+  kwok_default_stages
+}
+
+# kwok's own default Stages (what kwokctl configures when given none), from its module source, so
+# hack/cluster.sh can add a Stage of ours beside them without copying them into the repo.
+kwok_default_stages() {
+  local out="$bin_dir/kwok-stages" recipe="kwok $KWOK_VERSION default stages" src
+  [[ -d "$out" && "$(cat "$out/.recipe" 2>/dev/null)" == "$recipe" ]] && return 0
+  src="$(go mod download -json "sigs.k8s.io/kwok@$KWOK_VERSION" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')"
+  rm -rf "$out.tmp"; mkdir -p "$out.tmp"
+  cp "$src/kustomize/stage/node/fast/node-initialize.yaml" \
+     "$src/kustomize/stage/node/heartbeat-with-lease/node-heartbeat-with-lease.yaml" \
+     "$src/kustomize/stage/pod/fast/pod-ready.yaml" \
+     "$src/kustomize/stage/pod/fast/pod-complete.yaml" \
+     "$src/kustomize/stage/pod/fast/pod-delete.yaml" "$out.tmp/"
+  chmod u+w "$out.tmp"/*.yaml
+  printf '%s' "$recipe" > "$out.tmp/.recipe"
+  rm -rf "$out"; mv "$out.tmp" "$out"
 }
 
 build_helm() {

@@ -7,6 +7,7 @@
 #   hack/cluster.sh down
 #   hack/cluster.sh status
 set -euo pipefail
+shopt -s nullglob
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/.." && pwd)"
@@ -15,11 +16,14 @@ name="${CELERY_FLEET_CLUSTER:-celery-fleet}"
 nodes="${CELERY_FLEET_NODES:-3}"
 export KWOK_WORKDIR="$local_dir/kwok"
 kubeconfig="$local_dir/kubeconfig"
+config="$local_dir/kwok.yaml"
+stamp="$local_dir/kwok-$name.config.sha256"
 
 log() { printf '[cluster] %s\n' "$*" >&2; }
 
 bin_dir="$("$here/build-binaries.sh" kwok etcd kubernetes | tail -1)"
-kwokctl="$bin_dir/kwokctl"
+# kwokctl starts the cluster's daemons: they must not inherit the lock's descriptor (or hold it forever).
+kwokctl() { "$bin_dir/kwokctl" "$@" 9>&-; }
 kubectl="$bin_dir/kubectl"
 
 link_tools() {
@@ -30,9 +34,14 @@ link_tools() {
   done
 }
 
+# The cluster's kwokctl configuration: our options, then kwok's own default Stages (given any Stage,
+# kwokctl adds none of its defaults) and ours (hack/kwok/: pods the local runtime runs are not Ready
+# until it says so).
 write_config() {
-  mkdir -p "$local_dir"
-  cat > "$local_dir/kwok.yaml" <<YAML
+  local tmp
+  tmp="$(mktemp "$config.XXXXXX")"
+  {
+    cat <<YAML
 kind: KwokctlConfiguration
 apiVersion: config.kwok.x-k8s.io/v1alpha1
 options:
@@ -46,7 +55,18 @@ options:
   kubectlBinary: $bin_dir/kubectl
   disableQPSLimits: true
 YAML
+    local stage
+    for stage in "$bin_dir"/kwok-stages/*.yaml "$here"/kwok/*.yaml; do
+      printf -- '---\n'
+      cat "$stage"
+    done
+  } > "$tmp"
+  mv "$tmp" "$config"
 }
+
+# kwok reads its Stages when the cluster is created: a cluster made from another config is stale.
+config_digest() { sha256sum "$config" | cut -d' ' -f1; }
+stamp_ok() { [[ -f "$stamp" && "$(cat "$stamp")" == "$(config_digest)" ]]; }
 
 # Every component's process is alive: the apiserver can answer /readyz while the scheduler or the
 # controller-manager has exited (both exit when they lose their lease under a stalled apiserver).
@@ -61,7 +81,7 @@ healthy() {
     "$kubectl" --kubeconfig "$kubeconfig" --request-timeout=5s get --raw /readyz >/dev/null 2>&1
 }
 
-exists() { "$kwokctl" get clusters 2>/dev/null | grep -qx "$name"; }
+exists() { kwokctl get clusters 2>/dev/null | grep -qx "$name"; }
 
 wait_nodes() {
   local deadline=$((SECONDS + 120))
@@ -71,33 +91,46 @@ wait_nodes() {
   done
 }
 
+# One `up` or `down` at a time: test sessions in several worktrees share one cluster.
+lock() { mkdir -p "$local_dir"; exec 9>"$local_dir/.cluster.lock"; flock 9; }
+
 up() {
+  lock
   link_tools
-  if healthy; then log "already running ($kubeconfig)"; return 0; fi
   write_config
+  if exists && ! stamp_ok; then
+    # Stages are read at creation only; everyone's cluster predates the current config.
+    log "cluster $name was made from another configuration (kwok stages): recreating it"
+    kwokctl --name "$name" delete cluster >&2 || true
+    rm -f "$kubeconfig" "$stamp"
+  fi
+  if healthy; then log "already running ($kubeconfig)"; return 0; fi
   if exists; then
     log "starting existing cluster $name"
-    "$kwokctl" --name "$name" stop cluster >&2 || true
-    "$kwokctl" -c "$local_dir/kwok.yaml" --name "$name" start cluster --wait 120s >&2 || {
-      log "restart failed; recreating"; "$kwokctl" --name "$name" delete cluster >&2 || true; }
+    kwokctl --name "$name" stop cluster >&2 || true
+    kwokctl -c "$config" --name "$name" start cluster --wait 120s >&2 || {
+      log "restart failed; recreating"; kwokctl --name "$name" delete cluster >&2 || true; }
   fi
   if ! exists; then
     log "creating cluster $name (kwokctl binary runtime)"
-    "$kwokctl" -c "$local_dir/kwok.yaml" --name "$name" create cluster \
+    rm -f "$stamp"
+    kwokctl -c "$config" --name "$name" create cluster \
       --kubeconfig "$kubeconfig" --wait 180s \
       --extra-args kube-controller-manager=concurrent-deployment-syncs=25 \
       --extra-args kube-controller-manager=concurrent-replicaset-syncs=25 \
       --extra-args kube-controller-manager=concurrent-gc-syncs=25 >&2
+    config_digest > "$stamp"
   fi
-  "$kwokctl" --name "$name" get kubeconfig > "$kubeconfig.tmp" && mv "$kubeconfig.tmp" "$kubeconfig"
-  "$kwokctl" --name "$name" scale node --replicas "$nodes" >&2
+  kwokctl --name "$name" get kubeconfig > "$kubeconfig.tmp" && mv "$kubeconfig.tmp" "$kubeconfig"
+  kwokctl --name "$name" scale node --replicas "$nodes" >&2
   wait_nodes
   log "ready: export KUBECONFIG=$kubeconfig PATH=$local_dir/bin:\$PATH"
 }
 
 down() {
-  if exists; then "$kwokctl" --name "$name" delete cluster >&2; fi
-  rm -f "$kubeconfig"
+  lock
+  if exists; then kwokctl --name "$name" delete cluster >&2; fi
+  rm -f "$kubeconfig" "$stamp"
   log "down"
 }
 

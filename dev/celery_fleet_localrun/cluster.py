@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import fnmatch
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
@@ -12,7 +13,19 @@ from kubernetes import client
 
 from celery_fleet.kube.client import ApiError, Kube, segment
 
+log = logging.getLogger(__name__)
+
 MANAGED_SELECTOR = "app.kubernetes.io/managed-by=celery-fleet"
+# The pods the local runtime runs carry this label (a pool's or beat's `podLabels`): kwok's stage for them
+# (hack/kwok/pod-run-by-local-runtime.yaml) leaves their readiness to us, so a pod is never Ready before its
+# process runs. Unlabelled pods are kwok's: Ready at once, with nothing running.
+RUN_LABEL = "local-runtime.celeryfleet.io/run"
+RUN_LABEL_VALUE = "true"
+RUN_LABELS = {RUN_LABEL: RUN_LABEL_VALUE}
+
+
+def runs_here(pod: Mapping[str, Any]) -> bool:
+    return ((pod.get("metadata") or {}).get("labels") or {}).get(RUN_LABEL) == RUN_LABEL_VALUE
 
 
 class LocalCluster:
@@ -22,6 +35,7 @@ class LocalCluster:
         self._kube = Kube(api)
         self.namespaces = list(namespaces)
         self.selector = selector
+        self._passed_over: set[str] = set()
 
     @property
     def server(self) -> str:
@@ -40,10 +54,20 @@ class LocalCluster:
         return not self.namespaces or any(fnmatch.fnmatchcase(namespace, p) for p in self.namespaces)
 
     def pods(self) -> list[dict[str, Any]]:
-        """Pods managed by celery-fleet in the namespaces in scope (one list over all namespaces)."""
+        """Pods matching the selector in the namespaces in scope that carry RUN_LABEL (one list over all
+        namespaces). A pod in scope without the label is named once in the log: kwok already calls it Ready."""
         data = self._call("GET", "/api/v1/pods", query=[("labelSelector", self.selector)])
         items = cast(list[dict[str, Any]], (data or {}).get("items") or [])
-        return [p for p in items if self.in_scope(str(p["metadata"].get("namespace")))]
+        in_scope = [p for p in items if self.in_scope(str(p["metadata"].get("namespace")))]
+        for pod in in_scope:
+            meta = pod["metadata"]
+            if not runs_here(pod) and meta.get("uid") not in self._passed_over:
+                self._passed_over.add(str(meta.get("uid")))
+                log.warning(
+                    "pod %s/%s lacks the label %s=%s (set it in the pool's or beat's podLabels): not run here",
+                    meta.get("namespace"), meta.get("name"), RUN_LABEL, RUN_LABEL_VALUE,
+                )  # fmt: skip
+        return [p for p in in_scope if runs_here(p)]
 
     def _data(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:

@@ -15,7 +15,7 @@ from types import FrameType
 
 from celery_fleet.kube.client import load_api_client
 from celery_fleet_localrun import procfs
-from celery_fleet_localrun.cluster import MANAGED_SELECTOR, LocalCluster
+from celery_fleet_localrun.cluster import MANAGED_SELECTOR, RUN_LABEL, RUN_LABEL_VALUE, LocalCluster
 from celery_fleet_localrun.preparer import LocalPreparer, default_image_files
 from celery_fleet_localrun.processes import SubprocessLauncher
 from celery_fleet_localrun.status import status_patch, stopped_patch
@@ -23,11 +23,13 @@ from celery_fleet_localrun.supervisor import Backoff, Supervisor
 
 log = logging.getLogger("celery_fleet_localrun")
 
-DESCRIPTION = """\
+DESCRIPTION = f"""\
 A local runtime for development and tests only. For the pods of celery-fleet's Deployments in a
-local cluster whose nodes are fake (kwok), it runs each container as a process on this machine,
-from the pod's command, args and env; SIGTERMs them when their pod goes away; restarts them when
-they die; and reports their real readiness in the pods' status. Never point it at a real cluster.
+local cluster whose nodes are fake (kwok) that carry the label {RUN_LABEL}={RUN_LABEL_VALUE} (a pool's
+or beat's podLabels), it runs each container as a process on this machine, from the pod's command,
+args and env; SIGTERMs them when their pod goes away; restarts them when they die; and reports their
+real readiness in the pods' status (the local cluster's kwok leaves readiness of these pods to it).
+Never point it at a real cluster.
 """
 
 

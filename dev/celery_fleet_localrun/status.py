@@ -1,16 +1,14 @@
 """What the local runtime writes into a pod's status, so readiness in the cluster is real. (pure)
 
-kwok marks every pod Running and Ready the moment it is scheduled, although nothing runs. The
-local runtime takes over the kubelet's reporting for the pods it runs: it rewrites the `Ready`
-and `ContainersReady` conditions and the container statuses from its own processes, so a pod
-is Ready only while its worker process is up and (for workers) connected to the broker, and
-restarts show in `restartCount`. The Deployment's readyReplicas, and the pool's status built
-from it, then count real workers.
-
-One gap remains and is stated, not hidden: for the moment between kwok's write and ours (one
-runtime tick, under a second) a new pod reads Ready although its process is still starting.
-kwok never writes a Running pod again (its pod-ready stage only matches Pending pods), so our
-conditions stick.
+kwok's default stage marks every pod Running and Ready the moment it is scheduled, although nothing
+runs. For the pods the local runtime runs (labelled `cluster.RUN_LABEL`) the local cluster has a
+stage of its own (hack/kwok/pod-run-by-local-runtime.yaml): kwok makes them Running with a pod IP
+and writes no Ready, ContainersReady or container status at all. The local runtime then plays the
+kubelet's reporting: it writes `Ready` and `ContainersReady` and the container statuses from its own
+processes, so a pod is Ready only once its worker process is up and (for workers) connected to the
+broker, and restarts show in `restartCount`. The Deployment's readyReplicas, and the pool's status
+built from it, count real workers from the pod's first moment: no Ready -> not ready -> Ready flap.
+kwok never writes a Running pod again (its stages only match Pending pods), so our conditions stick.
 
 The conditions carry reasons of their own (`LocalProcessReady`, `LocalProcessStarting`, ...)
 and a message naming the local pid, so nobody mistakes them for a kubelet's.

@@ -21,6 +21,7 @@ import pytest
 from celery import Celery
 from kubernetes import client
 
+from celery_fleet_localrun.cluster import RUN_LABELS
 from tests.support.cluster import Cluster
 from tests.support.local_runtime import LocalRuntime
 from tests.support.operator_process import OperatorProcess
@@ -53,6 +54,7 @@ def _pool(name: str, **tier: Any) -> dict[str, Any]:
             "app": "demoapp",
             "image": "local/celery-fleet-demo:dev",
             "broker": {"urlSecretRef": {"name": "broker", "key": "url"}},
+            "podLabels": RUN_LABELS,
             "tiers": [
                 {"name": "high", "queues": ["high_priority"], "concurrency": 2, "pool": "threads",
                  "terminationGracePeriodSeconds": 30, "replicas": {"min": 1, "max": 3}, "autoscaling": knobs,

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from celery_fleet_localrun.cluster import RUN_LABELS
 from tests.integration.test_localrun import LocalRuntime, localrun  # noqa: F401 (the fixture)
 from tests.support.cluster import Cluster
 from tests.support.operator_process import OperatorProcess
@@ -35,10 +36,12 @@ def _manifests(redis_url: str) -> list[dict[str, Any]]:
         # A worker to run the ticks, so each tick beat sends leaves a record.
         {"apiVersion": f"{GROUP}/{VERSION}", "kind": "CeleryWorkerPool", "metadata": {"name": "ticks"},
          "spec": {"app": "demoapp", "image": "local/celery-fleet-demo:dev", "broker": broker,
+                  "podLabels": RUN_LABELS,
                   "tiers": [{"name": "medium", "queues": ["medium_priority"], "concurrency": 2, "pool": "threads",
                              "replicas": {"min": 1, "max": 1}}]}},
         {"apiVersion": f"{GROUP}/{VERSION}", "kind": "CeleryBeat", "metadata": {"name": "demo"},
          "spec": {"app": "demoapp", "image": "local/celery-fleet-demo:dev", "broker": broker, "standby": 1,
+                  "podLabels": RUN_LABELS,
                   "lease": {"durationSeconds": 8, "renewDeadlineSeconds": 5, "retryPeriodSeconds": 1}}},
     ]  # fmt: skip
 

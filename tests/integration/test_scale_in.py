@@ -22,6 +22,7 @@ import pytest
 from celery import Celery
 from kubernetes import client
 
+from celery_fleet_localrun.cluster import RUN_LABELS
 from tests.support.cluster import ROOT, Cluster
 from tests.support.local_runtime import LocalRuntime
 from tests.support.operator_process import OperatorProcess
@@ -62,6 +63,7 @@ def _pool(
             "image": "local/plainapp:dev",
             "broker": {"urlSecretRef": {"name": "broker", "key": "url"}},
             "env": env,
+            "podLabels": RUN_LABELS,
             "tiers": [
                 # A grace period shorter than a task: removing a busy worker would cut its task short.
                 {"name": "work", "queues": [queue], "concurrency": 1, "terminationGracePeriodSeconds": grace,
