@@ -170,6 +170,14 @@ def deployment_ready(d: dict[str, Any]) -> bool:
     return bool(status.get("readyReplicas", 0) >= replicas and status.get("updatedReplicas", 0) >= replicas)
 
 
+def invalid(p: dict[str, Any]) -> str | None:
+    """A pool the operator calls InvalidSpec: on this shared cluster, another branch's CRD (see main)."""
+    for c in (p.get("status") or {}).get("conditions", []):
+        if c.get("type") == "Ready" and c.get("reason") == "InvalidSpec":
+            return str(c.get("message"))
+    return None
+
+
 def pool_ready(p: dict[str, Any]) -> bool:
     return any(
         c.get("type") == "Ready" and c.get("status") == "True" for c in (p.get("status") or {}).get("conditions", [])
@@ -333,8 +341,19 @@ def main() -> None:
         ready = Until(pools_of(custom), ns, pool_ready, args.pools)
         deps.start()
         ready.start()
+        for f in sorted((ROOT / "crds").glob("*.yaml")):  # again: the cluster is shared with other branches
+            cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(f))
         t0 = time.monotonic()
         applied = apply_parallel(cluster, ns, objs, 100)
+
+        def first_reconciled() -> bool:
+            p = custom.get_namespaced_custom_object("celeryfleet.io", "v1alpha1", ns, "celeryworkerpools", "p0000")
+            why = invalid(p)
+            if why is not None:  # fail now, not after the rollout's timeout
+                raise SystemExit(f"the operator finds the pools invalid (a CRD from another branch?): {why}")
+            return bool(p.get("status"))
+
+        wait_for(first_reconciled, timeout=300, interval=1.0, message="p0000 reconciled")
         deps_s = deps.wait(1800, "tier Deployments Ready") - t0
         ready_s = ready.wait(600, "pools Ready") - t0
         sampler.stop_flag.set()

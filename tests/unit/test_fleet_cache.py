@@ -135,3 +135,26 @@ def test_an_idle_pool_is_not_observed_again_until_something_changes(monkeypatch:
     asyncio.run(main())
     scales = [body["spec"]["replicas"] for m, path, body in api.writes if path.endswith("/scale")]
     assert scales == [6]  # ceil(540 / 100): the backlog was decided on at once, and written once
+
+
+def test_an_invalid_pool_is_parsed_once_per_version(monkeypatch: Any) -> None:
+    from celery_fleet.handlers.autoscaler import loop
+
+    cache, parses = FleetCache(), []
+    bad = _pool()
+    bad["spec"]["broker"]["visibilityTimeout"] = 10  # unknown: the reconciler reports InvalidSpec
+    key = cache.put_pool(bad)
+    cache.runtime[key].broker_url = "redis://r:6379/0"
+    real = loop.parse_pool
+    monkeypatch.setattr(loop, "parse_pool", lambda body: (parses.append(1), real(body))[1])
+
+    async def main() -> None:
+        autoscaler = Autoscaler(Kube(RecordingApi()), cache, refresh_status=lambda key: None)  # type: ignore[arg-type]
+        for _ in range(3):
+            await autoscaler.tick()
+        assert len(parses) == 1
+        cache.put_pool(_pool(generation=2))  # fixed: parsed again, and valid
+        await autoscaler.tick()
+        assert len(parses) == 2 and key in autoscaler._specs
+
+    asyncio.run(main())

@@ -77,6 +77,7 @@ class Autoscaler:
         )
         self._specs: dict[ObjKey, tuple[tuple[str, int], CeleryWorkerPoolSpec, dict[str, list[QueueRef]]]] = {}
         self._last_reading: dict[int, int] = {}
+        self._invalid: dict[ObjKey, tuple[str, int]] = {}  # pools whose spec at that version does not parse
         self._owner_url: dict[str, BrokerKey] = {}
         self._groups: dict[BrokerKey, list[_Entry]] = {}
         self._pollers: dict[BrokerKey, BrokerPoller] = {}
@@ -132,6 +133,8 @@ class Autoscaler:
 
     async def _schedule(self, *, start: bool = True) -> None:
         pools = self.cache.pools
+        for gone in [k for k in self._invalid if k not in pools]:
+            del self._invalid[gone]
         for gone in [k for k in self._specs if k not in pools]:
             self._specs.pop(gone, None)
             self.pools.forget(gone)
@@ -252,10 +255,14 @@ class Autoscaler:
         cached = self._specs.get(key)
         if cached is not None and cached[0] == version:
             return cached[1], cached[2]
+        if self._invalid.get(key) == version:
+            return None  # parsing it again every poll would cost what every valid pool costs together
         try:
             spec = parse_pool(body)
         except InvalidSpec:
+            self._invalid[key] = version
             return None  # the reconciler reports it as Degraded
+        self._invalid.pop(key, None)
         b = spec.broker
         layout = KeyLayout(b.global_keyprefix, b.sep, b.unacked_key, b.ack_emulation, tuple(sorted(b.fanout_exchanges)))
         refs = {t.name: queue_refs(t.queues, priority_steps=b.priority_steps, layout=layout) for t in spec.tiers}
