@@ -59,6 +59,15 @@ class History:
             for o, v in zip(objs, kstatus(objs), strict=True)
         ]
 
+    def latest(self) -> tuple[dict[str, Any], tuple[int, int | None, str, str]] | None:
+        """The newest version and its verdict, from one snapshot (a version may arrive between two reads)."""
+        objs = self.snapshot()
+        if not objs:
+            return None
+        obj, (verdict,) = objs[-1], kstatus(objs[-1:])
+        observed = (obj.get("status") or {}).get("observedGeneration")
+        return obj, (obj["metadata"]["generation"], observed, verdict["status"], verdict["message"])
+
     def wait_status(self, status: str, *, generation: int, timeout: float = 60) -> tuple[int, int | None, str, str]:
         """The latest verdict `status` on a version whose status observed `generation`."""
 
@@ -222,10 +231,10 @@ def test_beat_electing_led_leaderless(
     assert argocd_health(h.snapshot()[-1]) == ("Healthy", f"{name}-beat-pod-a holds the lease and runs celery beat")
 
     # Nobody renews: leaderless is not Current (InProgress with our message; a standby may still lead).
-    def leaderless() -> tuple[int, int | None, str, str] | None:
-        last = h.verdicts()[-1]
-        return last if _condition(h.snapshot()[-1], "Degraded").get("reason") == "NoLeader" else None
+    def leaderless() -> tuple[dict[str, Any], tuple[int, int | None, str, str]] | None:
+        got = h.latest()
+        return got if got and _condition(got[0], "Degraded").get("reason") == "NoLeader" else None
 
-    last = wait_for(leaderless, timeout=30, message="beat leaderless")
-    assert last[2] == "InProgress" and "no pod has held the lease" in last[3]
-    assert argocd_health(h.snapshot()[-1]) == ("Degraded", last[3])
+    obj, last = wait_for(leaderless, timeout=30, message="beat leaderless")
+    assert last[2] == "InProgress" and "no pod has held the lease" in last[3], last
+    assert argocd_health(obj) == ("Degraded", last[3])
