@@ -162,6 +162,14 @@ SCHEDULED_TASKS = Gauge(
     registry=REGISTRY,
 )
 
+STALE_UNACKED = Gauge(
+    "celery_fleet_tier_stale_unacked_messages",
+    "Messages of the tier's queues in `unacked` past the visibility timeout (left by dead workers; "
+    "kombu restores them), not counted in flight.",
+    ["namespace", "pool", "tier"],
+    registry=REGISTRY,
+)
+
 
 # Every series labelled with one pool (and its tiers and queues) or one beat: removed with it, so a
 # deleted pool's broker-unreachable gauge cannot keep an alert firing.
@@ -174,6 +182,7 @@ TIER_SERIES: tuple[Gauge | Counter, ...] = (
     SCALING_DECISIONS,
     BUSY_WORKERS,
     SCHEDULED_TASKS,
+    STALE_UNACKED,
 )
 POOL_SERIES: tuple[Gauge | Counter, ...] = (*TIER_SERIES, BROKER_UP)
 BEAT_SERIES = (BEAT_LEADER_CHANGES, BEAT_HAS_LEADER, BEAT_LEADERLESS_SECONDS)

@@ -407,3 +407,30 @@ def test_tls_with_an_unknown_ca_is_unreachable(tls_redis: tuple[int, Path]) -> N
     err, _ = failure(f"rediss://:{PASSWORD}@127.0.0.1:{port}/0?ssl_cert_reqs=required")
     assert err.kind is ErrorKind.UNREACHABLE
     assert "CERTIFICATE_VERIFY_FAILED" in str(err) and PASSWORD not in str(err)
+
+
+def test_unacked_past_the_visibility_timeout_is_stale_not_in_flight(
+    redis_db: redis.Redis[bytes], redis_server: RedisServer
+) -> None:
+    """kombu's own channel delivers a message and is never heard of again (as a SIGKILLed worker):
+    within the visibility timeout it is in flight, past it stale; the entry stays restorable."""
+    from kombu import Connection
+
+    long_refs, short_refs = queue_refs([QUEUE]), queue_refs([QUEUE], layout=KeyLayout(visibility_timeout=1))
+    with Connection(redis_server.url, transport_options={"visibility_timeout": 1}) as conn:
+        queue = conn.SimpleQueue(QUEUE)
+        queue.put({"n": 1})
+        queue.get(timeout=5)  # delivered, not acked: kombu's `unacked` hash and `unacked_index` zset
+        fresh = seen(read(redis_server.url, long_refs), long_refs)
+        assert (fresh.in_flight, fresh.stale_unacked) == (1, 0)
+        stale = wait_for(
+            lambda: (o := seen(read(redis_server.url, short_refs), short_refs)).stale_unacked == 1 and o,
+            timeout=10,
+            message="the delivery is older than the 1 s visibility timeout",
+        )
+        assert stale.in_flight == 0
+        reading = read(redis_server.url, short_refs)
+        assert reading.unacked[short_refs[0].layout].stale == 1
+        # Read-only: kombu can still restore it.
+        assert (redis_db.hlen("unacked"), redis_db.zcard("unacked_index")) == (1, 1)
+        queue.close()

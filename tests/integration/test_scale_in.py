@@ -49,11 +49,16 @@ def _queue(namespace: str) -> str:
 
 
 def _pool(
-    name: str, queue: str, *, acks_late: bool = False, lo: int = 0, grace: int = 5, **knobs: Any
-) -> dict[str, Any]:
+    name: str, queue: str, *, acks_late: bool = False, lo: int = 0, hi: int = 4, grace: int = 5,
+    visibility_timeout: int | None = None, **knobs: Any,
+) -> dict[str, Any]:  # fmt: skip
     autoscaling = {"targetDepthPerReplica": 1, "scaleDownStabilizationSeconds": 5, "scaleDownMaxStep": 4,
                    "scaleDownPeriodSeconds": 1, "cooldownSeconds": 5, **knobs}  # fmt: skip
     env = [{"name": "PLAIN_ACKS_LATE", "value": "1"}] if acks_late else []
+    broker: dict[str, Any] = {"urlSecretRef": {"name": "broker", "key": "url"}}
+    if visibility_timeout is not None:  # the app's and the pool's, alike
+        env.append({"name": "PLAIN_VISIBILITY_TIMEOUT", "value": str(visibility_timeout)})
+        broker["visibilityTimeoutSeconds"] = visibility_timeout
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "CeleryWorkerPool",
@@ -61,13 +66,13 @@ def _pool(
         "spec": {
             "app": "plainapp",
             "image": "local/plainapp:dev",
-            "broker": {"urlSecretRef": {"name": "broker", "key": "url"}},
+            "broker": broker,
             "env": env,
             "podLabels": RUN_LABELS,
             "tiers": [
                 # A grace period shorter than a task: removing a busy worker would cut its task short.
                 {"name": "work", "queues": [queue], "concurrency": 1, "terminationGracePeriodSeconds": grace,
-                 "replicas": {"min": lo, "max": 4}, "autoscaling": autoscaling},
+                 "replicas": {"min": lo, "max": hi}, "autoscaling": autoscaling},
             ],
         },
     }  # fmt: skip
@@ -380,3 +385,55 @@ def test_look_alike_pod_with_copied_labels_is_never_annotated_drained_or_counted
     account = _account(redis_db, 1)
     print(f"look-alike: replicas 2 -> 0 with a busy look-alike; its task {account}")
     assert account == {"lost": 0, "started_twice": 0, "redelivered": 0, "killed": 0}, account
+
+
+def test_unacked_of_sigkilled_workers_is_stale_past_the_visibility_timeout_and_holds_no_replicas(
+    cluster: Cluster, k8s_api: client.ApiClient, operator: OperatorProcess, namespace: str,
+    redis_server: RedisServer, redis_db: Any, localrun: LocalRuntime,
+) -> None:  # fmt: skip
+    """acks_late, a 6 s visibility timeout in the app and the pool: two workers each run a task and
+    are SIGKILLed. Their `unacked` entries belong to no live worker; past the timeout they are
+    reported stale, and the tier keeps one worker (kombu restores them only from a live consumer),
+    not two. We never write to Redis: kombu restores them and every task finishes."""
+    queue, vt, task = _queue(namespace), 6, 4.0  # a task shorter than the timeout: never restored while it runs
+    fast = {"scaleDownStabilizationSeconds": 0, "cooldownSeconds": 1}
+    _setup(cluster, k8s_api, namespace, redis_server.url,
+           _pool("stale", queue, acks_late=True, hi=2, visibility_timeout=vt, **fast))  # fmt: skip
+    watcher = Watcher(k8s_api, namespace, "stale-work")
+    watcher.start()
+    custom = client.CustomObjectsApi(k8s_api)
+    try:
+        _send(redis_server.url, queue, 2, task)
+        wait_for(lambda: len({r["worker"] for r in _records(redis_db, "plain:started")}) == 2, timeout=120,
+                 message=lambda: f"two workers run a task; localrun:\n{localrun.logs()[-1500:]}")  # fmt: skip
+        running = {r["worker"] for r in _records(redis_db, "plain:started")}
+        pids = wait_for(lambda: (p := _ready_pids(k8s_api, namespace)) and running <= set(p) and p, timeout=30,
+                        message="the running workers' pids")  # fmt: skip
+        for pod in running:
+            os.kill(pids[pod], signal.SIGKILL)  # the main process; localrun takes its pool child with it
+        killed_at = time.time()
+
+        def stale_shown() -> dict[str, Any] | None:
+            pool = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "stale")
+            tier = next(iter((pool.get("status") or {}).get("tiers") or []), {})
+            return tier if tier.get("staleUnacked") == 2 else None
+
+        tier = wait_for(stale_shown, timeout=60, message="status shows 2 stale unacked")
+        metric = f'celery_fleet_tier_stale_unacked_messages{{namespace="{namespace}",pool="stale",tier="work"}} 2.0'
+        assert metric in operator.metrics()
+        wait_for(
+            lambda: len({r["id"] for r in _records(redis_db, "plain:done")}) == 2,
+            timeout=120,
+            message=lambda: f"kombu restored both and they finished (done {redis_db.llen('plain:done')})",
+        )
+    finally:
+        timeline = watcher.stop()
+    account = _account(redis_db, 2)
+    replicas = [n for _, n in timeline.replicas]
+    print(f"stale unacked: status {tier}; replicas {replicas}; tasks {account}")
+    assert (tier["inFlight"], tier["desiredReplicas"]) == (0, 1), tier
+    assert any(n == 1 for t, n in timeline.replicas if t > killed_at), timeline.replicas  # not held at 2
+    # Both ran again from their restored messages; nothing lost, nothing run twice to the end.
+    assert account["lost"] == 0 and account["redelivered"] == 2, account
+    done = _records(redis_db, "plain:done")
+    assert len(done) == len({r["id"] for r in done}) == 2, done

@@ -40,9 +40,10 @@ def test_plan_is_one_eval_per_prefix_reading_every_priority_list() -> None:
     refs = [*queue_refs(["b", "a"]), QueueRef("c", "p:", (0, 5))]
     plan = plan_poll(refs, scan_limit=123)
     assert plan.commands == (
-        ("EVAL", POLL_SCRIPT, 9, "a", f"a{SEP}3", f"a{SEP}6", f"a{SEP}9", "b", f"b{SEP}3", f"b{SEP}6", f"b{SEP}9",
-         "unacked", 123, "_kombu.binding.", *BOUND_ARGS),
-        ("EVAL", POLL_SCRIPT, 3, "p:c", f"p:c{SEP}5", "p:unacked", 123, "p:_kombu.binding.", *BOUND_ARGS),
+        ("EVAL", POLL_SCRIPT, 10, "a", f"a{SEP}3", f"a{SEP}6", f"a{SEP}9", "b", f"b{SEP}3", f"b{SEP}6", f"b{SEP}9",
+         "unacked", "unacked_index", 123, "_kombu.binding.", *BOUND_ARGS, 3600),
+        ("EVAL", POLL_SCRIPT, 4, "p:c", f"p:c{SEP}5", "p:unacked", "p:unacked_index", 123, "p:_kombu.binding.",
+         *BOUND_ARGS, 3600),
     )  # fmt: skip
 
 
@@ -52,10 +53,10 @@ BOUND_ARGS = (512, 16, 256, 1024, 255)
 def test_plan_cuts_a_huge_layout_into_bounded_evals_that_scan_once() -> None:
     refs = queue_refs([f"q{i}" for i in range(5)])  # 20 lists
     plan = plan_poll(refs, scan_limit=50, max_keys=8)
-    assert [c[2] for c in plan.commands] == [9, 9, 5]  # lists + the unacked hash
+    assert [c[2] for c in plan.commands] == [10, 10, 6]  # lists + the unacked hash and its index
     assert [c[c[2] + 3] for c in plan.commands] == [50, -1, -1]  # only the first walks `unacked`
     lengths = [[1] * 8, [1] * 8, [1] * 4]
-    replies = [[lengths[0], *script_reply(0, [])], [lengths[1], 0, 0, 0, [], []], [lengths[2], 0, 0, 0, [], []]]
+    replies = [[lengths[0], *script_reply(0, [])], [lengths[1], 0, 0, 0, [], [], 0], [lengths[2], 0, 0, 0, [], [], 0]]
     reading = parse_poll(plan, replies)
     assert reading.observe(refs) == Observation(20, 0)
 
@@ -67,17 +68,22 @@ def test_without_ack_emulation_the_unacked_hash_is_not_read() -> None:
 
 
 def script_reply(
-    size: int, pairs: Sequence[tuple[str, str, int]], bindings: dict[str, list[str]] | None = None, **kw: int
+    size: int,
+    pairs: Sequence[tuple[str, str, int] | tuple[str, str, int, int]],
+    bindings: dict[str, list[str]] | None = None,
+    **kw: int,
 ) -> list[object]:
-    """The in-flight part of the poll script's reply (after the list lengths)."""
+    """The in-flight part of the poll script's reply (after the list lengths); a pair's 4th item:
+    how many of its entries are past the visibility timeout."""
     flat_pairs: list[object] = []
-    for ex, rk, n in pairs:
-        flat_pairs += [ex.encode(), rk.encode(), n]
+    for ex, rk, n, *old in pairs:
+        flat_pairs += [ex.encode(), rk.encode(), n, old[0] if old else 0]
     flat_bindings: list[object] = []
     for ex, members in (bindings or {}).items():
         flat_bindings += [ex.encode(), [m.encode() for m in members]]
     scanned = kw.get("scanned", size)
-    return [size, scanned, kw.get("unparsed", 0), flat_pairs, flat_bindings]
+    stale = kw.get("stale", sum(p[3] for p in pairs if len(p) == 4))
+    return [size, scanned, kw.get("unparsed", 0), flat_pairs, flat_bindings, stale]
 
 
 def poll(
@@ -204,12 +210,12 @@ def test_failed_script_fails_every_tier_of_the_prefix() -> None:
 
 def test_unexpected_script_reply_is_an_error() -> None:
     with pytest.raises(BrokerError) as err:
-        parse_poll(plan_poll([HIGH]), [[[0, 0], 0, 0, 0, [], []]])  # 2 lengths for 4 lists
+        parse_poll(plan_poll([HIGH]), [[[0, 0], 0, 0, 0, [], [], 0]])  # 2 lengths for 4 lists
     assert err.value.kind is ErrorKind.RESPONSE_ERROR
 
 
 def test_malformed_in_flight_part_makes_in_flight_unknown() -> None:
-    reading = poll([HIGH], [3, 0, 0, 0], [0, 0, 0, b"not-a-list", []])
+    reading = poll([HIGH], [3, 0, 0, 0], [0, 0, 0, b"not-a-list", [], 0])
     assert reading.depth(HIGH) == 3
     seen = reading.observe([HIGH])
     assert isinstance(seen, ReadFailure) and "in-flight count unknown" in seen.message
@@ -320,7 +326,7 @@ class FakeRedis:
 
     def __init__(self, lists: dict[str, int], script: list[object] | None = None) -> None:
         self.lists = lists
-        self.script = script if script is not None else [0, 0, 0, [], []]
+        self.script = script if script is not None else [0, 0, 0, [], [], 0]
         self.round_trips: list[Sequence[Command]] = []
         self.fail: BaseException | None = None
 
@@ -332,7 +338,7 @@ class FakeRedis:
         for c in commands:
             assert c[0] == "EVAL_RO"  # read-only scripts: the ACL user needs no EVAL
             keys = [str(k) for k in c[3 : 3 + int(c[2])]]
-            replies.append([[self.lists.get(k, 0) for k in keys[:-1]], *self.script])
+            replies.append([[self.lists.get(k, 0) for k in keys[:-2]], *self.script])
         return replies
 
 
@@ -391,14 +397,14 @@ def limits(fake: FakeRedis) -> list[int]:
 
 
 def test_in_flight_walk_is_held_to_its_budget_of_redis_time() -> None:
-    fake = FakeRedis({"high_priority": 1}, script=[50, 50, 0, [b"", b"high_priority", 50], []])
+    fake = FakeRedis({"high_priority": 1}, script=[50, 50, 0, [b"", b"high_priority", 50, 0], [], 0])
     clock = StepClock()
     source = RedisDepthSource(fake, TARGET, inflight_budget=0.02, clock=clock)  # 10 ms poll -> walk every 0.5 s
 
     async def main() -> None:
         first = await source.read([HIGH])
         assert limits(fake) == [source.scan_limit] and first.observe([HIGH]) == Observation(1, 50)
-        fake.script = [60, 0, 0, [], []]  # what a skipped walk answers: HLEN only
+        fake.script = [60, 0, 0, [], [], 0]  # what a skipped walk answers: HLEN only
         second = await source.read([HIGH])
         assert limits(fake) == [0]
         assert second.observe([HIGH]) == Observation(1, 50)  # the last counts, with their age
@@ -469,3 +475,57 @@ def test_a_queue_that_did_not_change_keeps_its_revision_when_others_did() -> Non
     assert second.unchanged_since(first.revision or 0, [low])  # its pool need not be observed again
     assert not second.unchanged_since(first.revision or 0, [HIGH])
     assert not second.unchanged_since(first.revision or 0, [QueueRef("never_polled")])
+
+
+# -- unacked entries past the visibility timeout (stale: kombu would restore them now)
+
+
+@pytest.mark.parametrize(
+    ("pairs", "scanned", "in_flight", "stale"),
+    [
+        pytest.param([("", "high_priority", 5, 2)], None, 3, 2, id="stale-taken-out-of-in-flight"),
+        pytest.param([("", "high_priority", 4, 4)], None, 0, 4, id="all-stale-holds-nothing"),
+        pytest.param([("", "high_priority", 3, 0), ("", "low_priority", 2, 2)], None, 3, 0, id="other-queue-stale"),
+        pytest.param([("", "high_priority", 10, 5)], 10, 50, 50, id="sample-extrapolated-both"),
+    ],
+)
+def test_stale_unacked_is_reported_apart_from_in_flight(
+    pairs: list[tuple[str, str, int, int]], scanned: int | None, in_flight: int, stale: int
+) -> None:
+    size = 100 if scanned else sum(p[2] for p in pairs)
+    reading = poll([HIGH, LOW], [0] * 8, script_reply(size, pairs, scanned=scanned or size))
+    obs = reading.observe([HIGH])
+    assert isinstance(obs, Observation)
+    assert (obs.in_flight, obs.stale_unacked) == (in_flight, stale)
+    assert reading.unacked[HIGH.layout].stale == sum(p[3] for p in pairs)
+
+
+def test_stale_counted_beyond_the_entries_makes_in_flight_unknown() -> None:
+    # Bytes from a user's Redis: a reply claiming more stale entries than it has is not believed.
+    reading = poll([HIGH], [0] * 4, script_reply(3, [("", "high_priority", 3, 4)]))
+    assert isinstance(reading.observe([HIGH]), ReadFailure)
+
+
+def test_visibility_timeout_is_the_scripts_last_argument_and_splits_layouts() -> None:
+    short = queue_refs(["a"], layout=KeyLayout(visibility_timeout=30))
+    plan = plan_poll([*short, *queue_refs(["b"])])
+    assert sorted(c[-1] for c in plan.commands) == [30, 3600]
+
+
+@pytest.mark.parametrize(
+    ("current", "desired", "said"),
+    [
+        pytest.param(3, 1, "3 past the visibility timeout, not in flight", id="three-held-by-dead-workers-go-to-one"),
+        pytest.param(0, 1, "one worker for kombu to restore 3 message(s)", id="a-tier-at-zero-gets-a-restorer"),
+        pytest.param(1, 1, "3 past the visibility timeout", id="the-restorer-stays-while-they-are-stale"),
+    ],
+)
+def test_stale_unacked_asks_for_one_worker_never_more(current: int, desired: int, said: str) -> None:
+    # Not work anyone holds; but kombu restores them only from a live consumer of the broker.
+    tier = Tier(name="high", queues=["high_priority"], concurrency=1, replicas=ReplicaBounds(min=0, max=4),
+                autoscaling={"targetDepthPerReplica": 1, "scaleDownStabilizationSeconds": 0,
+                             "cooldownSeconds": 0})  # fmt: skip
+    reading = poll([HIGH], [0] * 4, script_reply(3, [("", "high_priority", 3, 3)]))
+    (d,) = decide([tier], observe_tiers(reading, {"high": [HIGH]}), {"high": current}, {}, now=100.0)
+    assert (d.desired, d.stale_unacked, d.in_flight) == (desired, 3, 0), d.message
+    assert said in d.message

@@ -501,6 +501,14 @@ class Broker(_Spec):
         description="Celery's broker_transport_options.ack_emulation. False: kombu keeps no unacked "
         "hash, so nothing is counted in flight.",
     )
+    visibility_timeout_seconds: int = Field(
+        default=3600,
+        ge=1,
+        le=604_800,
+        description="Celery's broker_transport_options.visibility_timeout (kombu's default 3600): an unacked "
+        "message older than this is one kombu will restore (its worker is gone), so it is reported as "
+        "status.tiers[].staleUnacked and not counted in flight. Set it to the app's value.",
+    )
     fanout_exchanges: list[Annotated[str, Field(min_length=1, max_length=255)]] = Field(
         default_factory=list,
         max_length=32,
@@ -1097,6 +1105,12 @@ class TierStatus(_Status):
     busy_workers: int | None = Field(
         default=None,
         description="Workers that ran or held tasks, or did not answer, at the last scale-down decision.",
+    )
+    stale_unacked: int | None = Field(
+        default=None,
+        description="Messages of the tier's queues in `unacked` longer than spec.broker.visibilityTimeoutSeconds: "
+        "left by workers that died; kombu puts them back on the queue when a worker of the broker next checks "
+        "(every 10-100 s). Not counted in inFlight.",
     )
 
 

@@ -13,6 +13,8 @@ from celery_fleet.planning.scaling import Observation, ReadFailure, TierObservat
 DEFAULT_PRIORITY_STEPS: tuple[int, ...] = (0, 3, 6, 9)
 DEFAULT_SEP = "\x06\x16"  # kombu.transport.redis.Channel.sep
 DEFAULT_UNACKED_KEY = "unacked"
+DEFAULT_UNACKED_INDEX_KEY = "unacked_index"  # kombu's unacked_index_key: delivery tag -> delivery time
+DEFAULT_VISIBILITY_TIMEOUT = 3600  # kombu's visibility_timeout (seconds)
 
 
 @dataclass(frozen=True, order=True)
@@ -27,6 +29,7 @@ class KeyLayout:
     unacked_key: str = DEFAULT_UNACKED_KEY
     ack_emulation: bool = True  # False: kombu keeps no unacked hash, nothing is counted in flight
     fanout_exchanges: tuple[str, ...] = ()  # Redis does not store exchange types
+    visibility_timeout: int = DEFAULT_VISIBILITY_TIMEOUT  # unacked entries older than this are stale
 
 
 @dataclass(frozen=True, order=True)
@@ -40,10 +43,14 @@ class QueueRef:
     unacked_key: str = DEFAULT_UNACKED_KEY
     ack_emulation: bool = True
     fanout_exchanges: tuple[str, ...] = ()
+    visibility_timeout: int = DEFAULT_VISIBILITY_TIMEOUT
 
     @functools.cached_property
     def layout(self) -> KeyLayout:  # cached: asked for per queue per poll
-        return KeyLayout(self.keyprefix, self.sep, self.unacked_key, self.ack_emulation, self.fanout_exchanges)
+        return KeyLayout(
+            self.keyprefix, self.sep, self.unacked_key, self.ack_emulation, self.fanout_exchanges,
+            self.visibility_timeout,
+        )  # fmt: skip
 
 
 def queue_refs(
@@ -56,7 +63,16 @@ def queue_refs(
     steps = tuple(priority_steps)
     lay = layout or KeyLayout(keyprefix)
     return [
-        QueueRef(q, lay.keyprefix, steps, lay.sep, lay.unacked_key, lay.ack_emulation, lay.fanout_exchanges)
+        QueueRef(
+            q,
+            lay.keyprefix,
+            steps,
+            lay.sep,
+            lay.unacked_key,
+            lay.ack_emulation,
+            lay.fanout_exchanges,
+            lay.visibility_timeout,
+        )
         for q in dict.fromkeys(queues)
     ]
 
@@ -89,6 +105,9 @@ class UnackedSummary:
 
     size: int  # HLEN
     scanned: int  # entries read; < size when the scan limit was hit and counts were extrapolated
+    # Index entries older than the visibility timeout (kombu would restore them now): no live
+    # worker holds them, so they are reported apart and not counted in flight.
+    stale: int = 0
     unattributed: int = 0  # entries whose queue could not be determined (unparsable, unknown exchange)
     error: str | None = None  # the script failed; in-flight counts for this prefix are unknown
     age_seconds: float = 0.0  # > 0: counts reused from an earlier poll (the scan budget was spent)
@@ -107,6 +126,8 @@ class DepthReading:
     worker). One unacked entry that kombu routes to several queues (a shared routing key, a
     fanout) counts for each of them there, but once in ``in_flight_routes``, keyed by the set of
     queues it routes to: a tier sums those, so it counts every delivery tag once.
+    Entries older than the visibility timeout are not in either: ``stale_routes`` has them, keyed
+    the same way.
     """
 
     queued: Mapping[QueueRef, Mapping[int, int]]
@@ -116,6 +137,7 @@ class DepthReading:
     # Queues whose keys could not be read (e.g. WRONGTYPE: the name is taken by a non-list key).
     queue_errors: Mapping[QueueRef, str] = field(default_factory=dict)
     in_flight_routes: Mapping[tuple[KeyLayout, frozenset[str]], int] = field(default_factory=dict)
+    stale_routes: Mapping[tuple[KeyLayout, frozenset[str]], int] = field(default_factory=dict)
     # Two readings with the same (not None) revision hold the same queue lengths and in-flight counts
     # (a source reuses it when the broker's answer was the same): an idle fleet's pools skip deciding.
     revision: int | None = None
@@ -163,10 +185,14 @@ class DepthReading:
             )
         else:  # a reading built without routes (tests, other sources): per-queue counts
             in_flight = sum(self.in_flight.get((r.layout, r.name), 0) for r in unique)
+        stale = sum(
+            n for (layout, queues), n in self.stale_routes.items() if not names.get(layout, set()).isdisjoint(queues)
+        )
         return Observation(
             queue_depth=sum(self.depth(r) for r in unique),
             in_flight=in_flight,
             in_flight_exact=exact,
+            stale_unacked=stale,
         )
 
 

@@ -34,6 +34,7 @@ class TierScaling:
     last_scale_reason: str | None = None
     scheduled: int | None = None
     busy_workers: int | None = None
+    stale_unacked: int | None = None
 
 
 @dataclass(frozen=True)

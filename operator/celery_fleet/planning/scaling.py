@@ -81,6 +81,9 @@ class Observation:
     in_flight: int = 0
     # False when the in-flight count was extrapolated from a sample of a very large unacked hash.
     in_flight_exact: bool = True
+    # Unacked entries older than the broker's visibility timeout (kombu restores them to the queue;
+    # no live worker holds them): reported, not in `in_flight`, not demand.
+    stale_unacked: int = 0
 
 
 @dataclass(frozen=True)
@@ -184,6 +187,7 @@ class Decision:
     # From the workers' answers (None when they were not asked for this decision).
     scheduled: int | None = None
     busy_workers: int | None = None
+    stale_unacked: int | None = None  # None when the read failed
     # The caller should ask the tier's workers and decide again: this decision lowers the tier,
     # or raises it on in-flight work that may be scheduled (ETA) tasks.
     asks_workers: bool = False
@@ -297,8 +301,13 @@ def _propose(
     recommended = _clamp(wanted, tier)
     if lo == 0 and base == 0 and demand <= a.activation_depth:
         recommended = 0
+    # Entries past the visibility timeout are nobody's work, but kombu puts them back on their
+    # queues only from a live consumer of the broker: they ask for one worker, never more.
+    restorer = obs.stale_unacked > 0 and recommended == 0 and hi > 0
+    if restorer:
+        recommended = 1
 
-    idle = obs.queue_depth == 0 and in_flight == 0 and (workers is None or not workers.busy)
+    idle = obs.queue_depth == 0 and in_flight == 0 and not restorer and (workers is None or not workers.busy)
     idle_since = (history.idle_since if history.idle_since is not None else now) if idle else None
 
     window = a.scale_down_stabilization_seconds
@@ -334,6 +343,8 @@ def _propose(
 
     if recommended > base:
         _scale_up(p, recommended, now, wanted)
+        if restorer:
+            p.detail = f"one worker for kombu to restore {obs.stale_unacked} message(s) past the visibility timeout"
     elif recommended < base:
         _scale_down(p, recs, now, idle_since)
     elif lo == 0 and base == 0 and demand > 0:
@@ -565,6 +576,7 @@ def _finish(p: _Proposal, now: float) -> Decision:
         recommended=p.recommended,
         scheduled=p.workers.scheduled if p.workers is not None else None,
         busy_workers=len(p.workers.busy) if p.workers is not None else None,
+        stale_unacked=obs.stale_unacked if isinstance(obs, Observation) else None,
         asks_workers=p.workers is None
         and p.current is not None
         and isinstance(obs, Observation)
@@ -585,6 +597,8 @@ def _facts(obs: Observation, count_in_flight: bool, target: int, scheduled: int 
     flight = f"{approx}{obs.in_flight} in flight"
     if scheduled:
         flight = f"{approx}{obs.in_flight - scheduled} in flight ({scheduled} scheduled, not demand)"
+    if obs.stale_unacked:
+        flight += f" ({obs.stale_unacked} past the visibility timeout, not in flight)"
     if count_in_flight:
         return f"{obs.queue_depth} queued + {flight}, target {target} per replica"
     return f"{obs.queue_depth} queued ({flight}, not counted), target {target} per replica"

@@ -33,6 +33,7 @@ def tier_scaling(d: Decision, previous: TierScaling, *, scaled_at: str | None = 
         last_scale_reason=d.message if scaled_at is not None else previous.last_scale_reason,
         scheduled=d.scheduled if d.scheduled is not None else previous.scheduled,
         busy_workers=d.busy_workers if d.busy_workers is not None else previous.busy_workers,
+        stale_unacked=d.stale_unacked if d.stale_unacked is not None else previous.stale_unacked,
     )
 
 

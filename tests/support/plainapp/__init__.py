@@ -2,7 +2,8 @@
 
 Configured from the environment as a pod would be: CELERY_BROKER_URL (set by the operator);
 PLAIN_ACKS_LATE=1 turns on ``task_acks_late`` (the careful-user variant); PLAIN_REMOTE_CONTROL=0
-turns remote control off. Tasks record, in the broker's Redis (keys under ``plain:``), which
+turns remote control off; PLAIN_VISIBILITY_TIMEOUT=N sets kombu's ``visibility_timeout``.
+Tasks record, in the broker's Redis (keys under ``plain:``), which
 worker started and finished them and whether the message was a redelivery, so tests count lost,
 killed and redelivered tasks.
 """
@@ -18,5 +19,7 @@ app = Celery("plainapp", broker=os.environ.get("CELERY_BROKER_URL", "redis://127
 app.conf.task_ignore_result = True
 if os.environ.get("PLAIN_ACKS_LATE") == "1":
     app.conf.task_acks_late = True
+if os.environ.get("PLAIN_VISIBILITY_TIMEOUT"):
+    app.conf.broker_transport_options = {"visibility_timeout": int(os.environ["PLAIN_VISIBILITY_TIMEOUT"])}
 if os.environ.get("PLAIN_REMOTE_CONTROL") == "0":
     app.conf.worker_enable_remote_control = False

@@ -22,7 +22,15 @@ from celery_fleet.brokers.redis.scripts import (
     ReplyBounds,
 )
 from celery_fleet.brokers.redis.target import first_line
-from celery_fleet.brokers.source import BrokerError, DepthReading, ErrorKind, KeyLayout, QueueRef, UnackedSummary
+from celery_fleet.brokers.source import (
+    DEFAULT_UNACKED_INDEX_KEY,
+    BrokerError,
+    DepthReading,
+    ErrorKind,
+    KeyLayout,
+    QueueRef,
+    UnackedSummary,
+)
 
 # -- keys -----------------------------------------------------------------------------------------------
 
@@ -35,6 +43,11 @@ def priority_key(ref: QueueRef, step: int) -> str:
 
 def unacked_key(layout: KeyLayout) -> str:
     return layout.keyprefix + layout.unacked_key
+
+
+def unacked_index_key(layout: KeyLayout) -> str:
+    """kombu's ``unacked_index`` zset (delivery tag -> delivery time), under the key prefix like every key."""
+    return layout.keyprefix + DEFAULT_UNACKED_INDEX_KEY
 
 
 # -- one poll: the commands, then the replies -------------------------------------------------------
@@ -66,18 +79,24 @@ def plan_poll(
     commands: list[Command] = []
     limits = (bounds.max_routes, bounds.max_exchanges, bounds.max_bindings, bounds.max_member_bytes)
     for p, lists, scans in batches:
-        keys = [priority_key(r, s) for r, s in lists] + [unacked_key(p)]
+        keys = [priority_key(r, s) for r, s in lists] + [unacked_key(p), unacked_index_key(p)]
         limit = -1 if not (scans and p.ack_emulation) else 0 if p in skip_scan else scan_limit
         binding_prefix = p.keyprefix + BINDING_KEY_PREFIX
-        commands.append(("EVAL", POLL_SCRIPT, len(keys), *keys, limit, binding_prefix, *limits, bounds.max_name_bytes))
+        commands.append(
+            ("EVAL", POLL_SCRIPT, len(keys), *keys, limit, binding_prefix, *limits, bounds.max_name_bytes,
+             p.visibility_timeout)
+        )  # fmt: skip
     return PollPlan(tuple(commands), tuple(batches))
+
+
+POLL_REPLY_LENGTH = 7
 
 
 def reply_items(replies: Sequence[Reply]) -> int:
     """How much parsing a poll's replies need (pairs and binding members), to keep big ones off the loop."""
     items = 0
     for reply in replies:
-        if isinstance(reply, list) and len(reply) == 6:
+        if isinstance(reply, list) and len(reply) == POLL_REPLY_LENGTH:
             pairs, bindings = reply[4], reply[5]
             items += len(pairs) if isinstance(pairs, list) else 0
             if isinstance(bindings, list):
@@ -95,6 +114,7 @@ def parse_poll(plan: PollPlan, replies: Sequence[Reply], *, duration_seconds: fl
     queue_errors: dict[QueueRef, str] = {}
     in_flight: Counter[tuple[KeyLayout, str]] = Counter()
     routes: Counter[tuple[KeyLayout, frozenset[str]]] = Counter()
+    stale_routes: Counter[tuple[KeyLayout, frozenset[str]]] = Counter()
     unacked: dict[KeyLayout, UnackedSummary] = {}
     for (layout, lists, scans), reply in zip(plan.batches, replies, strict=True):
         if isinstance(reply, BaseException):
@@ -105,7 +125,7 @@ def parse_poll(plan: PollPlan, replies: Sequence[Reply], *, duration_seconds: fl
             queue_errors.update((r, why) for r, _ in lists)
             unacked[layout] = UnackedSummary(0, 0, error=why)
             continue
-        if not isinstance(reply, list) or len(reply) != 6 or not isinstance(reply[0], list):
+        if not isinstance(reply, list) or len(reply) != POLL_REPLY_LENGTH or not isinstance(reply[0], list):
             raise BrokerError(ErrorKind.RESPONSE_ERROR, "unexpected reply to the poll script")
         lengths = reply[0]
         if len(lengths) != len(lists):
@@ -120,7 +140,7 @@ def parse_poll(plan: PollPlan, replies: Sequence[Reply], *, duration_seconds: fl
         if not scans:
             continue  # a later chunk of a big layout: lengths only
         try:
-            summary, counts = _parse_inflight(reply[1:], layout)
+            summary, counts, stale = _parse_inflight(reply[1:], layout)
         except (TypeError, ValueError, IndexError) as exc:
             unacked[layout] = UnackedSummary(0, 0, error=f"unexpected in-flight reply ({exc})")
             continue
@@ -132,6 +152,10 @@ def parse_poll(plan: PollPlan, replies: Sequence[Reply], *, duration_seconds: fl
                 routes[(layout, frozenset(mine))] += n
                 for queue in mine:
                     in_flight[(layout, queue)] += n
+        for queues, n in stale.items():
+            mine = queues & watched
+            if mine:
+                stale_routes[(layout, frozenset(mine))] += n
     for ref in queue_errors:
         queued.pop(ref, None)
     return DepthReading(
@@ -141,15 +165,19 @@ def parse_poll(plan: PollPlan, replies: Sequence[Reply], *, duration_seconds: fl
         duration_seconds=duration_seconds,
         queue_errors=queue_errors,
         in_flight_routes=dict(routes),
+        stale_routes=dict(stale_routes),
     )
 
 
-def _parse_inflight(reply: Sequence[Reply], layout: KeyLayout) -> tuple[UnackedSummary, dict[frozenset[str], int]]:
-    """Unacked counts per set of queues kombu routes them to (a delivery tag counts once per set)."""
-    size, scanned, unparsed, flat_pairs, flat_bindings = reply
+def _parse_inflight(
+    reply: Sequence[Reply], layout: KeyLayout
+) -> tuple[UnackedSummary, dict[frozenset[str], int], dict[frozenset[str], int]]:
+    """Unacked counts per set of queues kombu routes them to (a delivery tag counts once per set):
+    those workers hold, and those past the visibility timeout (stale), apart."""
+    size, scanned, unparsed, flat_pairs, flat_bindings, stale_total = reply
     if not isinstance(flat_pairs, list) or not isinstance(flat_bindings, list):
         raise ValueError("expected lists of pairs and bindings")
-    size, scanned, unparsed = _int(size), _int(scanned), _int(unparsed)
+    size, scanned, unparsed, stale_total = _int(size), _int(scanned), _int(unparsed), _int(stale_total)
     tables: dict[str, list[routing.Binding]] = {}
     direct: dict[str, Mapping[str, frozenset[str]] | None] = {}
     for i in range(0, len(flat_bindings), 2):
@@ -160,9 +188,13 @@ def _parse_inflight(reply: Sequence[Reply], layout: KeyLayout) -> tuple[UnackedS
         tables[exchange] = table
         direct[exchange] = routing.route_table(exchange, table, layout.fanout_exchanges)
     counts: Counter[frozenset[str]] = Counter()
+    stale: Counter[frozenset[str]] = Counter()
     unattributed = unparsed
-    for i in range(0, len(flat_pairs), 3):
-        exchange, routing_key, n = reply_text(flat_pairs[i]), reply_text(flat_pairs[i + 1]), _int(flat_pairs[i + 2])
+    for i in range(0, len(flat_pairs), 4):
+        exchange, routing_key = reply_text(flat_pairs[i]), reply_text(flat_pairs[i + 1])
+        n, old = _int(flat_pairs[i + 2]), _int(flat_pairs[i + 3])
+        if not 0 <= old <= n:
+            raise ValueError(f"{old} stale of {n} entries")
         if exchange and exchange not in tables:
             unattributed += n  # its binding table was not read (bounds)
             continue
@@ -174,12 +206,17 @@ def _parse_inflight(reply: Sequence[Reply], layout: KeyLayout) -> tuple[UnackedS
         if not queues:
             unattributed += n  # kombu would deliver (and restore) it nowhere
             continue
-        counts[queues] += n
+        if n > old:
+            counts[queues] += n - old
+        if old:
+            stale[queues] += old
     if scanned and scanned < size:
         # Scan limit hit: scale the sample up to the whole hash (HSCAN order is unrelated to queues).
         factor = size / scanned
         counts = Counter({q: math.ceil(n * factor) for q, n in counts.items()})
-    return UnackedSummary(size=size, scanned=scanned, unattributed=unattributed), dict(counts)
+        stale = Counter({q: math.ceil(n * factor) for q, n in stale.items()})
+    summary = UnackedSummary(size=size, scanned=scanned, unattributed=unattributed, stale=stale_total)
+    return summary, dict(counts), dict(stale)
 
 
 def _int(value: object) -> int:

@@ -11,7 +11,10 @@ BINDING_KEY_PREFIX: Final = "_kombu.binding."
 # The smallest Redis ACL the operator's reads need (docs/install.md shows it; a test runs as it):
 # read-only keys, no channels, and only the read-only script call plus what the scripts run.
 # SELECT is for brokers on a database other than 0. No CLIENT SETNAME / SETINFO, no EVAL.
-READER_ACL: Final = "on resetkeys %R~* resetchannels -@all +eval_ro +llen +hlen +hscan +scard +smembers +scan +select"
+READER_ACL: Final = (
+    "on resetkeys %R~* resetchannels -@all +eval_ro +llen +hlen +hscan +scard +smembers +zcount +zscore +time +scan"
+    " +select"
+)
 DEFAULT_SCAN_LIMIT: Final = 5_000  # ~6 µs of Redis time per 1 KB entry: ~30 ms at the limit
 
 
@@ -40,10 +43,15 @@ Command = tuple[str | int, ...]
 Reply = object
 RoundTrip = Callable[[Sequence[Command]], Awaitable[list[Reply]]]
 
-# KEYS[1..n-1] = priority lists, KEYS[n] = the unacked hash; ARGV = scan limit (-1: no unacked
-# hash, kombu's ack_emulation is off), binding-table key prefix, then the ReplyBounds in order.
-# Returns {{LLEN or error per list}, hlen, scanned, unparsed, {exchange, routing_key, count, ...},
-# {exchange, {members} or SCARD when the table is too big, ...}}.
+# KEYS[1..n-2] = priority lists, KEYS[n-1] = the unacked hash, KEYS[n] = its index (the zset of
+# delivery times); ARGV = scan limit (-1: no unacked hash, kombu's ack_emulation is off),
+# binding-table key prefix, then the ReplyBounds in order, then the visibility timeout (seconds).
+# Returns {{LLEN or error per list}, hlen, scanned, unparsed,
+# {exchange, routing_key, count, stale, ...}, {exchange, {members} or SCARD when the table is too
+# big, ...}, stale}. `stale` (ZCOUNT) is how many index entries are older than the visibility
+# timeout by the Redis clock: kombu's restore_visible would put them back on their queues now, so
+# no live worker is holding them; only when there are any is each scanned entry's score read
+# (ZSCORE) to route its staleness, so the usual poll costs one ZCOUNT more.
 # The exchange and routing key are the last two JSON strings of each value: they are located by
 # walking back from the end, so the payload (often kilobytes) is never decoded or pattern-matched
 # (an unanchored string.match costs ~8x more); cjson handles what the walk cannot (escapes).
@@ -63,7 +71,7 @@ local function tail_strings(v)
   if string.find(ex, '\\', 1, true) or string.find(rk, '\\', 1, true) then return nil end
   return ex, rk
 end
-local lists, unacked = #KEYS - 1, KEYS[#KEYS]
+local lists, unacked, index = #KEYS - 2, KEYS[#KEYS - 1], KEYS[#KEYS]
 local limit, bprefix = tonumber(ARGV[1]), ARGV[2]
 local max_routes, max_exchanges, max_bindings = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local max_member, max_name = tonumber(ARGV[6]), tonumber(ARGV[7])
@@ -72,9 +80,12 @@ for i = 1, lists do
   -- pcall: a name taken by a non-list key fails that queue only (the error goes back in place).
   lengths[i] = redis.pcall('LLEN', KEYS[i])
 end
-if limit < 0 then return {lengths, 0, 0, 0, {}, {}} end
+if limit < 0 then return {lengths, 0, 0, 0, {}, {}, 0} end
 local size = redis.call('HLEN', unacked)
-local counts, order = {}, {}
+local now = redis.call('TIME')
+local ceiling = tonumber(now[1]) + tonumber(now[2]) / 1000000 - tonumber(ARGV[8])
+local stale = redis.call('ZCOUNT', index, '-inf', ceiling)
+local counts, stales, order = {}, {}, {}
 local scanned, unparsed = 0, 0
 if size > 0 and limit > 0 then
   local cursor = '0'
@@ -94,13 +105,17 @@ if size > 0 and limit > 0 then
       if ex and #ex <= max_name and #rk <= max_name then
         local key = ex .. '\0' .. rk
         if counts[key] == nil and #order < max_routes then
-          counts[key] = 0
+          counts[key], stales[key] = 0, 0
           order[#order + 1] = {ex, rk, key}
         end
         if counts[key] == nil then
           unparsed = unparsed + 1
         else
           counts[key] = counts[key] + 1
+          if stale > 0 then
+            local score = tonumber(redis.call('ZSCORE', index, entries[i - 1]))
+            if score and score <= ceiling then stales[key] = stales[key] + 1 end
+          end
         end
       else
         unparsed = unparsed + 1
@@ -114,6 +129,7 @@ for _, item in ipairs(order) do
   pairs_out[#pairs_out + 1] = item[1]
   pairs_out[#pairs_out + 1] = item[2]
   pairs_out[#pairs_out + 1] = counts[item[3]]
+  pairs_out[#pairs_out + 1] = stales[item[3]]
   if item[1] ~= '' and not seen[item[1]] and tables < max_exchanges then
     seen[item[1]] = true
     tables = tables + 1
@@ -131,7 +147,7 @@ for _, item in ipairs(order) do
     end
   end
 end
-return {lengths, size, scanned, unparsed, pairs_out, bindings}
+return {lengths, size, scanned, unparsed, pairs_out, bindings, stale}
 """
 
 

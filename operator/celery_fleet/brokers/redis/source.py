@@ -43,6 +43,7 @@ class _Scan:
     routes: Mapping[frozenset[str], int]  # queues -> in flight (each delivery tag once)
     watched: frozenset[str]
     at: float
+    stale: Mapping[frozenset[str], int]  # queues -> past the visibility timeout
 
 
 def changes(previous: DepthReading | None, reading: DepthReading) -> Mapping[QueueRef, int]:
@@ -60,6 +61,8 @@ def changes(previous: DepthReading | None, reading: DepthReading) -> Mapping[Que
                      if reading.in_flight.get(k) != previous.in_flight.get(k)}  # fmt: skip
     routes_changed = {k for k in reading.in_flight_routes.keys() | previous.in_flight_routes.keys()
                       if reading.in_flight_routes.get(k) != previous.in_flight_routes.get(k)}  # fmt: skip
+    routes_changed |= {k for k in reading.stale_routes.keys() | previous.stale_routes.keys()
+                       if reading.stale_routes.get(k) != previous.stale_routes.get(k)}  # fmt: skip
     for layout, queues in routes_changed:
         names_changed.update((layout, q) for q in queues)
     out: dict[QueueRef, int] = {}
@@ -182,22 +185,25 @@ class RedisDepthSource:
         unacked = dict(reading.unacked)
         in_flight = dict(reading.in_flight)
         routes = dict(reading.in_flight_routes)
+        stale = dict(reading.stale_routes)
         for p, queues in names.items():
             if p in skip:
                 cached = self._scans[p]
                 unacked[p] = replace(cached.summary, age_seconds=started - cached.at)
                 in_flight.update({(p, q): n for q, n in cached.counts.items() if q in queues})
-                for qs, n in cached.routes.items():
-                    mine = qs & queues
-                    if mine:
-                        routes[(p, mine)] = routes.get((p, mine), 0) + n
+                for into, kept in ((routes, cached.routes), (stale, cached.stale)):
+                    for qs, n in kept.items():
+                        mine = qs & queues
+                        if mine:
+                            into[(p, mine)] = into.get((p, mine), 0) + n
             elif unacked[p].error is None:
                 counts = {q: n for (pp, q), n in reading.in_flight.items() if pp == p}
                 mine_routes = {qs: n for (pp, qs), n in reading.in_flight_routes.items() if pp == p}
-                self._scans[p] = _Scan(unacked[p], counts, mine_routes, frozenset(queues), started)
+                mine_stale = {qs: n for (pp, qs), n in reading.stale_routes.items() if pp == p}
+                self._scans[p] = _Scan(unacked[p], counts, mine_routes, frozenset(queues), started, mine_stale)
         if len(skip) < len(names) and self.inflight_budget > 0:
             self._next_scan_at = started + reading.duration_seconds / self.inflight_budget
-        return replace(reading, unacked=unacked, in_flight=in_flight, in_flight_routes=routes)
+        return replace(reading, unacked=unacked, in_flight=in_flight, in_flight_routes=routes, stale_routes=stale)
 
     async def check_layout(
         self, refs: Collection[QueueRef], *, pages: int = LAYOUT_SCAN_PAGES

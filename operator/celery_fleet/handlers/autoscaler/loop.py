@@ -264,7 +264,10 @@ class Autoscaler:
             return None  # the reconciler reports it as Degraded
         self._invalid.pop(key, None)
         b = spec.broker
-        layout = KeyLayout(b.global_keyprefix, b.sep, b.unacked_key, b.ack_emulation, tuple(sorted(b.fanout_exchanges)))
+        layout = KeyLayout(
+            b.global_keyprefix, b.sep, b.unacked_key, b.ack_emulation, tuple(sorted(b.fanout_exchanges)),
+            b.visibility_timeout_seconds,
+        )  # fmt: skip
         refs = {t.name: queue_refs(t.queues, priority_steps=b.priority_steps, layout=layout) for t in spec.tiers}
         if cached is not None:
             self.series.forget(key, old=cached[2], keep=refs)

@@ -26,6 +26,7 @@ from celery_fleet.planning.pool_status import TierScaling
 from celery_fleet.planning.scaling import (
     Decision,
     Direction,
+    Observation,
     ReadFailure,
     Reason,
     TierObservation,
@@ -127,6 +128,9 @@ class PoolScaler:
             reading = result
             observations = {tier: reading.observe(tier_refs) for tier, tier_refs in refs.items()}
             self.series.record_depth(namespace, name, refs, reading)
+            for tier, o in observations.items():
+                if isinstance(o, Observation):
+                    self.series.set(metrics.STALE_UNACKED, (namespace, name, tier), o.stale_unacked)
             unread = {t: o for t, o in observations.items() if isinstance(o, ReadFailure)}
             if unread:
                 # The broker answered, but not for every tier (e.g. WRONGTYPE: a queue name taken by
