@@ -85,12 +85,14 @@ def _setup(cluster: Cluster, k8s_api: client.ApiClient, namespace: str, url: str
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(pool))
 
 
-def _send(url: str, queue: str, count: int, seconds: float, **options: Any) -> None:
+def _send(url: str, queue: str, count: int, seconds: float, *, again: float | None = None, **options: Any) -> None:
+    """`count` tasks holding a worker `seconds` (`again`: as long, when redelivered)."""
     app = Celery("producer", broker=url)
     app.conf.broker_connection_retry_on_startup = False
+    args = [seconds] if again is None else [seconds, again]
     with app.connection_for_write() as conn:
         for _ in range(count):
-            app.send_task("plainapp.hold", args=[seconds], queue=queue, connection=conn, **options)
+            app.send_task("plainapp.hold", args=args, queue=queue, connection=conn, **options)
 
 
 def _records(redis_db: Any, key: str) -> list[dict[str, Any]]:
@@ -395,7 +397,9 @@ def test_unacked_of_sigkilled_workers_is_stale_past_the_visibility_timeout_and_h
     are SIGKILLed. Their `unacked` entries belong to no live worker; past the timeout they are
     reported stale, and the tier keeps one worker (kombu restores them only from a live consumer),
     not two. We never write to Redis: kombu restores them and every task finishes."""
-    queue, vt, task = _queue(namespace), 6, 4.0  # a task shorter than the timeout: never restored while it runs
+    # Each first run holds its worker until the kill; a rerun is shorter than the timeout, so kombu
+    # never restores a message while a live worker runs it.
+    queue, vt = _queue(namespace), 6
     fast = {"scaleDownStabilizationSeconds": 0, "cooldownSeconds": 1}
     _setup(cluster, k8s_api, namespace, redis_server.url,
            _pool("stale", queue, acks_late=True, hi=2, visibility_timeout=vt, **fast))  # fmt: skip
@@ -403,7 +407,7 @@ def test_unacked_of_sigkilled_workers_is_stale_past_the_visibility_timeout_and_h
     watcher.start()
     custom = client.CustomObjectsApi(k8s_api)
     try:
-        _send(redis_server.url, queue, 2, task)
+        _send(redis_server.url, queue, 2, 120.0, again=1.0)
         wait_for(lambda: len({r["worker"] for r in _records(redis_db, "plain:started")}) == 2, timeout=120,
                  message=lambda: f"two workers run a task; localrun:\n{localrun.logs()[-1500:]}")  # fmt: skip
         running = {r["worker"] for r in _records(redis_db, "plain:started")}

@@ -28,7 +28,9 @@ def _record(key: str, task: Any, **extra: Any) -> None:
 
 
 @app.task(bind=True, name="plainapp.hold")
-def hold(self: Any, seconds: float) -> None:
+def hold(self: Any, seconds: float, redelivered_seconds: float | None = None) -> None:
+    """Hold `seconds` (`redelivered_seconds` instead when the message is a redelivery)."""
     _record(STARTED_KEY, self)
-    time.sleep(seconds)
+    again = bool((self.request.delivery_info or {}).get("redelivered"))
+    time.sleep(redelivered_seconds if again and redelivered_seconds is not None else seconds)
     _record(DONE_KEY, self)
