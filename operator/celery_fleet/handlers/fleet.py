@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +18,38 @@ from celery_fleet.handlers.workqueue import WorkQueue
 from celery_fleet.kube.client import Kube
 
 log = logging.getLogger(__name__)
+
+# Every watch event and apiserver answer is parsed JSON that is soon freed; glibc keeps freed memory
+# in per-thread arenas (up to 8 per core) and returns little of it, so RSS grows with the rollout and
+# stays there. Two arenas serve a process whose threads only wait on the apiserver; a trim now and
+# then hands the freed pages back.
+MALLOC_ARENAS = 2
+MALLOC_TRIM_SECONDS = 60.0
+_M_ARENA_MAX = -8  # mallopt's parameter number (glibc malloc.h)
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None  # not glibc (musl, macOS): nothing to tune
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+def limit_malloc_arenas() -> None:
+    """Before the thread pools start: arenas are made per thread on first use."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(_M_ARENA_MAX, MALLOC_ARENAS)
+
+
+async def trim_malloc_periodically(interval: float = MALLOC_TRIM_SECONDS) -> None:
+    libc = _libc()
+    if libc is None:
+        return
+    while True:
+        await asyncio.sleep(interval)
+        await asyncio.to_thread(libc.malloc_trim, 0)
 
 
 @dataclass(frozen=True)
@@ -70,6 +103,7 @@ class Fleet:
         await self._reconcile("CeleryBeat", self.beats.reconcile, self.beat_queue, key)
 
     async def run(self) -> None:
+        limit_malloc_arenas()
         # Reconciles and scale calls use the blocking client in threads; asyncio's default pool
         # (cores + 4) would cap a 2-core operator at 6 concurrent apiserver calls.
         asyncio.get_running_loop().set_default_executor(
@@ -79,4 +113,5 @@ class Fleet:
             self.pool_queue.run(self._reconcile_pool, self.config.reconcile_workers),
             self.beat_queue.run(self._reconcile_beat, 2),
             self.autoscaler.run(),
+            trim_malloc_periodically(),
         )
