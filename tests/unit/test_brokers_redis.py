@@ -529,3 +529,18 @@ def test_stale_unacked_asks_for_one_worker_never_more(current: int, desired: int
     (d,) = decide([tier], observe_tiers(reading, {"high": [HIGH]}), {"high": current}, {}, now=100.0)
     assert (d.desired, d.stale_unacked, d.in_flight) == (desired, 3, 0), d.message
     assert said in d.message
+
+
+def test_polls_that_alternate_walking_unacked_keep_their_revisions() -> None:
+    source = RedisDepthSource(FakeRedis({"high_priority": 2}), TARGET)
+
+    async def polls() -> list[DepthReading]:
+        out = []
+        for _ in range(2):
+            source._next_scan_at = 0.0  # the walk's budget is back: this poll walks `unacked`
+            out.append(await source.read([HIGH]))
+            out.append(await source.read([HIGH]))  # and this one reuses that walk
+        return out
+
+    walk1, reuse1, walk2, reuse2 = asyncio.run(polls())
+    assert (walk2.revision, reuse2.revision) == (walk1.revision, reuse1.revision)

@@ -118,7 +118,8 @@ class RedisDepthSource:
         self._read_only_scripts = True
         self._layout_found: dict[QueueRef, set[str]] = {}
         self._layout_seen: dict[QueueRef, set[str]] = {}
-        self._last: tuple[PollPlan, list[Reply], DepthReading] | None = None  # the last poll, parsed
+        # The last answer to each plan, parsed: polls alternate between walking `unacked` and not.
+        self._last: dict[int, tuple[PollPlan, list[Reply], DepthReading]] = {}
         self._previous: DepthReading | None = None  # the last reading handed out
 
     def __repr__(self) -> str:
@@ -139,7 +140,7 @@ class RedisDepthSource:
             # The socket timeouts bound each connect/read; this bounds the whole poll (DNS included).
             replies = await self._scripts(plan.commands)
             took = self._clock() - started
-            last = self._last
+            last = self._last.get(id(plan))
             if last is not None and last[0] is plan and last[1] == replies:
                 # The same answer to the same commands (an idle fleet, most polls): nothing to parse,
                 # and the same revision tells the pools their inputs did not change.
@@ -151,7 +152,9 @@ class RedisDepthSource:
                 else:
                     reading = parse_poll(plan, replies, duration_seconds=took)
                 reading = replace(reading, revision=next(_REVISIONS))
-                self._last = (plan, replies, reading)
+                if len(self._last) >= 4:  # as many as plans are kept
+                    self._last.clear()
+                self._last[id(plan)] = (plan, replies, reading)
         except Exception as exc:
             raise classify(exc, self.target) from None
         reading = self._account(reading, names, skip, started)
