@@ -50,11 +50,13 @@ def _queue(namespace: str) -> str:
 
 def _pool(
     name: str, queue: str, *, acks_late: bool = False, lo: int = 0, hi: int = 4, grace: int = 5,
-    visibility_timeout: int | None = None, **knobs: Any,
+    visibility_timeout: int | None = None, remote_control: bool = True, **knobs: Any,
 ) -> dict[str, Any]:  # fmt: skip
     autoscaling = {"targetDepthPerReplica": 1, "scaleDownStabilizationSeconds": 5, "scaleDownMaxStep": 4,
                    "scaleDownPeriodSeconds": 1, "cooldownSeconds": 5, **knobs}  # fmt: skip
     env = [{"name": "PLAIN_ACKS_LATE", "value": "1"}] if acks_late else []
+    if not remote_control:
+        env.append({"name": "PLAIN_REMOTE_CONTROL", "value": "0"})
     broker: dict[str, Any] = {"urlSecretRef": {"name": "broker", "key": "url"}}
     if visibility_timeout is not None:  # the app's and the pool's, alike
         env.append({"name": "PLAIN_VISIBILITY_TIMEOUT", "value": str(visibility_timeout)})
@@ -441,3 +443,39 @@ def test_unacked_of_sigkilled_workers_is_stale_past_the_visibility_timeout_and_h
     assert account["lost"] == 0 and account["redelivered"] == 2, account
     done = _records(redis_db, "plain:done")
     assert len(done) == len({r["id"] for r in done}) == 2, done
+
+
+def _condition(k8s_api: client.ApiClient, namespace: str, name: str, type_: str) -> dict[str, Any] | None:
+    pool = client.CustomObjectsApi(k8s_api).get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    return next((c for c in (pool.get("status") or {}).get("conditions") or [] if c["type"] == type_), None)
+
+
+def test_remote_control_off_is_a_condition_not_stalled_and_clears_when_workers_answer(
+    cluster: Cluster, k8s_api: client.ApiClient, operator: OperatorProcess, namespace: str,
+    redis_server: RedisServer, redis_db: Any, localrun: LocalRuntime,
+) -> None:  # fmt: skip
+    queue = _queue(namespace)
+    _setup(cluster, k8s_api, namespace, redis_server.url, _pool("rc", queue, lo=1, remote_control=False))
+    (mute,) = wait_for(lambda: (p := _ready_pids(k8s_api, namespace)) and len(p) == 1 and list(p), timeout=120,
+                       message="one ready worker")  # fmt: skip
+    apps = client.AppsV1Api(k8s_api)
+    apply = lambda pool: cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(pool))  # noqa: E731
+    apply(_pool("rc", queue, lo=0, remote_control=False))  # a scale-down: its worker is asked, and cannot answer
+    off = wait_for(lambda: (c := _condition(k8s_api, namespace, "rc", "RemoteControl")) and c["status"] == "False"
+                   and c, timeout=60, message="RemoteControl=False")  # fmt: skip
+    assert off["reason"] == "RemoteControlOff" and "worker_enable_remote_control" in off["message"], off
+    assert "queue depth alone" in off["message"], off  # what the operator does instead
+    stalled = _condition(k8s_api, namespace, "rc", "Stalled")
+    assert stalled is not None and stalled["status"] == "False", stalled  # the pool still works
+    # Scaled as if idle (today's behaviour without remote control).
+    wait_for(lambda: apps.read_namespaced_deployment("rc-work", namespace).spec.replicas == 0
+             and not _ready_pids(k8s_api, namespace), timeout=60, message="scaled to 0")  # fmt: skip
+    # Remote control on again: the next scale-down's workers answer, and the condition clears.
+    apply(_pool("rc", queue, lo=1))
+    wait_for(lambda: (p := _ready_pids(k8s_api, namespace)) and mute not in p, timeout=120,
+             message="a worker that answers")  # fmt: skip
+    apply(_pool("rc", queue, lo=0))
+    on = wait_for(lambda: (c := _condition(k8s_api, namespace, "rc", "RemoteControl")) and c["status"] == "True"
+                  and c, timeout=60, message="RemoteControl=True once the workers answer")  # fmt: skip
+    print(f"remote control: {off['reason']}: {off['message']}; then {on['reason']}")
+    assert on["reason"] == "Answering"

@@ -47,13 +47,18 @@ def _pool_with_tiers(cache: FleetCache, replicas: int) -> ObjKey:
     key = cache.put_pool({"apiVersion": "celeryfleet.io/v1alpha1", "kind": "CeleryWorkerPool", "metadata": meta,
                           "spec": spec})  # fmt: skip
     cache.runtime[key].broker_url = URL
+    put_tier_deployment(cache, replicas)
+    return key
+
+
+def put_tier_deployment(cache: FleetCache, replicas: int) -> None:
+    """Pool shop's tier high Deployment (uid dep-uid), rolled out at `replicas`."""
     owner = {"kind": "CeleryWorkerPool", "name": "shop", "uid": UID, "controller": True}
     dep_meta = {"name": "shop-high", "namespace": "shop", "uid": "dep-uid", "ownerReferences": [owner],
                 "labels": {POOL_LABEL: "shop", "celeryfleet.io/tier": "high"}}  # fmt: skip
     status = {"replicas": replicas, "readyReplicas": replicas, "updatedReplicas": replicas}
     cache.put_child(POOL_LABEL, {"kind": "Deployment", "metadata": dep_meta, "spec": {"replicas": replicas},
                                  "status": status})  # fmt: skip
-    return key
 
 
 def _tick(source: ScriptedSource, replicas: int) -> tuple[RecordingApi, FleetCache, ObjKey]:

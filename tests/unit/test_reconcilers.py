@@ -170,3 +170,21 @@ def test_a_beat_that_is_not_valid_writes_only_its_status() -> None:
     assert not outcome.error
     assert not api.applied()
     assert _condition(api.statuses()[-1], "Degraded")["reason"] == "InvalidSpec"
+
+
+def test_a_raised_min_becomes_the_count_so_lowering_it_again_is_the_autoscalers_scale_down() -> None:
+    # The autoscaler last wrote 0 (replicas.min 0); min 2 raises it to 2; min 0 again must not write
+    # 0 from the reconciler: that would remove workers without asking them (scale-in's census).
+    body = _pool()
+    api, cache = RecordingApi(), FleetCache()
+    key = cache.put_pool(body)
+    cache.runtime[key].desired["high"] = 0
+    PoolReconciler(Kube(api), cache).reconcile(key)  # type: ignore[arg-type]  # duck-typed ApiClient
+    assert _deployments(api)["billing-high"]["spec"]["replicas"] == 2
+    lowered = _pool()
+    lowered["spec"]["tiers"][0]["replicas"]["min"] = 0
+    lowered["metadata"]["generation"] = int(body["metadata"].get("generation", 1)) + 1
+    cache.put_pool(lowered)
+    PoolReconciler(Kube(api), cache).reconcile(key)  # type: ignore[arg-type]  # duck-typed ApiClient
+    assert cache.runtime[key].desired["high"] == 2
+    assert _deployments(api)["billing-high"]["spec"]["replicas"] == 2

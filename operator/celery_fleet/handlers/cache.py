@@ -82,6 +82,9 @@ class PoolRuntime:
     broker_tls: TlsSettings | None = None  # resolved from spec.broker.tls (PEM text: never logged)
     insecure_tls_announced: bool = False
     layout_checked: bool = False  # the broker's keys were scanned at least once for this pool
+    # Tier -> why its workers could not be asked (remote control off), from the last census of that tier.
+    remote_control_off: dict[str, str] = field(default_factory=dict)
+    remote_control_checked: bool = False  # some tier's workers were asked at least once
 
 
 class FleetCache:

@@ -238,6 +238,11 @@ class PoolReconciler:
             )
             for tier in spec.tiers
         }
+        for tier_name, count in replicas.items():
+            if runtime.desired.get(tier_name) is not None:
+                # A bound that moved the autoscaler's count (min raised) made it the count: a later lower
+                # min is then a scale-down for the autoscaler, which asks the workers first (scale-in).
+                runtime.desired[tier_name] = count
         desired = pool_children(name, namespace, body["metadata"]["uid"], spec, replicas)
         wanted: set[tuple[str, str]] = set()
         conflicts: list[Problem] = []
@@ -310,6 +315,13 @@ class PoolReconciler:
             updates.append(ConditionUpdate("BrokerReachable", "False", reason, message))
         elif problem is None and runtime.scaling:
             updates.append(ConditionUpdate("BrokerReachable", "True", "Polled", "the broker answered the last poll"))
+        if problem is None and runtime.remote_control_off:
+            message = " ".join(runtime.remote_control_off[t] for t in sorted(runtime.remote_control_off))
+            updates.append(ConditionUpdate("RemoteControl", "False", "RemoteControlOff", message))
+        elif problem is None and runtime.remote_control_checked:
+            updates.append(
+                ConditionUpdate("RemoteControl", "True", "Answering", "the workers asked answer remote control")
+            )
         if problem is None and runtime.layout_problem is not None:
             updates.append(ConditionUpdate("BrokerKeyLayout", "False", "UnreadPriorityLists", runtime.layout_problem))
         elif problem is None and runtime.layout_checked:

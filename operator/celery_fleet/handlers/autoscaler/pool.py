@@ -16,7 +16,7 @@ from typing import Any
 from celery_fleet import metrics
 from celery_fleet.api.models import CeleryWorkerPoolSpec
 from celery_fleet.brokers.source import BrokerError, DepthReading, ErrorKind, QueueRef
-from celery_fleet.handlers.autoscaler.scale_in import Removal, ScaleIn
+from celery_fleet.handlers.autoscaler.scale_in import Census, Removal, ScaleIn
 from celery_fleet.handlers.autoscaler.signals import EventNotes, PoolSeries
 from celery_fleet.handlers.cache import FleetCache, ObjKey, PoolRuntime
 from celery_fleet.handlers.pool_reconciler import POOL_API_VERSION, utcnow
@@ -89,9 +89,11 @@ class PoolScaler:
         self._scale_ins: dict[ObjKey, asyncio.Task[None]] = {}
 
     def forget(self, key: ObjKey) -> None:
-        """A deleted pool."""
+        """A deleted pool: nothing of it is kept (its censuses and notes included)."""
         self._last_status.pop(key, None)
         self._steady.pop(key, None)
+        self.scale_in.forget(key)
+        self.notes.forget(key)
 
     def scale_pool(
         self,
@@ -242,6 +244,7 @@ class PoolScaler:
             census = await self.scale_in.census(key, ref, target, observations, asking, deployments)
             if census is None:
                 return
+            self._note_remote_control(key, runtime, census)
             decisions = decide(
                 spec.tiers, observations, current, histories, now=now,
                 max_total_replicas=spec.max_total_replicas, paused=spec.paused, workers=census.workers,
@@ -252,6 +255,18 @@ class PoolScaler:
                 await asyncio.gather(*calls)
         except Exception:  # one pool's failed scale-in must not end autoscaling
             log.exception("pool %s/%s: scale-in failed", namespace, name)
+
+    def _note_remote_control(self, key: ObjKey, runtime: PoolRuntime, census: Census) -> None:
+        """The RemoteControl condition's input: which asked tiers have workers that cannot be asked."""
+        before = (dict(runtime.remote_control_off), runtime.remote_control_checked)
+        for tier in census.workers:
+            if tier in census.remote_control_off:
+                runtime.remote_control_off[tier] = census.remote_control_off[tier]
+            else:
+                runtime.remote_control_off.pop(tier, None)  # they answer again
+        runtime.remote_control_checked = True
+        if (runtime.remote_control_off, runtime.remote_control_checked) != before:
+            self.refresh_status(key)
 
     async def _scale_tier(
         self, key: ObjKey, ref: ObjectRef, d: Decision, previous: TierScaling, removal: Removal | None = None

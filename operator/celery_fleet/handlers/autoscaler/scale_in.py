@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from celery_fleet import metrics
@@ -65,6 +65,8 @@ class Census:
     live: dict[str, dict[str, dict[str, Any]]]  # tier -> pod name -> pod
     notes: list[Coroutine[Any, Any, None]]
     deployments: Mapping[str, str]  # tier -> its Deployment's uid
+    # Tier -> why some of its workers cannot be asked (no remote-control mailbox), for asked tiers.
+    remote_control_off: dict[str, str] = field(default_factory=dict)
 
 
 class ScaleIn:
@@ -96,6 +98,11 @@ class ScaleIn:
 
     def forget_census(self, key: ObjKey, tier: str) -> None:
         self._censuses.pop((key, tier), None)
+
+    def forget(self, key: ObjKey) -> None:
+        """A deleted pool: drop every census of its tiers."""
+        for k in [k for k in self._censuses if k[0] == key]:
+            del self._censuses[k]
 
     def tier_pods(self, namespace: str, pool: str, tier: str, deployment_uid: str) -> dict[str, dict[str, Any]]:
         """The tier's live pods: those of a ReplicaSet its Deployment controls, whatever else has its labels."""
@@ -160,9 +167,11 @@ class ScaleIn:
                 message = (
                     f"tier {tier}: {len(mute)} worker(s) cannot be asked what they run (no remote-control "
                     f"mailbox, or the broker refused the command: {', '.join(w.pod for w in mute[:5])}); "
-                    "scale-in cannot protect busy workers. Enable worker_enable_remote_control (and keep "
-                    "the default control_exchange)."
+                    "scale-in cannot protect busy workers, so the tier scales from queue depth alone as if "
+                    "they were idle. Enable worker_enable_remote_control (and keep the default "
+                    "control_exchange), or set a replicas.min that covers your long tasks."
                 )
+                out.remote_control_off[tier] = message
                 out.notes.extend(self.notes.once(key, ref, tier, "RemoteControlOff", message, "remote-control-off",
                                                  "Warning"))  # fmt: skip
         return out

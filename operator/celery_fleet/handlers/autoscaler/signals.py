@@ -77,6 +77,11 @@ class EventNotes:
         self.kube = kube
         self._noted: dict[tuple[ObjKey, str, str], str] = {}  # (pool, tier, reason) -> last note posted
 
+    def forget(self, key: ObjKey) -> None:
+        """A deleted pool: its notes go (a pool created again under the name is told again)."""
+        for k in [k for k in self._noted if k[0] == key]:
+            del self._noted[k]
+
     def once(
         self, key: ObjKey, ref: ObjectRef, tier: str, reason: str, message: str, dedupe: str | None = None,
         type_: str = "Normal",
