@@ -117,7 +117,12 @@ def test_burst_scales_up_by_true_depth_then_steps_down_after_drain(
     with producer.connection_for_write() as conn:
         assert conn.default_channel.queue_purge("high_priority") == 600
     wait_for(lambda: _replicas(k8s_api, namespace, "burst-high") == 1, timeout=60, message="stepped down to 1")
-    assert any(e.reason == "ScaledDown" for e in _events(k8s_api, namespace, "burst"))
+    # The Event is posted after the scale is written: wait for it rather than read it once.
+    wait_for(
+        lambda: any(e.reason == "ScaledDown" for e in _events(k8s_api, namespace, "burst")),
+        timeout=30,
+        message="a ScaledDown Event",
+    )
 
 
 def test_broker_down_holds_replicas_and_reports_then_recovers(
