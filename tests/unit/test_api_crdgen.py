@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from celery_fleet.api import crdgen
+from celery_fleet.api import crdgen, generated
 from celery_fleet.api.models import CeleryBeatSpec, CeleryWorkerPoolSpec, parse_beat, parse_pool
 
 SAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "samples"
@@ -196,7 +196,7 @@ def test_render_is_deterministic_and_round_trips() -> None:
 def test_check_reports_stale_and_missing_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert crdgen.main(["--root", str(tmp_path)]) == 0
     assert crdgen.main(["--check", "--root", str(tmp_path)]) == 0
-    assert crdgen.stale_files(tmp_path) == []
+    assert generated.stale_files(tmp_path, crdgen.generated_files()) == []
 
     chart_copy = tmp_path / crdgen.CHART_CRD_DIR / crdgen.BEAT_FILE
     chart_copy.write_text(chart_copy.read_text().replace("cbeat", "cb"))
@@ -205,4 +205,5 @@ def test_check_reports_stale_and_missing_files(tmp_path: Path, capsys: pytest.Ca
     assert crdgen.main(["--check", "--root", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "CRDs are stale: run make crds" in err
-    assert set(crdgen.stale_files(tmp_path)) == {chart_copy, tmp_path / crdgen.CRD_DIR / crdgen.POOL_FILE}
+    stale = set(generated.stale_files(tmp_path, crdgen.generated_files()))
+    assert stale == {chart_copy, tmp_path / crdgen.CRD_DIR / crdgen.POOL_FILE}

@@ -1,7 +1,8 @@
 """Generate the CustomResourceDefinitions from the pydantic models.
 
-`python -m celery_fleet.api.crdgen` writes `crds/` and the chart's copy; `--check` regenerates
-into a temporary directory and fails with "CRDs are stale: run make crds" when they differ.
+`python -m celery_fleet.api.crdgen` writes `crds/` and the chart's copy; `--check` compares them
+with a fresh rendering and fails with "CRDs are stale: run make crds" when they differ
+(both through `api.generated`).
 
 Pydantic's JSON schema is the starting point; it is rewritten into a Kubernetes structural
 schema: references inlined, `X | None` collapsed to X (optional fields are simply not
@@ -13,10 +14,8 @@ apiserver should fill them in.
 from __future__ import annotations
 
 import copy
-import filecmp
 import json
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
 from pydantic_core import core_schema, to_jsonable_python
 
 from celery_fleet.api import models
-from celery_fleet.api.generated import REPO_ROOT, generator_main
+from celery_fleet.api.generated import generator_main
 
 Schema = dict[str, Any]
 
@@ -321,34 +320,14 @@ def render(crd: Schema) -> str:
     return HEADER + body
 
 
-def write_crds(root: Path) -> list[Path]:
-    """Write every CRD into `root/crds` and the chart copy; returns the files written."""
-    written = []
-    for directory in (root / CRD_DIR, root / CHART_CRD_DIR):
-        directory.mkdir(parents=True, exist_ok=True)
-        for name, crd in generate_crds().items():
-            path = directory / name
-            path.write_text(render(crd), encoding="utf-8")
-            written.append(path)
-    return written
+def crd_files(directory: Path) -> dict[Path, str]:
+    """Every CRD rendered into `directory` (relative to the checkout root)."""
+    return {directory / name: render(crd) for name, crd in generate_crds().items()}
 
 
-def stale_files(root: Path) -> list[Path]:
-    """Generated files under `root` that are missing or differ from a fresh generation."""
-    with tempfile.TemporaryDirectory() as tmp:
-        fresh = Path(tmp)
-        write_crds(fresh)
-        stale = []
-        for relative in (CRD_DIR, CHART_CRD_DIR):
-            for name in generate_crds():
-                current = root / relative / name
-                if not current.exists() or not filecmp.cmp(current, fresh / relative / name, shallow=False):
-                    stale.append(current)
-        return stale
-
-
-def repo_root() -> Path:
-    return REPO_ROOT
+def generated_files() -> dict[Path, str]:
+    """Every file this module writes: `crds/` and the chart's copy."""
+    return crd_files(CRD_DIR) | crd_files(CHART_CRD_DIR)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -356,8 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv,
         prog="python -m celery_fleet.api.crdgen",
         description=__doc__ or "",
-        write=write_crds,
-        stale_files=stale_files,
+        files=generated_files,
         stale_message=STALE_MESSAGE,
     )
 

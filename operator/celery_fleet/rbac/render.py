@@ -4,15 +4,13 @@ write / `--check` behind `python -m celery_fleet.rbac`."""
 
 from __future__ import annotations
 
-import filecmp
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from celery_fleet.api.generated import REPO_ROOT, generator_main
+from celery_fleet.api.generated import generator_main
 from celery_fleet.rbac import rules
 from celery_fleet.rbac.rules import RULES, USER_ROLES, Mode, Rule, Scope, When
 
@@ -200,39 +198,10 @@ def render_deploy_rbac() -> str:
 
 
 def generated_files() -> dict[Path, str]:
-    """Every file this module writes, relative to the checkout root."""
+    """Every file this module writes, relative to the checkout root (kustomize needs its own CRD copy)."""
     from celery_fleet.api import crdgen
 
-    files = {CHART_RBAC: render_chart_rbac(), DEPLOY_RBAC: render_deploy_rbac()}
-    for name, crd in crdgen.generate_crds().items():
-        files[DEPLOY_CRD_DIR / name] = crdgen.render(crd)
-    return files
-
-
-def write(root: Path) -> list[Path]:
-    written = []
-    for relative, text in generated_files().items():
-        path = root / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-        written.append(path)
-    return written
-
-
-def stale_files(root: Path) -> list[Path]:
-    """Generated files under `root` that are missing or differ from a fresh generation."""
-    with tempfile.TemporaryDirectory() as tmp:
-        fresh = Path(tmp)
-        write(fresh)
-        return [
-            root / relative
-            for relative in generated_files()
-            if not (root / relative).exists() or not filecmp.cmp(root / relative, fresh / relative, shallow=False)
-        ]
-
-
-def repo_root() -> Path:
-    return REPO_ROOT
+    return {CHART_RBAC: render_chart_rbac(), DEPLOY_RBAC: render_deploy_rbac(), **crdgen.crd_files(DEPLOY_CRD_DIR)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -240,7 +209,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv,
         prog="python -m celery_fleet.rbac",
         description=(rules.__doc__ or "").split("\n\n")[0],
-        write=write,
-        stale_files=stale_files,
+        files=generated_files,
         stale_message=STALE_MESSAGE,
     )

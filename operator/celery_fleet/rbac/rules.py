@@ -3,8 +3,8 @@
 :mod:`.rules` is the one source; :mod:`.render` (`python -m celery_fleet.rbac`) writes it into the Helm chart
 (`charts/celery-fleet/templates/rbac.yaml`, templated for cluster-wide or a list of namespaces)
 and the kustomize base (`deploy/rbac.yaml`, cluster-wide; plus `deploy/crds/`, a copy of the
-generated CRDs, because kustomize refuses files outside its directory). `--check` regenerates
-into a temporary directory and fails with "RBAC is stale: run make generate".
+generated CRDs, because kustomize refuses files outside its directory). `--check` compares them
+with a fresh rendering and fails with "RBAC is stale: run make generate".
 
 Least privilege, and why each choice:
 - Only the verbs the code sends. Server-side apply is a PATCH, but a PATCH that creates the
