@@ -4,67 +4,24 @@ cache, a scripted queue-depth source and the recording API fake."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection
 from typing import Any
 
-from celery_fleet.brokers import BrokerRegistry, DepthReading, QueueRef, UnackedSummary
-from celery_fleet.brokers.source import BrokerError, ErrorKind, KeyLayout, QueueDepthSource
+from celery_fleet.brokers import BrokerRegistry
+from celery_fleet.brokers.source import QueueDepthSource
 from celery_fleet.handlers.autoscaler.loop import Autoscaler
-from celery_fleet.handlers.cache import POOL_LABEL, FleetCache, ObjKey
+from celery_fleet.handlers.cache import FleetCache, ObjKey
 from celery_fleet.kube.client import Kube
+from tests.support.cached_pool import ScriptedSource, put_pool
 from tests.support.fake_api import RecordingApi
 
-URL = "redis://redis.shop.svc:6379/0"
-UID = "pool-uid"
-
-
-class ScriptedSource:
-    """A broker whose queues hold `depth` messages each, or whose reads fail."""
-
-    def __init__(self, depth: dict[str, int], fail: bool = False) -> None:
-        self.depth = depth
-        self.fail = fail
-
-    async def read(self, refs: Collection[QueueRef]) -> DepthReading:
-        if self.fail:
-            raise BrokerError(ErrorKind.UNREACHABLE, "connection refused")
-        queued = {r: {0: self.depth.get(r.name, 0)} for r in refs}
-        return DepthReading(queued=queued, in_flight={}, unacked={KeyLayout(): UnackedSummary(0, 0)})
-
-    async def aclose(self) -> None:
-        return None
-
-
-def _pool_with_tiers(cache: FleetCache, replicas: int) -> ObjKey:
-    spec = {
-        "app": "shop.celery:app",
-        "image": "img:1",
-        "broker": {"url": URL},
-        "tiers": [{"name": "high", "queues": ["high_priority"], "concurrency": 4,
-                   "replicas": {"min": 2, "max": 8}, "autoscaling": {"targetDepthPerReplica": 100}}],
-    }  # fmt: skip
-    meta = {"name": "shop", "namespace": "shop", "uid": UID, "generation": 1}
-    key = cache.put_pool({"apiVersion": "celeryfleet.io/v1alpha1", "kind": "CeleryWorkerPool", "metadata": meta,
-                          "spec": spec})  # fmt: skip
-    cache.runtime[key].broker_url = URL
-    put_tier_deployment(cache, replicas)
-    return key
-
-
-def put_tier_deployment(cache: FleetCache, replicas: int) -> None:
-    """Pool shop's tier high Deployment (uid dep-uid), rolled out at `replicas`."""
-    owner = {"kind": "CeleryWorkerPool", "name": "shop", "uid": UID, "controller": True}
-    dep_meta = {"name": "shop-high", "namespace": "shop", "uid": "dep-uid", "ownerReferences": [owner],
-                "labels": {POOL_LABEL: "shop", "celeryfleet.io/tier": "high"}}  # fmt: skip
-    status = {"replicas": replicas, "readyReplicas": replicas, "updatedReplicas": replicas}
-    cache.put_child(POOL_LABEL, {"kind": "Deployment", "metadata": dep_meta, "spec": {"replicas": replicas},
-                                 "status": status})  # fmt: skip
+TIER_REPLICAS = {"min": 2, "max": 8}
+AUTOSCALING = {"targetDepthPerReplica": 100}
 
 
 def _tick(source: ScriptedSource, replicas: int) -> tuple[RecordingApi, FleetCache, ObjKey]:
     api = RecordingApi()
     cache = FleetCache()
-    key = _pool_with_tiers(cache, replicas)
+    key = put_pool(cache, rolled_out=replicas, replicas=TIER_REPLICAS, autoscaling=AUTOSCALING)
 
     def connect(url: str) -> QueueDepthSource:
         return source

@@ -14,10 +14,11 @@ from celery_fleet.handlers.cache import FleetCache, ObjKey
 from celery_fleet.kube.client import Kube
 from celery_fleet.planning.scale_in import WorkerReport
 from celery_fleet.workers.control import ControlTarget
+from tests.support.cached_pool import ScriptedSource, put_pool
 from tests.support.fake_api import RecordingApi
-from tests.unit.test_autoscaler_loop import UID, URL, ScriptedSource, put_tier_deployment
 
 PODS = ("shop-high-rs-a", "shop-high-rs-b", "shop-high-rs-c")
+IMMEDIATE = {"targetDepthPerReplica": 100, "scaleDownStabilizationSeconds": 0, "cooldownSeconds": 0}
 
 
 class TierApi(RecordingApi):
@@ -58,18 +59,8 @@ class ScriptedWorkers:
 
 
 def _pool(cache: FleetCache, replicas: int) -> ObjKey:
-    spec = {
-        "app": "shop.celery:app", "image": "img:1", "broker": {"url": URL},
-        "tiers": [{"name": "high", "queues": ["high_priority"], "concurrency": 4, "replicas": {"min": 0, "max": 8},
-                   "autoscaling": {"targetDepthPerReplica": 100, "scaleDownStabilizationSeconds": 0,
-                                   "cooldownSeconds": 0}}],
-    }  # fmt: skip
-    meta = {"name": "shop", "namespace": "shop", "uid": UID, "generation": 1}
-    key = cache.put_pool({"apiVersion": "celeryfleet.io/v1alpha1", "kind": "CeleryWorkerPool", "metadata": meta,
-                          "spec": spec})  # fmt: skip
-    cache.runtime[key].broker_url = URL
-    put_tier_deployment(cache, replicas)
-    return key
+    """Tier high at `replicas`, scaled down as soon as it is idle (no stabilization, no cooldown)."""
+    return put_pool(cache, rolled_out=replicas, replicas={"min": 0, "max": 8}, autoscaling=IMMEDIATE)
 
 
 def _autoscaler(cache: FleetCache, control: ScriptedWorkers, refreshed: list[ObjKey]) -> Autoscaler:
