@@ -16,7 +16,7 @@ from typing import Any
 
 from celery_fleet import metrics
 from celery_fleet.api.broker_url import BrokerUrlError, parse_broker_url
-from celery_fleet.api.models import API_VERSION, CeleryWorkerPoolSpec, InvalidSpec, Tier, parse_pool
+from celery_fleet.api.models import API_VERSION, POOL_KIND, CeleryWorkerPoolSpec, InvalidSpec, Tier, parse_pool
 from celery_fleet.brokers.redis.connection import TlsSettings
 from celery_fleet.handlers.cache import FleetCache, ObjKey, PoolRuntime
 from celery_fleet.handlers.children import ChildConflict, apply_child
@@ -31,6 +31,11 @@ from celery_fleet.planning.workload import POOL_LABEL, TIER_LABEL, pool_children
 log = logging.getLogger(__name__)
 
 POOL_API_VERSION = API_VERSION
+
+
+def pool_ref(body: Mapping[str, Any]) -> ObjectRef:
+    """The pool's reference for Events; the cache's bodies may lack apiVersion and kind."""
+    return ObjectRef.from_body({**body, "apiVersion": POOL_API_VERSION, "kind": POOL_KIND})
 
 
 @dataclass(frozen=True)
@@ -96,7 +101,7 @@ class PoolReconciler:
 
     def _reconcile(self, key: ObjKey, body: dict[str, Any]) -> Outcome:
         namespace, name = key
-        ref = ObjectRef.from_body({**body, "apiVersion": POOL_API_VERSION, "kind": "CeleryWorkerPool"})
+        ref = pool_ref(body)
         runtime = self.cache.runtime[key]
 
         try:

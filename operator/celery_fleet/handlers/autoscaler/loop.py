@@ -19,10 +19,11 @@ from celery_fleet.brokers.redis.connection import ConnectOptions, connect
 from celery_fleet.brokers.redis.source import RedisDepthSource
 from celery_fleet.brokers.redis.target import RedisTarget
 from celery_fleet.brokers.source import BrokerError, DepthReading, KeyLayout, QueueRef, queue_refs
-from celery_fleet.handlers.autoscaler.pool import PoolScaler, pool_ref
+from celery_fleet.handlers.autoscaler.pool import PoolScaler
 from celery_fleet.handlers.autoscaler.scale_in import ScaleIn
 from celery_fleet.handlers.autoscaler.signals import EventNotes, PoolSeries
 from celery_fleet.handlers.cache import FleetCache, ObjKey
+from celery_fleet.handlers.pool_reconciler import pool_ref
 from celery_fleet.kube.client import Kube
 from celery_fleet.kube.events import post_event
 from celery_fleet.workers.control import CeleryControl, WorkerControl

@@ -19,7 +19,7 @@ from celery_fleet.brokers.source import BrokerError, DepthReading, ErrorKind, Qu
 from celery_fleet.handlers.autoscaler.scale_in import Census, Removal, ScaleIn
 from celery_fleet.handlers.autoscaler.signals import EventNotes, PoolSeries
 from celery_fleet.handlers.cache import FleetCache, ObjKey, PoolRuntime
-from celery_fleet.handlers.pool_reconciler import POOL_API_VERSION, utcnow
+from celery_fleet.handlers.pool_reconciler import pool_ref, utcnow
 from celery_fleet.kube.client import ApiError, Kube
 from celery_fleet.kube.events import ObjectRef, post_event
 from celery_fleet.planning.pool_status import TierScaling
@@ -58,10 +58,6 @@ class _Steady:
     # The reading revision and cache version the signature was last found equal at: while the pool's
     # queues are unchanged since that revision and the version holds, it is not even observed.
     seen: tuple[int, int | None] | None = None
-
-
-def pool_ref(body: Mapping[str, Any]) -> ObjectRef:
-    return ObjectRef.from_body({**body, "apiVersion": POOL_API_VERSION, "kind": "CeleryWorkerPool"})
 
 
 class PoolScaler:
