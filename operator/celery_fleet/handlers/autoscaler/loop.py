@@ -88,7 +88,7 @@ class Autoscaler:
         self.control: WorkerControl = control or CeleryControl()
         self.series = PoolSeries()
         notes = EventNotes(kube)
-        self.scale_in = ScaleIn(kube, self.control, clock, self.series, notes)
+        self.scale_in = ScaleIn(kube, self.control, clock, notes)
         self.pools = PoolScaler(
             kube, cache, refresh_status, clock, self.series, self.scale_in, notes, self._max_replicas
         )

@@ -285,7 +285,7 @@ class PoolScaler:
         if removal is not None and drained:
             asyncio.get_running_loop().create_task(self.scale_in.check_drained(key, d.tier, removal, drained))
         # Only once the replicas were written: the history records the scale as done.
-        self._record(runtime, d, previous, scaled_at=utcnow())
+        self._record(key, runtime, d, previous, scaled_at=utcnow())
         direction = "ScaledUp" if d.direction is Direction.UP else "ScaledDown"
         metrics.SCALING_DECISIONS.labels(namespace, name, d.tier, d.direction.value, d.reason.value).inc()
         log.info("pool %s/%s: %s", namespace, name, d.message)
@@ -293,9 +293,8 @@ class PoolScaler:
         self.refresh_status(key)
         await asyncio.to_thread(post_event, self.kube, ref, direction, d.message)
 
-    @staticmethod
     def _record(
-        runtime: PoolRuntime, d: Decision, previous: TierScaling, *, scaled_at: str | None = None
+        self, key: ObjKey, runtime: PoolRuntime, d: Decision, previous: TierScaling, *, scaled_at: str | None = None
     ) -> TierScaling:
         """Keep decision `d` of one tier (`scaled_at`: it was written then); every count kept of it
         is derived from it here (:mod:`~celery_fleet.planning.tier_scaling`)."""
@@ -304,6 +303,13 @@ class PoolScaler:
         if applied is not None:
             runtime.desired[d.tier] = applied
         scaling = runtime.scaling[d.tier] = tier_scaling(d, previous, scaled_at=scaled_at)
+        # The worker gauges are the status record's counts, not a census's: a census whose decision is
+        # not kept (its scale refused) changes neither, and a forgotten series comes back with the next.
+        labels = (key[0], key[1], d.tier)
+        if scaling.busy_workers is not None:
+            self.series.set(metrics.BUSY_WORKERS, labels, scaling.busy_workers)
+        if scaling.scheduled is not None:
+            self.series.set(metrics.SCHEDULED_TASKS, labels, scaling.scheduled)
         return scaling
 
     def _act(
@@ -329,7 +335,7 @@ class PoolScaler:
                 calls.append(self._scale_tier(key, ref, d, previous, removals.get(d.tier)))
                 self.series.set(metrics.DESIRED_REPLICAS, (namespace, name, d.tier), d.desired)
                 continue
-            scaling = self._record(runtime, d, previous)
+            scaling = self._record(key, runtime, d, previous)
             if (scaling.desired_replicas, scaling.scheduled, scaling.busy_workers) != (
                 previous.desired_replicas,
                 previous.scheduled,

@@ -13,7 +13,7 @@ from typing import Any
 
 from celery_fleet import metrics
 from celery_fleet.api.models import Tier
-from celery_fleet.handlers.autoscaler.signals import EventNotes, PoolSeries
+from celery_fleet.handlers.autoscaler.signals import EventNotes
 from celery_fleet.handlers.cache import ObjKey
 from celery_fleet.kube.client import ApiError, Kube, resource_path
 from celery_fleet.kube.events import ObjectRef
@@ -75,13 +75,11 @@ class ScaleIn:
         kube: Kube,
         control: WorkerControl,
         clock: Callable[[], float],
-        series: PoolSeries,
         notes: EventNotes,
     ) -> None:
         self.kube = kube
         self.control = control
         self.clock = clock
-        self.series = series
         self.notes = notes
         self._censuses: dict[tuple[ObjKey, str], _Census] = {}
 
@@ -160,8 +158,6 @@ class ScaleIn:
             out.workers[tier] = workers
             out.live[tier] = pods
             self._censuses[(key, tier)] = _Census(workers, observations[tier], tuple(pods))
-            self.series.set(metrics.BUSY_WORKERS, (namespace, name, tier), len(workers.busy))
-            self.series.set(metrics.SCHEDULED_TASKS, (namespace, name, tier), workers.scheduled)
             mute = workers.without_remote_control
             if mute:
                 message = (
