@@ -60,3 +60,33 @@ def test_a_failed_read_scales_nothing_and_is_reported() -> None:
     assert _scales(api) == []  # never scaled down because a read failed
     problem = cache.runtime[key].broker_problem
     assert problem is not None and "refused" in problem[1]
+
+
+def test_an_idle_pool_refreshes_its_status_only_when_what_it_shows_changes() -> None:
+    """A full decision every few seconds over unchanged queues must not enqueue a reconcile each time
+    (at 1000 idle pools that was most of the operator's CPU); a changed depth still reaches the status."""
+    source = ScriptedSource({"high_priority": 150})  # 2 replicas wanted: the tier is steady at 2
+    cache = FleetCache()
+    put_pool(cache, rolled_out=2, replicas=TIER_REPLICAS, autoscaling=AUTOSCALING)
+    now = [0.0]
+    refreshed: list[float] = []
+
+    async def main() -> None:
+        autoscaler = Autoscaler(
+            Kube(RecordingApi()),  # type: ignore[arg-type]  # duck-typed ApiClient
+            cache,
+            refresh_status=lambda key: refreshed.append(now[0]),
+            registry=BrokerRegistry(lambda url: source, max_age=0.0),
+            clock=lambda: now[0],
+        )
+        for t in range(0, 61, 3):  # a minute of polls, past every periodic decision and refresh period
+            now[0] = float(t)
+            await autoscaler.tick()
+        assert refreshed == [0.0]  # the first decision's record, then nothing new to show
+        source.depth["high_priority"] = 180  # still 2 replicas, but the status shows the depth
+        for t in range(63, 80, 3):
+            now[0] = float(t)
+            await autoscaler.tick()
+
+    asyncio.run(main())
+    assert len(refreshed) == 2 and refreshed[1] >= 63.0

@@ -45,6 +45,16 @@ class QueueRef:
     fanout_exchanges: tuple[str, ...] = ()
     visibility_timeout: int = DEFAULT_VISIBILITY_TIMEOUT
 
+    def __hash__(self) -> int:
+        # Computed once: every poll puts each pool's queues in sets (a tuple hash of 8 fields each time).
+        cached: int | None = self.__dict__.get("_hash")
+        if cached is None:
+            cached = self.__dict__["_hash"] = hash((
+                self.name, self.keyprefix, self.priority_steps, self.sep, self.unacked_key, self.ack_emulation,
+                self.fanout_exchanges, self.visibility_timeout,
+            ))  # fmt: skip
+        return cached
+
     @functools.cached_property
     def layout(self) -> KeyLayout:  # cached: asked for per queue per poll
         return KeyLayout(

@@ -72,6 +72,10 @@ class Fleet:
     def __post_init__(self) -> None:
         self.pools = PoolReconciler(self.kube, self.cache)
         metrics.KUBE_REQUESTS.counts = lambda: dict(self.kube.requests_by)
+        # Counted when scraped: counting every pool after every reconcile was O(pools) each time.
+        metrics.POOLS.set_function(lambda: self.cache.counts()[0])
+        metrics.TIERS.set_function(lambda: self.cache.counts()[1])
+        metrics.BEATS.set_function(lambda: self.cache.counts()[2])
         self.beats = BeatReconciler(self.kube, self.cache, self.config.elector_image)
         self.autoscaler = Autoscaler(self.kube, self.cache, self.pool_queue.add, interval=self.config.poll_interval)
 
@@ -94,10 +98,6 @@ class Fleet:
 
     async def _reconcile_pool(self, key: ObjKey) -> None:
         await self._reconcile("CeleryWorkerPool", self.pools.reconcile, self.pool_queue, key)
-        pools, tiers, beats = self.cache.counts()
-        metrics.POOLS.set(pools)
-        metrics.TIERS.set(tiers)
-        metrics.BEATS.set(beats)
 
     async def _reconcile_beat(self, key: ObjKey) -> None:
         await self._reconcile("CeleryBeat", self.beats.reconcile, self.beat_queue, key)

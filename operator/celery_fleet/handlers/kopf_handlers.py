@@ -25,6 +25,21 @@ log = logging.getLogger(__name__)
 MANAGED = {MANAGED_BY_LABEL: MANAGED_BY}
 
 
+class NoDiffBase(kopf.DiffBaseStorage):
+    """No essence kept: we register no change handlers, so Kopf's diff is never read, yet its default
+    storage deep-copies every watched object on every event (a quarter of the operator's CPU during
+    a 1000-pool rollout, py-spy). Kopf's documented extension point for where the diff base lives."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        return None
+
+
 def _fleet(memo: Any) -> Fleet:
     fleet: Fleet = memo["fleet"]
     return fleet
@@ -51,6 +66,7 @@ async def start_fleet(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any
     settings.watching.server_timeout = 600
     settings.watching.client_timeout = 660
     settings.posting.level = logging.WARNING
+    settings.persistence.diffbase_storage = NoDiffBase()
     fleet = _fleet(memo)
     memo["tasks"] = [asyncio.create_task(fleet.run(), name="celery-fleet-runtime")]
 

@@ -60,6 +60,11 @@ class _Steady:
     seen: tuple[int, int | None] | None = None
 
 
+def _shown(runtime: PoolRuntime) -> tuple[Any, ...]:
+    """What a pool's status shows of the autoscaler's work."""
+    return tuple(sorted(runtime.scaling.items())), runtime.broker_problem
+
+
 class PoolScaler:
     def __init__(
         self,
@@ -81,12 +86,14 @@ class PoolScaler:
         self.notes = notes
         self.max_replicas = max_replicas
         self._last_status: dict[ObjKey, float] = {}
+        self._shown: dict[ObjKey, tuple[Any, ...]] = {}  # the autoscaler's part of the last status refresh
         self._steady: dict[ObjKey, _Steady] = {}
         self._scale_ins: dict[ObjKey, asyncio.Task[None]] = {}
 
     def forget(self, key: ObjKey) -> None:
         """A deleted pool: nothing of it is kept (its censuses and notes included)."""
         self._last_status.pop(key, None)
+        self._shown.pop(key, None)
         self._steady.pop(key, None)
         self.scale_in.forget(key)
         self.notes.forget(key)
@@ -290,6 +297,7 @@ class PoolScaler:
         metrics.SCALING_DECISIONS.labels(namespace, name, d.tier, d.direction.value, d.reason.value).inc()
         log.info("pool %s/%s: %s", namespace, name, d.message)
         self._last_status[key] = self.clock()
+        self._shown[key] = _shown(runtime)
         self.refresh_status(key)
         await asyncio.to_thread(post_event, self.kube, ref, direction, d.message)
 
@@ -360,7 +368,12 @@ class PoolScaler:
                 calls.append(asyncio.to_thread(post_event, self.kube, ref, "BrokerReachable", message))
             runtime.broker_problem = problem
         now = self.clock()
-        if urgent or now - self._last_status.get(key, 0.0) >= STATUS_REFRESH_SECONDS:
+        # What the status shows of the autoscaler: refreshing it when none of that changed would be a
+        # reconcile per pool every few seconds that writes nothing (at 1000 idle pools, most of the CPU).
+        shown = _shown(runtime)
+        due = now - self._last_status.get(key, 0.0) >= STATUS_REFRESH_SECONDS
+        if urgent or (due and shown != self._shown.get(key)):
             self._last_status[key] = now
+            self._shown[key] = shown
             self.refresh_status(key)
         return calls
