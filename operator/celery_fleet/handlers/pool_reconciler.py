@@ -251,30 +251,34 @@ class PoolReconciler:
         desired = pool_children(name, namespace, body["metadata"]["uid"], spec, replicas)
         wanted: set[tuple[str, str]] = set()
         conflicts: list[Problem] = []
-        for child in desired:
-            ckey = (child["kind"], child["metadata"]["name"])
-            wanted.add(ckey)
-            current = observed.get(ckey)
-            if current is not None and ckey in owned and not has_drifted(child, current):
-                continue
-            try:
-                applied = apply_child(self.kube, child, owner=ref, current=current)
-            except ChildConflict as conflict:
-                conflicts.append(conflict.problem)
-                continue
-            self.cache.put_child(POOL_LABEL, {**applied, "kind": child["kind"]})
-            if current is None:
-                action, reason, message = "create", "Created", f"Created {child['kind']} {ckey[1]}"
-            else:
-                paths = drifted_fields(
-                    {k: child[k] for k in ("metadata", "spec") if k in child},
-                    current,
-                )
-                action, reason = "update", "Updated"
+        created: dict[str, list[str]] = {}  # kind -> names: one Event for a rollout, not one per child
+        try:
+            for child in desired:
+                ckey = (child["kind"], child["metadata"]["name"])
+                wanted.add(ckey)
+                current = observed.get(ckey)
+                if current is not None and ckey in owned and not has_drifted(child, current):
+                    continue
+                try:
+                    applied = apply_child(self.kube, child, owner=ref, current=current)
+                except ChildConflict as conflict:
+                    conflicts.append(conflict.problem)
+                    continue
+                self.cache.put_child(POOL_LABEL, {**applied, "kind": child["kind"]})
+                if current is None:
+                    metrics.CHILD_WRITES.labels(child["kind"], "create").inc()
+                    created.setdefault(child["kind"], []).append(ckey[1])
+                    continue
+                paths = drifted_fields({k: child[k] for k in ("metadata", "spec") if k in child}, current)
                 message = f"Updated {child['kind']} {ckey[1]} ({', '.join(p.lstrip('.') for p in paths[:3])})"
-            metrics.CHILD_WRITES.labels(child["kind"], action).inc()
-            log.info("pool %s/%s: %s", namespace, name, message)
-            post_event(self.kube, ref, reason, message)
+                metrics.CHILD_WRITES.labels(child["kind"], "update").inc()
+                log.info("pool %s/%s: %s", namespace, name, message)
+                post_event(self.kube, ref, "Updated", message)
+        finally:  # what was created is announced even if a later child was refused
+            if created:
+                message = "Created " + "; ".join(f"{kind} {', '.join(names)}" for kind, names in created.items())
+                log.info("pool %s/%s: %s", namespace, name, message)
+                post_event(self.kube, ref, "Created", message)
         for ckey, current in owned.items():
             if ckey in wanted or current["metadata"].get("deletionTimestamp"):
                 continue

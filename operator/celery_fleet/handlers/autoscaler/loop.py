@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 # How often each broker's keyspace is scanned (bounded) for priority lists the spec does not name.
 LAYOUT_CHECK_SECONDS = 60.0
+LAYOUT_RECHECK_SECONDS = 5.0
 LAYOUT_MISMATCH = "BrokerKeyLayoutMismatch"
 
 _Entry = tuple[ObjKey, Mapping[str, Any], CeleryWorkerPoolSpec, dict[str, list[QueueRef]]]
@@ -82,7 +83,7 @@ class Autoscaler:
         self._owner_url: dict[str, BrokerKey] = {}
         self._groups: dict[BrokerKey, list[_Entry]] = {}
         self._pollers: dict[BrokerKey, BrokerPoller] = {}
-        self._layout_due: dict[BrokerKey, tuple[float, frozenset[QueueRef]]] = {}
+        self._layout_due: dict[BrokerKey, tuple[float, frozenset[QueueRef], float]] = {}  # due, watched, checked
         self.layout_check_interval = layout_check_interval
         self._broker_tasks: dict[BrokerKey, asyncio.Task[None]] = {}
         self.control: WorkerControl = control or CeleryControl()
@@ -190,10 +191,13 @@ class Autoscaler:
         check = getattr(poller.source, "check_layout", None) if poller is not None else None
         watched = frozenset(r for *_, refs in entries for rs in refs.values() for r in rs)
         due = self._layout_due.get(url)
-        # Due every interval, and at once when the queues or their layout changed (a spec edit).
-        if check is None or (due is not None and now < due[0] and due[1] == watched):
+        # Due every interval, and soon when the queues or their layout changed (a spec edit); while
+        # pools keep arriving (a rollout) at most every LAYOUT_RECHECK_SECONDS, not on every poll.
+        if check is None or (
+            due is not None and now < due[0] and (due[1] == watched or now - due[2] < LAYOUT_RECHECK_SECONDS)
+        ):
             return []
-        self._layout_due[url] = (now + self.layout_check_interval, watched)
+        self._layout_due[url] = (now + self.layout_check_interval, watched, now)
         log.debug("broker %s: checking the key layout of %d queues", _display(url), len(watched))
         try:
             found: Mapping[QueueRef, list[str]] = await check(watched)

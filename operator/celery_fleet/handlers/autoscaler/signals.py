@@ -18,19 +18,12 @@ log = logging.getLogger(__name__)
 
 
 class PoolSeries:
-    """The pools' gauges. Label lookups dominate a tick at fleet scale, so the last value written per
-    metric child is kept by pool and a gauge is only touched when its value changes."""
+    """The pools' gauges, written only when a value changes (`metrics.OwnedGauge`)."""
 
-    def __init__(self) -> None:
-        self._written: dict[ObjKey, dict[tuple[Any, ...], float]] = {}
-
-    def set(self, gauge: Any, labels: tuple[str, ...], value: float) -> None:
+    def set(self, gauge: metrics.OwnedGauge, labels: tuple[str, ...], value: float) -> None:
         """Set a pool's gauge (labels start with namespace, pool) if its value changed."""
-        written = self._written.setdefault((labels[0], labels[1]), {})
-        k = (id(gauge), *labels)
-        if written.get(k) != value:
-            written[k] = value
-            gauge.labels(*labels).set(value)
+        if gauge.get(labels) != value:
+            gauge.set(labels, value)
 
     def forget(
         self,
@@ -43,7 +36,6 @@ class PoolSeries:
         namespace, pool = key
         if keep is None:
             metrics.forget_pool(namespace, pool)
-            self._written.pop(key, None)
             return
         queues = {tier: {r.name for r in refs} for tier, refs in keep.items()}
         for tier, old_refs in (old or {}).items():
@@ -52,11 +44,6 @@ class PoolSeries:
                 continue
             for queue in {r.name for r in old_refs} - queues[tier]:
                 metrics.forget_pool(namespace, pool, tier=tier, queue=queue)
-
-        def kept(labels: tuple[Any, ...]) -> bool:  # (id(gauge), namespace, pool[, tier[, queue, ...]])
-            return len(labels) <= 3 or (labels[3] in queues and (len(labels) <= 4 or labels[4] in queues[labels[3]]))
-
-        self._written[key] = {labels: v for labels, v in self._written.get(key, {}).items() if kept(labels)}
 
     def record_depth(
         self, namespace: str, pool: str, refs: Mapping[str, list[QueueRef]], reading: DepthReading
