@@ -60,6 +60,7 @@ class OwnedGauge(Collector):
                 family.add_metric(labels, value)
         yield family
 
+
 RECONCILES = Counter(
     "celery_fleet_reconciles_total",
     "Reconciliations of pools and beats by kind and result.",

@@ -10,7 +10,7 @@ from typing import Any
 from celery_fleet.brokers import BrokerRegistry, DepthReading, QueueRef, UnackedSummary
 from celery_fleet.brokers.source import KeyLayout, QueueDepthSource
 from celery_fleet.handlers.autoscaler.loop import Autoscaler
-from celery_fleet.handlers.cache import POOL_LABEL, FleetCache
+from celery_fleet.handlers.cache import POOL_LABEL, FleetCache, SharedTrees
 from celery_fleet.kube.client import Kube
 from celery_fleet.planning.drift import has_drifted
 from tests.support.fake_api import RecordingApi
@@ -158,3 +158,49 @@ def test_an_invalid_pool_is_parsed_once_per_version(monkeypatch: Any) -> None:
         assert len(parses) == 2 and key in autoscaler._specs
 
     asyncio.run(main())
+
+
+def _template(image: str, queue: str) -> dict[str, Any]:
+    probe = {"exec": {"command": ["python3", "-c", "long script " * 50]}, "periodSeconds": 10}
+    container = {
+        "name": "worker",
+        "image": image,
+        "args": ["-Q", queue],
+        "readinessProbe": probe,
+        "env": [{"name": "A", "value": "1"}],
+        "ports": [{"containerPort": 1000, "protocol": "TCP"}],
+    }
+    return {"template": {"spec": {"containers": [container], "securityContext": {}}}}  # fmt: skip
+
+
+def test_equal_subtrees_of_cached_objects_are_held_once() -> None:
+    shared = SharedTrees()
+    a, b = shared.copy(_template("img:1", "q1")), shared.copy(_template("img:1", "q2"))
+    assert a == _template("img:1", "q1") and b == _template("img:1", "q2")  # copies, equal to what came in
+    ca, cb = a["template"]["spec"]["containers"][0], b["template"]["spec"]["containers"][0]
+    assert ca is not cb  # they differ in their args
+    assert ca["readinessProbe"] is cb["readinessProbe"] and ca["env"] is cb["env"] and ca["ports"] is cb["ports"]
+    assert a["template"]["spec"]["securityContext"] is b["template"]["spec"]["securityContext"]
+
+
+def test_values_equal_across_types_are_not_shared() -> None:
+    """1, 1.0 and True compare equal in Python; a cached object must keep what the apiserver sent."""
+    shared = SharedTrees()
+    kept = [shared.copy({"v": v}) for v in (1, 1.0, True, "1")]
+    assert [type(k["v"]) for k in kept] == [int, float, bool, str]
+    assert len({id(k) for k in kept}) == 4
+
+
+def test_subtrees_only_one_object_held_leave_the_table() -> None:
+    shared = SharedTrees()
+    held = [shared.copy(_template("img:1", f"q{i}")) for i in range(3)]
+    for i in range(3, 50):
+        shared.copy(_template("img:1", f"q{i}"))  # dropped at once: nothing holds these
+    shared._sweep()
+    # Left: what the three held copies share (probe, env, ports...) and nothing of the dropped ones.
+    assert 0 < len(shared) < 20
+    again = shared.copy(_template("img:1", "q0"))
+    assert (
+        again["template"]["spec"]["containers"][0]["readinessProbe"]
+        is (held[0]["template"]["spec"]["containers"][0]["readinessProbe"])
+    )

@@ -30,22 +30,97 @@ ChildKey = tuple[str, str]  # (kind, name)
 # of it (conditions with their messages and timestamps) is most of a status and never compared.
 _DEPLOYMENT_STATUS = ("replicas", "readyReplicas", "updatedReplicas", "availableReplicas", "observedGeneration")
 _UNREAD_ANNOTATIONS = ("kubectl.kubernetes.io/last-applied-configuration",)  # a second copy of the object
-_INTERNED_UP_TO = 64  # characters: names, labels, enum-like values repeat across thousands of objects
+_SWEEP_EVERY = 4096  # subtrees registered between sweeps of the ones nothing shares
 
 
-def _copy(value: Any) -> Any:
-    """A deep copy whose keys and short strings are interned: one object per distinct string, so a
-    thousand Deployments built from one template share their keys and repeated values."""
-    if isinstance(value, dict):
-        return {sys.intern(k): _copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_copy(v) for v in value]
-    if isinstance(value, str) and len(value) <= _INTERNED_UP_TO:
-        return sys.intern(value)
-    return value
+class SharedTrees:
+    """Deep copies that share every subtree equal to one already held: a thousand Deployments from one
+    template hold one readiness probe, one env entry, one set of defaults, one copy of each string.
+
+    Cached objects are only read (writers build new dicts, as `note_replicas` does), so sharing is safe.
+    Subtrees are found by a hash of their keys and leaf values and of their children's identities; a
+    subtree no second object holds is dropped from the table now and then, so the table holds about
+    what is shared. Not thread-safe: FleetCache calls it under its lock.
+    """
+
+    def __init__(self) -> None:
+        self._by_hash: dict[int, dict[str, Any] | list[Any]] = {}
+        self._added = 0
+
+    def copy(self, value: Any) -> Any:
+        kind = type(value)
+        node: dict[str, Any] | list[Any]
+        if kind is dict:
+            mapping: dict[str, Any] = {}
+            parts: list[Any] = ["{"]
+            for k, v in value.items():
+                k = sys.intern(k)
+                v = self.copy(v)
+                mapping[k] = v
+                parts += (k, id(v) if type(v) in _TREES else (type(v), v))  # leaves by value and type
+            node = mapping
+        elif kind is list:
+            node = [self.copy(v) for v in value]
+            parts = ["[", *(id(v) if type(v) in _TREES else (type(v), v) for v in node)]
+        elif kind is str:
+            return sys.intern(value)
+        elif isinstance(value, Mapping | list):  # not from JSON (a test's or Kopf's own types): as plain ones
+            return self.copy(dict(value) if isinstance(value, Mapping) else list(value))
+        else:
+            return value
+        h = hash(tuple(parts))
+        found = self._by_hash.get(h)
+        if found is not None and _same(found, node):
+            return found
+        self._by_hash[h] = node
+        self._added += 1
+        if self._added >= _SWEEP_EVERY:
+            self._sweep()
+        return node
+
+    def _sweep(self) -> None:
+        counts = _refcounts(self._by_hash)
+        # Kept: subtrees two or more objects hold, and everything inside them (found bottom-up, a shared
+        # subtree is only found again while its children are).
+        todo: list[Any] = [n for h, n in self._by_hash.items() if counts[h] > _UNHELD + 1]
+        keep: set[int] = set()
+        while todo:
+            node = todo.pop()
+            if id(node) not in keep:
+                keep.add(id(node))
+                todo += [v for v in (node.values() if isinstance(node, dict) else node) if isinstance(v, dict | list)]
+        self._by_hash = {h: n for h, n in self._by_hash.items() if id(n) in keep}
+        self._added = 0
+
+    def __len__(self) -> int:
+        return len(self._by_hash)
 
 
-def _slim(body: Mapping[str, Any]) -> dict[str, Any]:
+def _refcounts(table: Mapping[int, Any]) -> dict[int, int]:
+    return {h: sys.getrefcount(n) for h, n in table.items()}
+
+
+_UNHELD = _refcounts({0: []})[0]  # what _refcounts sees of an entry nothing else holds (the table's own)
+
+
+_TREES = (dict, list)  # by identity (a shared subtree is one object); leaves by value and type: 1, 1.0, True hash alike
+
+
+def _same(a: dict[str, Any] | list[Any], b: dict[str, Any] | list[Any]) -> bool:
+    if type(a) is not type(b) or len(a) != len(b):
+        return False
+    if isinstance(a, dict) and isinstance(b, dict):
+        return all(ka is kb and _leaf_same(va, vb) for (ka, va), (kb, vb) in zip(a.items(), b.items(), strict=True))
+    return all(_leaf_same(x, y) for x, y in zip(a, b, strict=True))
+
+
+def _leaf_same(a: Any, b: Any) -> bool:
+    if type(a) in _TREES or type(b) in _TREES:
+        return a is b
+    return type(a) is type(b) and a == b
+
+
+def _slim(body: Mapping[str, Any], shared: SharedTrees) -> dict[str, Any]:
     """Keep what the reconcilers compare: drop managedFields (most of an object's size), a
     client-side apply's copy of the object, and the parts of children's status nobody reads."""
     kind = body.get("kind")
@@ -56,13 +131,13 @@ def _slim(body: Mapping[str, Any]) -> dict[str, Any]:
             annotations = meta.get("annotations")
             if annotations and any(a in annotations for a in _UNREAD_ANNOTATIONS):
                 meta["annotations"] = {k: v for k, v in annotations.items() if k not in _UNREAD_ANNOTATIONS}
-            out["metadata"] = _copy(meta)
+            out["metadata"] = shared.copy(meta)
         elif key == "status" and kind == "Deployment":
             out["status"] = {k: value[k] for k in _DEPLOYMENT_STATUS if k in (value or {})}
         elif key == "status" and kind == "PodDisruptionBudget":
             continue
         else:
-            out[sys.intern(key)] = _copy(value)
+            out[sys.intern(key)] = shared.copy(value)
     out.setdefault("metadata", {})
     return out
 
@@ -90,6 +165,7 @@ class PoolRuntime:
 class FleetCache:
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._shared = SharedTrees()
         self.pools: dict[ObjKey, dict[str, Any]] = {}
         self.beats: dict[ObjKey, dict[str, Any]] = {}
         self.children: dict[ObjKey, dict[ChildKey, dict[str, Any]]] = defaultdict(dict)
@@ -103,7 +179,7 @@ class FleetCache:
     def put_pool(self, body: Mapping[str, Any]) -> ObjKey:
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
         with self._lock:
-            self.pools[key] = _slim(body)
+            self.pools[key] = _slim(body, self._shared)
             self._versions[key] = next(self._version)
         return key
 
@@ -125,7 +201,7 @@ class FleetCache:
     def put_beat(self, body: Mapping[str, Any]) -> ObjKey:
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
         with self._lock:
-            self.beats[key] = _slim(body)
+            self.beats[key] = _slim(body, self._shared)
         return key
 
     def drop_beat(self, key: ObjKey) -> None:
@@ -149,7 +225,7 @@ class FleetCache:
                     if not children:
                         del table[key]
             else:
-                table[key][ckey] = _slim(body)
+                table[key][ckey] = _slim(body, self._shared)
             if key in self._versions:
                 self._versions[key] = next(self._version)
         return key
