@@ -116,6 +116,7 @@ class RedisDepthSource:
         self._plans: dict[tuple[frozenset[QueueRef], frozenset[KeyLayout]], PollPlan] = {}
         self._layout_cursor = 0
         self._read_only_scripts = True
+        self._ro: dict[int, tuple[Sequence[Command], Sequence[Command]]] = {}
         self._layout_found: dict[QueueRef, set[str]] = {}
         self._layout_seen: dict[QueueRef, set[str]] = {}
         # The last answer to each plan, parsed: polls alternate between walking `unacked` and not.
@@ -165,13 +166,26 @@ class RedisDepthSource:
     async def _scripts(self, commands: Sequence[Command]) -> list[Reply]:
         """Run the (read-only) scripts as EVAL_RO, so an ACL user needs no EVAL; EVAL on Redis < 7."""
         if self._read_only_scripts:
-            ro = [("EVAL_RO", *c[1:]) if c[0] == "EVAL" else c for c in commands]
+            ro = self._read_only(commands)
             replies = await asyncio.wait_for(self._round_trip(ro), self.deadline_seconds)
             unknown = [r for r in replies if isinstance(r, BaseException) and "unknown command" in str(r).lower()]
             if not unknown:
                 return replies
             self._read_only_scripts = False  # Redis 6: no EVAL_RO
         return await asyncio.wait_for(self._round_trip(commands), self.deadline_seconds)
+
+    def _read_only(self, commands: Sequence[Command]) -> Sequence[Command]:
+        """The same commands as EVAL_RO, the same object for the same plan (the round trip keeps its
+        encoding by identity)."""
+        kept = self._ro.get(id(commands))
+        if kept is None or kept[0] is not commands:
+            if len(self._ro) >= 8:
+                self._ro.clear()
+            kept = self._ro[id(commands)] = (
+                commands,
+                tuple(("EVAL_RO", *c[1:]) if c[0] == "EVAL" else c for c in commands),
+            )
+        return kept[1]
 
     def _plan(self, refs: frozenset[QueueRef], skip: frozenset[KeyLayout]) -> PollPlan:
         # Polls repeat the same queues: keep the plans (building one for 300 queues costs ~3 ms).
