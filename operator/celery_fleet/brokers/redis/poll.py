@@ -158,8 +158,11 @@ def parse_poll(plan: PollPlan, replies: Sequence[Reply], *, duration_seconds: fl
                 stale_routes[(layout, frozenset(mine))] += n
     for ref in queue_errors:
         queued.pop(ref, None)
+    # Readings are never changed: queues with the same counts share one mapping (an idle fleet's
+    # thousands of empty queues, one {0: 0, 3: 0, 6: 0, 9: 0}).
+    same: dict[tuple[tuple[int, int], ...], dict[int, int]] = {}
     return DepthReading(
-        queued={r: dict(s) for r, s in queued.items()},
+        queued={r: same.setdefault(tuple(s.items()), s) for r, s in queued.items()},
         in_flight=dict(in_flight),
         unacked=unacked,
         duration_seconds=duration_seconds,

@@ -13,6 +13,7 @@ from typing import Any
 
 from celery_fleet import metrics
 from celery_fleet.api.models import CeleryWorkerPoolSpec, InvalidSpec, parse_pool
+from celery_fleet.api.sharing import ModelTable, share_submodels
 from celery_fleet.brokers.layout import mismatch_message
 from celery_fleet.brokers.poller import BrokerPoller, BrokerRegistry
 from celery_fleet.brokers.redis.connection import ConnectOptions, connect
@@ -80,6 +81,7 @@ class Autoscaler:
         self._specs: dict[ObjKey, tuple[tuple[str, int], CeleryWorkerPoolSpec, dict[str, list[QueueRef]]]] = {}
         self._last_reading: dict[int, int] = {}
         self._invalid: dict[ObjKey, tuple[str, int]] = {}  # pools whose spec at that version does not parse
+        self._models = ModelTable()  # the specs kept here share their equal parts
         self._owner_url: dict[str, BrokerKey] = {}
         self._groups: dict[BrokerKey, list[_Entry]] = {}
         self._pollers: dict[BrokerKey, BrokerPoller] = {}
@@ -263,7 +265,7 @@ class Autoscaler:
         if self._invalid.get(key) == version:
             return None  # parsing it again every poll would cost what every valid pool costs together
         try:
-            spec = parse_pool(body)
+            spec = share_submodels(parse_pool(body), self._models)
         except InvalidSpec:
             self._invalid[key] = version
             return None  # the reconciler reports it as Degraded
