@@ -11,6 +11,7 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ from celery_fleet.brokers.redis.connection import TlsSettings
 from celery_fleet.handlers.cache import FleetCache, ObjKey, PoolRuntime
 from celery_fleet.handlers.children import ChildConflict, apply_child
 from celery_fleet.kube.client import ApiError, Kube
-from celery_fleet.kube.events import ObjectRef, post_event
+from celery_fleet.kube.events import EventPoster, ObjectRef
 from celery_fleet.planning.conditions import ConditionUpdate, conditions_equal, merge_conditions
 from celery_fleet.planning.drift import drifted_fields, has_drifted
 from celery_fleet.planning.ownership import CHILD_CONFLICT, is_controlled_by
@@ -31,6 +32,9 @@ from celery_fleet.planning.workload import POOL_LABEL, TIER_LABEL, pool_children
 log = logging.getLogger(__name__)
 
 POOL_API_VERSION = API_VERSION
+
+
+CHILD_APPLY_THREADS = 16  # a pool's children applied at once, over every reconcile worker
 
 
 def pool_ref(body: Mapping[str, Any]) -> ObjectRef:
@@ -60,6 +64,16 @@ def replicas_for(tier: Tier, observed: Mapping[str, Any] | None, scaler_desired:
     return tier.replicas.min
 
 
+def _attempt(
+    kube: Kube, child: dict[str, Any], owner: ObjectRef, current: Mapping[str, Any] | None
+) -> tuple[dict[str, Any] | None, ApiError | ChildConflict | None]:
+    """One child's apply, its failure returned (not raised) so the pool's other children still land."""
+    try:
+        return apply_child(kube, child, owner=owner, current=current), None
+    except (ApiError, ChildConflict) as err:
+        return None, err
+
+
 def rejected_child(err: ApiError) -> Problem | None:
     """The problem to report when the apiserver refused a child built from the spec, else None.
 
@@ -82,6 +96,8 @@ class PoolReconciler:
     def __init__(self, kube: Kube, cache: FleetCache) -> None:
         self.kube = kube
         self.cache = cache
+        self.events = EventPoster(kube)
+        self._children_pool = ThreadPoolExecutor(max_workers=CHILD_APPLY_THREADS, thread_name_prefix="apply")
 
     def reconcile(self, key: ObjKey) -> Outcome:
         body = self.cache.pool(key)
@@ -122,7 +138,7 @@ class PoolReconciler:
                     "and the workers; anyone on the network path can read the traffic and the broker password"
                 )
                 log.warning("pool %s/%s: %s", namespace, name, message)
-                post_event(self.kube, ref, "BrokerTLSInsecure", message, "Warning")
+                self.events.post(ref, "BrokerTLSInsecure", message, "Warning")
         else:
             runtime.insecure_tls_announced = False
         if problem is not None:
@@ -252,33 +268,46 @@ class PoolReconciler:
         wanted: set[tuple[str, str]] = set()
         conflicts: list[Problem] = []
         created: dict[str, list[str]] = {}  # kind -> names: one Event for a rollout, not one per child
+        todo: list[tuple[dict[str, Any], tuple[str, str], Mapping[str, Any] | None]] = []
+        for child in desired:
+            ckey = (child["kind"], child["metadata"]["name"])
+            wanted.add(ckey)
+            current = observed.get(ckey)
+            if current is None or ckey not in owned or has_drifted(child, current):
+                todo.append((child, ckey, current))
+        # A pool's children are independent: applied at once, a rollout costs one round trip, not one
+        # per tier (each reconcile worker waits on the apiserver far more than it computes).
+        if len(todo) > 1:
+            results = list(self._children_pool.map(lambda t: _attempt(self.kube, t[0], ref, t[2]), todo))
+        else:
+            results = [_attempt(self.kube, child, ref, current) for child, _, current in todo]
+        failure: ApiError | None = None
         try:
-            for child in desired:
-                ckey = (child["kind"], child["metadata"]["name"])
-                wanted.add(ckey)
-                current = observed.get(ckey)
-                if current is not None and ckey in owned and not has_drifted(child, current):
+            for (child, ckey, before), (applied, err) in zip(todo, results, strict=True):
+                if isinstance(err, ChildConflict):
+                    conflicts.append(err.problem)
                     continue
-                try:
-                    applied = apply_child(self.kube, child, owner=ref, current=current)
-                except ChildConflict as conflict:
-                    conflicts.append(conflict.problem)
+                if err is not None:
+                    failure = failure or err
                     continue
+                assert applied is not None
                 self.cache.put_child(POOL_LABEL, {**applied, "kind": child["kind"]})
-                if current is None:
+                if before is None:
                     metrics.CHILD_WRITES.labels(child["kind"], "create").inc()
                     created.setdefault(child["kind"], []).append(ckey[1])
                     continue
-                paths = drifted_fields({k: child[k] for k in ("metadata", "spec") if k in child}, current)
+                paths = drifted_fields({k: child[k] for k in ("metadata", "spec") if k in child}, before)
                 message = f"Updated {child['kind']} {ckey[1]} ({', '.join(p.lstrip('.') for p in paths[:3])})"
                 metrics.CHILD_WRITES.labels(child["kind"], "update").inc()
                 log.info("pool %s/%s: %s", namespace, name, message)
-                post_event(self.kube, ref, "Updated", message)
-        finally:  # what was created is announced even if a later child was refused
+                self.events.post(ref, "Updated", message)
+        finally:  # what was created is announced even if another child was refused
             if created:
                 message = "Created " + "; ".join(f"{kind} {', '.join(names)}" for kind, names in created.items())
                 log.info("pool %s/%s: %s", namespace, name, message)
-                post_event(self.kube, ref, "Created", message)
+                self.events.post(ref, "Created", message)
+        if failure is not None:
+            raise failure
         for ckey, current in owned.items():
             if ckey in wanted or current["metadata"].get("deletionTimestamp"):
                 continue
@@ -292,7 +321,7 @@ class PoolReconciler:
                     message = f"Deleted {ckey[0]} {ckey[1]}: tier {tier} has no podDisruptionBudget"
                 metrics.CHILD_WRITES.labels(ckey[0], "delete").inc()
                 log.info("pool %s/%s: %s", namespace, name, message)
-                post_event(self.kube, ref, "Deleted", message)
+                self.events.post(ref, "Deleted", message)
             self.cache.put_child(POOL_LABEL, {**current, "kind": ckey[0]}, deleted=True)
         return conflicts
 
@@ -341,7 +370,7 @@ class PoolReconciler:
             return
         old_problem = _condition(old, "Degraded")
         if problem is not None and (old_problem or {}).get("message") != problem.message:
-            post_event(self.kube, ref, problem.reason, problem.message, "Warning")
+            self.events.post(ref, problem.reason, problem.message, "Warning")
             log.warning("pool %s/%s: %s: %s", namespace, name, problem.reason, problem.message)
         self.kube.patch_status(POOL_API_VERSION, "CeleryWorkerPool", namespace, name, status)
 

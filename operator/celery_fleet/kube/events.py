@@ -14,6 +14,7 @@ import threading
 import uuid
 import weakref
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -136,3 +137,33 @@ def post_event(kube: Kube, ref: ObjectRef, reason: str, message: str, type_: Eve
             series.started(key, body["metadata"]["name"], now)
     except ApiError as err:
         log.warning("could not post event %s on %s/%s: %s", reason, ref.namespace, ref.name, err)
+
+
+class EventPoster:
+    """Events posted off the caller's thread: a reconcile does not wait on its Events (best effort
+    anyway), so a rollout's reconcile is its applies and one status write. At most `backlog` wait;
+    past that an Event is dropped with a warning rather than holding memory for an apiserver that
+    does not answer."""
+
+    def __init__(self, kube: Kube, *, workers: int = 4, backlog: int = 10_000) -> None:
+        self.kube = kube
+        self.backlog = backlog
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="events")
+        self._lock = threading.Lock()
+        self._pending = 0
+
+    def post(self, ref: ObjectRef, reason: str, message: str, type_: EventType = "Normal") -> None:
+        with self._lock:
+            if self._pending >= self.backlog:
+                log.warning("event %s on %s/%s dropped: %d events wait", reason, ref.namespace, ref.name, self._pending)
+                return
+            self._pending += 1
+        self._pool.submit(post_event, self.kube, ref, reason, message, type_).add_done_callback(self._done)
+
+    def _done(self, _: Future[None]) -> None:
+        with self._lock:
+            self._pending -= 1
+
+    def pending(self) -> int:
+        with self._lock:
+            return self._pending
