@@ -54,6 +54,18 @@ def changes(previous: DepthReading | None, reading: DepthReading) -> Mapping[Que
     rev = reading.revision
     if previous is None:
         return {r: rev for r in (*reading.queued, *reading.queue_errors)}
+    if (
+        reading.queued == previous.queued
+        and reading.queue_errors == previous.queue_errors
+        and reading.in_flight == previous.in_flight
+        and reading.in_flight_routes == previous.in_flight_routes
+        and reading.stale_routes == previous.stale_routes
+        and reading.unacked.keys() == previous.unacked.keys()
+        and all(_aged(s) == _aged(previous.unacked[p]) for p, s in reading.unacked.items())
+    ):
+        # Nothing changed (an idle fleet's polls, walking `unacked` or reusing the last walk): the same
+        # mapping, so a pool can tell by identity that none of its queues changed.
+        return previous.changed_at
     # A reused walk's age grows every poll; its counts are what matter.
     layouts_changed = {p for p, summary in reading.unacked.items()
                        if replace(summary, age_seconds=0.0) != _aged(previous.unacked.get(p))}  # fmt: skip
@@ -117,6 +129,7 @@ class RedisDepthSource:
         self._layout_cursor = 0
         self._read_only_scripts = True
         self._ro: dict[int, tuple[Sequence[Command], Sequence[Command]]] = {}
+        self._names_of: tuple[Collection[QueueRef], dict[KeyLayout, set[str]]] | None = None
         self._layout_found: dict[QueueRef, set[str]] = {}
         self._layout_seen: dict[QueueRef, set[str]] = {}
         # The last answer to each plan, parsed: polls alternate between walking `unacked` and not.
@@ -128,9 +141,7 @@ class RedisDepthSource:
 
     async def read(self, refs: Collection[QueueRef]) -> DepthReading:
         started = self._clock()
-        names: dict[KeyLayout, set[str]] = defaultdict(set)
-        for r in refs:
-            names[r.layout].add(r.name)
+        names = self._names(refs)
         skip = {
             p
             for p, queues in names.items()
@@ -173,6 +184,17 @@ class RedisDepthSource:
                 return replies
             self._read_only_scripts = False  # Redis 6: no EVAL_RO
         return await asyncio.wait_for(self._round_trip(commands), self.deadline_seconds)
+
+    def _names(self, refs: Collection[QueueRef]) -> dict[KeyLayout, set[str]]:
+        """The queue names by key layout; the same answer for the same queues (every idle poll)."""
+        kept = self._names_of
+        if kept is not None and kept[0] is refs:
+            return kept[1]
+        names: dict[KeyLayout, set[str]] = defaultdict(set)
+        for r in refs:
+            names[r.layout].add(r.name)
+        self._names_of = (refs, names)
+        return names
 
     def _read_only(self, commands: Sequence[Command]) -> Sequence[Command]:
         """The same commands as EVAL_RO, the same object for the same plan (the round trip keeps its

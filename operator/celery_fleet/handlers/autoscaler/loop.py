@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import operator
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
@@ -84,6 +85,8 @@ class Autoscaler:
         self._models = ModelTable()  # the specs kept here share their equal parts
         self._owner_url: dict[str, BrokerKey] = {}
         self._groups: dict[BrokerKey, list[_Entry]] = {}
+        self._grouped: dict[ObjKey, tuple[Any, ...]] = {}  # key -> (body, url, tls, broker, entry) last grouped
+        self._registered: dict[BrokerKey, tuple[list[_Entry], frozenset[QueueRef]]] = {}  # entries, their queues
         self._pollers: dict[BrokerKey, BrokerPoller] = {}
         self._layout_due: dict[BrokerKey, tuple[float, frozenset[QueueRef], float]] = {}  # due, watched, checked
         self.layout_check_interval = layout_check_interval
@@ -120,19 +123,33 @@ class Autoscaler:
         await asyncio.gather(*(self._poll_broker(url) for url in list(self._groups)))
 
     def _group(self) -> dict[BrokerKey, list[_Entry]]:
+        """The pools by broker. A broker whose pools are all as before keeps its very list, so the poll
+        can tell by identity that its queues need not be registered and united again."""
         pools = dict(self.cache.pools)
         by_broker: dict[BrokerKey, list[_Entry]] = {}
+        memo: dict[ObjKey, tuple[Any, ...]] = {}
         for key, body in pools.items():
-            parsed = self._spec(key, body)
             runtime = self.cache.runtime[key]
-            url = runtime.broker_url
+            url, tls = runtime.broker_url, runtime.broker_tls
+            last = self._grouped.get(key)
+            if last is not None and last[0] is body and last[1] == url and last[2] == tls:
+                memo[key] = last  # the same body (cache entries are replaced, never changed) and broker
+                by_broker.setdefault(last[3], []).append(last[4])
+                continue
+            parsed = self._spec(key, body)
             if parsed is None or url is None or body["metadata"].get("deletionTimestamp"):
                 continue
             spec = parsed[0]
-            options = ConnectOptions(runtime.broker_tls, spec.broker.master_name)
-            by_broker.setdefault((url, options if options != ConnectOptions() else None), []).append(
-                (key, body, *parsed)
-            )
+            options = ConnectOptions(tls, spec.broker.master_name)
+            broker = (url, options if options != ConnectOptions() else None)
+            entry = (key, body, *parsed)
+            memo[key] = (body, url, tls, broker, entry)
+            by_broker.setdefault(broker, []).append(entry)
+        self._grouped = memo
+        for broker, entries in by_broker.items():
+            before = self._groups.get(broker)
+            if before is not None and len(before) == len(entries) and all(map(operator.is_, before, entries)):
+                by_broker[broker] = before
         return by_broker
 
     async def _schedule(self, *, start: bool = True) -> None:
@@ -154,6 +171,7 @@ class Autoscaler:
             if task.done():
                 del self._broker_tasks[url]
                 self._pollers.pop(url, None)
+                self._registered.pop(url, None)
                 self._layout_due.pop(url, None)
         for url in self._groups:
             if url not in self._broker_tasks:
@@ -191,7 +209,12 @@ class Autoscaler:
         now = self.clock()
         poller = self._pollers.get(url)
         check = getattr(poller.source, "check_layout", None) if poller is not None else None
-        watched = frozenset(r for *_, refs in entries for rs in refs.values() for r in rs)
+        registered = self._registered.get(url)
+        watched = (
+            registered[1]
+            if registered is not None and registered[0] is entries
+            else frozenset(r for *_, refs in entries for rs in refs.values() for r in rs)
+        )
         due = self._layout_due.get(url)
         # Due every interval, and soon when the queues or their layout changed (a spec edit); while
         # pools keep arriving (a rollout) at most every LAYOUT_RECHECK_SECONDS, not on every poll.
@@ -232,20 +255,27 @@ class Autoscaler:
 
     async def _read_broker(self, url: BrokerKey, entries: list[_Entry]) -> DepthReading | BrokerError:
         try:
-            poller = None
-            union: set[QueueRef] = set()
-            for key, _body, _spec, refs in entries:
-                owner = f"{key[0]}/{key[1]}"
-                # Registering is needed once per owner (and when its URL changes); one poller per URL.
-                if poller is None or self._owner_url.get(owner) != url:
-                    poller = await self.registry.poller_for(owner, url[0], url[1])
-                    self._owner_url[owner] = url
-                tier_refs = [r for rs in refs.values() for r in rs]
-                poller.want(owner, tier_refs)
-                union.update(tier_refs)
-            assert poller is not None
             first = f"{entries[0][0][0]}/{entries[0][0][1]}"
-            self._pollers[url] = poller
+            registered = self._registered.get(url)
+            poller = self._pollers.get(url)
+            if registered is not None and registered[0] is entries and poller is not None:
+                union = registered[1]  # the same pools as the last poll: registered, their queues known
+            else:
+                poller = None
+                queues: set[QueueRef] = set()
+                for key, _body, _spec, refs in entries:
+                    owner = f"{key[0]}/{key[1]}"
+                    # Registering is needed once per owner (and when its URL changes); one poller per URL.
+                    if poller is None or self._owner_url.get(owner) != url:
+                        poller = await self.registry.poller_for(owner, url[0], url[1])
+                        self._owner_url[owner] = url
+                    tier_refs = [r for rs in refs.values() for r in rs]
+                    poller.want(owner, tier_refs)
+                    queues.update(tier_refs)
+                assert poller is not None
+                union = frozenset(queues)
+                self._registered[url] = (entries, union)
+                self._pollers[url] = poller
             reading = await poller.read(first, union)
         except BrokerError as err:
             return err

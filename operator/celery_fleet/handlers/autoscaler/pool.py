@@ -58,6 +58,8 @@ class _Steady:
     # The reading revision and cache version the signature was last found equal at: while the pool's
     # queues are unchanged since that revision and the version holds, it is not even observed.
     seen: tuple[int, int | None] | None = None
+    # The reading's per-queue change map then: a later reading with the very same map changed nothing.
+    changes: Mapping[QueueRef, int] | None = None
 
 
 def _shown(runtime: PoolRuntime) -> tuple[Any, ...]:
@@ -118,9 +120,13 @@ class PoolScaler:
             and steady.seen[1] == version
             and now - steady.decided_at < FULL_DECIDE_SECONDS
             and not isinstance(result, BrokerError)
-            and all(result.unchanged_since(steady.seen[0], tier_refs) for tier_refs in refs.values())
+            and (
+                result.changed_at is steady.changes
+                or all(result.unchanged_since(steady.seen[0], tier_refs) for tier_refs in refs.values())
+            )
         ):
             # Its queues read as before and neither the pool nor its children changed.
+            steady.changes = result.changed_at
             return self._skip(key, steady, now)
         runtime = self.cache.runtime[key]
         namespace, name = key
@@ -164,6 +170,7 @@ class PoolScaler:
         if steady is not None and steady.signature == signature and now - steady.decided_at < FULL_DECIDE_SECONDS:
             # Same inputs as a decision that changed nothing: it would decide the same again.
             steady.seen = seen
+            steady.changes = None if isinstance(result, BrokerError) else result.changed_at
             return self._skip(key, steady, now)
         histories = dict(runtime.history)
         if steady is not None:
@@ -206,7 +213,8 @@ class PoolScaler:
                 for d in decisions
             )
         ):
-            self._steady[key] = _Steady(signature, current, decided_at=now, seen=seen)
+            changes = None if isinstance(result, BrokerError) else result.changed_at
+            self._steady[key] = _Steady(signature, current, decided_at=now, seen=seen, changes=changes)
         else:
             self._steady.pop(key, None)
         return self._act(key, body, runtime, decisions, broker_problem, tier_problem)
