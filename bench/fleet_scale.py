@@ -215,6 +215,11 @@ def requests_by(op: OperatorProcess) -> dict[tuple[str, str], float]:
     return out
 
 
+def reconciles(op: OperatorProcess) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in op.metrics().splitlines()
+               if line.startswith('celery_fleet_reconciles_total{kind="CeleryWorkerPool"'))  # fmt: skip
+
+
 def delta(after: dict[tuple[str, str], float], before: dict[tuple[str, str], float]) -> dict[tuple[str, str], float]:
     return {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0) > 0}
 
@@ -294,6 +299,13 @@ def main() -> None:
     rows: list[tuple[str, str]] = [("pools x tiers", f"{args.pools} x 3 = {pods} tiers, {pods} pods (kwok)")]
     sections: list[str] = []
 
+    # A previous run's namespaces are deleted in the background when it ends: thousands of objects the
+    # garbage collector removes for minutes. Neither leg may run while that loads the control plane.
+    leftovers = [n for n in cluster.kubectl("get", "ns", "-o", "name").stdout.split()
+                 if n.startswith(("namespace/bench-scale-", "namespace/bench-floor-"))]  # fmt: skip
+    for gone in leftovers:
+        delete_namespace(cluster, gone.split("/", 1)[1])
+
     floor_s = None
     if not args.no_floor:
         fns = f"bench-floor-{args.pools}"
@@ -334,6 +346,7 @@ def main() -> None:
         if isinstance(op, TracedOperator):
             profiles.append(("0 pools (MiB)", rss0, op.profile()))
         req0 = requests_by(op)
+        reconciles0 = reconciles(op)
         sampler = Sampler(pid)
         sampler.start()
         load0 = load()
@@ -376,6 +389,7 @@ def main() -> None:
             ("operator RSS at 0 pools / peak during rollout / after", f"{rss0:.0f} / {max(sampler.peak, rss1):.0f} / {rss1:.0f} MiB"),
             ("operator CPU during rollout (own CPU time)", f"{cpu1 - cpu0:.1f} s"),
             ("apiserver requests by the operator during rollout", f"{n_rollout:.0f} ({n_rollout / args.pools:.2f} per pool)"),
+            ("pool reconciles during rollout", f"{reconciles(op) - reconciles0:.0f} ({(reconciles(op) - reconciles0) / args.pools:.2f} per pool)"),
             ("  of which, per pool", per(rollout, args.pools)),
         ]  # fmt: skip
 

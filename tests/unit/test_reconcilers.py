@@ -188,3 +188,36 @@ def test_a_raised_min_becomes_the_count_so_lowering_it_again_is_the_autoscalers_
     PoolReconciler(Kube(api), cache).reconcile(key)  # type: ignore[arg-type]  # duck-typed ApiClient
     assert cache.runtime[key].desired["high"] == 2
     assert _deployments(api)["billing-high"]["spec"]["replicas"] == 2
+
+
+def test_progress_only_status_writes_are_coalesced_and_a_condition_change_is_not() -> None:
+    """Pods starting change a pool's counts several times a second during a rollout: at most one such
+    write per 2 s per pool (the held one is requeued), while a condition that changes is written at once."""
+    api, cache, now = RecordingApi(), FleetCache(), [0.0]
+    key = cache.put_pool(_pool())
+    reconciler = PoolReconciler(Kube(api), cache, clock=lambda: now[0])  # type: ignore[arg-type]  # duck-typed ApiClient
+    reconciler.reconcile(key)
+    written = len(api.statuses())
+    names = sorted(name for kind, name in cache.children_of(key) if kind == "Deployment")
+
+    def ready(name: str, n: int) -> None:
+        child = cache.children_of(key)[("Deployment", name)]
+        wanted = child["spec"]["replicas"]
+        status = {"replicas": wanted, "readyReplicas": n, "availableReplicas": n, "updatedReplicas": wanted,
+                  "observedGeneration": 1}  # fmt: skip
+        cache.put_child(POOL_LABEL, {**child, "kind": "Deployment", "status": status})
+
+    now[0] = 0.5
+    ready(names[0], 1)  # one pod of the first tier is up: only counts change
+    outcome = reconciler.reconcile(key)
+    assert len(api.statuses()) == written  # held back
+    assert outcome.requeue_after == pytest.approx(1.5)
+    now[0] = 2.0
+    reconciler.reconcile(key)
+    assert len(api.statuses()) == written + 1  # the held write lands when due
+    now[0] = 2.1
+    for name in names:  # every tier ready: Ready turns True, written at once
+        ready(name, cache.children_of(key)[("Deployment", name)]["spec"]["replicas"])
+    reconciler.reconcile(key)
+    assert len(api.statuses()) == written + 2
+    assert _condition(api.statuses()[-1], "Ready")["status"] == "True"

@@ -230,6 +230,14 @@ class FleetCache:
                 self._versions[key] = next(self._version)
         return key
 
+    def note_status(self, key: ObjKey, status: Mapping[str, Any]) -> None:
+        """A status we wrote, before its watch event arrives (the pool is replaced, not changed: readers
+        may hold the old body). Not a new version: none of the autoscaler's inputs changed."""
+        with self._lock:
+            body = self.pools.get(key)
+            if body is not None:
+                self.pools[key] = {**body, "status": status}
+
     def note_replicas(self, key: ObjKey, deployment: str, replicas: int) -> None:
         """A scale we wrote, before its watch event arrives: the next poll and reconcile see it, so
         neither writes it again (a loaded apiserver's events lag the write by a second or more)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 POOL_API_VERSION = API_VERSION
 
 
+STATUS_COALESCE_SECONDS = 2.0  # progress-only status writes of one pool, at most one per this
 CHILD_APPLY_THREADS = 16  # a pool's children applied at once, over every reconcile worker
 
 
@@ -93,15 +94,18 @@ def rejected_child(err: ApiError) -> Problem | None:
 
 
 class PoolReconciler:
-    def __init__(self, kube: Kube, cache: FleetCache) -> None:
+    def __init__(self, kube: Kube, cache: FleetCache, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.kube = kube
         self.cache = cache
+        self._clock = clock
+        self._status_written: dict[ObjKey, float] = {}  # when each pool's status was last written
         self.events = EventPoster(kube)
         self._children_pool = ThreadPoolExecutor(max_workers=CHILD_APPLY_THREADS, thread_name_prefix="apply")
 
     def reconcile(self, key: ObjKey) -> Outcome:
         body = self.cache.pool(key)
         if body is None or body["metadata"].get("deletionTimestamp"):
+            self._status_written.pop(key, None)
             return Outcome()  # deleted: the garbage collector removes the children
         started = time.perf_counter()
         try:
@@ -159,8 +163,7 @@ class PoolReconciler:
                 conflict = Problem(CHILD_CONFLICT, " ".join(p.message for p in conflicts))
                 self._write_status(key, body, ref, spec=spec, problem=conflict)
                 return Outcome(error=True)
-        self._write_status(key, body, ref, spec=spec, problem=None)
-        return Outcome()
+        return Outcome(requeue_after=self._write_status(key, body, ref, spec=spec, problem=None))
 
     def _resolve_broker(
         self, namespace: str, spec: CeleryWorkerPoolSpec, runtime: PoolRuntime, *, reader: str
@@ -333,7 +336,8 @@ class PoolReconciler:
         *,
         spec: CeleryWorkerPoolSpec | None,
         problem: Problem | None,
-    ) -> None:
+    ) -> float | None:
+        """Write the pool's status if it changed; returns how long a held-back write waits."""
         namespace, name = key
         observed = self.cache.children_of(key, owner_uid=ref.uid)
         runtime = self.cache.runtime[key]
@@ -367,12 +371,23 @@ class PoolReconciler:
         old = body.get("status") or {}
         status["conditions"] = merge_conditions(old.get("conditions"), updates, generation=inp.generation, now=utcnow())
         if _status_equal(old, status):
-            return
+            return None
+        now = self._clock()
+        if _progress_only(old, status, inp.generation):
+            # Counts and messages only (pods starting, depths): at most one write per pool per
+            # STATUS_COALESCE_SECONDS; a condition's change or a new generation is written at once.
+            wait = self._status_written.get(key, -STATUS_COALESCE_SECONDS) + STATUS_COALESCE_SECONDS - now
+            if wait > 0:
+                return wait
         old_problem = _condition(old, "Degraded")
         if problem is not None and (old_problem or {}).get("message") != problem.message:
             self.events.post(ref, problem.reason, problem.message, "Warning")
             log.warning("pool %s/%s: %s: %s", namespace, name, problem.reason, problem.message)
         self.kube.patch_status(POOL_API_VERSION, "CeleryWorkerPool", namespace, name, status)
+        self._status_written[key] = now
+        # Until the watch brings it back: a reconcile before that would write the same status again.
+        self.cache.note_status(key, status)
+        return None
 
 
 def object_version(body: Mapping[str, Any]) -> str:
@@ -386,6 +401,17 @@ def _condition(status: Mapping[str, Any], type_: str) -> Mapping[str, Any] | Non
         if c.get("type") == type_ and c.get("status") == "True":
             return dict(c)
     return None
+
+
+def _progress_only(old: Mapping[str, Any], new: Mapping[str, Any], generation: int) -> bool:
+    """Whether `new` differs from `old` only in counts and messages: every condition keeps its status
+    and reason, and the generation they speak for is the one already shown."""
+
+    def states(status: Mapping[str, Any]) -> set[tuple[Any, ...]]:
+        return {(c.get("type"), c.get("status"), c.get("reason"), c.get("observedGeneration"))
+                for c in status.get("conditions") or []}  # fmt: skip
+
+    return old.get("observedGeneration") == generation and states(old) == states(new)
 
 
 def _status_equal(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:

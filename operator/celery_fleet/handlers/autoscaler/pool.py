@@ -21,7 +21,7 @@ from celery_fleet.handlers.autoscaler.signals import EventNotes, PoolSeries
 from celery_fleet.handlers.cache import FleetCache, ObjKey, PoolRuntime
 from celery_fleet.handlers.pool_reconciler import pool_ref, utcnow
 from celery_fleet.kube.client import ApiError, Kube
-from celery_fleet.kube.events import ObjectRef, post_event
+from celery_fleet.kube.events import EventPoster, ObjectRef, post_event
 from celery_fleet.planning.pool_status import TierScaling
 from celery_fleet.planning.scaling import (
     Decision,
@@ -88,6 +88,7 @@ class PoolScaler:
         self.notes = notes
         self.max_replicas = max_replicas
         self._last_status: dict[ObjKey, float] = {}
+        self.events = EventPoster(kube)
         self._shown: dict[ObjKey, tuple[Any, ...]] = {}  # the autoscaler's part of the last status refresh
         self._steady: dict[ObjKey, _Steady] = {}
         self._scale_ins: dict[ObjKey, asyncio.Task[None]] = {}
@@ -307,7 +308,7 @@ class PoolScaler:
         self._last_status[key] = self.clock()
         self._shown[key] = _shown(runtime)
         self.refresh_status(key)
-        await asyncio.to_thread(post_event, self.kube, ref, direction, d.message)
+        self.events.post(ref, direction, d.message)  # off the loop's threads: a storm's scales go first
 
     def _record(
         self, key: ObjKey, runtime: PoolRuntime, d: Decision, previous: TierScaling, *, scaled_at: str | None = None
