@@ -90,3 +90,30 @@ def test_an_idle_pool_refreshes_its_status_only_when_what_it_shows_changes() -> 
 
     asyncio.run(main())
     assert len(refreshed) == 2 and refreshed[1] >= 63.0
+
+
+def test_a_pool_created_again_under_its_name_keeps_nothing_of_the_old_one() -> None:
+    """Deleted and created again between two passes (a new uid): the old pool's steady state and series
+    are not the new one's."""
+    source = ScriptedSource({"high_priority": 150})
+    cache = FleetCache()
+    key = put_pool(cache, rolled_out=2, replicas=TIER_REPLICAS, autoscaling=AUTOSCALING)
+
+    async def main() -> None:
+        autoscaler = Autoscaler(
+            Kube(RecordingApi()),  # type: ignore[arg-type]  # duck-typed ApiClient
+            cache,
+            refresh_status=lambda key: None,
+            registry=BrokerRegistry(lambda url: source, max_age=0.0),
+        )
+        await autoscaler.tick()
+        assert key in autoscaler.pools._steady  # the old pool is steady at 2
+        old = cache.pool(key)
+        assert old is not None
+        forgotten: list[ObjKey] = []
+        autoscaler.pools.forget = forgotten.append  # type: ignore[method-assign]  # record, as the real one clears
+        cache.put_pool({**old, "metadata": {**old["metadata"], "uid": "new-uid"}})
+        await autoscaler.tick()
+        assert forgotten == [key]
+
+    asyncio.run(main())

@@ -306,7 +306,12 @@ class Autoscaler:
             b.visibility_timeout_seconds,
         )  # fmt: skip
         refs = {t.name: queue_refs(t.queues, priority_steps=b.priority_steps, layout=layout) for t in spec.tiers}
-        if cached is not None:
+        if cached is not None and cached[0][0] != version[0]:
+            # Deleted and created again under its name between two passes: nothing of the old pool is
+            # the new one's (its series, censuses, once-only notes, steady state).
+            self.pools.forget(key)
+            self.series.forget(key)
+        elif cached is not None:
             self.series.forget(key, old=cached[2], keep=refs)
         self._specs[key] = (version, spec, refs)
         return spec, refs
