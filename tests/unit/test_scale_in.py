@@ -110,6 +110,17 @@ def test_scheduled_tasks_are_not_demand() -> None:
     assert "30 scheduled, not demand" in d.message
 
 
+def test_a_tier_held_above_its_queue_on_in_flight_work_asks_its_workers() -> None:
+    """Raised on a backlog (no census: the queue alone asked for it), then the workers reserved all of it:
+    held at max on in-flight work that may be countdown tasks, it asks, and drops to what is demand."""
+    held = one(tier(lo=1), Observation(0, 30), 4)
+    assert (held.desired, held.asks_workers) == (4, True)
+    d = one(tier(lo=1), Observation(0, 30), 4, census(idle("p0", scheduled=30), idle("p1"), idle("p2"), idle("p3")))
+    assert (d.desired, d.scheduled) == (1, 30)
+    on_queue = one(tier(lo=1), Observation(8, 30), 4)  # the queue alone keeps it at 4: nothing to ask
+    assert (on_queue.desired, on_queue.asks_workers) == (4, False)
+
+
 def test_approximate_in_flight_never_lets_a_tier_go_from_one_to_zero() -> None:
     obs = Observation(0, 3, in_flight_exact=False)
     d = one(tier(count_in_flight=False), obs, 1, census(idle("p0")))

@@ -188,8 +188,8 @@ class Decision:
     scheduled: int | None = None
     busy_workers: int | None = None
     stale_unacked: int | None = None  # None when the read failed
-    # The caller should ask the tier's workers and decide again: this decision lowers the tier,
-    # or raises it on in-flight work that may be scheduled (ETA) tasks.
+    # The caller should ask the tier's workers and decide again: this decision lowers the tier, or
+    # raises it or holds it above the queue's need on in-flight work that may be scheduled (ETA) tasks.
     asks_workers: bool = False
 
     @property
@@ -218,6 +218,7 @@ class _Proposal:
     budget_wanted: int | None = None
     workers: TierWorkers | None = None
     in_flight_driven: bool = False  # the recommendation exceeds what the queue alone asks for
+    queue_only: int = 0  # what the queue alone asks for, within the bounds
 
 
 def decide(
@@ -330,9 +331,9 @@ def _propose(
         recommended=recommended,
         facts=_facts(obs, a.count_in_flight, a.target_depth_per_replica, scheduled if workers is not None else None),
         workers=workers,
-        in_flight_driven=counted_in_flight > 0
-        and _clamp(math.ceil(obs.queue_depth / a.target_depth_per_replica), tier) < recommended,
+        queue_only=_clamp(math.ceil(obs.queue_depth / a.target_depth_per_replica), tier),
     )
+    p.in_flight_driven = counted_in_flight > 0 and p.queue_only < recommended
 
     if base > hi:
         p.desired, p.reason, p.detail = hi, Reason.ABOVE_MAXIMUM, f"above replicas.max {hi}"
@@ -580,7 +581,14 @@ def _finish(p: _Proposal, now: float) -> Decision:
         asks_workers=p.workers is None
         and p.current is not None
         and isinstance(obs, Observation)
-        and (p.desired < p.current or (p.desired > p.current and p.in_flight_driven)),
+        # Lowering; or raising, or holding above what the queue alone needs, on in-flight work: that may
+        # be ETA tasks the workers hold until due (a tier raised on a backlog its workers then reserved
+        # would otherwise hold at that count for as long as they hold them).
+        and (
+            p.desired < p.current
+            or (p.in_flight_driven and p.desired >= p.current > p.queue_only)
+            or (p.desired > p.current and p.in_flight_driven)
+        ),
     )
 
 
