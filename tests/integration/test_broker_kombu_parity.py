@@ -324,6 +324,26 @@ class SentinelSet:
         finally:
             client.close()
 
+    def settled_away_from(self, old: int) -> bool:
+        """Every Sentinel names a new master and calls it healthy, as redis-py's discover_master demands.
+
+        GET-MASTER-ADDR-BY-NAME names the promoted replica while the failover is still reconfiguring replicas,
+        when SENTINEL MASTERS still flags the entry o_down and failover_in_progress: a client that asks then
+        finds no master ("No master found for 'mymaster'"). Wait for the flags to read plain ``master`` everywhere.
+        """
+        for port in self.ports:
+            client = redis.Redis(port=port, socket_timeout=2, decode_responses=True)
+            try:
+                fields = client.execute_command("SENTINEL", "MASTER", "mymaster")
+            except redis.RedisError:
+                return False
+            finally:
+                client.close()
+            state = dict(zip(fields[::2], fields[1::2], strict=True)) if isinstance(fields, list) else fields
+            if int(state["port"]) == old or state["flags"] != "master":
+                return False
+        return True
+
     def stop(self) -> None:
         for proc in self.procs:
             proc.terminate()
@@ -378,7 +398,11 @@ def test_sentinel_is_read_as_kombu_reads_it_and_a_failover_is_followed(sentinels
                 old = sentinels.master.port
                 sentinels.master.proc.kill()  # type: ignore[union-attr]
                 sentinels.master.proc.wait()  # type: ignore[union-attr]
-                wait_for(lambda: sentinels.master_port() != old, timeout=30, message="the Sentinels to fail over")
+                wait_for(
+                    lambda: sentinels.settled_away_from(old),
+                    timeout=30,
+                    message="every Sentinel to name the new master, failover done",
+                )
             with celery(sentinels.url, options) as app:
                 for i in range(5):
                     app.send_task(TASK, priority=i % 10)  # kombu asks the Sentinels: the new master
