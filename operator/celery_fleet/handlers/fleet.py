@@ -16,6 +16,7 @@ from celery_fleet.handlers.cache import FleetCache, ObjKey
 from celery_fleet.handlers.pool_reconciler import Outcome, PoolReconciler
 from celery_fleet.handlers.workqueue import WorkQueue
 from celery_fleet.kube.client import Kube
+from celery_fleet.kube.events import EventPoster
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +71,18 @@ class Fleet:
     beat_queue: WorkQueue[ObjKey] = field(default_factory=WorkQueue)
 
     def __post_init__(self) -> None:
-        self.pools = PoolReconciler(self.kube, self.cache)
+        # One Event poster (its threads and its backlog bound) for the reconcilers and the autoscaler.
+        self.events = EventPoster(self.kube)
+        self.pools = PoolReconciler(self.kube, self.cache, events=self.events)
         metrics.KUBE_REQUESTS.counts = lambda: dict(self.kube.requests_by)
         # Counted when scraped: counting every pool after every reconcile was O(pools) each time.
         metrics.POOLS.set_function(lambda: self.cache.counts()[0])
         metrics.TIERS.set_function(lambda: self.cache.counts()[1])
         metrics.BEATS.set_function(lambda: self.cache.counts()[2])
         self.beats = BeatReconciler(self.kube, self.cache, self.config.elector_image)
-        self.autoscaler = Autoscaler(self.kube, self.cache, self.pool_queue.add, interval=self.config.poll_interval)
+        self.autoscaler = Autoscaler(
+            self.kube, self.cache, self.pool_queue.add, interval=self.config.poll_interval, events=self.events
+        )
 
     async def _reconcile(
         self, kind: str, reconcile: Callable[[ObjKey], Outcome], queue: WorkQueue[ObjKey], key: ObjKey

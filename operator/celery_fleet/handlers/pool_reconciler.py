@@ -94,12 +94,19 @@ def rejected_child(err: ApiError) -> Problem | None:
 
 
 class PoolReconciler:
-    def __init__(self, kube: Kube, cache: FleetCache, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        kube: Kube,
+        cache: FleetCache,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        events: EventPoster | None = None,
+    ) -> None:
         self.kube = kube
         self.cache = cache
         self._clock = clock
         self._status_written: dict[ObjKey, float] = {}  # when each pool's status was last written
-        self.events = EventPoster(kube)
+        self.events = events or EventPoster(kube)
         self._children_pool = ThreadPoolExecutor(max_workers=CHILD_APPLY_THREADS, thread_name_prefix="apply")
 
     def reconcile(self, key: ObjKey) -> Outcome:

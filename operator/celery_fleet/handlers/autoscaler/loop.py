@@ -27,7 +27,7 @@ from celery_fleet.handlers.autoscaler.signals import EventNotes, PoolSeries
 from celery_fleet.handlers.cache import FleetCache, ObjKey
 from celery_fleet.handlers.pool_reconciler import pool_ref
 from celery_fleet.kube.client import Kube
-from celery_fleet.kube.events import post_event
+from celery_fleet.kube.events import EventPoster, post_event
 from celery_fleet.workers.control import CeleryControl, WorkerControl
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ class Autoscaler:
         clock: Callable[[], float] = time.monotonic,
         layout_check_interval: float = LAYOUT_CHECK_SECONDS,
         control: WorkerControl | None = None,
+        events: EventPoster | None = None,
     ) -> None:
         self.kube = kube
         self.cache = cache
@@ -96,7 +97,7 @@ class Autoscaler:
         notes = EventNotes(kube)
         self.scale_in = ScaleIn(kube, self.control, clock, notes)
         self.pools = PoolScaler(
-            kube, cache, refresh_status, clock, self.series, self.scale_in, notes, self._max_replicas
+            kube, cache, refresh_status, clock, self.series, self.scale_in, notes, self._max_replicas, events
         )
 
     async def run(self) -> None:

@@ -78,6 +78,7 @@ class PoolScaler:
         scale_in: ScaleIn,
         notes: EventNotes,
         max_replicas: Callable[[ObjKey, str], int],
+        events: EventPoster | None = None,
     ) -> None:
         self.kube = kube
         self.cache = cache
@@ -88,7 +89,7 @@ class PoolScaler:
         self.notes = notes
         self.max_replicas = max_replicas
         self._last_status: dict[ObjKey, float] = {}
-        self.events = EventPoster(kube)
+        self.events = events or EventPoster(kube)
         self._shown: dict[ObjKey, tuple[Any, ...]] = {}  # the autoscaler's part of the last status refresh
         self._steady: dict[ObjKey, _Steady] = {}
         self._scale_ins: dict[ObjKey, asyncio.Task[None]] = {}
@@ -128,7 +129,7 @@ class PoolScaler:
         ):
             # Its queues read as before and neither the pool nor its children changed.
             steady.changes = result.changed_at
-            return self._skip(key, steady, now)
+            return self._skip(steady, now)
         runtime = self.cache.runtime[key]
         namespace, name = key
         observations: dict[str, TierObservation]
@@ -172,7 +173,7 @@ class PoolScaler:
             # Same inputs as a decision that changed nothing: it would decide the same again.
             steady.seen = seen
             steady.changes = None if isinstance(result, BrokerError) else result.changed_at
-            return self._skip(key, steady, now)
+            return self._skip(steady, now)
         histories = dict(runtime.history)
         if steady is not None:
             # The skipped polls each recommended the steady count: keep that in the stabilization window.
@@ -220,10 +221,8 @@ class PoolScaler:
             self._steady.pop(key, None)
         return self._act(key, body, runtime, decisions, broker_problem, tier_problem)
 
-    def _skip(self, key: ObjKey, steady: _Steady, now: float) -> list[Coroutine[Any, Any, None]]:
-        steady.skipped_at = now
-        if now - self._last_status.get(key, 0.0) >= STATUS_REFRESH_SECONDS:
-            self._last_status[key] = now
+    def _skip(self, steady: _Steady, now: float) -> list[Coroutine[Any, Any, None]]:
+        steady.skipped_at = now  # a skip shows nothing new: the status is not refreshed, its clock not moved
         return []
 
     async def _ask_then_decide(
