@@ -44,9 +44,10 @@ from _harness import (
 from kubernetes import client, config, watch
 
 from celery_fleet.api.models import parse_pool
-from celery_fleet.planning.workload import pool_children
+from celery_fleet.planning.workload import pool_children, tier_child_name
 
 TIERS = ("high", "medium", "low")
+OPERATOR_KUBE_THREADS = 20  # the operator's kube threads with --workers 8 (handlers/fleet.py: 2 x workers + 4)
 
 
 def pool(i: int, broker: str) -> dict[str, Any]:
@@ -278,6 +279,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pools", type=int, default=200)
     ap.add_argument("--storm", type=int, default=100, help="pools whose high queue jumps at once (0: skip)")
+    ap.add_argument("--storms", type=int, default=3, help="storms, each on other pools (the phase varies)")
     ap.add_argument("--steady", type=float, default=60.0, help="seconds of idle fleet to measure CPU and requests")
     ap.add_argument("--no-floor", action="store_true", help="skip the kubectl-only leg (no ratio)")
     ap.add_argument("--memory-profile", action="store_true",
@@ -307,8 +309,8 @@ def main() -> None:
         delete_namespace(cluster, gone.split("/", 1)[1])
 
     floor_s = None
+    fns = f"bench-floor-{args.pools}"
     if not args.no_floor:
-        fns = f"bench-floor-{args.pools}"
         fresh_namespace(cluster, fns)
         children = [c for o in objs for c in floor_children(o, fns)]
         deployments = sum(1 for c in children if c["kind"] == "Deployment")
@@ -413,7 +415,8 @@ def main() -> None:
             profiles.append((f"{args.pools} pools, idle (MiB)", s_rss, op.profile()))
 
         if args.storm:
-            sections.append(storm(redis, custom, ns, min(args.storm, args.pools), op))
+            n = min(args.storm, args.pools // max(1, args.storms))
+            sections.append(storm(redis, api, ns, n, op, args.storms, None if args.no_floor else fns))
 
         if profiles:
             sections.append(
@@ -436,34 +439,130 @@ def main() -> None:
             cluster.kubectl("delete", "ns", gone, "--wait=false", check=False)
 
 
-def storm(redis: Any, custom: client.CustomObjectsApi, ns: str, n: int, op: OperatorProcess) -> str:
-    """Queue depth jumps at once for n pools on one broker; time until every tier has its new replicas."""
+class PollClock(threading.Thread):
+    """When the operator's polls reach Redis (MONITOR's own timestamps, wall clock): the storm's
+    latency splits into waiting for the next poll (the phase) and what follows it."""
+
+    def __init__(self, redis: Any, ignore: str) -> None:
+        super().__init__(daemon=True)
+        self.redis, self.ignore = redis, ignore  # the bench's own client address
+        self.stamps: list[float] = []
+        self.ready = threading.Event()
+
+    def run(self) -> None:
+        conn = self.redis.client().connection_pool.get_connection()
+        conn.send_command("MONITOR")
+        conn.read_response()  # +OK
+        self.ready.set()
+        while True:
+            line = conn.read_response()
+            text = line.decode(errors="replace") if isinstance(line, bytes) else str(line)
+            head, _, rest = text.partition(" [")
+            if self.ignore not in rest.split("]", 1)[0]:
+                try:
+                    self.stamps.append(float(head))
+                except ValueError:
+                    continue
+
+    def first_after(self, t: float) -> float | None:
+        return next((s for s in list(self.stamps) if s >= t), None)
+
+
+def scale_directly(api: client.ApiClient, ns: str, names: list[str], replicas: int, threads: int) -> None:
+    """The storm's floor: the same scale writes sent at once by a plain client, no operator deciding."""
+    apps = client.AppsV1Api(api)
+    chunks = [names[i::threads] for i in range(threads)]
+
+    def send(chunk: list[str]) -> None:
+        for name in chunk:
+            apps.patch_namespaced_deployment_scale(name, ns, {"spec": {"replicas": replicas}})
+
+    workers = [threading.Thread(target=send, args=(c,)) for c in chunks if c]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+
+
+def latencies(first_at: dict[str, float], landed: float) -> tuple[float, float, float, float]:
+    """First, p50, p99 and last, in seconds after `landed`."""
+    lat = sorted(t - landed for t in first_at.values())
+    return lat[0], lat[len(lat) // 2], lat[min(len(lat) - 1, int(len(lat) * 0.99))], lat[-1]
+
+
+def storm(
+    redis: Any, api: client.ApiClient, ns: str, n: int, op: OperatorProcess, storms: int, floor_ns: str | None
+) -> str:
+    """Queue depth jumps at once for n pools on one broker, `storms` times (other pools each time);
+    time until every tier has its new replicas. The single figure is a poor one: every pool of a
+    storm waits for the same next poll, so one storm's p99 carries one draw of the phase (0-1 s)."""
+    custom = client.CustomObjectsApi(api)
     before = requests_by(op)
-    # Watching (plain dicts) before the burst, so no early scale can slip in ahead of the watch.
-    scaled = Until(deployments_of(custom, "celeryfleet.io/tier=high"), ns, lambda d: d["spec"].get("replicas") == 3, n)
-    scaled.start()
-    wait_for(lambda: scaled.watching, timeout=60, message="the storm's watch")
     r = redis.client()
-    with r.pipeline(transaction=False) as pipe:
-        for i in range(n):
-            pipe.lpush(f"p{i:04d}_high", *([b"{}"] * 25))  # depth 25 / target 10 -> 3 replicas
-        t0 = time.monotonic()
-        pipe.execute()
-    landed = time.monotonic()
-    scaled.wait(300, "storm tiers scaled")
-    lat = sorted(t - landed for t in scaled.first_at.values())
-    p50, p99 = lat[len(lat) // 2], lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+    me = r.client_info()["addr"]
+    clock = PollClock(redis, me)
+    clock.start()
+    clock.ready.wait(10)
+    wall = time.time() - time.monotonic()  # MONITOR stamps are wall clock; the watch's are monotonic
+    rows, pooled = [], []
+    for k in range(storms):
+        names = [f"p{i:04d}" for i in range(k * n, (k + 1) * n)]
+        # Watching (plain dicts) before the burst, so no early scale can slip in ahead of the watch.
+        scaled = Until(deployments_of(custom, "celeryfleet.io/tier=high"), ns, lambda d: d["spec"].get("replicas") == 3,
+                       n * (k + 1))  # fmt: skip
+        scaled.start()
+        wait_for(lambda s=scaled: s.watching, timeout=60, message="the storm's watch")
+        with r.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.lpush(f"{name}_high", *([b"{}"] * 25))  # depth 25 / target 10 -> 3 replicas
+            t0 = time.monotonic()
+            pipe.execute()
+        landed = time.monotonic()
+        scaled.wait(300, "storm tiers scaled")
+        scaled.stop_flag.set()
+        mine = {d: t for d, t in scaled.first_at.items() if d.split("-")[0] in set(names)}
+        first, p50, p99, last = latencies(mine, landed)
+        pooled += [t - landed for t in mine.values()]
+        poll = clock.first_after(landed + wall)
+        phase = (poll - wall - landed) if poll is not None else float("nan")
+        rows.append(f"| {k + 1} | {landed - t0:.3f} | {phase:.2f} | {first - phase:.2f} | {first:.2f} / {p50:.2f} / "
+                    f"**{p99:.2f}** / {last:.2f} | {last - first:.2f} |")  # fmt: skip
+    pooled.sort()
+    all_p99 = pooled[min(len(pooled) - 1, int(len(pooled) * 0.99))]
     # The decisions' own requests (scale, Event, status refresh) land within a few seconds of the scale.
-    wait_for(lambda: sum(delta(requests_by(op), before).values()) >= 3 * n, timeout=30, interval=0.5)
+    wait_for(lambda: sum(delta(requests_by(op), before).values()) >= 3 * n * storms, timeout=30, interval=0.5)
     time.sleep(3)  # the status refreshes trail the scale (an interval, not a condition)
     made = delta(requests_by(op), before)
-    return (
-        f"\n## Storm: {n} pools' high queues jump at once (25 messages each, one pipelined write; load {load()})\n\n"
-        f"| measure | value |\n|---|---|\n| write of the burst | {landed - t0:.3f} s |\n"
-        f"| first tier scaled | {lat[0]:.2f} s after the burst landed |\n"
-        f"| p50 / **p99** / last tier scaled (target p99 <= 1.5 s) | {p50:.2f} / **{p99:.2f}** / {lat[-1]:.2f} s |\n"
-        f"| requests per scaling decision | {sum(made.values()) / n:.2f}: {per(made, n)} |\n"
+    out = (
+        f"\n## Storm: {n} pools' high queues jump at once, {storms} times, other pools each time "
+        f"(25 messages each, one pipelined write; load {load()})\n\n"
+        "Phase: from the burst to the operator's next poll reaching Redis (MONITOR). After the poll: to the first "
+        "tier scaled. Spread: first to last tier scaled.\n\n"
+        "| storm | burst write (s) | phase (s) | poll to first scaled (s) | first / p50 / **p99** / last (s) | "
+        "spread (s) |\n|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
+        f"| measure | value |\n|---|---|\n"
+        f"| p99 over all {len(pooled)} tiers (target p99 <= 1.5 s) | **{all_p99:.2f} s** |\n"
+        f"| requests per scaling decision | {sum(made.values()) / (n * storms):.2f}: {per(made, n * storms)} |\n"
     )
+    if floor_ns is not None:
+        # The same n scale writes, sent by the bench at once to the floor's own Deployments.
+        names = [tier_child_name(f"p{i:04d}", "high") for i in range(n)]
+        seen = Until(deployments_of(custom, "celeryfleet.io/tier=high"), floor_ns,
+                     lambda d: d["spec"].get("replicas") == 3, n)  # fmt: skip
+        seen.start()
+        wait_for(lambda: seen.watching, timeout=60, message="the floor storm's watch")
+        t0 = time.monotonic()
+        scale_directly(api, floor_ns, names, 3, OPERATOR_KUBE_THREADS)
+        sent = time.monotonic() - t0
+        seen.wait(300, "floor storm scaled")
+        seen.stop_flag.set()
+        first, p50, p99, last = latencies(seen.first_at, t0)
+        out += (
+            f"| floor: the same {n} scale writes sent at once by a plain client ({OPERATOR_KUBE_THREADS} threads) "
+            f"to the floor's Deployments | sent in {sent:.2f} s; seen first / p50 / **p99** / last "
+            f"{first:.2f} / {p50:.2f} / **{p99:.2f}** / {last:.2f} s |\n"
+        )
+    return out
 
 
 if __name__ == "__main__":

@@ -327,9 +327,11 @@ class SentinelSet:
     def settled_away_from(self, old: int) -> bool:
         """Every Sentinel names a new master and calls it healthy, as redis-py's discover_master demands.
 
-        GET-MASTER-ADDR-BY-NAME names the promoted replica while the failover is still reconfiguring replicas,
-        when SENTINEL MASTERS still flags the entry o_down and failover_in_progress: a client that asks then
-        finds no master ("No master found for 'mymaster'"). Wait for the flags to read plain ``master`` everywhere.
+        On the Sentinel leading the failover, GET-MASTER-ADDR-BY-NAME names the promoted replica while it
+        still reconfigures replicas, when SENTINEL MASTERS (what redis-py reads) still flags the old entry
+        o_down; the others still flag the old master down. A client asking then finds no master ("No master
+        found for 'mymaster'", seen on CI). So wait until every Sentinel's entry names another port with the
+        plain flags ``master`` (not s_down, o_down, disconnected or failover_in_progress).
         """
         for port in self.ports:
             client = redis.Redis(port=port, socket_timeout=2, decode_responses=True)
