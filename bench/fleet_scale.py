@@ -42,6 +42,7 @@ from _harness import (
     write_result,
 )
 from kubernetes import client, config, watch
+from redis import exceptions as redis_errors
 
 from celery_fleet.api.models import parse_pool
 from celery_fleet.planning.workload import pool_children, tier_child_name
@@ -78,6 +79,31 @@ def floor_children(obj: dict[str, Any], namespace: str) -> list[dict[str, Any]]:
     return children
 
 
+CONTROL_PLANE = ("kube-apiserver", "etcd", "kube-controller-manager", "kube-scheduler", "kwok")
+
+
+def control_plane_cpu() -> dict[str, float]:
+    """CPU seconds so far of each control-plane process (kwokctl's binary runtime runs them here)."""
+    out: dict[str, float] = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            exe = os.path.basename(os.readlink(f"/proc/{pid}/exe"))
+            if exe in CONTROL_PLANE:
+                out[exe] = out.get(exe, 0.0) + proc_usage(int(pid))[1]
+        except OSError:
+            continue
+    return out
+
+
+def cpu_row(before: dict[str, float], after: dict[str, float], extra: str = "") -> str:
+    used = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in CONTROL_PLANE}
+    return (f"{sum(used.values()):.0f} s: kube-apiserver {used['kube-apiserver']:.0f}, etcd {used['etcd']:.0f}, "
+            f"controller-manager {used['kube-controller-manager']:.0f}, scheduler {used['kube-scheduler']:.0f}, "
+            f"kwok {used['kwok']:.0f}{extra}")  # fmt: skip
+
+
 def load() -> str:
     return "/".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -109,6 +135,8 @@ class Until(threading.Thread):
         self.list_fn, self.namespace, self.ok, self.want = list_fn, namespace, ok, want
         self.done: set[str] = set()
         self.first_at: dict[str, float] = {}  # when each object first satisfied `ok`
+        self.seen: set[str] = set()  # every object that exists, in any state
+        self.all_seen_at: float | None = None  # when `want` of them first existed (e.g. created by the operator)
         self.finished_at: float | None = None
         self.watching = False
         self.stop_flag = threading.Event()
@@ -125,6 +153,10 @@ class Until(threading.Thread):
                 for ev in w.stream(self.list_fn, self.namespace, resource_version=listing["metadata"]["resourceVersion"],
                                    timeout_seconds=60):  # fmt: skip
                     obj = ev["object"]
+                    if ev["type"] == "ADDED":
+                        self.seen.add(obj["metadata"]["name"])
+                        if self.all_seen_at is None and len(self.seen) >= self.want:
+                            self.all_seen_at = time.monotonic()
                     if ev["type"] != "DELETED" and self.ok(obj):
                         self.done.add(obj["metadata"]["name"])
                         self.first_at.setdefault(obj["metadata"]["name"], time.monotonic())
@@ -317,12 +349,15 @@ def main() -> None:
         load0 = load()
         until = Until(deployments_of(custom), fns, deployment_ready, deployments)
         until.start()
+        cp0 = control_plane_cpu()
         t0 = time.monotonic()
         applied = apply_parallel(cluster, fns, children, 300)
         floor_s = until.wait(1800, "floor Deployments Ready") - t0
+        floor_cpu = cpu_row(cp0, control_plane_cpu())
         rows += [
             ("floor: the same children with kubectl (300 per request, parallel), no operator",
              f"{len(children)} objects applied in {applied:.1f} s, every pod Ready at **{floor_s:.1f} s** (load {load0} -> {load()})"),
+            ("floor: control-plane CPU until every pod Ready", floor_cpu),
         ]  # fmt: skip
         # Left in place (idle: Ready kwok pods cost the control plane nothing) until the end: deleting
         # thousands of Deployments takes minutes of apiserver and controller CPU that would land on the
@@ -358,6 +393,7 @@ def main() -> None:
         ready.start()
         for f in sorted((ROOT / "crds").glob("*.yaml")):  # again: the cluster is shared with other branches
             cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(f))
+        cp0 = control_plane_cpu()
         t0 = time.monotonic()
         applied = apply_parallel(cluster, ns, objs, 100)
 
@@ -371,6 +407,7 @@ def main() -> None:
         wait_for(first_reconciled, timeout=300, interval=1.0, message="p0000 reconciled")
         deps_s = deps.wait(1800, "tier Deployments Ready") - t0
         ready_s = ready.wait(600, "pools Ready") - t0
+        cp1 = control_plane_cpu()
         sampler.stop_flag.set()
         rss1, cpu1 = proc_usage(pid)
         req1 = requests_by(op)
@@ -379,6 +416,8 @@ def main() -> None:
         rows += [
             ("operator: the pools with kubectl (100 per request, parallel)", f"applied in {applied:.1f} s (load {load0} -> {load()})"),
             ("operator: every tier's pods Ready / every pool Ready", f"{deps_s:.1f} s / **{ready_s:.1f} s**"),
+            ("operator: every tier Deployment created (its own writes, before the cluster makes the pods Ready)",
+             f"{deps.all_seen_at - t0:.1f} s" if deps.all_seen_at else "not seen"),
         ]  # fmt: skip
         if floor_s:
             rows.append(
@@ -390,6 +429,7 @@ def main() -> None:
         rows += [
             ("operator RSS at 0 pools / peak during rollout / after", f"{rss0:.0f} / {max(sampler.peak, rss1):.0f} / {rss1:.0f} MiB"),
             ("operator CPU during rollout (own CPU time)", f"{cpu1 - cpu0:.1f} s"),
+            ("operator leg: control-plane CPU until every pool Ready", cpu_row(cp0, cp1, f"; with the operator's: {sum(cp1.values()) - sum(cp0.values()) + cpu1 - cpu0:.0f} s")),
             ("apiserver requests by the operator during rollout", f"{n_rollout:.0f} ({n_rollout / args.pools:.2f} per pool)"),
             ("pool reconciles during rollout", f"{reconciles(op) - reconciles0:.0f} ({(reconciles(op) - reconciles0) / args.pools:.2f} per pool)"),
             ("  of which, per pool", per(rollout, args.pools)),
@@ -455,7 +495,10 @@ class PollClock(threading.Thread):
         conn.read_response()  # +OK
         self.ready.set()
         while True:
-            line = conn.read_response()
+            try:
+                line = conn.read_response()
+            except redis_errors.ConnectionError:
+                return  # the bench's Redis stopped
             text = line.decode(errors="replace") if isinstance(line, bytes) else str(line)
             head, _, rest = text.partition(" [")
             if self.ignore not in rest.split("]", 1)[0]:
