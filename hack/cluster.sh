@@ -64,8 +64,20 @@ YAML
   mv "$tmp" "$config"
 }
 
-# kwok reads its Stages when the cluster is created: a cluster made from another config is stale.
-config_digest() { sha256sum "$config" | cut -d' ' -f1; }
+# Flags for the components, given at creation. One controller-manager and one scheduler: leader election
+# buys nothing here, and under a stalled apiserver (a 1000-pool benchmark on 2 cores) each exited when a
+# lease renewal timed out, leaving Deployments' status unwritten for the rest of the run.
+extra_args=(
+  --extra-args kube-controller-manager=concurrent-deployment-syncs=25
+  --extra-args kube-controller-manager=concurrent-replicaset-syncs=25
+  --extra-args kube-controller-manager=concurrent-gc-syncs=25
+  --extra-args kube-controller-manager=leader-elect=false
+  --extra-args kube-scheduler=leader-elect=false
+)
+
+# kwok reads its Stages, and the components their flags, when the cluster is created: a cluster made
+# from another config or other flags is stale.
+config_digest() { { cat "$config"; printf '%s\n' "${extra_args[@]}"; } | sha256sum | cut -d' ' -f1; }
 stamp_ok() { [[ -f "$stamp" && "$(cat "$stamp")" == "$(config_digest)" ]]; }
 
 # Every component's process is alive: the apiserver can answer /readyz while the scheduler or the
@@ -115,10 +127,7 @@ up() {
     log "creating cluster $name (kwokctl binary runtime)"
     rm -f "$stamp"
     kwokctl -c "$config" --name "$name" create cluster \
-      --kubeconfig "$kubeconfig" --wait 180s \
-      --extra-args kube-controller-manager=concurrent-deployment-syncs=25 \
-      --extra-args kube-controller-manager=concurrent-replicaset-syncs=25 \
-      --extra-args kube-controller-manager=concurrent-gc-syncs=25 >&2
+      --kubeconfig "$kubeconfig" --wait 180s "${extra_args[@]}" >&2
     config_digest > "$stamp"
   fi
   kwokctl --name "$name" get kubeconfig > "$kubeconfig.tmp" && mv "$kubeconfig.tmp" "$kubeconfig"
