@@ -26,7 +26,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +145,7 @@ class Until(threading.Thread):
         while not self.stop_flag.is_set() and self.finished_at is None:
             # (Re-)list, then watch from that list's revision; a watch that ends or expires lists again.
             listing = self.list_fn(self.namespace)
+            self._saw(o["metadata"]["name"] for o in listing["items"])  # a re-list: they exist by now
             self.done = {o["metadata"]["name"] for o in listing["items"] if self.ok(o)}
             self._check()
             self.watching = True
@@ -154,9 +155,7 @@ class Until(threading.Thread):
                                    timeout_seconds=60):  # fmt: skip
                     obj = ev["object"]
                     if ev["type"] == "ADDED":
-                        self.seen.add(obj["metadata"]["name"])
-                        if self.all_seen_at is None and len(self.seen) >= self.want:
-                            self.all_seen_at = time.monotonic()
+                        self._saw([obj["metadata"]["name"]])
                     if ev["type"] != "DELETED" and self.ok(obj):
                         self.done.add(obj["metadata"]["name"])
                         self.first_at.setdefault(obj["metadata"]["name"], time.monotonic())
@@ -167,6 +166,11 @@ class Until(threading.Thread):
             except client.ApiException as err:
                 if err.status != 410:  # expired resourceVersion: list and watch again
                     raise
+
+    def _saw(self, names: Iterable[str]) -> None:
+        self.seen.update(names)
+        if self.all_seen_at is None and len(self.seen) >= self.want:
+            self.all_seen_at = time.monotonic()
 
     def _check(self) -> bool:
         if self.finished_at is None and len(self.done) >= self.want:
