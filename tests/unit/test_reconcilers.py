@@ -221,33 +221,3 @@ def test_progress_only_status_writes_are_coalesced_and_a_condition_change_is_not
     reconciler.reconcile(key)
     assert len(api.statuses()) == written + 2
     assert _condition(api.statuses()[-1], "Ready")["status"] == "True"
-
-
-def test_informative_conditions_wait_with_the_counts_and_waiters_conditions_do_not() -> None:
-    """A new pool's first poll adds BrokerReachable: written with the next held write, not on its own
-    (at 1000 pools, a status write per pool); Ready turning True is written at once all the same."""
-    from celery_fleet.planning.pool_status import TierScaling
-
-    api, cache, now = RecordingApi(), FleetCache(), [0.0]
-    key = cache.put_pool(_pool())
-    reconciler = PoolReconciler(Kube(api), cache, clock=lambda: now[0])  # type: ignore[arg-type]  # duck-typed ApiClient
-    reconciler.reconcile(key)
-    written = len(api.statuses())
-    now[0] = 0.5
-    cache.runtime[key].scaling["high"] = TierScaling(desired_replicas=1, queue_depth=0, in_flight=0)
-    outcome = reconciler.reconcile(key)
-    assert len(api.statuses()) == written  # BrokerReachable waits for the window
-    assert outcome.requeue_after == pytest.approx(1.5)
-    now[0] = 1.0
-    for kind, name in list(cache.children_of(key)):
-        if kind == "Deployment":
-            child = cache.children_of(key)[(kind, name)]
-            n = child["spec"]["replicas"]
-            status = {"replicas": n, "readyReplicas": n, "availableReplicas": n, "updatedReplicas": n,
-                      "observedGeneration": 1}  # fmt: skip
-            cache.put_child(POOL_LABEL, {**child, "kind": "Deployment", "status": status})
-    reconciler.reconcile(key)  # Ready turns True: at once, inside the window, and the held news with it
-    assert len(api.statuses()) == written + 1
-    last = api.statuses()[-1]
-    assert _condition(last, "Ready")["status"] == "True"
-    assert _condition(last, "BrokerReachable")["status"] == "True"

@@ -34,12 +34,7 @@ log = logging.getLogger(__name__)
 POOL_API_VERSION = API_VERSION
 
 
-STATUS_COALESCE_SECONDS = 2.0  # status writes of one pool that change no URGENT_CONDITIONS, at most one per this
-# The conditions waiters act on (`kubectl wait --for=condition=Ready`, kstatus's Reconciling and Stalled for
-# Flux and cli-utils, Degraded): a change of their status or reason is written at once. The others
-# (BrokerReachable, BrokerKeyLayout, RemoteControl) are news a couple of seconds may hold; during a rollout
-# each new pool's first poll and first layout check turned them over one by one, a status write each.
-URGENT_CONDITIONS = frozenset({"Ready", "Reconciling", "Stalled", "Degraded"})
+STATUS_COALESCE_SECONDS = 2.0  # progress-only status writes of one pool, at most one per this
 CHILD_APPLY_THREADS = 16  # a pool's children applied at once, over every reconcile worker
 
 
@@ -386,9 +381,8 @@ class PoolReconciler:
             return None
         now = self._clock()
         if _progress_only(old, status, inp.generation):
-            # Counts, messages and the informative conditions (pods starting, depths, the broker first
-            # answering): at most one write per pool per STATUS_COALESCE_SECONDS; an urgent condition
-            # changing, or a new generation, is written at once.
+            # Counts and messages only (pods starting, depths): at most one write per pool per
+            # STATUS_COALESCE_SECONDS; a condition's change or a new generation is written at once.
             wait = self._status_written.get(key, -STATUS_COALESCE_SECONDS) + STATUS_COALESCE_SECONDS - now
             if wait > 0:
                 return wait
@@ -417,12 +411,12 @@ def _condition(status: Mapping[str, Any], type_: str) -> Mapping[str, Any] | Non
 
 
 def _progress_only(old: Mapping[str, Any], new: Mapping[str, Any], generation: int) -> bool:
-    """Whether `new` differs from `old` only in what may wait: every urgent condition keeps its status
-    and reason, and the generation the status speaks for is the one already shown."""
+    """Whether `new` differs from `old` only in counts and messages: every condition keeps its status
+    and reason, and the generation they speak for is the one already shown."""
 
     def states(status: Mapping[str, Any]) -> set[tuple[Any, ...]]:
         return {(c.get("type"), c.get("status"), c.get("reason"), c.get("observedGeneration"))
-                for c in status.get("conditions") or [] if c.get("type") in URGENT_CONDITIONS}  # fmt: skip
+                for c in status.get("conditions") or []}  # fmt: skip
 
     return old.get("observedGeneration") == generation and states(old) == states(new)
 
