@@ -127,6 +127,7 @@ def main() -> None:
     names = [f"p{i:04d}" for i in range(args.pools)]
     rows: list[str] = []
     totals: dict[str, list[float]] = {}
+    made: list[str] = []
     for r in range(args.rounds):
         legs = ["rules", "no rules", "deployments"]
         for leg in legs if r % 2 == 0 else legs[::-1]:
@@ -152,7 +153,9 @@ def main() -> None:
             )
             rows.append(f"| {r + 1} | {leg} | {len(objs)} | {wall:.1f} s | {cpu:.1f} s ({cpu / len(objs) * 1000:.1f} ms "
                         f"each) | {st} | {load()} |")  # fmt: skip
-            cluster.kubectl("delete", "ns", ns, "--wait=false")
+            made.append(ns)
+    for ns in made:  # at the end: deleting hundreds of objects would load the legs after it
+        cluster.kubectl("delete", "ns", ns, "--wait=false")
     for group in GROUPS.values():
         cluster.kubectl("delete", "crd", f"celeryworkerpools.{group}", "--wait=false", check=False)
     mean = {k: sum(v) / len(v) for k, v in totals.items()}
