@@ -327,11 +327,11 @@ class SentinelSet:
     def settled_away_from(self, old: int) -> bool:
         """Every Sentinel names a new master and calls it healthy, as redis-py's discover_master demands.
 
-        On the Sentinel leading the failover, GET-MASTER-ADDR-BY-NAME names the promoted replica while it
-        still reconfigures replicas, when SENTINEL MASTERS (what redis-py reads) still flags the old entry
-        o_down; the others still flag the old master down. A client asking then finds no master ("No master
-        found for 'mymaster'", seen on CI). So wait until every Sentinel's entry names another port with the
-        plain flags ``master`` (not s_down, o_down, disconnected or failover_in_progress).
+        One Sentinel's GET-MASTER-ADDR-BY-NAME changing is not that: redis-py reads SENTINEL MASTERS from
+        each Sentinel and takes only an entry flagged master, not s_down or o_down. CI once asked in
+        between and found none ("No master found for 'mymaster'"). Traced here, one Sentinel's entry
+        went s_down, o_down + failover_in_progress, the new port as master,disconnected, then plain
+        master. So wait until every Sentinel's entry names another port with the plain flags ``master``.
         """
         for port in self.ports:
             client = redis.Redis(port=port, socket_timeout=2, decode_responses=True)
