@@ -2,7 +2,7 @@
 
 A real Redis and four real `celery worker` processes of the plain app (Celery's defaults, the
 flags the operator gives a tier), asked the way the autoscaler asks before a scale-down
-(`workers.control.CeleryControl.census`). Redis commands come from `INFO commandstats`; the
+(`brokers.control.CeleryControl.census`). Redis commands come from `INFO commandstats`; the
 workers' own traffic (BRPOP loops, pidbox) over an equal idle stretch is measured and subtracted.
 The poll itself is unchanged by scale-in: one read-only script per broker (see redis_depth.md).
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from _harness import ROOT, RedisServer, wait_for, write_result
 
-from celery_fleet.workers.control import CeleryControl, ControlTarget
+from celery_fleet.brokers.control import CeleryControl, ControlTarget
 
 PODS = [f"bench-{i}" for i in range(4)]
 ROUNDS = 20

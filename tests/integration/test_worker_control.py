@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from celery import Celery
 
+from celery_fleet.brokers.control import CeleryControl, ControlTarget
 from celery_fleet.planning.scale_in import WorkerReport
-from celery_fleet.workers.control import CeleryControl, ControlTarget
 from tests.support.cluster import ROOT
 from tests.support.redis_server import RedisServer
 from tests.support.wait import wait_for

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from celery_fleet.api.models import Autoscaling, ReplicaBounds, Tier
+from celery_fleet.brokers.control import confirmed, count_replies, take_census
 from celery_fleet.planning.scale_in import (
     COST_REMOVE,
     TierWorkers,
@@ -15,7 +16,6 @@ from celery_fleet.planning.scale_in import (
     plan_removal,
 )
 from celery_fleet.planning.scaling import Observation, Reason, decide
-from celery_fleet.workers.control import confirmed, count_replies, take_census
 
 FAST = {"scale_down_stabilization_seconds": 0, "scale_down_max_step": 10, "cooldown_seconds": 0,
         "target_depth_per_replica": 1}  # fmt: skip

@@ -13,12 +13,12 @@ from kubernetes.client.rest import ApiException
 
 from celery_fleet import metrics
 from celery_fleet.brokers import BrokerRegistry
+from celery_fleet.brokers.control import ControlTarget
 from celery_fleet.handlers.autoscaler.loop import Autoscaler
 from celery_fleet.handlers.cache import FleetCache, ObjKey
 from celery_fleet.kube.client import Kube
 from celery_fleet.planning.pool_status import TierScaling
 from celery_fleet.planning.scale_in import WorkerReport
-from celery_fleet.workers.control import ControlTarget
 from tests.support.cached_pool import ScriptedSource, put_pool
 from tests.support.fake_api import RecordingApi
 

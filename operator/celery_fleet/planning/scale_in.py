@@ -80,6 +80,8 @@ class WorkerReport:
     active: int = 0  # running tasks (early-acked ones are in no Redis key at all)
     reserved: int = 0  # prefetched, not started
     scheduled: int = 0  # ETA / countdown tasks held until due: scheduled work, not demand
+    # The queues it consumes (``inspect active_queues``); None: not asked or not answered.
+    queues: frozenset[str] | None = None
 
     @property
     def busy(self) -> bool:

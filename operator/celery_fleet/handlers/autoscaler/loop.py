@@ -15,6 +15,7 @@ from typing import Any
 from celery_fleet import metrics
 from celery_fleet.api.models import CeleryWorkerPoolSpec, InvalidSpec, parse_pool
 from celery_fleet.api.sharing import ModelTable, share_submodels
+from celery_fleet.brokers.control import CeleryControl, WorkerControl
 from celery_fleet.brokers.layout import mismatch_message
 from celery_fleet.brokers.poller import BrokerPoller, BrokerRegistry
 from celery_fleet.brokers.redis.connection import ConnectOptions, connect
@@ -28,7 +29,6 @@ from celery_fleet.handlers.cache import FleetCache, ObjKey
 from celery_fleet.handlers.pool_reconciler import pool_ref
 from celery_fleet.kube.client import Kube
 from celery_fleet.kube.events import EventPoster, post_event
-from celery_fleet.workers.control import CeleryControl, WorkerControl
 
 log = logging.getLogger(__name__)
 

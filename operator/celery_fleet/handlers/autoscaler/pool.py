@@ -15,6 +15,7 @@ from typing import Any
 
 from celery_fleet import metrics
 from celery_fleet.api.models import CeleryWorkerPoolSpec
+from celery_fleet.brokers.control import ControlTarget
 from celery_fleet.brokers.source import BrokerError, DepthReading, ErrorKind, QueueRef
 from celery_fleet.handlers.autoscaler.scale_in import Census, Removal, ScaleIn
 from celery_fleet.handlers.autoscaler.signals import EventNotes, PoolSeries
@@ -34,7 +35,6 @@ from celery_fleet.planning.scaling import (
 )
 from celery_fleet.planning.tier_scaling import applied_replicas, tier_scaling, with_skipped_polls
 from celery_fleet.planning.workload import tier_child_name
-from celery_fleet.workers.control import ControlTarget
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +244,9 @@ class PoolScaler:
         if url is None:
             return
         ref = pool_ref(body)
-        target = ControlTarget(url, spec.broker.global_keyprefix, spec.broker.master_name)
+        target = ControlTarget(
+            url, spec.broker.global_keyprefix, spec.broker.master_name, tls=runtime.broker_tls, sep=spec.broker.sep
+        )
         # Only pods of our own Deployments (by uid) are asked, annotated or drained.
         children = self.cache.children_of(key, owner_uid=str(body["metadata"].get("uid", "")))
         deployments: dict[str, str] = {}

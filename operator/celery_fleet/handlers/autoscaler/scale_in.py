@@ -13,6 +13,7 @@ from typing import Any
 
 from celery_fleet import metrics
 from celery_fleet.api.models import Tier
+from celery_fleet.brokers.control import ControlError, ControlTarget, WorkerControl
 from celery_fleet.handlers.autoscaler.signals import EventNotes
 from celery_fleet.handlers.cache import ObjKey
 from celery_fleet.kube.client import ApiError, Kube, resource_path
@@ -27,7 +28,6 @@ from celery_fleet.planning.scale_in import (
 )
 from celery_fleet.planning.scaling import Decision, TierObservation
 from celery_fleet.planning.workload import tier_selector_labels
-from celery_fleet.workers.control import ControlError, ControlTarget, WorkerControl
 
 log = logging.getLogger(__name__)
 

@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from celery_fleet.brokers.redis.connection import TlsSettings
 from celery_fleet.planning.scale_in import WorkerReport, hostname
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,9 @@ class ControlTarget:
     url: str = field(repr=False)
     global_keyprefix: str = ""
     master_name: str | None = None  # Redis Sentinel
+    # The same TLS settings the poller uses (spec.broker.tls resolved): one source for both paths.
+    tls: TlsSettings | None = field(default=None, repr=False)
+    sep: str = "\x06\x16"  # kombu's binding-table separator (spec.broker.sep)
 
 
 class WorkerControl(Protocol):
@@ -69,15 +73,22 @@ class WorkerControl(Protocol):
 
     broadcasts: int
 
-    async def census(self, target: ControlTarget, pods: Sequence[str]) -> dict[str, WorkerReport]:
-        """One report per pod (``ready`` left True: the caller knows readiness)."""
+    async def census(
+        self, target: ControlTarget, pods: Sequence[str], *, deadline: float | None = None
+    ) -> dict[str, WorkerReport]:
+        """One report per pod (``ready`` left True: the caller knows readiness). ``deadline``: an
+        absolute ``time.monotonic()`` by which the whole census returns (silent nodes unanswered)."""
         ...
 
-    async def cancel_consumer(self, target: ControlTarget, pods: Sequence[str], queues: Sequence[str]) -> set[str]:
+    async def cancel_consumer(
+        self, target: ControlTarget, pods: Sequence[str], queues: Sequence[str], *, deadline: float | None = None
+    ) -> set[str]:
         """Stop the pods' workers consuming ``queues``; returns the pods that confirmed."""
         ...
 
-    async def add_consumer(self, target: ControlTarget, pods: Sequence[str], queues: Sequence[str]) -> set[str]:
+    async def add_consumer(
+        self, target: ControlTarget, pods: Sequence[str], queues: Sequence[str], *, deadline: float | None = None
+    ) -> set[str]:
         """Undo a drain; returns the pods that confirmed."""
         ...
 
@@ -230,13 +241,17 @@ class CeleryControl:
         result: set[str] = self._run(target, work)
         return result
 
-    async def census(self, target: ControlTarget, pods: Sequence[str]) -> dict[str, WorkerReport]:
+    async def census(
+        self, target: ControlTarget, pods: Sequence[str], *, deadline: float | None = None
+    ) -> dict[str, WorkerReport]:
         if not pods:
             return {}
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._census, target, list(pods))
 
-    async def cancel_consumer(self, target: ControlTarget, pods: Sequence[str], queues: Sequence[str]) -> set[str]:
+    async def cancel_consumer(
+        self, target: ControlTarget, pods: Sequence[str], queues: Sequence[str], *, deadline: float | None = None
+    ) -> set[str]:
         if not pods:
             return set()
         loop = asyncio.get_running_loop()
@@ -244,7 +259,9 @@ class CeleryControl:
             self._executor, self._consumers, "cancel_consumer", target, list(pods), list(queues)
         )
 
-    async def add_consumer(self, target: ControlTarget, pods: Sequence[str], queues: Sequence[str]) -> set[str]:
+    async def add_consumer(
+        self, target: ControlTarget, pods: Sequence[str], queues: Sequence[str], *, deadline: float | None = None
+    ) -> set[str]:
         if not pods:
             return set()
         loop = asyncio.get_running_loop()
