@@ -162,7 +162,7 @@ def test_default_tiers_in_the_schema_are_the_documented_three() -> None:
     tiers = root_schema(POOL)["properties"]["spec"]["properties"]["tiers"]["default"]
     assert [(t["name"], t["queues"], t["concurrency"], t["replicas"]) for t in tiers] == [
         ("high", ["high_priority"], 4, {"min": 2, "max": 8}),
-        ("medium", ["medium_priority"], 6, {"min": 4, "max": 12}),
+        ("medium", ["medium_priority", "celery"], 6, {"min": 4, "max": 12}),
         ("low", ["low_priority"], 2, {"min": 1, "max": 4}),
     ]
 

@@ -13,6 +13,8 @@ import yaml
 from celery_fleet.api.models import (
     BEAT_KIND,
     POOL_KIND,
+    WORKER_OPTION_ENV,
+    WORKER_OPTIONS,
     Autoscaling,
     CeleryBeatSpec,
     CeleryBeatStatus,
@@ -74,7 +76,7 @@ def test_minimal_pool_gets_the_three_default_tiers() -> None:
     got = [(t.name, t.queues, t.concurrency, t.replicas.min, t.replicas.max) for t in spec.tiers]
     assert got == [
         ("high", ["high_priority"], 4, 2, 8),
-        ("medium", ["medium_priority"], 6, 4, 12),
+        ("medium", ["medium_priority", "celery"], 6, 4, 12),
         ("low", ["low_priority"], 2, 1, 4),
     ]
     for tier in spec.tiers:
@@ -387,6 +389,80 @@ def test_invalid_pools_are_rejected_naming_the_field(mutate: Mutation, expected:
     with pytest.raises(InvalidSpec) as caught:
         parse_pool(bad)
     assert any(p.startswith(expected) for p in caught.value.problems), caught.value.problems
+
+
+# Every spelling Click accepts of the options the operator sets (`-c 4`, `-c4`, `-Ec4`, `--concurrency=4`).
+REFUSED_EXTRA_ARGS = [
+    pytest.param(["-n", "worker@%h"], "-n/--hostname", id="hostname-short"),
+    pytest.param(["--hostname", "worker@%h"], "-n/--hostname", id="hostname-long"),
+    pytest.param(["--hostname=worker@%h"], "-n/--hostname", id="hostname-equals"),
+    pytest.param(["-nworker@%h"], "-n/--hostname", id="hostname-attached"),
+    pytest.param(["-Q", "celery"], "-Q/--queues", id="queues-short"),
+    pytest.param(["--queues=a,b"], "-Q/--queues", id="queues-equals"),
+    pytest.param(["-X", "low"], "-X/--exclude-queues", id="exclude-short"),
+    pytest.param(["--exclude-queues", "low"], "-X/--exclude-queues", id="exclude-long"),
+    pytest.param(["-P", "threads"], "-P/--pool", id="pool-short"),
+    pytest.param(["--pool=gevent"], "-P/--pool", id="pool-equals"),
+    pytest.param(["-c", "8"], "-c/--concurrency", id="concurrency-short"),
+    pytest.param(["-c8"], "-c/--concurrency", id="concurrency-attached"),
+    pytest.param(["-Ec8"], "-c/--concurrency", id="concurrency-after-a-flag"),
+    pytest.param(["-BEDc", "8"], "-c/--concurrency", id="concurrency-after-flags"),
+    pytest.param(["--concurrency", "8"], "-c/--concurrency", id="concurrency-long"),
+    pytest.param(["--prefetch-multiplier=4"], "--prefetch-multiplier", id="prefetch-equals"),
+    pytest.param(["--prefetch-multiplier", "4"], "--prefetch-multiplier", id="prefetch-long"),
+    pytest.param(["--disable-prefetch"], "--disable-prefetch", id="disable-prefetch"),
+    pytest.param(["--autoscale=10,3"], "--autoscale", id="autoscale"),
+]
+
+
+@pytest.mark.parametrize(("args", "option"), REFUSED_EXTRA_ARGS)
+def test_extra_args_that_override_the_model_are_refused_naming_the_field_to_use(args: list[str], option: str) -> None:
+    spec = _pool()
+    spec["tiers"][1]["extraArgs"] = ["--max-tasks-per-child", "10", *args]
+    with pytest.raises(InvalidSpec) as caught:
+        parse_pool(spec)
+    (problem,) = caught.value.problems
+    assert problem.startswith(f"spec.tiers[1].extraArgs[2]: {option} is set by the operator: "), problem
+    fix = next(fix for short, long, fix in WORKER_OPTIONS if option.endswith(f"--{long}"))
+    assert problem.endswith(fix)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(["-O", "fair", "-l", "INFO"], id="other-short-options"),
+        pytest.param(["-lwarning"], id="attached-value-with-an-n"),
+        pytest.param(["-Ofair"], id="attached-value"),
+        pytest.param(["--hostnames"], id="longer-long-name"),
+        pytest.param(["--max-tasks-per-child=10", "--without-mingle"], id="long-options"),
+        pytest.param(["-E"], id="a-flag-alone"),
+        pytest.param(["--", "worker_max_tasks_per_child=100"], id="settings"),
+    ],
+)
+def test_extra_args_the_model_does_not_depend_on_are_accepted(args: list[str]) -> None:
+    spec = _pool()
+    spec["tiers"][0]["extraArgs"] = args
+    assert parse_pool(spec).tiers[0].extra_args == args
+
+
+@pytest.mark.parametrize("name", sorted(WORKER_OPTION_ENV))
+def test_worker_options_in_env_are_refused(name: str) -> None:
+    spec = _pool()
+    spec["env"] = [{"name": "OTHER", "value": "1"}, {"name": name, "value": "x"}]
+    with pytest.raises(InvalidSpec) as caught:
+        parse_pool(spec)
+    assert caught.value.problems == [
+        "spec.env[1].name: sets a `celery worker` option the operator owns (Click reads CELERY_WORKER_<OPTION>); "
+        f"remove it ({WORKER_OPTION_ENV[name]})"
+    ]
+
+
+def test_beat_extra_args_are_not_worker_options() -> None:
+    assert parse_beat({**_beat(), "extraArgs": ["-n", "x", "--pidfile="]}).extra_args == ["-n", "x", "--pidfile="]
+
+
+def test_disable_prefetch_is_on_by_default() -> None:
+    assert all(t.disable_prefetch for t in parse_pool(_pool()).tiers)
 
 
 def _beat() -> dict[str, Any]:

@@ -257,10 +257,10 @@ def test_soft_shutdown_remap_and_disable_prefetch_reach_the_worker() -> None:
     ]})  # fmt: skip
     tier_ = spec.tiers[0]
     args = worker_args("a", tier_)
-    assert "--disable-prefetch" in args
     # Config without a flag goes last, after `--`, where Celery reads `worker_<setting>=value`.
     assert args[args.index("--") :] == [
         "--", "worker_soft_shutdown_timeout=40", "worker_enable_soft_shutdown_on_idle=true",
+        "worker_disable_prefetch=(bool)true",
     ]  # fmt: skip
     assert args.index("--max-tasks-per-child=5") < args.index("--")
     assert termination_grace_period(tier_) == 70  # the soft timeout plus the margin

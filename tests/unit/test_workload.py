@@ -70,6 +70,7 @@ def walk(value: Any) -> Iterator[Any]:
 # -- args ------------------------------------------------------------------------------------------
 
 COMMON_TAIL = ["-O", "fair", "--without-gossip", "--without-mingle", "--without-heartbeat"]
+NO_PREFETCH = ("--", "worker_disable_prefetch=(bool)true")
 
 
 @pytest.mark.parametrize(
@@ -80,7 +81,7 @@ COMMON_TAIL = ["-O", "fair", "--without-gossip", "--without-mingle", "--without-
             [
                 *("-A", "shop.celery:app", "worker", "-Q", "q", "--concurrency", "2", "--pool", "prefork"),
                 *("--prefetch-multiplier", "1", *COMMON_TAIL, "--loglevel", "INFO"),
-                *("--hostname", "celery@$(POD_NAME)"),
+                *("--hostname", "celery@$(POD_NAME)", *NO_PREFETCH),
             ],
             id="defaults",
         ),
@@ -95,7 +96,7 @@ COMMON_TAIL = ["-O", "fair", "--without-gossip", "--without-mingle", "--without-
             [
                 *("-A", "shop.celery:app", "worker", "-Q", "emails,sms", "--concurrency", "50", "--pool", "gevent"),
                 *("--prefetch-multiplier", "4", *COMMON_TAIL, "--loglevel", "DEBUG"),
-                *("--hostname", "celery@$(POD_NAME)"),
+                *("--hostname", "celery@$(POD_NAME)", *NO_PREFETCH),
             ],
             id="queues-joined-pool-and-level",
         ),
@@ -111,18 +112,28 @@ COMMON_TAIL = ["-O", "fair", "--without-gossip", "--without-mingle", "--without-
                 *("--prefetch-multiplier", "1", "--max-tasks-per-child", "100"),
                 *("--max-memory-per-child", "512000", *COMMON_TAIL),
                 *("--soft-time-limit", "50", "--time-limit", "60", "--loglevel", "INFO"),
-                *("--hostname", "celery@$(POD_NAME)"),
+                *("--hostname", "celery@$(POD_NAME)", *NO_PREFETCH),
             ],
             id="recycling-and-time-limits",
         ),
         pytest.param(
-            {"extraArgs": ["--concurrency", "9", "--without-control"]},
+            {"extraArgs": ["--max-tasks-per-child", "9", "--without-control"], "disablePrefetch": False},
             [
                 *("-A", "shop.celery:app", "worker", "-Q", "q", "--concurrency", "2", "--pool", "prefork"),
                 *("--prefetch-multiplier", "1", *COMMON_TAIL, "--loglevel", "INFO"),
-                *("--hostname", "celery@$(POD_NAME)", "--concurrency", "9", "--without-control"),
+                *("--hostname", "celery@$(POD_NAME)", "--max-tasks-per-child", "9", "--without-control"),
             ],
-            id="extra-args-last-so-they-win",
+            id="extra-args-last-prefetch-off",
+        ),
+        pytest.param(
+            {"extraArgs": ["--without-control", "--", "worker_max_tasks_per_child=9"]},
+            [
+                *("-A", "shop.celery:app", "worker", "-Q", "q", "--concurrency", "2", "--pool", "prefork"),
+                *("--prefetch-multiplier", "1", *COMMON_TAIL, "--loglevel", "INFO"),
+                *("--hostname", "celery@$(POD_NAME)", "--without-control", "--", "worker_max_tasks_per_child=9"),
+                "worker_disable_prefetch=(bool)true",
+            ],
+            id="settings-after-the-users-own-double-dash",
         ),
     ],
 )

@@ -97,6 +97,9 @@ _PERCENT = r"^(100|[1-9]?[0-9])%$"
 _WHITESPACE = "".join(c for c in map(chr, range(0x3001)) if c.isspace())
 _QUEUE_NAME = f"^[^,{_WHITESPACE}]+$"
 
+# Celery's task_default_queue: where tasks sent without a route go.
+CELERY_DEFAULT_QUEUE = "celery"
+
 # Names the operator sets itself in worker and beat pods; a user entry with the same name would
 # be a duplicate key, which server-side apply rejects for the whole Deployment.
 POD_NAME_ENV = "POD_NAME"
@@ -156,6 +159,41 @@ QueueName = Annotated[
 ]
 PriorityStep = Annotated[int, Field(ge=0, le=9)]
 ExtraArg = Annotated[str, Field(max_length=MAX_EXTRA_ARG_LENGTH)]
+
+# `celery worker` options the operator sets from a tier's fields, and the fix for each: the scale-in
+# census asks the node names we set and counts the slots we set, so an override breaks it silently.
+# (short letter or "", long name, fix); `--autoscale` too: it resizes the pool behind `concurrency`.
+WORKER_OPTIONS: tuple[tuple[str, str, str], ...] = (
+    ("n", "hostname", "the operator names each worker celery@<pod name>, the name its census asks; remove it"),
+    ("Q", "queues", "list the tier's queues in spec.tiers[].queues"),
+    ("X", "exclude-queues", "list only the queues to consume in spec.tiers[].queues"),
+    ("P", "pool", "use spec.tiers[].pool"),
+    ("c", "concurrency", "use spec.tiers[].concurrency"),
+    ("", "prefetch-multiplier", "use spec.tiers[].prefetchMultiplier"),
+    ("", "disable-prefetch", "use spec.tiers[].disablePrefetch"),
+    ("", "autoscale", "the operator scales pods: use spec.tiers[].concurrency and spec.tiers[].replicas"),
+)
+# Click reads a short option's value from the same token (`-c4`) and lets flags come first (`-Ec4`):
+# -B, -D and -E are the worker's only short flags, so `-[BED]*c` is every way to spell -c.
+_SHORT_FLAGS = "BED"
+
+
+def _worker_option_rule(short: str, long: str, fix: str) -> Rule:
+    spelled = f"--{long}([=]|$)"
+    regex = f"^(-[{_SHORT_FLAGS}]*{short}|{spelled})" if short else f"^{spelled}"
+    name = f"-{short}/--{long}" if short else f"--{long}"
+    return rule(~matches(regex), f"{name} is set by the operator: {fix}", bad=f"-{short}" if short else f"--{long}=1")
+
+
+WorkerExtraArg = Annotated[
+    str, Field(max_length=MAX_EXTRA_ARG_LENGTH), *(_worker_option_rule(*option) for option in WORKER_OPTIONS)
+]
+# Click also reads a worker option from CELERY_WORKER_<OPTION> when the command line lacks it: these
+# two the operator never passes, so they would take effect (the others are always on the command line).
+WORKER_OPTION_ENV = {
+    "CELERY_WORKER_EXCLUDE_QUEUES": "list only the queues to consume in spec.tiers[].queues",
+    "CELERY_WORKER_AUTOSCALE": "the operator scales pods: use spec.tiers[].concurrency and spec.tiers[].replicas",
+}
 
 ObjectName = Annotated[
     str,
@@ -811,10 +849,13 @@ class Tier(_Spec):
         description="Task hard time limit (--time-limit). terminationGracePeriodSeconds must cover it.",
     )
     log_level: LogLevel = Field(default="INFO", description="Worker --loglevel.")
-    extra_args: list[ExtraArg] = Field(
+    extra_args: list[WorkerExtraArg] = Field(
         default_factory=list,
         max_length=MAX_EXTRA_ARGS,
-        description="Extra arguments appended to `celery worker`.",
+        description="Extra arguments appended to `celery worker`. Options the operator sets from the tier "
+        "are refused, with the field to use instead: -n/--hostname, -Q/--queues, -X/--exclude-queues, "
+        "-P/--pool, -c/--concurrency, --prefetch-multiplier, --disable-prefetch, --autoscale. Celery "
+        "settings go after '--' (e.g. ['--', 'worker_max_tasks_per_child=100']).",
     )
     resources: KubeObject | None = Field(
         default=None,
@@ -842,9 +883,12 @@ class Tier(_Spec):
         description="Soft shutdown (Celery 5.5+) on SIGTERM; unset: Celery's warm shutdown only.",
     )
     disable_prefetch: bool = Field(
-        default=False,
-        description="--disable-prefetch (Celery 5.6+, Redis only): a worker takes a message only when a "
-        "process is free, so nothing waits reserved behind a running task.",
+        default=True,
+        description="Celery's worker_disable_prefetch (5.6+, Redis only): a worker takes a message only when "
+        "a process is free, so nothing waits reserved behind a running task where a new pod could run it. "
+        "Passed as the setting `worker_disable_prefetch=(bool)true` after '--', which Celery before 5.6 "
+        "ignores (workers start and prefetch as before) rather than the flag, which it refuses. "
+        "False: Celery's prefetch (prefetchMultiplier messages per process).",
     )
 
 
@@ -852,7 +896,13 @@ def default_tiers() -> list[Tier]:
     """The three tiers teams run by hand today; used when a pool names no tiers."""
     return [
         Tier(name="high", queues=["high_priority"], concurrency=4, replicas=ReplicaBounds(min=2, max=8)),
-        Tier(name="medium", queues=["medium_priority"], concurrency=6, replicas=ReplicaBounds(min=4, max=12)),
+        # Celery's default queue: tasks sent without a route go there, and would never run otherwise.
+        Tier(
+            name="medium",
+            queues=["medium_priority", CELERY_DEFAULT_QUEUE],
+            concurrency=6,
+            replicas=ReplicaBounds(min=4, max=12),
+        ),
         Tier(name="low", queues=["low_priority"], concurrency=2, replicas=ReplicaBounds(min=1, max=4)),
     ]
 
@@ -934,11 +984,26 @@ def _tier(name: str, queue: str, low: int = 0) -> KubeObject:
     return {"name": name, "queues": [queue], "concurrency": 1, "replicas": {"min": low, "max": 4}}
 
 
+def _worker_option_in_env(spec: Any) -> Violation | None:
+    for index, var in enumerate(spec.env):
+        if var.get("name") in WORKER_OPTION_ENV:
+            return Violation(f"env.{index}.name", f"({WORKER_OPTION_ENV[var['name']]})")
+    return None
+
+
 class CeleryWorkerPoolSpec(WorkloadSpec):
     """A fleet of Celery workers: one Deployment per tier, scaled on its queues' depth."""
 
     RULES = (
         *_BROKER_TLS_VOLUME_RULES,
+        judged_elsewhere(
+            "sets a `celery worker` option the operator owns (Click reads CELERY_WORKER_<OPTION>); remove it",
+            _worker_option_in_env,
+            admission="operator",
+            why="a rule over every item of the unbounded env list exceeds the apiserver's CEL cost budget, "
+            "which the per-item env rules spend",
+            bad={"env": [{"name": "CELERY_WORKER_EXCLUDE_QUEUES", "value": "low_priority"}]},
+        ),
         unique(
             "tier names must be unique",
             path="tiers",
@@ -973,8 +1038,9 @@ class CeleryWorkerPoolSpec(WorkloadSpec):
         min_length=1,
         max_length=MAX_TIERS,
         description="Worker tiers, highest priority first. Omitted: high (queue high_priority, "
-        "concurrency 4, 2-8 replicas), medium (medium_priority, 6, 4-12), low (low_priority, "
-        "2, 1-4).",
+        "concurrency 4, 2-8 replicas), medium (medium_priority and celery, 6, 4-12), low (low_priority, "
+        "2, 1-4). Tasks sent without a route go to Celery's default queue `celery`: when no tier lists "
+        "it and messages wait there, the pool says so (condition QueuesConsumed=False, Event UnconsumedQueue).",
     )
     max_total_replicas: int | None = Field(
         default=None,

@@ -42,6 +42,7 @@ from celery_fleet.api.models import (
     Tier,
     WorkloadSpec,
 )
+from celery_fleet.planning.scale_in import hostname as node_name
 
 Manifest = dict[str, Any]
 
@@ -62,6 +63,11 @@ GRACE_MARGIN_SECONDS = 30
 # Without a task time limit we cannot know how long tasks run; five minutes covers typical
 # background work while keeping node drains bounded. Set the tier's value for longer tasks.
 DEFAULT_GRACE_SECONDS = 300
+
+# worker_disable_prefetch (Celery 5.6+) as a command-line setting, not the --disable-prefetch flag:
+# an older worker exits on an unknown flag, but an unknown setting is only stored. The `(bool)` cast
+# is what makes it unknown-safe: without it Celery looks the name up in its defaults (KeyError).
+DISABLE_PREFETCH_SETTING = "worker_disable_prefetch=(bool)true"
 
 DEFAULT_PDB_MAX_UNAVAILABLE = 1
 DEFAULT_REDIS_PORT = DEFAULT_PORTS["redis"]
@@ -317,9 +323,8 @@ def worker_args(app: str, tier: Tier) -> list[str]:
         args += ["--soft-time-limit", str(tier.soft_time_limit_seconds)]
     if tier.time_limit_seconds is not None:
         args += ["--time-limit", str(tier.time_limit_seconds)]
-    if tier.disable_prefetch:
-        args += ["--disable-prefetch"]
-    args += ["--loglevel", tier.log_level, "--hostname", f"celery@$({POD_NAME_ENV})"]
+    # The census asks this name (scale_in.hostname); the models refuse -n/--hostname in extraArgs.
+    args += ["--loglevel", tier.log_level, "--hostname", node_name(f"$({POD_NAME_ENV})")]
     args += tier.extra_args
     # Settings without a flag go after `--` as Celery's command-line config (`worker_<name>=value`).
     config: list[str] = []
@@ -327,7 +332,12 @@ def worker_args(app: str, tier: Tier) -> list[str]:
         config.append(f"worker_soft_shutdown_timeout={tier.shutdown.soft_shutdown_timeout_seconds}")
         if tier.shutdown.soft_shutdown_on_idle:
             config.append("worker_enable_soft_shutdown_on_idle=true")
-    return [*args, "--", *config] if config else args
+    if tier.disable_prefetch:
+        config.append(DISABLE_PREFETCH_SETTING)
+    if not config:
+        return args
+    # The user's own `--` settings come first; a second `--` would reach Celery as a setting and fail.
+    return [*args, *config] if "--" in tier.extra_args else [*args, "--", *config]
 
 
 def termination_grace_period(tier: Tier) -> int:
