@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
+from celery_fleet.api.models import CELERY_DEFAULT_QUEUE
 from celery_fleet.planning.scaling import Observation, ReadFailure, TierObservation
 
 DEFAULT_PRIORITY_STEPS: tuple[int, ...] = (0, 3, 6, 9)
@@ -85,6 +86,22 @@ def queue_refs(
         )
         for q in dict.fromkeys(queues)
     ]
+
+
+def unconsumed_refs(
+    tiers: Mapping[str, Sequence[QueueRef]], queues: Iterable[str] = (CELERY_DEFAULT_QUEUE,)
+) -> list[QueueRef]:
+    """`queues` (Celery's default queue) as a pool's tiers would read them, for those no tier consumes.
+
+    Tasks sent without a route wait there; reading them costs one LLEN per priority step in the
+    poll the tiers' queues already make, under the same key layout and priority steps.
+    """
+    any_ref = next((r for refs in tiers.values() for r in refs), None)
+    if any_ref is None:
+        return []
+    consumed = {r.name for refs in tiers.values() for r in refs}
+    return queue_refs([q for q in queues if q not in consumed], priority_steps=any_ref.priority_steps,
+                      layout=any_ref.layout)  # fmt: skip
 
 
 class ErrorKind(StrEnum):

@@ -160,6 +160,8 @@ class PoolRuntime:
     # Tier -> why its workers could not be asked (remote control off), from the last census of that tier.
     remote_control_off: dict[str, str] = field(default_factory=dict)
     remote_control_checked: bool = False  # some tier's workers were asked at least once
+    # Queues no tier on the broker consumes (Celery's default queue) -> depth at the last poll; None: not read.
+    unconsumed: dict[str, int] | None = None
 
 
 class FleetCache:

@@ -26,7 +26,13 @@ from celery_fleet.kube.events import EventPoster, ObjectRef
 from celery_fleet.planning.conditions import ConditionUpdate, conditions_equal, merge_conditions
 from celery_fleet.planning.drift import drifted_fields, has_drifted
 from celery_fleet.planning.ownership import CHILD_CONFLICT, is_controlled_by
-from celery_fleet.planning.pool_status import PoolStatusInput, Problem, observe_deployment, pool_status
+from celery_fleet.planning.pool_status import (
+    PoolStatusInput,
+    Problem,
+    observe_deployment,
+    pool_status,
+    queues_consumed,
+)
 from celery_fleet.planning.workload import POOL_LABEL, TIER_LABEL, pool_children, tier_child_name
 
 log = logging.getLogger(__name__)
@@ -371,6 +377,8 @@ class PoolReconciler:
             updates.append(
                 ConditionUpdate("RemoteControl", "True", "Answering", "the workers asked answer remote control")
             )
+        if problem is None and runtime.unconsumed is not None:
+            updates.append(queues_consumed(runtime.unconsumed, list(runtime.unconsumed)))
         if problem is None and runtime.layout_problem is not None:
             updates.append(ConditionUpdate("BrokerKeyLayout", "False", "UnreadPriorityLists", runtime.layout_problem))
         elif problem is None and runtime.layout_checked:

@@ -39,7 +39,7 @@ STALLED_REASONS = frozenset(
 )
 # Condition types earlier versions wrote and nothing writes any more: dropped on the next write.
 RETIRED_TYPES = frozenset({"Progressing"})
-ORDER = {"Ready": 0, "Reconciling": 1, "Stalled": 2, "Degraded": 3, "BrokerReachable": 4}
+ORDER = {"Ready": 0, "Reconciling": 1, "Stalled": 2, "Degraded": 3, "BrokerReachable": 4, "QueuesConsumed": 5}
 
 
 def settled(reason: str, message: str) -> list[ConditionUpdate]:

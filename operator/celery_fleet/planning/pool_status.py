@@ -120,3 +120,31 @@ def observe_deployment(tier: str, deployment: Mapping[str, Any] | None) -> TierO
         observed_generation=int(status.get("observedGeneration", 0)),
         generation=int(meta.get("generation", 0)),
     )
+
+
+QUEUES_CONSUMED = "QueuesConsumed"
+
+
+def queues_consumed(waiting: Mapping[str, int], checked: Sequence[str]) -> ConditionUpdate:
+    """Whether messages wait in queues no tier consumes (`waiting`: queue -> depth, of the `checked` ones).
+
+    Celery sends tasks without a route to its default queue `celery`: when no tier lists it they
+    never run, and nothing else would say so.
+    """
+    waiting = {q: n for q, n in waiting.items() if n > 0}
+    if waiting:
+        queues = ", ".join(f"{q} ({n} messages)" for q, n in sorted(waiting.items()))
+        return ConditionUpdate(
+            QUEUES_CONSUMED,
+            "False",
+            "UnconsumedQueue",
+            f"messages wait in queues no tier consumes: {queues}; tasks sent without a route go to Celery's "
+            "default queue celery: add the queue to a tier's spec.tiers[].queues, or route the tasks to a tier's "
+            "queues (task_routes)",
+        )
+    if checked:
+        return ConditionUpdate(
+            QUEUES_CONSUMED, "True", "NothingWaiting", f"no message waits in {', '.join(sorted(checked))}, "
+            "which no tier consumes"
+        )  # fmt: skip
+    return ConditionUpdate(QUEUES_CONSUMED, "True", "DefaultQueueConsumed", "a tier consumes Celery's default queue")

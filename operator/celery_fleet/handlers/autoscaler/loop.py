@@ -21,7 +21,7 @@ from celery_fleet.brokers.poller import BrokerPoller, BrokerRegistry
 from celery_fleet.brokers.redis.connection import ConnectOptions, connect
 from celery_fleet.brokers.redis.source import RedisDepthSource
 from celery_fleet.brokers.redis.target import RedisTarget
-from celery_fleet.brokers.source import BrokerError, DepthReading, KeyLayout, QueueRef, queue_refs
+from celery_fleet.brokers.source import BrokerError, DepthReading, KeyLayout, QueueRef, queue_refs, unconsumed_refs
 from celery_fleet.handlers.autoscaler.pool import PoolScaler
 from celery_fleet.handlers.autoscaler.scale_in import ScaleIn
 from celery_fleet.handlers.autoscaler.signals import EventNotes, PoolSeries
@@ -29,6 +29,7 @@ from celery_fleet.handlers.cache import FleetCache, ObjKey
 from celery_fleet.handlers.pool_reconciler import pool_ref
 from celery_fleet.kube.client import Kube
 from celery_fleet.kube.events import EventPoster, post_event
+from celery_fleet.planning.pool_status import queues_consumed
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,8 @@ class Autoscaler:
         self._grouped: dict[ObjKey, tuple[Any, ...]] = {}  # key -> (body, url, tls, broker, entry) last grouped
         self._registered: dict[BrokerKey, tuple[list[_Entry], frozenset[QueueRef]]] = {}  # entries, their queues
         self._pollers: dict[BrokerKey, BrokerPoller] = {}
+        # Per broker, for its entries (by identity): each pool's queues that no tier on the broker consumes.
+        self._unconsumed: dict[BrokerKey, tuple[list[_Entry], dict[ObjKey, list[QueueRef]]]] = {}
         self._layout_due: dict[BrokerKey, tuple[float, frozenset[QueueRef], float]] = {}  # due, watched, checked
         self.layout_check_interval = layout_check_interval
         self._broker_tasks: dict[BrokerKey, asyncio.Task[None]] = {}
@@ -172,6 +175,7 @@ class Autoscaler:
             if task.done():
                 del self._broker_tasks[url]
                 self._pollers.pop(url, None)
+                self._unconsumed.pop(url, None)
                 self._registered.pop(url, None)
                 self._layout_due.pop(url, None)
         for url in self._groups:
@@ -201,9 +205,50 @@ class Autoscaler:
             if key in self.cache.pools and current is not None and current[2] is refs:
                 actions += self.pools.scale_pool(key, body, spec, refs, result)
         if not isinstance(result, BrokerError):
+            actions += self._note_unconsumed(url, entries, result)
             actions += await self._check_layout(url, entries)
         if actions:
             await asyncio.gather(*actions)
+
+    def _unconsumed_of(self, url: BrokerKey, entries: list[_Entry]) -> dict[ObjKey, list[QueueRef]]:
+        """Each pool's refs of Celery's default queue where no tier of any pool on the broker consumes it."""
+        known = self._unconsumed.get(url)
+        if known is not None and known[0] is entries:
+            return known[1]
+        consumed = {(r.layout, r.name) for *_, refs in entries for rs in refs.values() for r in rs}
+        found = {
+            key: [r for r in unconsumed_refs(refs) if (r.layout, r.name) not in consumed]
+            for key, _body, _spec, refs in entries
+        }
+        self._unconsumed[url] = (entries, found)
+        return found
+
+    def _note_unconsumed(
+        self, url: BrokerKey, entries: list[_Entry], reading: DepthReading
+    ) -> list[Coroutine[Any, Any, None]]:
+        """Messages waiting where no tier consumes them: the pool's condition, and an Event when that starts or ends."""
+        calls: list[Coroutine[Any, Any, None]] = []
+        unconsumed = self._unconsumed_of(url, entries)
+        for key, body, _spec, _refs in entries:
+            runtime = self.cache.runtime[key]
+            waiting = {r.name: reading.depth(r) for r in unconsumed.get(key, ()) if r in reading.queued}
+            if key not in self.cache.pools or waiting == runtime.unconsumed:
+                continue
+            first, before = runtime.unconsumed is None, {q for q, n in (runtime.unconsumed or {}).items() if n > 0}
+            runtime.unconsumed = waiting
+            after = {q for q, n in waiting.items() if n > 0}
+            if not (first and not after):  # a first "nothing waits" rides on the first decision's status write
+                self.refresh_status(key)
+            if before == after:
+                continue  # only depths changed: the condition's message follows, no Event per poll
+            update = queues_consumed(waiting, list(waiting))
+            ref = pool_ref(body)
+            if after:
+                log.warning("pool %s/%s: %s", key[0], key[1], update.message)
+                calls.append(asyncio.to_thread(post_event, self.kube, ref, update.reason, update.message, "Warning"))
+            else:
+                calls.append(asyncio.to_thread(post_event, self.kube, ref, update.reason, update.message))
+        return calls
 
     async def _check_layout(self, url: BrokerKey, entries: list[_Entry]) -> list[Coroutine[Any, Any, None]]:
         """Now and then (not per poll), a bounded SCAN for priority lists the spec does not name."""
@@ -270,7 +315,8 @@ class Autoscaler:
                     if poller is None or self._owner_url.get(owner) != url:
                         poller = await self.registry.poller_for(owner, url[0], url[1])
                         self._owner_url[owner] = url
-                    tier_refs = [r for rs in refs.values() for r in rs]
+                    # Celery's default queue too, where no tier of the pool consumes it (unrouted work).
+                    tier_refs = [r for rs in refs.values() for r in rs] + unconsumed_refs(refs)
                     poller.want(owner, tier_refs)
                     queues.update(tier_refs)
                 assert poller is not None
