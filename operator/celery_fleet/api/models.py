@@ -171,7 +171,11 @@ WORKER_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("c", "concurrency", "use spec.tiers[].concurrency"),
     ("", "prefetch-multiplier", "use spec.tiers[].prefetchMultiplier"),
     ("", "disable-prefetch", "use spec.tiers[].disablePrefetch"),
-    ("", "autoscale", "the operator scales pods: use spec.tiers[].concurrency and spec.tiers[].replicas"),
+    (
+        "",
+        "autoscale",
+        "it resizes the pool scale-in counts as spec.tiers[].concurrency; spec.tiers[].replicas adds pods",
+    ),
 )
 # Click reads a short option's value from the same token (`-c4`) and lets flags come first (`-Ec4`):
 # -B, -D and -E are the worker's only short flags, so `-[BED]*c` is every way to spell -c.
