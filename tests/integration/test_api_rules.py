@@ -65,3 +65,43 @@ def test_every_rule_is_judged_alike_by_the_apiserver_and_the_models(
             wrong.append(f"{d.id}: {disagreement}")
     assert not wrong, "\n".join(wrong)
     assert len(declared) >= 40
+
+
+# Issue 23 item 3: every spelling Click accepts of an option the model depends on, and lookalikes it does not.
+SPELLINGS = [
+    (["-n", "worker@%h"], "-n/--hostname"),
+    (["-nworker@%h"], "-n/--hostname"),
+    (["--hostname=worker@%h"], "-n/--hostname"),
+    (["-Ec", "8"], "-c/--concurrency"),
+    (["-c8"], "-c/--concurrency"),
+    (["--queues", "a"], "-Q/--queues"),
+    (["-X", "a"], "-X/--exclude-queues"),
+    (["--pool=threads"], "-P/--pool"),
+    (["--prefetch-multiplier", "4"], "--prefetch-multiplier"),
+    (["--disable-prefetch"], "--disable-prefetch"),
+    (["--autoscale=4,1"], "--autoscale"),
+]
+LOOKALIKES = [["-lwarning", "-Ofair", "--hostnames", "-E", "--", "worker_max_tasks_per_child=9"]]
+
+
+def test_worker_options_in_extra_args_are_refused_at_admission_naming_the_field(
+    k8s_api: Any, crds_installed: list[str], namespace: str
+) -> None:
+    from tests.support.api_rules import base_object
+
+    wrong = []
+    for args, option in SPELLINGS:
+        obj = base_object(POOL_KIND)
+        obj["spec"]["tiers"][1]["extraArgs"] = ["--without-mingle", *args]
+        status = dry_run_create(k8s_api, namespace, obj)
+        causes = (status or {}).get("details", {}).get("causes", [])
+        where = "spec.tiers[1].extraArgs[1]"
+        if not any(c.get("field") == where and f"{option} is set by the operator" in c["message"] for c in causes):
+            wrong.append(f"{args}: {json.dumps(causes) if status else 'accepted'}")
+    for args in LOOKALIKES:
+        obj = base_object(POOL_KIND)
+        obj["spec"]["tiers"][0]["extraArgs"] = args
+        status = dry_run_create(k8s_api, namespace, obj)
+        if status is not None:
+            wrong.append(f"{args}: refused: {status['message']}")
+    assert not wrong, "\n".join(wrong)

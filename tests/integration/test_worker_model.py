@@ -40,7 +40,7 @@ def localrun(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[Local
     runtime.stop()
 
 
-def _pool(name: str, queue: str, *, replicas: int, broker: dict[str, Any], **tier: Any) -> dict[str, Any]:
+def _pool(name: str, queue: str, *, replicas: int, broker: dict[str, Any], hi: int = 0, **tier: Any) -> dict[str, Any]:
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "CeleryWorkerPool",
@@ -52,7 +52,7 @@ def _pool(name: str, queue: str, *, replicas: int, broker: dict[str, Any], **tie
             "podLabels": RUN_LABELS,
             "tiers": [
                 {"name": "work", "queues": [queue], "concurrency": 1, "terminationGracePeriodSeconds": 5,
-                 "replicas": {"min": replicas, "max": replicas}, **tier},
+                 "replicas": {"min": replicas, "max": max(replicas, hi)}, **tier},
             ],
         },
     }  # fmt: skip
@@ -133,7 +133,7 @@ def test_a_task_sent_without_a_route_that_no_tier_consumes_is_reported(
 ) -> None:  # fmt: skip
     # A key prefix of its own: pools of other tests on this Redis (the default tiers consume celery) stay apart.
     prefix = f"{namespace[-6:]}:"
-    pool = _pool("unrouted", "reports", replicas=0, broker={"globalKeyprefix": prefix})
+    pool = _pool("unrouted", "reports", replicas=0, hi=1, broker={"globalKeyprefix": prefix})
     _setup(cluster, k8s_api, namespace, redis_server.url, pool)
     wait_for(lambda: (_condition(k8s_api, namespace, "unrouted", "BrokerReachable") or {}).get("status") == "True",
              timeout=60, message="the pool is polled")  # fmt: skip
