@@ -56,19 +56,19 @@ def test_apiserver_defaults_a_minimal_pool(cluster: Cluster, crds_installed: lis
     assert spec["tiers"] == [
         {
             "name": name,
-            "queues": [queue],
+            "queues": queues,
             "concurrency": concurrency,
             "pool": "prefork",
             "prefetchMultiplier": 1,
-            "disablePrefetch": False,
+            "disablePrefetch": True,
             "logLevel": "INFO",
             "replicas": {"min": low, "max": high},
             "autoscaling": autoscaling,
         }
-        for name, queue, concurrency, low, high in (
-            ("high", "high_priority", 4, 2, 8),
-            ("medium", "medium_priority", 6, 4, 12),
-            ("low", "low_priority", 2, 1, 4),
+        for name, queues, concurrency, low, high in (
+            ("high", ["high_priority"], 4, 2, 8),
+            ("medium", ["medium_priority", "celery"], 6, 4, 12),
+            ("low", ["low_priority"], 2, 1, 4),
         )
     ]
     assert spec["broker"]["prioritySteps"] == [0, 3, 6, 9]

@@ -76,7 +76,7 @@ def test_default_tiers_become_three_deployments_and_ready(
     assert set(deps) == {"high", "medium", "low"}
     expected = {
         "high": ("high_priority", "4", 2),
-        "medium": ("medium_priority", "6", 4),
+        "medium": ("medium_priority,celery", "6", 4),  # and Celery's default queue
         "low": ("low_priority", "2", 1),
     }
     for tier, (queue, concurrency, replicas) in expected.items():
