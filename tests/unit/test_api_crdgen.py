@@ -124,7 +124,7 @@ def test_names_columns_and_subresources() -> None:
         assert version["subresources"] == {"status": {}}
     pool_cols = [c["name"] for c in POOL["spec"]["versions"][0]["additionalPrinterColumns"] if "priority" not in c]
     beat_cols = [c["name"] for c in BEAT["spec"]["versions"][0]["additionalPrinterColumns"]]
-    assert pool_cols == ["Ready", "Replicas", "Desired", "Queued", "Age"]
+    assert pool_cols == ["Ready", "Pods", "Desired", "Queued", "Age"]
     assert beat_cols == ["Leader", "Ready", "Transitions", "Age"]
 
 
@@ -207,3 +207,46 @@ def test_check_reports_stale_and_missing_files(tmp_path: Path, capsys: pytest.Ca
     assert "CRDs are stale: run make crds" in err
     stale = set(generated.stale_files(tmp_path, crdgen.generated_files()))
     assert stale == {chart_copy, tmp_path / crdgen.CRD_DIR / crdgen.POOL_FILE}
+
+
+def test_ready_columns_read_the_ready_condition_not_pod_counts() -> None:
+    pool_cols = {c["name"]: c for c in POOL["spec"]["versions"][0]["additionalPrinterColumns"]}
+    beat_cols = {c["name"]: c for c in BEAT["spec"]["versions"][0]["additionalPrinterColumns"]}
+    ready = '.status.conditions[?(@.type=="Ready")].status'
+    assert pool_cols["Ready"]["jsonPath"] == beat_cols["Ready"]["jsonPath"] == ready
+    assert pool_cols["Pods"]["jsonPath"] == ".status.ready"
+    # Wide output (-o wide): busy workers per tier and why the pool is (not) ready.
+    assert (pool_cols["Busy"]["jsonPath"], pool_cols["Busy"]["priority"]) == (".status.tiers[*].busyWorkers", 1)
+    assert pool_cols["Reason"]["jsonPath"] == '.status.conditions[?(@.type=="Ready")].reason'
+    status = POOL["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+    assert "busyWorkers" in status["tiers"]["items"]["properties"]
+
+
+@pytest.mark.parametrize("crd", [POOL, BEAT], ids=["pool", "beat"])
+def test_every_crd_copy_tells_helm_argo_and_flux_to_keep_it(crd: dict[str, Any]) -> None:
+    assert crd["metadata"]["annotations"] == {
+        "helm.sh/resource-policy": "keep",
+        "argocd.argoproj.io/sync-options": "Prune=false,Delete=false",
+        "kustomize.toolkit.fluxcd.io/prune": "disabled",
+    }
+
+
+def test_chart_template_is_the_crd_behind_crds_install() -> None:
+    text = crdgen.render_chart_template(POOL)
+    lines = text.splitlines()
+    assert lines[1] == "{{- if .Values.crds.install }}" and lines[-1] == "{{- end }}"
+    assert "    helm.sh/resource-policy: keep" in lines
+    # Without the template actions it is the same CRD, with the chart's labels added by Helm.
+    plain = "\n".join(line for line in lines if "{{" not in line)
+    assert {**yaml.safe_load(plain), "metadata": None} == {**POOL, "metadata": None}
+    assert set(crdgen.chart_crd_files()) == {
+        crdgen.CHART_CRD_DIR / crdgen.POOL_FILE,
+        crdgen.CHART_CRD_DIR / crdgen.BEAT_FILE,
+    }
+    assert crdgen.CHART_CRD_DIR.parts[:3] == ("charts", "celery-fleet", "templates")
+
+
+def test_chart_template_refuses_a_crd_helm_would_read_as_a_template() -> None:
+    crd = {**POOL, "spec": {**POOL["spec"], "group": "{{ .Values.x }}"}}
+    with pytest.raises(ValueError, match="escape it"):
+        crdgen.render_chart_template(crd)

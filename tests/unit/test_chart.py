@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from celery_fleet import metrics
+from celery_fleet.api import crdgen
 from celery_fleet.planning.beat_workload import ELECTOR_SOURCE
 from celery_fleet.rbac import rules
 from tests.support.tools import tool
@@ -138,7 +139,8 @@ def test_notes_name_the_argocd_health_keys_of_both_kinds(tmp_path: Path) -> None
     ("name", "values"), [pytest.param("default", (), id="default"), pytest.param("custom", CUSTOM, id="custom")]
 )
 def test_template_matches_golden(name: str, values: tuple[str, ...]) -> None:
-    text = rendered_text(*values)
+    # Without the CRDs: they are crdgen's output, compared with it in test_crds_are_the_generated_copy.
+    text = rendered_text(*values, "--set", "crds.install=false")
     path = GOLDEN_DIR / f"{name}.yaml"
     if os.environ.get("UPDATE_GOLDENS") == "1":
         path.write_text(text)
@@ -162,6 +164,8 @@ def test_default_install_objects() -> None:
         ("ClusterRole", "celery-fleet-view"),
         ("ClusterRoleBinding", "celery-fleet"),
         ("ClusterRoleBinding", "celery-fleet-cluster"),
+        ("CustomResourceDefinition", "celerybeats.celeryfleet.io"),
+        ("CustomResourceDefinition", "celeryworkerpools.celeryfleet.io"),
         ("Deployment", "celery-fleet"),
         ("Role", "celery-fleet-leader-election"),
         ("RoleBinding", "celery-fleet-leader-election"),
@@ -170,10 +174,44 @@ def test_default_install_objects() -> None:
     ]
 
 
+def annotations(doc: dict[str, Any]) -> dict[str, str]:
+    return doc["metadata"].get("annotations") or {}
+
+
 def test_crds_are_the_generated_copy() -> None:
-    with_crds = rendered("--include-crds")
-    names = sorted(d["metadata"]["name"] for d in find(with_crds, "CustomResourceDefinition"))
-    assert names == ["celerybeats.celeryfleet.io", "celeryworkerpools.celeryfleet.io"]
+    """Templated (so `helm upgrade` upgrades them), kept on uninstall, labelled as the release."""
+    generated = {c["metadata"]["name"]: c for c in crdgen.generate_crds().values()}
+    crds = {d["metadata"]["name"]: d for d in find(rendered(), "CustomResourceDefinition")}
+    assert sorted(crds) == ["celerybeats.celeryfleet.io", "celeryworkerpools.celeryfleet.io"]
+    for name, crd in crds.items():
+        assert crd["spec"] == generated[name]["spec"]
+        assert crd["metadata"]["annotations"] == generated[name]["metadata"]["annotations"]
+        assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+        assert crd["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE
+    assert not (CHART / "crds").exists(), "Helm would install crds/ once and never upgrade it"
+    # Nothing else in the chart is kept by Helm: only what an uninstall must not cascade from.
+    kept = [
+        d["metadata"]["name"]
+        for d in rendered()
+        if "helm.sh/resource-policy" in (d["metadata"].get("annotations") or {})
+    ]
+    assert sorted(kept) == sorted(crds)
+
+
+@pytest.mark.parametrize(
+    ("setting", "names", "kept"),
+    [
+        pytest.param("crds.install=false", [], False, id="managed-elsewhere"),
+        pytest.param("crds.keep=false", ["celerybeats.celeryfleet.io", "celeryworkerpools.celeryfleet.io"], False,
+                     id="deleted-on-uninstall"),
+    ],
+)  # fmt: skip
+def test_crds_values(setting: str, names: list[str], kept: bool) -> None:
+    crds = find(rendered("--set", setting), "CustomResourceDefinition")
+    assert sorted(c["metadata"]["name"] for c in crds) == names
+    for crd in crds:
+        assert ("helm.sh/resource-policy" in crd["metadata"]["annotations"]) is kept
+        assert crd["metadata"]["annotations"]["argocd.argoproj.io/sync-options"] == "Prune=false,Delete=false"
 
 
 # --- the operator Deployment

@@ -13,6 +13,7 @@ from celery_fleet.handlers.beat_reconciler import BeatReconciler
 from celery_fleet.handlers.cache import POOL_LABEL, FleetCache, ObjKey
 from celery_fleet.handlers.pool_reconciler import PoolReconciler, replicas_for
 from celery_fleet.kube.client import Kube
+from celery_fleet.kube.events import EventPoster, EventType, ObjectRef
 from tests.support.fake_api import RecordingApi
 from tests.support.samples import sample
 
@@ -130,6 +131,49 @@ TIER = Tier.model_validate({"name": "high", "queues": ["q"], "concurrency": 1, "
 )
 def test_one_value_of_spec_replicas(observed: dict[str, Any] | None, scaler: int | None, expected: int) -> None:
     assert replicas_for(TIER, observed, scaler) == expected
+
+
+@pytest.mark.parametrize(
+    ("observed", "expected"),
+    [
+        pytest.param({"spec": {"replicas": 50}}, 50, id="the-other-autoscalers-count-is-kept-even-above-max"),
+        pytest.param(None, 2, id="a-tier-not-yet-created-starts-at-min"),
+    ],
+)
+def test_a_tier_held_by_another_autoscaler_keeps_its_count(observed: dict[str, Any] | None, expected: int) -> None:
+    assert replicas_for(TIER, observed, None, held=True) == expected
+
+
+def test_an_hpa_on_a_tier_raises_scaler_conflict_with_a_warning_event_and_holds_the_tier() -> None:
+    api = RecordingApi()
+    cache = FleetCache()
+    key = cache.put_pool(_pool())
+    hpa = {
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": "legacy", "namespace": NAMESPACE},
+        "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "billing-high"}},
+    }
+    assert cache.put_other_scaler(hpa) == [key]  # its pool is reconciled
+    posted: list[tuple[str, str]] = []
+
+    class Recorded(EventPoster):
+        def post(self, ref: ObjectRef, reason: str, message: str, type_: EventType = "Normal") -> None:
+            posted.append((reason, type_))
+
+    kube = Kube(api)  # type: ignore[arg-type]  # duck-typed ApiClient
+    reconciler = PoolReconciler(kube, cache, events=Recorded(kube))
+    reconciler.reconcile(key)
+    conflict = _condition(api.statuses()[-1], "ScalerConflict")
+    assert (conflict["status"], conflict["reason"]) == ("True", "OtherAutoscaler")
+    assert "HorizontalPodAutoscaler legacy" in conflict["message"]
+    assert cache.runtime[key].held_by_other_scaler == frozenset({"high"})
+    assert [p for p in posted if p[0] == "ScalerConflict"] == [("ScalerConflict", "Warning")]
+
+    cache.put_pool({**(cache.pool(key) or {}), "status": api.statuses()[-1]})
+    assert cache.put_other_scaler(hpa, deleted=True) == [key]
+    reconciler.reconcile(key)
+    assert _condition(api.statuses()[-1], "ScalerConflict")["status"] == "False"
+    assert cache.runtime[key].held_by_other_scaler == frozenset()
 
 
 def _reconcile_beat(body: dict[str, Any], api: RecordingApi | None = None) -> tuple[RecordingApi, Any]:

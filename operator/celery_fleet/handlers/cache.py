@@ -18,6 +18,7 @@ from celery_fleet.brokers.redis.connection import TlsSettings
 from celery_fleet.planning.beat_workload import BEAT_LABEL
 from celery_fleet.planning.ownership import is_controlled_by
 from celery_fleet.planning.pool_status import TierScaling
+from celery_fleet.planning.scaler_conflict import OtherScaler, other_scaler
 from celery_fleet.planning.workload import POOL_LABEL
 
 __all__ = ["BEAT_LABEL", "POOL_LABEL"]  # re-exported for the handlers; declared in planning
@@ -162,6 +163,8 @@ class PoolRuntime:
     remote_control_checked: bool = False  # some tier's workers were asked at least once
     # Queues no tier on the broker consumes (Celery's default queue) -> depth at the last poll; None: not read.
     unconsumed: dict[str, int] | None = None
+    # Tiers whose Deployment an HPA or ScaledObject also scales: their replicas are not written.
+    held_by_other_scaler: frozenset[str] = frozenset()
 
 
 class FleetCache:
@@ -173,6 +176,8 @@ class FleetCache:
         self.children: dict[ObjKey, dict[ChildKey, dict[str, Any]]] = defaultdict(dict)
         self.beat_children: dict[ObjKey, dict[ChildKey, dict[str, Any]]] = defaultdict(dict)
         self.runtime: dict[ObjKey, PoolRuntime] = defaultdict(PoolRuntime)
+        # HPAs and ScaledObjects, only what the conflict check reads: namespace -> (kind, name) -> it.
+        self.other_scalers: dict[str, dict[ChildKey, OtherScaler]] = defaultdict(dict)
         # Bumped on every write of a pool or one of its children: equal versions, same inputs.
         self._versions: dict[ObjKey, int] = {}
         self._version = itertools.count(1)
@@ -265,6 +270,29 @@ class FleetCache:
         if owner_uid is None:
             return found
         return {k: v for k, v in found.items() if is_controlled_by(v, owner_uid)}
+
+    # -- other autoscalers (HPAs, KEDA ScaledObjects)
+    def put_other_scaler(self, body: Mapping[str, Any], deleted: bool = False) -> list[ObjKey]:
+        """Note an HPA or ScaledObject; returns the pools whose tiers it targets now or targeted before."""
+        meta = body.get("metadata") or {}
+        namespace, kind = str(meta.get("namespace", "")), str(body.get("kind", ""))
+        skey = (kind, str(meta.get("name", "")))
+        scaler = None if deleted else other_scaler(body)
+        with self._lock:
+            table = self.other_scalers[namespace]
+            before = table.pop(skey, None)
+            if scaler is not None:
+                table[skey] = scaler
+            elif not table:
+                del self.other_scalers[namespace]
+            targets = {s.target_name for s in (before, scaler) if s is not None}
+            return [
+                key for key in self.pools if key[0] == namespace and any(t.startswith(key[1] + "-") for t in targets)
+            ]
+
+    def other_scalers_in(self, namespace: str) -> list[OtherScaler]:
+        with self._lock:
+            return list(self.other_scalers.get(namespace, {}).values())
 
     def counts(self) -> tuple[int, int, int]:
         with self._lock:

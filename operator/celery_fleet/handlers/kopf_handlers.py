@@ -130,6 +130,24 @@ async def pdb_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     _child_event(_fleet(memo), event, "PodDisruptionBudget")
 
 
+@kopf.on.event("autoscaling", "v2", "horizontalpodautoscalers", id="other-scaler-hpa-events")
+async def hpa_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    _other_scaler_event(_fleet(memo), event, "HorizontalPodAutoscaler")
+
+
+# Served only once KEDA's CRD exists (Kopf watches for it to appear).
+@kopf.on.event("keda.sh", "v1alpha1", "scaledobjects", id="other-scaler-keda-events")
+async def scaled_object_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    _other_scaler_event(_fleet(memo), event, "ScaledObject")
+
+
+def _other_scaler_event(fleet: Fleet, event: kopf.RawEvent, kind: str) -> None:
+    # Every HPA in the cluster comes through here (no label to select on): the cache keeps only its target.
+    body = {**event["object"], "kind": kind}
+    for key in fleet.cache.put_other_scaler(body, deleted=event["type"] == "DELETED"):
+        fleet.pool_queue.add(key)
+
+
 def _child_event(fleet: Fleet, event: kopf.RawEvent, kind: str) -> None:
     raw: dict[str, Any] = dict(event["object"])
     raw["kind"] = kind

@@ -23,6 +23,7 @@ from celery_fleet.handlers.cache import FleetCache, ObjKey, PoolRuntime
 from celery_fleet.handlers.children import ChildConflict, apply_child
 from celery_fleet.kube.client import ApiError, Kube
 from celery_fleet.kube.events import EventPoster, ObjectRef
+from celery_fleet.planning import scaler_conflict
 from celery_fleet.planning.conditions import ConditionUpdate, conditions_equal, merge_conditions
 from celery_fleet.planning.drift import drifted_fields, has_drifted
 from celery_fleet.planning.ownership import CHILD_CONFLICT, is_controlled_by
@@ -61,8 +62,15 @@ def utcnow() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def replicas_for(tier: Tier, observed: Mapping[str, Any] | None, scaler_desired: int | None) -> int:
-    """The one value of spec.replicas: the autoscaler's, else the current one kept within bounds."""
+def replicas_for(
+    tier: Tier, observed: Mapping[str, Any] | None, scaler_desired: int | None, *, held: bool = False
+) -> int:
+    """The one value of spec.replicas: the autoscaler's, else the current one kept within bounds.
+
+    `held`: another autoscaler (HPA, ScaledObject) scales the tier; its count is kept as it is, even
+    outside the tier's bounds, so an apply never writes a different one."""
+    if held and observed is not None:
+        return int((observed.get("spec") or {}).get("replicas", tier.replicas.min))
     if scaler_desired is not None:
         return max(tier.replicas.min, min(tier.replicas.max, scaler_desired))
     if observed is not None:
@@ -144,6 +152,8 @@ class PoolReconciler:
             self._write_status(key, body, ref, spec=None, problem=invalid)
             return Outcome()
 
+        runtime.held_by_other_scaler = frozenset(self._other_scalers(key, spec))
+
         problem = self._resolve_broker(namespace, spec, runtime, reader=object_version(body))
         if problem is None:
             problem = self._resolve_tls(namespace, spec, runtime, reader=object_version(body))
@@ -177,6 +187,11 @@ class PoolReconciler:
                 self._write_status(key, body, ref, spec=spec, problem=conflict)
                 return Outcome(error=True)
         return Outcome(requeue_after=self._write_status(key, body, ref, spec=spec, problem=None))
+
+    def _other_scalers(self, key: ObjKey, spec: CeleryWorkerPoolSpec) -> dict[str, list[scaler_conflict.OtherScaler]]:
+        """Tier -> the HPAs and ScaledObjects (from the watch cache) that target its Deployment."""
+        deployments = {t.name: tier_child_name(key[1], t.name) for t in spec.tiers}
+        return scaler_conflict.conflicts(deployments, self.cache.other_scalers_in(key[0]))
 
     def _resolve_broker(
         self, namespace: str, spec: CeleryWorkerPoolSpec, runtime: PoolRuntime, *, reader: str
@@ -269,14 +284,18 @@ class PoolReconciler:
         observed = self.cache.children_of(key)  # by label: may hold look-alikes that are not ours
         owned = {k: v for k, v in observed.items() if is_controlled_by(v, ref.uid)}
         runtime = self.cache.runtime[key]
+        held = runtime.held_by_other_scaler
         replicas = {
             tier.name: replicas_for(
-                tier, owned.get(("Deployment", tier_child_name(name, tier.name))), runtime.desired.get(tier.name)
+                tier,
+                owned.get(("Deployment", tier_child_name(name, tier.name))),
+                runtime.desired.get(tier.name),
+                held=tier.name in held,
             )
             for tier in spec.tiers
         }
         for tier_name, count in replicas.items():
-            if runtime.desired.get(tier_name) is not None:
+            if runtime.desired.get(tier_name) is not None and tier_name not in held:
                 # A bound that moved the autoscaler's count (min raised) made it the count: a later lower
                 # min is then a scale-down for the autoscaler, which asks the workers first (scale-in).
                 runtime.desired[tier_name] = count
@@ -384,6 +403,11 @@ class PoolReconciler:
         elif problem is None and runtime.layout_checked:
             updates.append(ConditionUpdate("BrokerKeyLayout", "True", "Matches", "every priority list found is read"))
         old = body.get("status") or {}
+        others = self._other_scalers(key, spec) if spec is not None else {}
+        shown = any(c.get("type") == scaler_conflict.CONDITION for c in old.get("conditions") or [])
+        conflict = scaler_conflict.conflict_condition(name, others, shown=shown)
+        if conflict is not None:
+            updates.append(conflict)
         status["conditions"] = merge_conditions(old.get("conditions"), updates, generation=inp.generation, now=utcnow())
         if _status_equal(old, status):
             return None
@@ -398,6 +422,14 @@ class PoolReconciler:
         if problem is not None and (old_problem or {}).get("message") != problem.message:
             self.events.post(ref, problem.reason, problem.message, "Warning")
             log.warning("pool %s/%s: %s: %s", namespace, name, problem.reason, problem.message)
+        old_conflict = _condition(old, scaler_conflict.CONDITION)
+        if (
+            conflict is not None
+            and conflict.status == "True"
+            and (old_conflict or {}).get("message") != conflict.message
+        ):
+            self.events.post(ref, scaler_conflict.CONDITION, conflict.message, "Warning")
+            log.warning("pool %s/%s: %s", namespace, name, conflict.message)
         self.kube.patch_status(POOL_API_VERSION, "CeleryWorkerPool", namespace, name, status)
         self._status_written[key] = now
         # Until the watch brings it back: a reconcile before that would write the same status again.

@@ -112,6 +112,20 @@ RULES: tuple[Rule, ...] = (
         "Kopf watches the beat Leases (beat label) to report the leader.",
         (f"{_HANDLERS}:lease_event",),
     ),
+    Rule(
+        ("autoscaling",),
+        ("horizontalpodautoscalers",),
+        ("list", "watch"),
+        "Kopf watches HPAs: one that targets a tier's Deployment holds that tier (ScalerConflict condition).",
+        (f"{_HANDLERS}:hpa_event",),
+    ),
+    Rule(
+        ("keda.sh",),
+        ("scaledobjects",),
+        ("list", "watch"),
+        "Kopf watches KEDA ScaledObjects (once their CRD exists): one that targets a tier holds it, as an HPA.",
+        (f"{_HANDLERS}:scaled_object_event",),
+    ),
     # --- Status, Events, ownership.
     Rule(
         (GROUP,),

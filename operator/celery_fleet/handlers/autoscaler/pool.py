@@ -189,7 +189,8 @@ class PoolScaler:
         )
         if key in self._scale_ins:
             return []  # that pool's workers are being asked; its decision follows from their answer
-        asking = [d.tier for d in decisions if d.asks_workers] if broker_problem is None else []
+        held = runtime.held_by_other_scaler  # an HPA or ScaledObject scales these: neither ask nor scale
+        asking = [d.tier for d in decisions if d.asks_workers and d.tier not in held] if broker_problem is None else []
         if asking:
             cached = self.scale_in.reusable_censuses(key, asking, observations, now)
             if cached is not None:
@@ -349,7 +350,12 @@ class PoolScaler:
             previous = runtime.scaling.get(d.tier, TierScaling())
             if d.reason is Reason.BUSY_WORKERS and d.desired == d.current:
                 calls += self.notes.once(key, ref, d.tier, "ScaleDownHeld", d.message)
-            if d.current is not None and d.desired != d.current and not (broker_problem and d.desired < d.current):
+            if (
+                d.current is not None
+                and d.desired != d.current
+                and not (broker_problem and d.desired < d.current)
+                and d.tier not in runtime.held_by_other_scaler  # the pool's ScalerConflict condition says why
+            ):
                 calls.append(self._scale_tier(key, ref, d, previous, removals.get(d.tier)))
                 self.series.set(metrics.DESIRED_REPLICAS, (namespace, name, d.tier), d.desired)
                 continue
