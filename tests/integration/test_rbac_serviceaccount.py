@@ -76,7 +76,7 @@ def install(cluster: Cluster, crds_installed: list[str], tmp_path: Path) -> Iter
     release = f"sa-{suffix}"
     helm = [str(tool("helm")), "--kubeconfig", str(cluster.kubeconfig)]
     values = tmp_path / "values.yaml"
-    values.write_text(json.dumps({"watchNamespaces": [watched]}))
+    values.write_text(json.dumps({"watchNamespaces": [watched], "crds": {"install": False}}))  # applied by the session
     subprocess.run(
         [*helm, "install", release, str(CHART), "-n", release_ns, "--values", str(values)],
         check=True, capture_output=True, timeout=120,
