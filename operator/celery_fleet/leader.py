@@ -7,7 +7,10 @@ elector gets the server, the CA file, a client certificate's files or a token so
 `run --leader-elect` runs the operator as the elector's command: only the Lease holder acts. This
 process also serves the health endpoint the probes read, so a standby (which runs no operator)
 answers healthy instead of being restarted by its liveness probe; while leading, it answers what
-the operator's own (Kopf's) endpoint answers, on an internal loopback port.
+the operator's own (Kopf's) endpoint answers, on an internal loopback port. It serves /metrics the
+same way: on every replica its own process metrics and the leader gauge (controller-runtime's
+`leader_election_master_status`), so a standby is a scrape target that is up (kube-prometheus'
+TargetDown counts it), plus the operator's metrics while it leads.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, ProcessCollector, generate_latest
+
 from celery_fleet.elector import SERVICE_ACCOUNT_DIR
 from celery_fleet.elector import cli as elector_cli
 from celery_fleet.elector.election import UsageError
@@ -35,6 +40,8 @@ from celery_fleet.elector.process import UNKILLABLE_AFTER_SECONDS
 # While the operator starts (imports, Kopf's login), its endpoint may refuse connections.
 OPERATOR_STARTUP_SECONDS = 30.0
 PROBE_TIMEOUT_SECONDS = 3.0
+# The operator's own exposition, read back over loopback: bounded all the same (1000 pools: a few MB).
+OPERATOR_METRICS_LIMIT = 32 << 20
 
 
 def endpoint_from_kubeconfig(kubeconfig: str | None, context: str | None) -> tuple[ApiEndpoint, str | None]:
@@ -110,8 +117,9 @@ def _free_loopback_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def operator_argv(argv: Sequence[str], health_endpoint: str) -> list[str]:
-    """The operator's own command: `run` without the election flags, its health endpoint internal."""
+def operator_argv(argv: Sequence[str], health_endpoint: str, metrics_port: int = 0) -> list[str]:
+    """The operator's own command: `run` without the election flags, its health and metrics endpoints
+    internal (on loopback; this process serves the public ones)."""
     child: list[str] = []
     skip = False
     for arg in argv:
@@ -121,11 +129,12 @@ def operator_argv(argv: Sequence[str], health_endpoint: str) -> list[str]:
         name = arg.split("=", 1)[0]
         if arg == "--leader-elect":
             continue
-        if name in ELECTION_FLAGS or name == "--health-endpoint":
+        if name in ELECTION_FLAGS or name in ("--health-endpoint", "--metrics-port", "--metrics-addr"):
             skip = "=" not in arg
             continue
         child.append(arg)
-    return [sys.executable, "-m", "celery_fleet.cli", *child, f"--health-endpoint={health_endpoint}"]
+    internal = [f"--health-endpoint={health_endpoint}", f"--metrics-port={metrics_port}", "--metrics-addr=127.0.0.1"]
+    return [sys.executable, "-m", "celery_fleet.cli", *child, *internal]
 
 
 class ElectedHealth:
@@ -189,6 +198,60 @@ class ElectedHealth:
         return server
 
 
+class ElectedMetrics:
+    """The /metrics of a replica under the elector: this process's metrics and the leader gauge on
+    every replica; while leading, the operator's own metrics (read from its loopback port) after them."""
+
+    def __init__(self, operator_url: str, lease: str, leading: Callable[[], bool]) -> None:
+        self.operator_url = operator_url
+        self.leading = leading
+        self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)
+        self._leader = Gauge(
+            "leader_election_master_status",
+            "1 on the replica that holds the Lease and runs the operator, 0 on a standby (controller-runtime's name).",
+            ["name"],
+            registry=self.registry,
+        ).labels(lease)
+
+    def exposition(self) -> bytes:
+        leading = self.leading()
+        self._leader.set(1 if leading else 0)
+        own = generate_latest(self.registry)
+        if not leading:
+            return own
+        try:
+            with urllib.request.urlopen(self.operator_url, timeout=PROBE_TIMEOUT_SECONDS) as reply:
+                body: bytes = reply.read(OPERATOR_METRICS_LIMIT + 1)
+        except OSError:
+            return own  # starting or stopping: the gauge still says who leads
+        if len(body) > OPERATOR_METRICS_LIMIT:
+            sys.stderr.write(f"elector: operator metrics over {OPERATOR_METRICS_LIMIT} bytes, left out\n")
+            return own
+        return own + body
+
+    def serve(self, addr: str, port: int) -> http.server.ThreadingHTTPServer:
+        metrics = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                found = self.path.split("?")[0] in ("/metrics", "/")
+                body = metrics.exposition() if found else b"not found"
+                self.send_response(200 if found else 404)
+                self.send_header("Content-Type", CONTENT_TYPE_LATEST if found else "text/plain; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                """Scrapes every few seconds are not news."""
+
+        server = http.server.ThreadingHTTPServer((addr, port), Handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, name="elected-metrics", daemon=True).start()
+        return server
+
+
 def run_elected(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """`run --leader-elect`: the operator as the elector's command, so only the Lease holder acts.
 
@@ -196,6 +259,7 @@ def run_elected(args: argparse.Namespace, argv: Sequence[str]) -> int:
     shorter than the lease duration, so a cut-off replica has stopped before a standby starts.
     """
     internal = f"http://127.0.0.1:{_free_loopback_port()}/healthz"
+    metrics_port = _free_loopback_port() if args.metrics_port else 0
     elect = ["--namespace", args.lease_namespace, "--lease", args.lease_name]
     elect += ["--duration", str(args.lease_duration), "--renew-deadline", str(args.renew_deadline)]
     elect += ["--retry-period", str(args.retry_period)]
@@ -204,7 +268,7 @@ def run_elected(args: argparse.Namespace, argv: Sequence[str]) -> int:
     parser = elect_parser()
     try:
         invocation = elector_cli.parse_invocation(
-            [*elect, "--", *operator_argv(argv, internal if args.health_endpoint else "")],
+            [*elect, "--", *operator_argv(argv, internal if args.health_endpoint else "", metrics_port)],
             os.environ,
             parser,
             lambda _: endpoint_from_kubeconfig(args.kubeconfig, None),
@@ -218,8 +282,17 @@ def run_elected(args: argparse.Namespace, argv: Sequence[str]) -> int:
         internal, stall_after=timings.duration + timings.stop_grace + UNKILLABLE_AFTER_SECONDS + timings.retry_period
     )
     server = health.serve(args.health_endpoint) if args.health_endpoint else None
+    metrics_server = None
+    if args.metrics_port:
+        metrics = ElectedMetrics(
+            f"http://127.0.0.1:{metrics_port}/metrics",
+            invocation.lease,
+            lambda: health.elector is not None and health.elector.running,
+        )
+        metrics_server = metrics.serve(args.metrics_addr, args.metrics_port)
     try:
         return elector_cli.run(invocation, api, on_elector=lambda e: setattr(health, "elector", e))
     finally:
-        if server is not None:
-            server.shutdown()
+        for running in (server, metrics_server):
+            if running is not None:
+                running.shutdown()

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from kubernetes import client
+from prometheus_client.parser import text_string_to_metric_families
 
 from celery_fleet.leader import endpoint_from_kubeconfig
 from tests.support.cluster import Cluster
@@ -39,13 +40,20 @@ def _pool(name: str) -> dict[str, Any]:
 
 class Replica:
     def __init__(
-        self, cluster: Cluster, namespace: str, identity: str, log: Path, kubeconfig: Path | None = None
+        self,
+        cluster: Cluster,
+        namespace: str,
+        identity: str,
+        log: Path,
+        kubeconfig: Path | None = None,
+        metrics_port: int = 0,
     ) -> None:
         self.identity, self.log = identity, log
         self.health_url = f"http://127.0.0.1:{free_port()}/healthz"
+        self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         args = [
             sys.executable, "-m", "celery_fleet.cli", "run", "--kubeconfig", str(kubeconfig or cluster.kubeconfig),
-            "--namespace", namespace, "--metrics-port", "0",
+            "--namespace", namespace, "--metrics-port", str(metrics_port), "--metrics-addr", "127.0.0.1",
             "--health-endpoint", self.health_url,
             "--leader-elect", "--lease-namespace", namespace, "--lease-name", "operator",
             "--identity", identity, "--lease-duration", "4", "--renew-deadline", "3", "--retry-period", "0.5",
@@ -67,6 +75,14 @@ class Replica:
                 return int(reply.status), reply.read().decode()
         except urllib.error.HTTPError as exc:
             return int(exc.code), exc.read().decode()
+        except urllib.error.URLError:
+            return None
+
+    def metrics(self) -> dict[str, Any] | None:
+        """The metric families this replica's /metrics serves (None while nothing listens yet)."""
+        try:
+            with urllib.request.urlopen(self.metrics_url, timeout=5) as reply:
+                return {f.name: f for f in text_string_to_metric_families(reply.read().decode())}
         except urllib.error.URLError:
             return None
 
@@ -193,3 +209,31 @@ def test_the_operator_starts_after_a_lost_acquire_reply_and_a_failed_renewal(
     finally:
         replica.stop()
         proxy.stop()
+
+
+def test_every_replica_serves_metrics_and_the_leader_gauge_is_1_on_exactly_one(
+    cluster: Cluster, crds_installed: list[str], own_namespace: str, tmp_path: Path
+) -> None:
+    replicas = [
+        Replica(cluster, own_namespace, name, tmp_path / f"{name}.log", metrics_port=free_port())
+        for name in ("replica-a", "replica-b")
+    ]
+    try:
+        wait_for(lambda: any(r.runs_operator() for r in replicas), timeout=30, message="a replica runs the operator")
+
+        def scraped() -> list[tuple[float, bool]] | None:
+            # What Prometheus would get from each target: the leader gauge, and the operator's own metrics.
+            found = [r.metrics() for r in replicas]
+            if any(f is None for f in found):
+                return None
+            out = [(f["leader_election_master_status"].samples[0].value, "celery_fleet_pools" in f) for f in found if f]
+            return out if sorted(out) == [(0.0, False), (1.0, True)] else None
+
+        result = wait_for(
+            scraped, timeout=60, message=lambda: f"both replicas' metrics: {[r.metrics() for r in replicas]}"
+        )
+        leader = replicas[[v for v, _ in result].index(1.0)]
+        assert leader.runs_operator()
+    finally:
+        for r in replicas:
+            r.stop()
