@@ -167,6 +167,7 @@ def test_default_install_objects() -> None:
         ("CustomResourceDefinition", "celerybeats.celeryfleet.io"),
         ("CustomResourceDefinition", "celeryworkerpools.celeryfleet.io"),
         ("Deployment", "celery-fleet"),
+        ("PodDisruptionBudget", "celery-fleet"),
         ("Role", "celery-fleet-leader-election"),
         ("RoleBinding", "celery-fleet-leader-election"),
         ("Service", "celery-fleet-metrics"),
@@ -545,3 +546,55 @@ def test_dashboard_datasource_variables_and_ids() -> None:
         ref_ids = [t["refId"] for t in panel["targets"]]
         assert len(ref_ids) == len(set(ref_ids)), panel["title"]
     assert dashboard["uid"] == "celery-fleet" and dashboard["title"]
+
+
+# --- HA monitoring (issue 27)
+
+
+def test_every_alert_links_its_runbook_section() -> None:
+    rule = one(rendered("--set", "prometheusRule.enabled=true"), "PrometheusRule")
+    runbooks = (ROOT / "docs" / "runbooks.md").read_text()
+    sections = {line[3:].strip().lower() for line in runbooks.splitlines() if line.startswith("## ")}
+    alerts = [r for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r]
+    assert {a["alert"] for a in alerts} == ALERTS
+    for alert in alerts:
+        base, _, anchor = alert["annotations"]["runbook_url"].partition("#")
+        assert base == "https://github.com/celery-fleet/celery-fleet/blob/main/docs/runbooks.md"
+        assert anchor == alert["alert"].lower() and anchor in sections, alert["alert"]
+
+
+def test_pod_monitor_scrapes_every_replica_under_the_alerts_job() -> None:
+    assert find(rendered(), "PodMonitor") == []
+    relabel = "metrics.podMonitor.relabelings[0]"
+    docs = rendered("--set", "metrics.podMonitor.enabled=true", "--set", f"{relabel}.action=keep",
+                    "--set", f"{relabel}.sourceLabels[0]=__meta_kubernetes_pod_ready")  # fmt: skip
+    monitor = one(docs, "PodMonitor")
+    deployment = one(docs, "Deployment")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= deployment["spec"]["selector"]["matchLabels"].items()
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    ports = {p["name"] for p in deployment["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert endpoint["port"] in ports
+    # The OperatorDown alert selects job=<metrics Service>: the PodMonitor's targets carry the same job.
+    service = one(docs, "Service")["metadata"]["name"]
+    assert endpoint["relabelings"][0] == {"targetLabel": "job", "replacement": service}
+    assert endpoint["relabelings"][1]["action"] == "keep"
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        pytest.param((), 1, id="two-replicas-get-a-pdb"),
+        pytest.param(("--set", "replicaCount=1", "--set", "leaderElection.enabled=false"), 0, id="one-replica-none"),
+        pytest.param(("--set", "podDisruptionBudget.enabled=false"), 0, id="disabled"),
+    ],
+)
+def test_operator_pdb_only_with_more_than_one_replica(values: tuple[str, ...], expected: int) -> None:
+    docs = rendered(*values)
+    pdbs = find(docs, "PodDisruptionBudget")
+    assert len(pdbs) == expected
+    for pdb in pdbs:
+        assert pdb["spec"]["maxUnavailable"] == 1
+        assert (
+            pdb["spec"]["selector"]["matchLabels"].items()
+            <= one(docs, "Deployment")["spec"]["selector"]["matchLabels"].items()
+        )
