@@ -20,6 +20,7 @@ from kubernetes import client
 from prometheus_client.parser import text_string_to_metric_families
 
 from celery_fleet.leader import endpoint_from_kubeconfig
+from tests.integration.test_prometheus_live import Prometheus
 from tests.support.cluster import Cluster
 from tests.support.http_fault_proxy import HttpFaultProxy
 from tests.support.redis_server import free_port
@@ -211,7 +212,7 @@ def test_the_operator_starts_after_a_lost_acquire_reply_and_a_failed_renewal(
         proxy.stop()
 
 
-def test_every_replica_serves_metrics_and_the_leader_gauge_is_1_on_exactly_one(
+def test_every_replica_serves_metrics_and_a_live_prometheus_sees_one_leader(
     cluster: Cluster, crds_installed: list[str], own_namespace: str, tmp_path: Path
 ) -> None:
     replicas = [
@@ -234,6 +235,29 @@ def test_every_replica_serves_metrics_and_the_leader_gauge_is_1_on_exactly_one(
         )
         leader = replicas[[v for v, _ in result].index(1.0)]
         assert leader.runs_operator()
+
+        # A live Prometheus scraping both: no target down, the gauge 1 on exactly one of them.
+        targets = [r.metrics_url.removeprefix("http://").removesuffix("/metrics") for r in replicas]
+        (tmp_path / "prometheus").mkdir()
+        prometheus = Prometheus(tmp_path / "prometheus", targets, [])
+        try:
+
+            def seen() -> dict[str, dict[str, float]] | None:
+                by_query = {
+                    q: {
+                        s["metric"]["instance"]: float(s["value"][1])
+                        for s in prometheus.api("query", query=q)["result"]
+                    }
+                    for q in ("up", "leader_election_master_status")
+                }
+                return by_query if all(len(v) == 2 for v in by_query.values()) else None
+
+            found = wait_for(seen, timeout=60, message=lambda: f"both targets scraped; log:\n{prometheus.logs()}")
+            assert sorted(found["up"].values()) == [1.0, 1.0]
+            leading = [i for i, v in found["leader_election_master_status"].items() if v == 1.0]
+            assert leading == [targets[replicas.index(leader)]]
+        finally:
+            prometheus.stop()
     finally:
         for r in replicas:
             r.stop()

@@ -53,15 +53,16 @@ def _backlog_rule(groups: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class Prometheus:
-    def __init__(self, workdir: Path, target: str, groups: list[dict[str, Any]]) -> None:
+    def __init__(self, workdir: Path, target: str | list[str], groups: list[dict[str, Any]]) -> None:
         binary = shutil.which("prometheus")
         if binary is None:
             pytest.fail("prometheus is missing: run `make install-system` (Debian's prometheus package)")
         (workdir / "rules.yaml").write_text(yaml.safe_dump({"groups": groups}))
+        targets = [target] if isinstance(target, str) else target
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"},
             "rule_files": [str(workdir / "rules.yaml")],
-            "scrape_configs": [{"job_name": "celery-fleet-metrics", "static_configs": [{"targets": [target]}]}],
+            "scrape_configs": [{"job_name": "celery-fleet-metrics", "static_configs": [{"targets": targets}]}],
         }
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.url = f"http://127.0.0.1:{free_port()}"
