@@ -598,3 +598,16 @@ def test_operator_pdb_only_with_more_than_one_replica(values: tuple[str, ...], e
             pdb["spec"]["selector"]["matchLabels"].items()
             <= one(docs, "Deployment")["spec"]["selector"]["matchLabels"].items()
         )
+
+
+def test_replicas_spread_over_nodes_by_default() -> None:
+    deployment = one(rendered(), "Deployment")
+    (spread,) = deployment["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert spread == {
+        "maxSkew": 1,
+        "topologyKey": "kubernetes.io/hostname",
+        "whenUnsatisfiable": "ScheduleAnyway",
+        "labelSelector": {"matchLabels": deployment["spec"]["selector"]["matchLabels"]},
+    }
+    off = one(rendered("--set", "topologySpreadConstraints=null"), "Deployment")
+    assert "topologySpreadConstraints" not in off["spec"]["template"]["spec"]
