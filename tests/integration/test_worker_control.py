@@ -545,6 +545,46 @@ def test_broker_down_mid_census_is_a_control_error(redis_server: RedisServer, re
     assert redis_server.password is None or redis_server.password not in str(err.value)
 
 
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_censuses_of_many_pools_run_concurrently_and_clients_are_bounded(
+    redis_server: RedisServer, redis_db: Any
+) -> None:
+    """Twelve pools (one key prefix each), each with one silent worker, asked at once: all end at
+    the one deadline, not one after another; 40 targets through an LRU of 8 leave no fd behind."""
+    control = Control()
+    control.client.max_brokers = 8
+    try:
+        for i in range(12):
+            mailbox = Mailbox(keyprefix=f"pool-{i}:")
+            redis_db.sadd(mailbox.node_table, mailbox.node_member(f"celery@stuck-{i}"))
+
+        async def all_at_once() -> list[dict[str, WorkerReport]]:
+            deadline = time.monotonic() + 1.0
+            return await asyncio.gather(*(
+                control.client.census(ControlTarget(redis_server.url, f"pool-{i}:"), [f"stuck-{i}"], deadline=deadline)
+                for i in range(12)
+            ))  # fmt: skip
+
+        started = time.monotonic()
+        reports = control.run(all_at_once())
+        took = time.monotonic() - started
+        print(f"\n12 censuses with a silent worker each, at once: {took:.2f}s")
+        assert took < 1.3
+        assert all(r[f"stuck-{i}"].busy and r[f"stuck-{i}"].remote_control for i, r in enumerate(reports))
+
+        before = _open_fds()
+        for i in range(40):
+            control.census(ControlTarget(redis_server.url, f"other-{i}:"), ["nobody"], timeout=0.3)
+        assert control.client.open_brokers() == 8
+        print(f"40 targets through an LRU of 8: open fds {before} -> {_open_fds()}")
+        assert _open_fds() - before <= 8 * 2
+    finally:
+        control.close()
+
+
 def test_the_operators_worker_arguments_with_shutdown_options_run_a_real_worker(
     redis_server: RedisServer, redis_db: Any, workers: list[Worker], tmp_path: Path
 ) -> None:

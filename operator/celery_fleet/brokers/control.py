@@ -44,7 +44,7 @@ CENSUS_TIMEOUT_SECONDS = 2.0
 # Brokers with an open control client; the least recently used is closed past this.
 MAX_BROKERS = 64
 # Requests in flight per broker (each holds one connection while it waits for replies).
-PER_BROKER = 4
+PER_BROKER = 8
 CENSUS_CALLS = (Call("active"), Call("reserved"), Call("scheduled"), Call("active_queues"))
 
 
