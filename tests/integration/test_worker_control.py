@@ -34,7 +34,7 @@ from cryptography.x509.oid import NameOID
 
 from celery_fleet.brokers.control import ControlError, ControlTarget, PidboxControl
 from celery_fleet.brokers.redis.connection import CERTIFICATE_FILES, TlsSettings
-from celery_fleet.brokers.redis.pidbox import REQUEST_BYTES, Mailbox
+from celery_fleet.brokers.redis.pidbox import CONTROL_ACL, REQUEST_BYTES, Mailbox
 from celery_fleet.planning.scale_in import WorkerReport
 from tests.support.cluster import ROOT
 from tests.support.redis_server import RedisServer, free_port
@@ -543,6 +543,26 @@ def test_broker_down_mid_census_is_a_control_error(redis_server: RedisServer, re
         stopper.join()
         redis_server.start()
     assert redis_server.password is None or redis_server.password not in str(err.value)
+
+
+def test_the_control_acl_is_enough(
+    redis_server: RedisServer, redis_db: Any, control: Control, fake_worker: Any
+) -> None:
+    """docs/install.md's control user (CONTROL_ACL, nothing more) can run a whole census."""
+    password = uuid.uuid4().hex
+    redis_db.execute_command("ACL", "SETUSER", "fleet-control", *CONTROL_ACL.split(), f">{password}")
+    fake_worker("celery@fake-0", "plain")
+    mailbox = Mailbox()
+    redis_db.sadd(mailbox.node_table, mailbox.node_member("celery@stuck-1"))
+    url = f"redis://fleet-control:{password}@{redis_server.host}:{redis_server.port}/0"
+    census = control.census(url, ["fake-0", "stuck-1", "gone-2"], timeout=1.0)
+    assert census["fake-0"].answered and census["fake-0"].queues == {"work"}
+    assert (census["stuck-1"].remote_control, census["gone-2"].remote_control) == (True, False)
+    assert _no_control_keys(redis_db) == []
+    # And no more: the queues are not the control user's to read.
+    user = redis.Redis(host=redis_server.host, port=redis_server.port, username="fleet-control", password=password)
+    with user, pytest.raises(redis.exceptions.NoPermissionError):
+        user.llen("celery")
 
 
 def _open_fds() -> int:

@@ -33,13 +33,14 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from redis import exceptions as rexc
 
 from celery_fleet.brokers.redis.connection import BrokerClients
 
 __all__ = [
+    "CONTROL_ACL",
     "PIDBOX_EXCHANGE",
     "POP_SCRIPT",
     "REPLY_EXCHANGE",
@@ -56,6 +57,14 @@ __all__ = [
 PIDBOX_EXCHANGE = "celery.pidbox"  # kombu Mailbox("celery"): exchange "<namespace>.pidbox"
 REPLY_EXCHANGE = "reply.celery.pidbox"
 KOMBU_SEP = "\x06\x16"
+# What the control path needs beyond READER_ACL (scripts.py), for docs/install.md and its test:
+# PUBLISH on the pidbox fanout topic, the reply lists and reply bindings (all end in
+# ".reply.celery.pidbox"), the pop script (EVAL running RPOP), SISMEMBER on the pidbox table.
+# With a globalKeyprefix, prefix the key and channel patterns with it.
+CONTROL_ACL: Final = (
+    "on resetkeys ~*.reply.celery.pidbox %R~_kombu.binding.celery.pidbox resetchannels &/*.celery.pidbox"
+    " -@all +publish +sadd +srem +del +eval +rpop +sismember +select"
+)
 # A reply over this many bytes (as stored in Redis: base64 inside a JSON envelope) is dropped
 # unread. 256 KiB holds `reserved` of a worker prefetching ~200 tasks with their argsrepr.
 REPLY_BYTES = 256 * 1024
