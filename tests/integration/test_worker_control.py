@@ -419,11 +419,11 @@ def test_census_over_tls_with_a_private_ca_and_client_certificate_and_a_mitm_get
 FAKE_WORKER = """
 import base64, json, sys, uuid
 import redis
-port, node, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+port, node, mode, channel = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 client = redis.Redis(port=port)
 client.sadd("_kombu.binding.celery.pidbox", "\\x06\\x16\\x06\\x16" + node + ".celery.pidbox")
 pubsub = client.pubsub()
-pubsub.psubscribe("/0.celery.pidbox")
+pubsub.psubscribe(channel)
 huge = base64.b64encode(json.dumps({node: ["x"] * (9 * 1024 * 1024 // 6)}).encode()).decode()
 foreign = json.dumps({"headers": {"ticket": str(uuid.uuid4())}, "content-type": "application/json",
                       "properties": {}, "body": "A" * 100_000})
@@ -456,9 +456,9 @@ def fake_worker(redis_server: RedisServer, tmp_path: Path) -> Iterator[Any]:
     script.write_text(FAKE_WORKER)
     started: list[subprocess.Popen[str]] = []
 
-    def start(node: str, mode: str) -> None:
-        proc = subprocess.Popen([sys.executable, str(script), str(redis_server.port), node, mode],
-                                stdout=subprocess.PIPE, text=True)  # fmt: skip
+    def start(node: str, mode: str, port: int | None = None, channel: str = "/0.celery.pidbox") -> None:
+        argv = [sys.executable, str(script), str(port or redis_server.port), node, mode, channel]
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
         started.append(proc)
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
 
@@ -563,6 +563,29 @@ def test_the_control_acl_is_enough(
     user = redis.Redis(host=redis_server.host, port=redis_server.port, username="fleet-control", password=password)
     with user, pytest.raises(redis.exceptions.NoPermissionError):
         user.llen("celery")
+
+
+def test_census_over_sentinel_reaches_current_and_pre_5_4_workers(
+    tmp_path: Path, workers: list[Worker], control: Control, ctlapp: Path, fake_worker: Any
+) -> None:
+    """A real worker on Sentinel (kombu as installed: topic ``/0.celery.pidbox``) and one that
+    listens as kombu < 5.4 did on Sentinel (the literal ``/{db}.celery.pidbox``) both answer."""
+    from tests.integration.test_broker_kombu_parity import SentinelSet
+
+    sentinels = SentinelSet(tmp_path / "sentinel")
+    try:
+        wait_for(lambda: sentinels.master_port() == sentinels.master.port, timeout=20,
+                 message="the Sentinels to know the master")  # fmt: skip
+        workers.append(Worker(sentinels.url, "sent-0", "work", tmp_path, app="ctlapp", path=ctlapp,
+                              CTL_TRANSPORT=json.dumps({"master_name": "mymaster"})))  # fmt: skip
+        fake_worker("celery@legacy-1", "plain", port=sentinels.master.port, channel="/{db}.celery.pidbox")
+        target = ControlTarget(sentinels.url, master_name="mymaster")
+        census = wait_for(lambda: (c := control.census(target, ["sent-0", "legacy-1"])) and
+                          all(r.answered for r in c.values()) and c, timeout=60,
+                          message=lambda: f"both answer; log:\n{workers[0].log.read_text()[-2000:]}")  # fmt: skip
+        assert census["sent-0"].queues == {"work"} and census["legacy-1"].queues == {"work"}
+    finally:
+        sentinels.stop()
 
 
 def _open_fds() -> int:
