@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 from celery_fleet.brokers.redis.connection import BrokerClients, TlsSettings, open_clients
 from celery_fleet.brokers.redis.pidbox import Call, Mailbox, PidboxClient, PidboxError, RequestResult
+from celery_fleet.brokers.redis.target import classify
 from celery_fleet.brokers.source import BrokerError
 from celery_fleet.planning.scale_in import WorkerReport, hostname
 
@@ -200,7 +201,11 @@ class PidboxControl:
                 self.broadcasts += len(calls)
                 result = await broker.pidbox.request(calls, nodes, deadline)
             except PidboxError as err:
-                raise ControlError(str(err)) from None
+                # Name the cause as the poller does (TLS refused, timeout, auth...), never the URL.
+                cause = err.__cause__
+                raise ControlError(
+                    classify(cause, broker.pidbox.clients.target).message if cause else str(err)
+                ) from None
             finally:
                 broker.slots.release()
         finally:
