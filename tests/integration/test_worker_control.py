@@ -35,7 +35,7 @@ from cryptography.x509.oid import NameOID
 
 from celery_fleet.brokers.control import ControlError, ControlTarget, PidboxControl
 from celery_fleet.brokers.redis.connection import CERTIFICATE_FILES, TlsSettings
-from celery_fleet.brokers.redis.pidbox import CONTROL_ACL, REQUEST_BYTES, Mailbox
+from celery_fleet.brokers.redis.pidbox import CONTROL_ACL, POP_SCRIPT, REQUEST_BYTES, Mailbox
 from celery_fleet.planning.scale_in import WorkerReport
 from tests.support.cluster import ROOT
 from tests.support.redis_server import RedisServer, free_port
@@ -537,6 +537,17 @@ def test_a_9mb_reply_is_dropped_unread_and_replies_for_other_tickets_are_not_kep
     # A reply pushed after the request ended re-creates its list: the next request deletes it again.
     assert control.census(redis_server.url, ["chatty-1"])["chatty-1"].answered
     assert _no_control_keys(redis_db) == []  # nothing kept for other tickets
+
+
+def test_the_pop_script_returns_only_what_fits_and_names_our_ticket(redis_db: Any) -> None:
+    """Over the per-reply budget: its length; no ticket of ours: minus its length; over what is
+    left of the request: its length; everything popped either way (nothing stays in the list)."""
+    small, other, big = b'{"t": "tk-1", "x": 1}', b'{"t": "tk-other"}', b'{"t": "tk-2", "pad": "' + b"y" * 900 + b'"}'
+    for raw in (small, other, big, small):  # RPOP takes them in push order
+        redis_db.lpush("r.reply.celery.pidbox", raw)
+    got = redis_db.eval(POP_SCRIPT, 1, "r.reply.celery.pidbox", 500, 30, 10, "tk-1", "tk-2")
+    assert got == [small, -len(other), len(big), len(small)]  # the second `small` is past the 30 bytes left
+    assert redis_db.exists("r.reply.celery.pidbox") == 0
 
 
 def test_a_million_member_pidbox_table_costs_nothing_extra(

@@ -327,13 +327,11 @@ class PidboxClient:
                     break  # the deadline: whoever has not answered is silent
                 budgets = (self.reply_bytes, max(left, 0), POP_BATCH, *tickets)
                 pop = functools.partial(client.eval, POP_SCRIPT, 1, reply_list, *budgets)
-                batch = await self._call(
-                    pop,
-                    deadline - self.cleanup_seconds / 2,
-                    result,
-                )
+                batch = await self._call(pop, deadline - self.cleanup_seconds / 2, result)
                 if batch is None:
                     break
+                if not isinstance(batch, list):
+                    raise PidboxError(f"unexpected reply to the pop script ({type(batch).__name__})")
                 raws = [x for x in batch if isinstance(x, bytes)]
                 over = [x for x in batch if isinstance(x, int) and x > 0]
                 result.foreign += sum(1 for x in batch if isinstance(x, int) and x <= 0)
@@ -345,13 +343,14 @@ class PidboxClient:
                     result.foreign += foreign
                     for k, v in answers.items():
                         result.answers.setdefault(k, v)
+                    pause = 0.005  # replies come in bursts: look again soon
                 if len(batch) < POP_BATCH:
                     remaining = deadline - self.cleanup_seconds - time.monotonic()
                     if remaining <= 0:
                         break
                     await asyncio.sleep(min(pause, remaining))
                     pause = min(pause * 2, 0.05)
-        except PidboxError:
+        except BaseException:  # failed or cancelled: the list and binding go with the next request
             self._stale.append((reply_list, member))
             raise
         silent = sorted({n for (_, n) in expected - result.answers.keys()})
