@@ -59,11 +59,12 @@ REPLY_EXCHANGE = "reply.celery.pidbox"
 KOMBU_SEP = "\x06\x16"
 # What the control path needs beyond READER_ACL (scripts.py), for docs/install.md and its test:
 # PUBLISH on the pidbox fanout topic, the reply lists and reply bindings (all end in
-# ".reply.celery.pidbox"), the pop script (EVAL running RPOP), SISMEMBER on the pidbox table.
+# ".reply.celery.pidbox"), the pop script (EVAL running MEMORY USAGE, RPOP, DEL), SISMEMBER on the
+# pidbox table.
 # With a globalKeyprefix, prefix the key and channel patterns with it.
 CONTROL_ACL: Final = (
     "on resetkeys ~*.reply.celery.pidbox %R~_kombu.binding.celery.pidbox resetchannels &/*.celery.pidbox"
-    " -@all +publish +sadd +srem +del +eval +rpop +sismember +select"
+    " -@all +publish +sadd +srem +del +eval +rpop +memory|usage +sismember +select"
 )
 # A reply over this many bytes (as stored in Redis: base64 inside a JSON envelope) is dropped
 # unread. 256 KiB holds `reserved` of a worker prefetching ~200 tasks with their argsrepr.
@@ -79,20 +80,27 @@ MAX_QUEUE_NAME = 1_024
 # Reply lists of ended requests to delete again (a reply that raced our delete re-creates one).
 STALE_KEPT = 64
 
-# KEYS[1] the reply list; ARGV: per-reply bytes, bytes left for the request, elements at most, then
-# our tickets. RPOP copies an element into Lua (Redis pays a memcpy of its length); what is over a
-# budget comes back as its length, what names none of our tickets as minus its length (a plain
-# substring search over at most the per-reply budget): neither crosses the network, and junk
+# KEYS[1] the reply list; ARGV: per-reply bytes, bytes left for the request, elements at most, the
+# most a list may hold before it is discarded unread, then our tickets. RPOP copies an element into
+# Lua (Redis pays a memcpy of its length), so a list over the cap (MEMORY USAGE, a walk over its
+# nodes, not its bytes) is deleted unread first: a call copies at most the cap. Otherwise what is
+# over a budget comes back as its length and what names none of our tickets as minus its length (a
+# plain substring search over at most the per-reply budget): neither crosses the network, and junk
 # pushed onto our list cannot use up the request's budget.
 POP_SCRIPT = """
-local per, left, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local per, left, n, cap = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local size = redis.call('MEMORY', 'USAGE', KEYS[1], 'SAMPLES', '0')
+if size and size > cap then
+  redis.call('DEL', KEYS[1])
+  return {size}
+end
 local out = {}
 for i = 1, n do
   local v = redis.call('RPOP', KEYS[1])
   if not v then break end
   local ours = false
   if #v <= per then
-    for t = 4, #ARGV do
+    for t = 5, #ARGV do
       if string.find(v, ARGV[t], 1, true) then ours = true; break end
     end
   end
@@ -109,6 +117,9 @@ for i = 1, n do
 end
 return out
 """
+# A reply list holding more than this (replies and junk together) is deleted unread: the most one
+# pop call makes Redis copy (~3 ms of memcpy).
+LIST_CAP_BYTES = 16 * 1024 * 1024
 
 
 class PidboxError(Exception):
@@ -325,7 +336,7 @@ class PidboxClient:
             while expected - result.answers.keys():
                 if time.monotonic() >= deadline - self.cleanup_seconds:
                     break  # the deadline: whoever has not answered is silent
-                budgets = (self.reply_bytes, max(left, 0), POP_BATCH, *tickets)
+                budgets = (self.reply_bytes, max(left, 0), POP_BATCH, LIST_CAP_BYTES, *tickets)
                 pop = functools.partial(client.eval, POP_SCRIPT, 1, reply_list, *budgets)
                 batch = await self._call(pop, deadline - self.cleanup_seconds / 2, result)
                 if batch is None:
