@@ -61,3 +61,24 @@ def test_tls_settings_reach_the_client(url: str, tls: TlsSettings | None, expect
     if tls is None and url.startswith("rediss"):
         assert kwargs.get("ssl_cert_reqs", "required") == "required"  # redis-py's default: verify
     asyncio.run(opened.aclose())
+
+
+def test_a_refused_broker_is_a_control_error_that_names_no_secret() -> None:
+    from celery_fleet.brokers.control import ControlError, ControlTarget, PidboxControl
+    from tests.support.redis_server import free_port
+
+    control = PidboxControl()
+    target = ControlTarget(f"redis://:hunter2@127.0.0.1:{free_port()}/0")
+
+    async def ask() -> str:
+        try:
+            await control.census(target, ["a"])
+        except ControlError as err:
+            return str(err)
+        finally:
+            await control.aclose()
+        raise AssertionError("a refused broker must not read as an answer")
+
+    message = asyncio.run(ask())
+    assert message.startswith("cannot reach 127.0.0.1:") and "hunter2" not in message
+    assert "hunter2" not in repr(control) and "hunter2" not in repr(target)

@@ -44,7 +44,7 @@ __all__ = [
 CENSUS_TIMEOUT_SECONDS = 2.0
 # Brokers with an open control client; the least recently used is closed past this.
 MAX_BROKERS = 64
-# Requests in flight per broker (each holds one connection while it waits for replies).
+# Requests in flight per broker; each holds a pooled connection only for its round trips.
 PER_BROKER = 8
 CENSUS_CALLS = (Call("active"), Call("reserved"), Call("scheduled"), Call("active_queues"))
 
@@ -152,8 +152,11 @@ class PidboxControl:
     broadcasts: int = 0  # commands published, for the cost report
     commands: int = 0  # Redis commands sent, for the cost report
     dropped: int = 0  # replies over a byte budget, dropped unread
-    _brokers: collections.OrderedDict[tuple[Any, ...], _Broker] = field(default_factory=collections.OrderedDict)
-    _closing: set[asyncio.Task[None]] = field(default_factory=set)
+    # Keyed by the target, URL (and password) included: never in a repr.
+    _brokers: collections.OrderedDict[tuple[Any, ...], _Broker] = field(
+        default_factory=collections.OrderedDict, repr=False
+    )
+    _closing: set[asyncio.Task[None]] = field(default_factory=set, repr=False)
 
     async def census(
         self, target: ControlTarget, pods: Sequence[str], *, deadline: float | None = None
