@@ -9,7 +9,9 @@ import stat
 
 import pytest
 
+from celery_fleet.brokers.control import ControlError, ControlTarget, PidboxControl
 from celery_fleet.brokers.redis.connection import CERTIFICATE_FILES, TlsSettings, open_clients
+from tests.support.redis_server import free_port
 
 CA = "-----BEGIN CERTIFICATE-----\nca\n-----END CERTIFICATE-----\n"
 CERT = "-----BEGIN CERTIFICATE-----\nclient\n-----END CERTIFICATE-----\n"
@@ -64,9 +66,6 @@ def test_tls_settings_reach_the_client(url: str, tls: TlsSettings | None, expect
 
 
 def test_a_refused_broker_is_a_control_error_that_names_no_secret() -> None:
-    from celery_fleet.brokers.control import ControlError, ControlTarget, PidboxControl
-    from tests.support.redis_server import free_port
-
     control = PidboxControl()
     target = ControlTarget(f"redis://:hunter2@127.0.0.1:{free_port()}/0")
 
