@@ -45,7 +45,7 @@ CENSUS_TIMEOUT_SECONDS = 2.0
 # Brokers with an open control client; the least recently used is closed past this.
 MAX_BROKERS = 64
 # Requests in flight per broker; each holds a pooled connection only for its round trips.
-PER_BROKER = 8
+PER_BROKER = 16
 CENSUS_CALLS = (Call("active"), Call("reserved"), Call("scheduled"), Call("active_queues"))
 
 
