@@ -81,6 +81,19 @@ def test_mailbox_layout(mailbox: Mailbox, channels: list[str], node_table: str, 
         pytest.param(_reply("celery@a", [{}], content_type="application/x-python-serialize"), {}, id="pickle"),
         pytest.param(_reply("celery@a", "busy"), {}, id="not-a-list"),
         pytest.param(b"\x80garbage", {}, id="not-json"),
+        pytest.param(b"[" * 200_000 + b"]" * 200_000, {}, id="nested-past-the-parser-stack"),
+        pytest.param(
+            json.dumps(
+                {
+                    "headers": {"ticket": "t-active"},
+                    "content-type": "application/json",
+                    "properties": {"body_encoding": "base64"},
+                    "body": base64.b64encode(b"[" * 200_000 + b"]" * 200_000).decode(),
+                }
+            ).encode(),
+            {},
+            id="body-nested-past-the-parser-stack",
+        ),
         pytest.param(
             b'{"headers": {"ticket": "t-active"}, "content-type": "application/json", "properties": {}, "body": 5}',
             {},

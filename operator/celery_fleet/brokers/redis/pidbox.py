@@ -211,12 +211,12 @@ def request_envelope(
 # -- replies (pure: every byte is the tenant's) ----------------------------------------------------
 
 
-def _reply(raw: bytes, tickets: Mapping[str, int], nodes: Iterable[str]) -> tuple[int, str, Any] | None:
+def _reply(raw: bytes, tickets: Mapping[str, int], nodes: frozenset[str]) -> tuple[int, str, Any] | None:
     """(call index, node, value) of a well-formed JSON reply with one of our tickets from a node
     we asked; None for anything else (other tickets, other nodes, pickle, garbage)."""
     try:
         envelope = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser's stack
         return None
     if not isinstance(envelope, dict):
         return None
@@ -237,12 +237,12 @@ def _reply(raw: bytes, tickets: Mapping[str, int], nodes: Iterable[str]) -> tupl
         else:
             return None
         value = json.loads(data)
-    except (ValueError, UnicodeDecodeError, binascii.Error):
+    except (ValueError, RecursionError, binascii.Error):
         return None
     if not isinstance(value, dict) or len(value) != 1:
         return None
     ((node, answer),) = value.items()
-    if not isinstance(node, str) or node not in set(nodes):
+    if not isinstance(node, str) or node not in nodes:
         return None
     return tickets[ticket], node, answer
 
