@@ -457,3 +457,5 @@ class PidboxClient:
             raise PidboxError("the broker did not answer in time") from err
         except (rexc.RedisError, OSError) as err:
             raise PidboxError(f"remote control failed ({type(err).__name__})") from err
+        except Exception as err:  # whatever answers may answer anything: still "unknown", never idle
+            raise PidboxError(f"remote control failed ({type(err).__name__})") from err
