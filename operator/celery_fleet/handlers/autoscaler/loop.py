@@ -15,7 +15,7 @@ from typing import Any
 from celery_fleet import metrics
 from celery_fleet.api.models import CeleryWorkerPoolSpec, InvalidSpec, parse_pool
 from celery_fleet.api.sharing import ModelTable, share_submodels
-from celery_fleet.brokers.control import CeleryControl, WorkerControl
+from celery_fleet.brokers.control import PidboxControl, WorkerControl
 from celery_fleet.brokers.layout import mismatch_message
 from celery_fleet.brokers.poller import BrokerPoller, BrokerRegistry
 from celery_fleet.brokers.redis.connection import ConnectOptions, connect
@@ -95,7 +95,7 @@ class Autoscaler:
         self._layout_due: dict[BrokerKey, tuple[float, frozenset[QueueRef], float]] = {}  # due, watched, checked
         self.layout_check_interval = layout_check_interval
         self._broker_tasks: dict[BrokerKey, asyncio.Task[None]] = {}
-        self.control: WorkerControl = control or CeleryControl()
+        self.control: WorkerControl = control or PidboxControl()
         self.series = PoolSeries()
         notes = EventNotes(kube)
         self.scale_in = ScaleIn(kube, self.control, clock, notes)
