@@ -131,19 +131,20 @@ def _run(args: argparse.Namespace) -> int:
     from celery_fleet.kube.client import Kube, connect
     from celery_fleet.planning.broker_policy import BrokerPolicy, PolicyError
 
-    logs.configure(args.log_level, args.json_logs)
-    transport = connect(args.kubeconfig, maxsize=args.workers * 2 + 8)
-    kube = Kube(transport)
-    try:
-        policy = BrokerPolicy.build(
-            args.broker_allow,
-            args.broker_deny,
-            own_addresses=args.own_address,
-            apiserver_addresses=apiserver_addresses(transport.credentials.server),
-        )
+    try:  # refused before anything connects
+        BrokerPolicy.build(args.broker_allow, args.broker_deny)
     except PolicyError as err:
         sys.stderr.write(f"celery-fleet run: --broker-allow/--broker-deny: {err}\n")
         return 2
+    logs.configure(args.log_level, args.json_logs)
+    transport = connect(args.kubeconfig, maxsize=args.workers * 2 + 8)
+    kube = Kube(transport)
+    policy = BrokerPolicy.build(
+        args.broker_allow,
+        args.broker_deny,
+        own_addresses=args.own_address,
+        apiserver_addresses=apiserver_addresses(transport.credentials.server),
+    )
     metrics.SERIES_BUDGET.configure(args.metrics_max_series_per_pool, args.metrics_max_series_per_namespace)
     config = FleetConfig(
         poll_interval=args.poll_interval,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from celery_fleet.planning.broker_policy import BrokerPolicy, PolicyError, check_destination
@@ -114,3 +117,13 @@ def test_a_policy_from_no_flags_denies_only_the_builtins() -> None:
     assert not policy.rules and not policy.allowed_names and not policy.denied_names
     assert check_destination("redis", ["192.168.1.5"], policy).allowed
     assert not check_destination("redis", ["127.0.0.1"], policy).allowed
+
+
+def test_the_operator_refuses_a_bad_entry_before_connecting() -> None:
+    # A subprocess: `run` hides the official client from the importing process (see cli._run).
+    proc = subprocess.run(
+        [sys.executable, "-m", "celery_fleet.cli", "run", "--kubeconfig", "/nonexistent",
+         "--broker-deny", "not a host"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "--broker-allow/--broker-deny" in proc.stderr, proc.stderr
