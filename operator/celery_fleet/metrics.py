@@ -19,7 +19,7 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 # maximal pool (10 tiers x 32 queues x 10 priority steps) makes ~3,500 series and 100 of them made
 # one scrape peak at 515 MB. 0: no cap. `celery-fleet run --metrics-max-series-per-pool/-namespace`.
 DEFAULT_SERIES_PER_POOL = 500
-DEFAULT_SERIES_PER_NAMESPACE = 5_000
+DEFAULT_SERIES_PER_NAMESPACE = 20_000
 
 
 class SeriesBudget:

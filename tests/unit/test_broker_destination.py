@@ -168,3 +168,10 @@ def test_apiserver_addresses_from_the_url_and_the_service(monkeypatch: pytest.Mo
         "https://localhost:6443"
     )
     assert apiserver_addresses("https://[::1]:6443") == ("::1",)
+
+
+def test_the_refusal_reason_is_one_only_the_user_can_clear() -> None:
+    from celery_fleet.planning.conditions import STALLED_REASONS
+
+    assert f"Broker{ErrorKind.REFUSED_BY_POLICY.value}" == "BrokerRefusedByPolicy"
+    assert "BrokerRefusedByPolicy" in STALLED_REASONS
