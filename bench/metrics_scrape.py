@@ -100,8 +100,8 @@ def main() -> None:
         "| case | series kept | series left out (counted in celery_fleet_metric_series_dropped_total) "
         "| scrape peak | scrape time |\n|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
         "The per-pool cap applies to per-queue series (depth per priority list, in flight), the ones that "
-        "grow with the spec; tier and pool series (at most 71 per pool) count towards both caps and are "
-        "refused only at the namespace's. Each pool over its cap is logged once. Scrape times are under "
+        "grow with the spec; tier and pool series (at most 71 per pool) count only towards "
+        "the namespace's cap. Each pool over its cap is logged once. Scrape times are under "
         "tracemalloc, which slows allocation-heavy code several times: compare them, do not quote them."
     )
     write_result("metrics_scrape", "One /metrics scrape: 100 maximal pools, before and after the series caps", body)

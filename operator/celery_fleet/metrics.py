@@ -26,14 +26,14 @@ class SeriesBudget:
     """How many series each pool and each namespace holds across the gauges that share this budget,
     and which new ones were left out (each counted once in `celery_fleet_metric_series_dropped_total`).
 
-    Only a gauge marked `capped` (one series per queue or priority list: the ones that grow with the
-    spec) is refused at the pool's cap; every gauge is refused at the namespace's cap, so a namespace
-    of many small pools is bounded too.
+    The pool's cap counts and refuses only series of gauges marked `capped` (one per queue or
+    priority list: the ones that grow with the spec; a pool's other series are at most 71); the
+    namespace's cap counts and refuses every series, so a namespace of many small pools is bounded too.
     """
 
     def __init__(self, per_pool: int = 0, per_namespace: int = 0) -> None:
         self.per_pool, self.per_namespace = per_pool, per_namespace
-        self._pools: dict[tuple[str, str], int] = {}
+        self._pools: dict[tuple[str, str], list[int]] = {}  # owner -> [every series, capped series]
         self._namespaces: dict[str, int] = {}
         self._dropped: dict[tuple[str, str], set[int]] = {}  # hashes of the label sets left out, per pool
         self.on_drop: Callable[[str], None] = lambda namespace: None
@@ -43,24 +43,27 @@ class SeriesBudget:
 
     def admit(self, owner: tuple[str, str], labels: tuple[str, ...], capped: bool) -> bool:
         """Whether a new series of `owner` may be kept; counts it when it is."""
-        pool, namespace = self._pools.get(owner, 0), self._namespaces.get(owner[0], 0)
-        if (capped and 0 < self.per_pool <= pool) or 0 < self.per_namespace <= namespace:
+        counts = self._pools.get(owner) or [0, 0]
+        namespace = self._namespaces.get(owner[0], 0)
+        if (capped and 0 < self.per_pool <= counts[1]) or 0 < self.per_namespace <= namespace:
             left_out = self._dropped.setdefault(owner, set())
             if hash(labels) not in left_out:
                 left_out.add(hash(labels))
                 self.on_drop(owner[0])
             return False
-        self._pools[owner], self._namespaces[owner[0]] = pool + 1, namespace + 1
+        counts[0] += 1
+        counts[1] += capped
+        self._pools[owner], self._namespaces[owner[0]] = counts, namespace + 1
         return True
 
-    def release(self, owner: tuple[str, str], n: int, *, gone: bool) -> None:
+    def release(self, owner: tuple[str, str], n: int, *, capped: bool, gone: bool) -> None:
         """`n` series of `owner` were removed (`gone`: it has none left in that gauge)."""
-        if n:
-            left = self._pools.get(owner, 0) - n
-            if left > 0:
-                self._pools[owner] = left
-            else:
-                self._pools.pop(owner, None)
+        counts = self._pools.get(owner)
+        if n and counts is not None:
+            counts[0] -= n
+            counts[1] -= n if capped else 0
+            if counts[0] <= 0:
+                del self._pools[owner]
             in_namespace = self._namespaces.get(owner[0], 0) - n
             if in_namespace > 0:
                 self._namespaces[owner[0]] = in_namespace
@@ -69,8 +72,10 @@ class SeriesBudget:
         if gone and owner not in self._pools:
             self._dropped.pop(owner, None)  # a pool created again under its name is counted afresh
 
-    def held(self, owner: tuple[str, str]) -> int:
-        return self._pools.get(owner, 0)
+    def held(self, owner: tuple[str, str], *, capped: bool = False) -> int:
+        """Series `owner` holds (`capped`: only those its own cap counts)."""
+        counts = self._pools.get(owner)
+        return 0 if counts is None else counts[1 if capped else 0]
 
     def left_out(self, owner: tuple[str, str]) -> int:
         return len(self._dropped.get(owner, ()))
@@ -131,7 +136,7 @@ class OwnedGauge(Collector):
         if not series:
             del self._samples[owner]
         if self.budget is not None:
-            self.budget.release(owner, len(removed), gone=not series)
+            self.budget.release(owner, len(removed), capped=self.capped, gone=not series)
 
     def describe(self) -> Iterable[Metric]:
         yield GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)

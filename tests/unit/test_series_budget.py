@@ -31,6 +31,7 @@ def test_the_pool_cap_refuses_new_queue_series_and_counts_each_once() -> None:
     assert dropped == ["ns", "ns"] and budget.left_out(("ns", "p")) == 2
     assert depth.set(("ns", "p", "high", "q0"), 7) is True  # an existing series still moves
     assert desired.set(("ns", "p", "high"), 2) is True  # tier series are not refused by the pool cap
+    assert budget.held(("ns", "p")) == 4 and budget.held(("ns", "p"), capped=True) == 3
     assert depth.set(("ns", "other", "high", "q0"), 1) is True  # another pool has its own budget
     text = generate_latest(registry).decode()
     assert text.count("depth{") == 4 and 'queue_name="q4"' not in text
@@ -46,14 +47,16 @@ def test_the_namespace_cap_bounds_many_small_pools_and_every_gauge() -> None:
 
 
 def test_forgetting_a_pool_gives_its_budget_back() -> None:
-    budget = SeriesBudget(per_pool=2, per_namespace=3)
+    budget = SeriesBudget(per_pool=2, per_namespace=4)
     depth, desired, _ = gauges(budget)
+    assert desired.set(("ns", "p", "t"), 1)  # a tier series first: it takes no room under the pool's cap
     assert depth.set(("ns", "p", "t", "a"), 1) and depth.set(("ns", "p", "t", "b"), 1)
     assert not depth.set(("ns", "p", "t", "c"), 1)
     depth.remove_by_labels({"namespace": "ns", "pool": "p", "tier": "t", "queue_name": "a"})
-    assert budget.held(("ns", "p")) == 1
+    assert budget.held(("ns", "p"), capped=True) == 1
     assert depth.set(("ns", "p", "t", "c"), 1)  # freed by the removed queue
     depth.remove_by_labels({"namespace": "ns", "pool": "p"})
+    desired.remove_by_labels({"namespace": "ns", "pool": "p"})
     assert budget.held(("ns", "p")) == 0 and budget.left_out(("ns", "p")) == 0
     assert desired.set(("ns", "q", "t"), 1)
 

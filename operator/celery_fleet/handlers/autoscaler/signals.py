@@ -33,9 +33,10 @@ class PoolSeries:
                 budget = gauge.budget
                 assert budget is not None  # only a budgeted gauge refuses
                 log.warning(
-                    "pool %s/%s: metric series left out (the pool holds %d; caps: %d per pool, %d per namespace; "
-                    "see celery_fleet_metric_series_dropped_total and --metrics-max-series-per-pool/-namespace)",
-                    key[0], key[1], budget.held(key), budget.per_pool, budget.per_namespace,
+                    "pool %s/%s: metric series left out (the pool holds %d per-queue series of at most %d, its "
+                    "namespace at most %d series; see celery_fleet_metric_series_dropped_total and "
+                    "--metrics-max-series-per-pool/-namespace)",
+                    key[0], key[1], budget.held(key, capped=True), budget.per_pool, budget.per_namespace,
                 )  # fmt: skip
 
     def forget(
