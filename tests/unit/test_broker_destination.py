@@ -175,3 +175,24 @@ def test_the_refusal_reason_is_one_only_the_user_can_clear() -> None:
 
     assert f"Broker{ErrorKind.REFUSED_BY_POLICY.value}" == "BrokerRefusedByPolicy"
     assert "BrokerRefusedByPolicy" in STALLED_REASONS
+
+
+def test_a_failed_resolution_is_retried_soon_not_after_the_ttl() -> None:
+    now, answers = [0.0], {"flaky": ()}
+
+    async def resolver(host: str, port: int) -> tuple[str, ...]:
+        if not answers["flaky"]:
+            raise BrokerError(ErrorKind.UNREACHABLE, f"cannot resolve broker host {host}: Temporary failure")
+        return answers["flaky"]
+
+    check = DestinationCheck("redis://flaky/0", POLICY, resolver=resolver, ttl=30, clock=lambda: now[0])
+
+    async def main() -> None:
+        with pytest.raises(BrokerError) as err:
+            await check.check()
+        assert err.value.kind is ErrorKind.UNREACHABLE
+        answers["flaky"] = ("10.0.0.8",)
+        now[0] = 2.0
+        await check.check()  # resolved again after 2 s, allowed
+
+    asyncio.run(main())

@@ -26,6 +26,7 @@ from celery_fleet.planning.broker_policy import BrokerPolicy, check_destination
 
 RESOLVE_TIMEOUT_SECONDS = 2.0
 VERDICT_TTL_SECONDS = 30.0
+RETRY_RESOLVE_SECONDS = 2.0  # a failed resolution is tried again this soon, not after the whole TTL
 MAX_ADDRESSES = 64  # a name with more is refused: every one would have to be checked
 # getaddrinfo cannot be cancelled: a few threads of its own, so a hung resolver never holds the
 # threads that reconciles and scale calls use.
@@ -83,7 +84,9 @@ class DestinationCheck:
     async def check(self) -> None:
         now = self.clock()
         if self._verdict is None or now >= self._verdict[0]:
-            self._verdict = (now + self.ttl, await self._judge())
+            failure = await self._judge()
+            unresolved = failure is not None and failure.kind is not ErrorKind.REFUSED_BY_POLICY
+            self._verdict = (now + (min(self.ttl, RETRY_RESOLVE_SECONDS) if unresolved else self.ttl), failure)
         failure = self._verdict[1]
         if failure is not None:
             raise failure
