@@ -112,6 +112,7 @@ class ErrorKind(StrEnum):
     AUTH_FAILED = "AuthFailed"  # wrong password/user, or the ACL user lacks a permission
     RESPONSE_ERROR = "ResponseError"  # the server answered with an error (e.g. WRONGTYPE)
     INVALID_URL = "InvalidUrl"  # the URL from the spec/Secret cannot be used
+    REFUSED_BY_POLICY = "RefusedByPolicy"  # the operator's broker destination policy refuses the host
 
 
 class BrokerError(Exception):
