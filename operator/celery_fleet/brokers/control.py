@@ -24,10 +24,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from celery_fleet.brokers.destination import DestinationCheck
 from celery_fleet.brokers.redis.connection import BrokerClients, TlsSettings, open_clients
 from celery_fleet.brokers.redis.pidbox import Call, Mailbox, PidboxClient, PidboxError, RequestResult
 from celery_fleet.brokers.redis.target import classify
 from celery_fleet.brokers.source import BrokerError
+from celery_fleet.planning.broker_policy import BrokerPolicy
 from celery_fleet.planning.scale_in import WorkerReport, hostname
 
 __all__ = [
@@ -131,6 +133,7 @@ def _mailbox(target: ControlTarget, clients: BrokerClients) -> Mailbox:
 class _Broker:
     pidbox: PidboxClient
     slots: asyncio.Semaphore
+    destination: DestinationCheck | None = None  # the broker destination policy, as on the poll path
     users: int = 0
     evicted: bool = False
 
@@ -157,6 +160,9 @@ class PidboxControl:
         default_factory=collections.OrderedDict, repr=False
     )
     _closing: set[asyncio.Task[None]] = field(default_factory=set, repr=False)
+    # The operator's broker destination policy: the control path connects only where a poll may
+    # (a drain resumed after a restart must not reach a broker the policy refuses).
+    policy: BrokerPolicy | None = None
 
     async def census(
         self, target: ControlTarget, pods: Sequence[str], *, deadline: float | None = None
@@ -193,6 +199,11 @@ class PidboxControl:
         deadline = time.monotonic() + self.timeout if deadline is None else deadline
         broker = self._acquire(target)
         try:
+            if broker.destination is not None:
+                try:
+                    await broker.destination.check()
+                except BrokerError as err:
+                    raise ControlError(err.message) from None
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ControlError("remote control: the deadline passed before a slot on the broker was free")
@@ -222,6 +233,7 @@ class PidboxControl:
         broker = self._brokers.get(key)
         if broker is None:
             try:
+                destination = None if self.policy is None else DestinationCheck(target.url, self.policy)
                 clients = open_clients(
                     target.url, tls=target.tls, master_name=target.master_name,
                     connect_timeout=self.connect_timeout, read_timeout=self.read_timeout,
@@ -229,7 +241,9 @@ class PidboxControl:
                 )  # fmt: skip
             except BrokerError as err:
                 raise ControlError(err.message) from None  # already scrubbed of secrets
-            broker = _Broker(PidboxClient(clients, _mailbox(target, clients)), asyncio.Semaphore(self.per_broker))
+            broker = _Broker(
+                PidboxClient(clients, _mailbox(target, clients)), asyncio.Semaphore(self.per_broker), destination
+            )
             self._brokers[key] = broker
             while len(self._brokers) > self.max_brokers:
                 _, old = self._brokers.popitem(last=False)

@@ -110,7 +110,7 @@ class Autoscaler:
         self._layout_due: dict[BrokerKey, tuple[float, frozenset[QueueRef], float]] = {}  # due, watched, checked
         self.layout_check_interval = layout_check_interval
         self._broker_tasks: dict[BrokerKey, asyncio.Task[None]] = {}
-        self.control: WorkerControl = control or PidboxControl()
+        self.control: WorkerControl = control or PidboxControl(policy=broker_policy)
         self.series = PoolSeries()
         notes = EventNotes(kube)
         self.scale_in = ScaleIn(kube, self.control, clock, notes)
