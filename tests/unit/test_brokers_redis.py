@@ -41,13 +41,17 @@ def test_plan_is_one_eval_per_prefix_reading_every_priority_list() -> None:
     plan = plan_poll(refs, scan_limit=123)
     assert plan.commands == (
         ("EVAL", POLL_SCRIPT, 10, "a", f"a{SEP}3", f"a{SEP}6", f"a{SEP}9", "b", f"b{SEP}3", f"b{SEP}6", f"b{SEP}9",
-         "unacked", "unacked_index", 123, "_kombu.binding.", *BOUND_ARGS, 3600),
+         "unacked", "unacked_index", 123, "_kombu.binding.", *BOUND_ARGS, 3600, *WALK_ARGS, 0),
         ("EVAL", POLL_SCRIPT, 4, "p:c", f"p:c{SEP}5", "p:unacked", "p:unacked_index", 123, "p:_kombu.binding.",
-         *BOUND_ARGS, 3600),
+         *BOUND_ARGS, 3600, *WALK_ARGS, 0),
     )  # fmt: skip
 
 
 BOUND_ARGS = (512, 16, 256, 1024, 255)
+WALK_ARGS = (1024 * 1024, 8 * 1024 * 1024, 10_000, 8)  # value bound, bytes and µs per EVAL, TIME every 8
+# The in-flight part of a reply that walked nothing: hlen, walked, unparsed, pairs, bindings, stale,
+# next rank, too large, zcard, bytes read, why it stopped.
+NOTHING: list[object] = [0, 0, 0, [], [], 0, 0, 0, 0, 0, b""]
 
 
 def test_plan_cuts_a_huge_layout_into_bounded_evals_that_scan_once() -> None:
@@ -56,7 +60,7 @@ def test_plan_cuts_a_huge_layout_into_bounded_evals_that_scan_once() -> None:
     assert [c[2] for c in plan.commands] == [10, 10, 6]  # lists + the unacked hash and its index
     assert [c[c[2] + 3] for c in plan.commands] == [50, -1, -1]  # only the first walks `unacked`
     lengths = [[1] * 8, [1] * 8, [1] * 4]
-    replies = [[lengths[0], *script_reply(0, [])], [lengths[1], 0, 0, 0, [], [], 0], [lengths[2], 0, 0, 0, [], [], 0]]
+    replies = [[lengths[0], *script_reply(0, [])], [lengths[1], *NOTHING], [lengths[2], *NOTHING]]
     reading = parse_poll(plan, replies)
     assert reading.observe(refs) == Observation(20, 0)
 
@@ -82,8 +86,9 @@ def script_reply(
     for ex, members in (bindings or {}).items():
         flat_bindings += [ex.encode(), [m.encode() for m in members]]
     scanned = kw.get("scanned", size)
+    tail = [kw.get("next_rank", 0), kw.get("too_large", 0), size, 0, b""]
     stale = kw.get("stale", sum(p[3] for p in pairs if len(p) == 4))
-    return [size, scanned, kw.get("unparsed", 0), flat_pairs, flat_bindings, stale]
+    return [size, scanned, kw.get("unparsed", 0), flat_pairs, flat_bindings, stale, *tail]
 
 
 def poll(
@@ -187,10 +192,12 @@ def test_a_binding_table_too_big_to_read_leaves_its_messages_unattributed() -> N
     assert reading.unacked[KeyLayout()].unattributed == 5
 
 
-def test_scan_limit_extrapolates_and_says_so() -> None:
+def test_an_unfinished_first_walk_extrapolates_and_says_so() -> None:
     reading = poll([HIGH], [0] * 4, script_reply(100_000, [("", "high_priority", 1000)], scanned=10_000))
-    seen = reading.observe([HIGH])
-    assert seen == Observation(0, 10_000, in_flight_exact=False)
+    assert reading.observe([HIGH]) == Observation(0, 1000, in_flight_exact=False)  # parse_poll: this walk only
+    fake = FakeRedis({}, script=script_reply(100_000, [("", "high_priority", 1000)], scanned=10_000, next_rank=10_000))
+    reading = asyncio.run(RedisDepthSource(fake, TARGET).read([HIGH]))
+    assert reading.observe([HIGH]) == Observation(0, 10_000, in_flight_exact=False)
     assert not reading.unacked[KeyLayout()].exact
 
 
@@ -210,12 +217,12 @@ def test_failed_script_fails_every_tier_of_the_prefix() -> None:
 
 def test_unexpected_script_reply_is_an_error() -> None:
     with pytest.raises(BrokerError) as err:
-        parse_poll(plan_poll([HIGH]), [[[0, 0], 0, 0, 0, [], [], 0]])  # 2 lengths for 4 lists
+        parse_poll(plan_poll([HIGH]), [[[0, 0], *NOTHING]])  # 2 lengths for 4 lists
     assert err.value.kind is ErrorKind.RESPONSE_ERROR
 
 
 def test_malformed_in_flight_part_makes_in_flight_unknown() -> None:
-    reading = poll([HIGH], [3, 0, 0, 0], [0, 0, 0, b"not-a-list", [], 0])
+    reading = poll([HIGH], [3, 0, 0, 0], [0, 0, 0, b"not-a-list", *NOTHING[4:]])
     assert reading.depth(HIGH) == 3
     seen = reading.observe([HIGH])
     assert isinstance(seen, ReadFailure) and "in-flight count unknown" in seen.message
@@ -326,7 +333,7 @@ class FakeRedis:
 
     def __init__(self, lists: dict[str, int], script: list[object] | None = None) -> None:
         self.lists = lists
-        self.script = script if script is not None else [0, 0, 0, [], [], 0]
+        self.script = script if script is not None else NOTHING
         self.round_trips: list[Sequence[Command]] = []
         self.fail: BaseException | None = None
 
@@ -397,14 +404,14 @@ def limits(fake: FakeRedis) -> list[int]:
 
 
 def test_in_flight_walk_is_held_to_its_budget_of_redis_time() -> None:
-    fake = FakeRedis({"high_priority": 1}, script=[50, 50, 0, [b"", b"high_priority", 50, 0], [], 0])
+    fake = FakeRedis({"high_priority": 1}, script=[50, 50, 0, [b"", b"high_priority", 50, 0], [], 0, 0, 0, 50, 0, b""])
     clock = StepClock()
     source = RedisDepthSource(fake, TARGET, inflight_budget=0.02, clock=clock)  # 10 ms poll -> walk every 0.5 s
 
     async def main() -> None:
         first = await source.read([HIGH])
         assert limits(fake) == [source.scan_limit] and first.observe([HIGH]) == Observation(1, 50)
-        fake.script = [60, 0, 0, [], [], 0]  # what a skipped walk answers: HLEN only
+        fake.script = [60, *NOTHING[1:]]  # what a skipped walk answers: HLEN only
         second = await source.read([HIGH])
         assert limits(fake) == [0]
         assert second.observe([HIGH]) == Observation(1, 50)  # the last counts, with their age
@@ -486,7 +493,7 @@ def test_a_queue_that_did_not_change_keeps_its_revision_when_others_did() -> Non
         pytest.param([("", "high_priority", 5, 2)], None, 3, 2, id="stale-taken-out-of-in-flight"),
         pytest.param([("", "high_priority", 4, 4)], None, 0, 4, id="all-stale-holds-nothing"),
         pytest.param([("", "high_priority", 3, 0), ("", "low_priority", 2, 2)], None, 3, 0, id="other-queue-stale"),
-        pytest.param([("", "high_priority", 10, 5)], 10, 50, 50, id="sample-extrapolated-both"),
+        pytest.param([("", "high_priority", 10, 5)], 10, 5, 5, id="parse-counts-what-it-walked"),
     ],
 )
 def test_stale_unacked_is_reported_apart_from_in_flight(
@@ -509,7 +516,7 @@ def test_stale_counted_beyond_the_entries_makes_in_flight_unknown() -> None:
 def test_visibility_timeout_is_the_scripts_last_argument_and_splits_layouts() -> None:
     short = queue_refs(["a"], layout=KeyLayout(visibility_timeout=30))
     plan = plan_poll([*short, *queue_refs(["b"])])
-    assert sorted(c[-1] for c in plan.commands) == [30, 3600]
+    assert sorted(c[int(c[2]) + 3 + 7] for c in plan.commands) == [30, 3600]
 
 
 @pytest.mark.parametrize(

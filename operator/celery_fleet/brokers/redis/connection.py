@@ -16,6 +16,7 @@ from redis import exceptions as rexc
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from celery_fleet.brokers.redis.resp import BOUNDED_REPLIES
 from celery_fleet.brokers.redis.scripts import DEFAULT_SCAN_LIMIT, Command, Reply
 from celery_fleet.brokers.redis.source import RedisDepthSource
 from celery_fleet.brokers.redis.target import RedisTarget, classify
@@ -165,6 +166,7 @@ def connect(
                 max_connections=4,
                 health_check_interval=0,
                 driver_info=None,  # no CLIENT SETINFO: the ACL user need not allow it
+                **BOUNDED_REPLIES,  # replies bounded in bytes before they are read
             )  # type: ignore[call-overload]  # types-redis 4.6 predates driver_info
             for u in target.urls
         ]
@@ -219,6 +221,7 @@ def _connect_sentinel(
         health_check_interval=0,
         driver_info=None,
         **timeouts,
+        **BOUNDED_REPLIES,
     )
     failover = _Failover([client])
 
