@@ -10,8 +10,9 @@ import pytest
 from redis import exceptions as rexc
 
 from celery_fleet.api.models import ReplicaBounds, Tier
-from celery_fleet.brokers import BrokerError, DepthReading, ErrorKind, QueueRef, observe_tiers, queue_refs
+from celery_fleet.brokers import BrokerError, DepthReading, ErrorKind, QueueRef, observe_tiers, queue_refs, routing
 from celery_fleet.brokers.redis.poll import parse_poll, plan_poll, priority_key, queued_by_priority
+from celery_fleet.brokers.redis.resp import BoundedRESP2Parser, ReplyTooLarge
 from celery_fleet.brokers.redis.scripts import POLL_SCRIPT, Command, Reply
 from celery_fleet.brokers.redis.source import RedisDepthSource
 from celery_fleet.brokers.redis.target import RedisTarget, classify
@@ -551,3 +552,159 @@ def test_polls_that_alternate_walking_unacked_keep_their_revisions() -> None:
 
     walk1, reuse1, walk2, reuse2 = asyncio.run(polls())
     assert (walk2.revision, reuse2.revision) == (walk1.revision, reuse1.revision)
+
+
+# -- cost budgets: walks over several polls, our own slow script, replies bounded in bytes -----------------
+
+
+def test_a_walk_cut_by_its_budget_goes_on_next_poll_and_publishes_when_whole() -> None:
+    def chunk(walked: int, next_rank: int, n: int, stopped: bytes) -> list[object]:
+        return [300, walked, 0, [b"", b"high_priority", n, 0], [], 0, next_rank, 0, 300, 0, stopped]
+
+    fake = FakeRedis({}, script=chunk(100, 100, 10, b"time"))
+    source = RedisDepthSource(fake, TARGET, inflight_budget=0)  # walk every poll
+
+    async def main() -> list[DepthReading]:
+        readings = [await source.read([HIGH])]
+        fake.script = chunk(100, 200, 20, b"bytes")
+        readings.append(await source.read([HIGH]))
+        fake.script = chunk(100, 0, 30, b"")
+        readings.append(await source.read([HIGH]))
+        fake.script = chunk(100, 100, 0, b"time")  # a new walk from rank 0: the whole one stands meanwhile
+        readings.append(await source.read([HIGH]))
+        return readings
+
+    first, second, whole, next_walk = asyncio.run(main())
+    ranks = [c[0][-1] for c in fake.round_trips]
+    assert ranks == [0, 100, 200, 0]  # each EVAL resumes where the last stopped
+    assert first.observe([HIGH]) == Observation(0, 30, in_flight_exact=False)  # 10 of 100 walked, x3
+    assert second.observe([HIGH]) == Observation(0, 45, in_flight_exact=False)  # 30 of 200, x1.5
+    assert whole.observe([HIGH]) == Observation(0, 60, in_flight_exact=True)
+    assert whole.unacked[KeyLayout()].scanned == 300 and whole.unacked[KeyLayout()].walk_stopped == "time"
+    assert next_walk.observe([HIGH]) == Observation(0, 60, in_flight_exact=True)
+
+
+def test_values_too_large_to_read_are_counted_as_unattributed() -> None:
+    reading = poll([HIGH], [0] * 4, script_reply(10, [("", "high_priority", 6)], too_large=4))
+    summary = reading.unacked[KeyLayout()]
+    assert (summary.too_large, summary.unattributed) == (4, 4)
+
+
+def test_routing_past_the_polls_budget_is_counted_unrouted() -> None:
+    bindings = {"topic": [f"a.*{SEP}p{SEP}high_priority"]}
+    pairs = [("topic", f"a.{i}", 1) for i in range(10)]
+    reading = parse_poll(
+        plan_poll([HIGH]),
+        [[[0] * 4, *script_reply(10, pairs, bindings)]],
+        budget=routing.RoutingBudget(steps=3 * (2 + 2 * 3)),  # three keys' lookup and match
+    )
+    summary = reading.unacked[KeyLayout()]
+    assert (summary.unrouted, summary.unattributed) == (7, 7)
+    assert reading.observe([HIGH]) == Observation(0, 3)
+
+
+class StalledRedis:
+    """Answers the first poll, then (like Redis running a slow script) raises `fail`."""
+
+    def __init__(self, fail: BaseException, answer_first: bool = True) -> None:
+        self.fake = FakeRedis({"high_priority": 1})
+        self.fail = fail
+        self.calls = 0
+        self.answer_first = answer_first
+
+    async def __call__(self, commands: Sequence[Command]) -> list[Reply]:
+        self.calls += 1
+        if self.calls == 1 and self.answer_first:
+            return await self.fake(commands)
+        raise self.fail
+
+
+@pytest.mark.parametrize(
+    ("answer_first", "kind"),
+    [
+        pytest.param(True, ErrorKind.OWN_POLL_SLOW, id="a-broker-that-answered-times-out-on-our-walk"),
+        pytest.param(False, ErrorKind.TIMEOUT, id="a-broker-that-never-answered-is-a-timeout"),
+    ],
+)
+def test_a_timeout_while_our_script_walks_is_about_us(answer_first: bool, kind: ErrorKind) -> None:
+    stalled = StalledRedis(rexc.TimeoutError("Timeout reading from socket"), answer_first)
+    source = RedisDepthSource(stalled, TARGET, inflight_budget=0.02)
+    source._next_scan_at = 0.0
+
+    async def main() -> BrokerError:
+        if answer_first:
+            await source.read([HIGH])
+            source._next_scan_at = 0.0  # the walk is due again
+        with pytest.raises(BrokerError) as err:
+            await source.read([HIGH])
+        return err.value
+
+    err = asyncio.run(main())
+    assert err.kind is kind
+    if kind is ErrorKind.OWN_POLL_SLOW:
+        assert "poll script" in err.message and err.retry_after > 0
+        assert source._next_scan_at > 0  # the next polls read lengths only for a while
+
+
+def test_busy_while_we_walk_is_our_own_slow_script() -> None:
+    fake = FakeRedis({})
+
+    async def busy(commands: Sequence[Command]) -> list[Reply]:
+        await fake(commands)
+        return [rexc.ResponseError("BUSY Redis is busy running a script.") for _ in commands]
+
+    with pytest.raises(BrokerError) as err:
+        asyncio.run(RedisDepthSource(busy, TARGET).read([HIGH]))
+    assert err.value.kind is ErrorKind.OWN_POLL_SLOW
+
+
+def bounded_parse(data: bytes, limit: int = 1024) -> object:
+    async def main() -> object:
+        reader = asyncio.StreamReader()
+        reader.feed_data(data)
+        reader.feed_eof()
+        parser = BoundedRESP2Parser(socket_read_size=65536)
+        parser.max_reply_bytes = limit
+        parser.on_connect(type("Conn", (), {"_reader": reader, "encoder": None})())
+        return await parser.read_response(disable_decoding=True)
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("data", "reply"),
+    [
+        pytest.param(b"*3\r\n:1\r\n$3\r\nabc\r\n*1\r\n$-1\r\n", [1, b"abc", [None]], id="poll-shaped"),
+        pytest.param(b"+OK\r\n", b"OK", id="simple"),
+        pytest.param(b"*-1\r\n", None, id="nil-array"),
+    ],
+)
+def test_bounded_parser_reads_replies_within_the_bound(data: bytes, reply: object) -> None:
+    assert bounded_parse(data) == reply
+
+
+def test_bounded_parser_returns_error_replies() -> None:
+    assert isinstance(bounded_parse(b"-WRONGTYPE nope\r\n"), rexc.ResponseError)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b"$314572800\r\n" + b"x" * 64, id="a-300-MiB-bulk-string"),
+        pytest.param(b"*100000000\r\n:1\r\n", id="a-hundred-million-elements"),
+        pytest.param(b"*1\r\n" * 20 + b":1\r\n", id="nested-past-the-depth-bound"),
+        pytest.param(b"*20\r\n" + b"$60\r\n" + b"y" * 60 + b"\r\n" * 20, id="many-small-strings-over-the-total"),
+    ],
+)
+def test_bounded_parser_refuses_a_reply_over_the_bound_before_reading_it(data: bytes) -> None:
+    with pytest.raises(ReplyTooLarge):
+        bounded_parse(data)
+
+
+def test_a_reply_too_large_is_named_and_never_unreachable() -> None:
+    async def huge(commands: Sequence[Command]) -> list[Reply]:
+        raise ReplyTooLarge("a reply over 8388608 bytes")
+
+    with pytest.raises(BrokerError) as err:
+        asyncio.run(RedisDepthSource(huge, TARGET).read([HIGH]))
+    assert err.value.kind is ErrorKind.REPLY_TOO_LARGE
