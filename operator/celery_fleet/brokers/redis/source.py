@@ -394,7 +394,7 @@ class RedisDepthSource:
             {qs: n for (pp, qs), n in reading.stale_routes.items() if pp == p},
         )
         kept = self._scans.get(p)
-        if walk.next_rank != 0 and kept is not None and kept.watched == watched:
+        if walk.next_rank != 0 and kept is not None and kept.watched == watched and kept.summary.next_rank == 0:
             return  # mid-walk: the last whole walk stands until this one ends
         routes, stale = dict(walk.routes), dict(walk.stale)
         summary = walk.summary(chunk)
