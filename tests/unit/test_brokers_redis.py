@@ -234,6 +234,7 @@ def test_malformed_in_flight_part_makes_in_flight_unknown() -> None:
     [
         pytest.param(rexc.ResponseError("NOAUTH Authentication required."), id="noauth"),
         pytest.param(rexc.NoPermissionError("NOPERM this user has no permissions to run 'eval'"), id="noperm"),
+        pytest.param(rexc.ResponseError("Protocol error: unauthenticated multibulk length"), id="resp2-no-auth"),
     ],
 )
 def test_auth_error_in_a_reply_fails_the_poll(reply: Exception) -> None:

@@ -263,7 +263,14 @@ def reply_text(value: object) -> str:
 
 
 def _auth_error(exc: BaseException) -> BrokerError | None:
-    if isinstance(exc, rexc.NoPermissionError) or str(exc).startswith(("NOPERM", "NOAUTH", "WRONGPASS")):
+    # Redis refuses a big command (our script) from an unauthenticated client with "Protocol error:
+    # unauthenticated multibulk length" before any NOAUTH (we speak RESP2: no HELLO on connect).
+    text = str(exc)
+    if (
+        isinstance(exc, rexc.NoPermissionError)
+        or text.startswith(("NOPERM", "NOAUTH", "WRONGPASS"))
+        or (text.startswith("Protocol error: unauthenticated"))
+    ):
         return BrokerError(ErrorKind.AUTH_FAILED, first_line(exc))
     return None
 

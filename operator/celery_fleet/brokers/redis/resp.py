@@ -78,9 +78,12 @@ class BoundedRESP2Parser(_AsyncRESP2Parser):
             self._depth -= 1
 
 
-# The client arguments that put the bound on every reply: our parser, and no maintenance push
-# handling (redis-py allows that only with its own hiredis / RESP3 parsers; we speak RESP2).
+# The client arguments that put the bound on every reply: our parser; RESP2 said explicitly, or
+# redis-py 8 sends HELLO 3 on connect and reads its answer with its own, unbounded RESP3 parser (a
+# fake server's 300 MiB "hello" reply was read whole); and no maintenance push handling (redis-py
+# allows it only with its hiredis / RESP3 parsers).
 BOUNDED_REPLIES: Final[dict[str, Any]] = {
     "parser_class": BoundedRESP2Parser,
+    "protocol": 2,
     "maint_notifications_config": MaintNotificationsConfig(enabled=False),
 }
