@@ -709,3 +709,18 @@ def test_a_reply_too_large_is_named_and_never_unreachable() -> None:
     with pytest.raises(BrokerError) as err:
         asyncio.run(RedisDepthSource(huge, TARGET).read([HIGH]))
     assert err.value.kind is ErrorKind.REPLY_TOO_LARGE
+
+
+def test_a_walk_under_way_for_queues_no_longer_polled_is_left_alone() -> None:
+    fake = FakeRedis({}, script=[300, 100, 0, [], [], 0, 100, 0, 300, 0, b"time"])
+    source = RedisDepthSource(fake, TARGET, inflight_budget=0)
+    other = QueueRef("other", "p:")
+
+    async def main() -> DepthReading:
+        await source.read([HIGH])
+        await source.read([other])  # the walk of the first layout is not resumed here
+        return await source.read([HIGH, LOW])  # its queues changed: it starts again
+
+    reading = asyncio.run(main())
+    assert [c[0][-1] for c in fake.round_trips] == [0, 0, 0]
+    assert reading.unacked[KeyLayout()].scanned == 100

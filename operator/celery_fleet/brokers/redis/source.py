@@ -200,7 +200,12 @@ class RedisDepthSource:
             if started < self._next_scan_at and p in self._scans and queues <= self._scans[p].watched
         }
         plan = self._plan(frozenset(refs), frozenset(skip))
-        ranks = {p: w.next_rank for p, w in self._walks.items() if p not in skip and w.watched == names.get(p)}  # type: ignore[comparison-overlap]  # set == frozenset compares members
+        # Walks under way go on where they stopped (a walk whose queues changed starts again).
+        ranks = {
+            p: w.next_rank
+            for p, w in self._walks.items()
+            if p in names and p not in skip and w.watched == frozenset(names[p])
+        }
         commands = plan.starting_at(ranks)
         walking = any(p.ack_emulation and p not in skip for p in names)
         try:
