@@ -694,7 +694,8 @@ def test_bounded_parser_returns_error_replies() -> None:
         pytest.param(b"$314572800\r\n" + b"x" * 64, id="a-300-MiB-bulk-string"),
         pytest.param(b"*100000000\r\n:1\r\n", id="a-hundred-million-elements"),
         pytest.param(b"*1\r\n" * 20 + b":1\r\n", id="nested-past-the-depth-bound"),
-        pytest.param(b"*20\r\n" + b"$60\r\n" + b"y" * 60 + b"\r\n" * 20, id="many-small-strings-over-the-total"),
+        pytest.param(b"*20\r\n" + (b"$60\r\n" + b"y" * 60 + b"\r\n") * 20, id="many-small-strings-over-the-total"),
+        pytest.param(b"*10001\r\n" + b":1\r\n" * 10001, id="one-element-past-the-count-bound"),
     ],
 )
 def test_bounded_parser_refuses_a_reply_over_the_bound_before_reading_it(data: bytes) -> None:

@@ -13,14 +13,15 @@ from redis.maint_notifications import MaintNotificationsConfig
 
 # Poll replies are at most ~4 MiB of binding members (scripts.ReplyBounds) plus lengths and pairs.
 MAX_REPLY_BYTES: Final = 8 * 1024 * 1024
-# What one reply element costs the operator beyond its bytes (a Python object and a list slot):
-# a reply of millions of empty elements is bounded too.
-ELEMENT_COST: Final = 64
+# Elements per reply: each costs a Python object and ~5 µs of parsing on the event loop, so a reply
+# of millions of empty elements is bounded too (a poll reply has at most ~7,200: 1,024 lengths,
+# 2,048 pair fields, 4,096 binding members).
+MAX_REPLY_ELEMENTS: Final = 10_000
 MAX_DEPTH: Final = 8  # the poll script's replies nest 3 deep; deeper would only grow the stack
 
 
 class ReplyTooLarge(rexc.RedisError):
-    """The server's reply passed the byte bound (or nesting bound) and was refused unread."""
+    """The server's reply passed the byte, element or nesting bound and was refused unread."""
 
 
 class BoundedRESP2Parser(_AsyncRESP2Parser):
@@ -31,6 +32,7 @@ class BoundedRESP2Parser(_AsyncRESP2Parser):
 
     async def read_response(self, disable_decoding: bool = False) -> Any:
         self._left = self.max_reply_bytes
+        self._elements_left = MAX_REPLY_ELEMENTS
         self._depth = 0
         try:
             return await super().read_response(disable_decoding=disable_decoding)
@@ -45,7 +47,7 @@ class BoundedRESP2Parser(_AsyncRESP2Parser):
 
     async def _read_response(self, disable_decoding: bool = False) -> Any:
         raw = await self._readline()  # a line: bounded by the stream's limit (64 KiB)
-        self._spend(ELEMENT_COST + len(raw))
+        self._spend(len(raw))
         kind, rest = raw[:1], raw[1:]
         if kind == b"-":
             error = self.parse_error(rest.decode("utf-8", errors="replace"))  # type: ignore[no-untyped-call]
@@ -68,7 +70,9 @@ class BoundedRESP2Parser(_AsyncRESP2Parser):
             self._spend(number)  # before a byte of it is read
             body = await self._read(number)
             return body if disable_decoding or self.encoder is None else self.encoder.decode(body)  # type: ignore[no-untyped-call]
-        self._spend(number * ELEMENT_COST)
+        self._elements_left -= number  # before a list of that size is built
+        if self._elements_left < 0:
+            raise ReplyTooLarge(f"a reply of over {MAX_REPLY_ELEMENTS} elements (refused unread, connection dropped)")
         self._depth += 1
         if self._depth > MAX_DEPTH:
             raise ReplyTooLarge(f"a reply nested over {MAX_DEPTH} deep (refused, connection dropped)")
