@@ -178,7 +178,7 @@ def main() -> None:
                 client.slowlog_reset()
                 with Prober(server.port) as probe:
                     if leg == "idle":  # nobody polls: the machine's own noise floor
-                        time.sleep(3.0)
+                        time.sleep(10.0)
                         took, errors, note = [0.0], "-", ""
                     elif leg == "before":
                         took, over = asyncio.run(before(server.url, script, args.polls))
@@ -210,7 +210,7 @@ def main() -> None:
         " queue `celery`), `unacked_index` beside it. One client sends PING every 10 ms throughout each leg;"
         " its reply latency is the stall another client of the user's Redis sees.",
         "",
-        "- idle: nobody polls for 3 s: the PING latency of this (shared, loaded) machine by itself.",
+        "- idle: nobody polls for 10 s: the PING latency of this (shared, loaded) machine by itself.",
         f"- before: main's poll script (commit `{BASELINE}`): HSCAN copying every value into Lua, limit"
         f" {DEFAULT_SCAN_LIMIT:,} entries per EVAL, sent {args.polls} times over the operator's round trip.",
         "- after: the operator's poll path (`connect` -> `BrokerPoller.read`), polls 0.5 s apart until one whole walk"

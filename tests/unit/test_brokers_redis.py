@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import threading
 from collections.abc import Sequence
 
 import pytest
@@ -11,6 +12,7 @@ from redis import exceptions as rexc
 
 from celery_fleet.api.models import ReplicaBounds, Tier
 from celery_fleet.brokers import BrokerError, DepthReading, ErrorKind, QueueRef, observe_tiers, queue_refs, routing
+from celery_fleet.brokers.redis import source as source_module
 from celery_fleet.brokers.redis.poll import parse_poll, plan_poll, priority_key, queued_by_priority
 from celery_fleet.brokers.redis.resp import BoundedRESP2Parser, ReplyTooLarge
 from celery_fleet.brokers.redis.scripts import POLL_SCRIPT, Command, Reply
@@ -49,7 +51,7 @@ def test_plan_is_one_eval_per_prefix_reading_every_priority_list() -> None:
 
 
 BOUND_ARGS = (512, 16, 256, 1024, 255)
-WALK_ARGS = (1024 * 1024, 8 * 1024 * 1024, 10_000, 8)  # value bound, bytes and µs per EVAL, TIME every 8
+WALK_ARGS = (1024 * 1024, 8 * 1024 * 1024, 5_000, 8)  # value bound, bytes and µs per EVAL, TIME every 8
 # The in-flight part of a reply that walked nothing: hlen, walked, unparsed, pairs, bindings, stale,
 # next rank, too large, zcard, bytes read, why it stopped.
 NOTHING: list[object] = [0, 0, 0, [], [], 0, 0, 0, 0, 0, b""]
@@ -725,3 +727,30 @@ def test_a_walk_under_way_for_queues_no_longer_polled_is_left_alone() -> None:
     reading = asyncio.run(main())
     assert [c[0][-1] for c in fake.round_trips] == [0, 0, 0]
     assert reading.unacked[KeyLayout()].scanned == 100
+
+
+def test_a_parse_past_its_deadline_is_about_us_and_holds_the_next_parse() -> None:
+    fake = FakeRedis({"high_priority": 1})
+    source = RedisDepthSource(fake, TARGET, parse_deadline_seconds=0.05)
+    release = threading.Event()
+    real = parse_poll
+
+    def slow_parse(*args: object, **kwargs: object) -> DepthReading:
+        release.wait(5)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    async def main() -> list[BrokerError]:
+        errors = []
+        for _ in range(2):
+            with pytest.raises(BrokerError) as err:
+                await source.read([HIGH])
+            errors.append(err.value)
+        release.set()
+        return errors
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(source_module, "parse_poll", slow_parse)
+        overran, held = asyncio.run(main())
+    assert overran.kind is held.kind is ErrorKind.OWN_POLL_SLOW
+    assert "took over" in overran.message and "still parsing" in held.message  # one parse per broker at a time
+    assert overran.retry_after == held.retry_after == 0.05

@@ -50,7 +50,7 @@ class WalkBudget:
     # 100 KB are ordinary; reading one costs Redis ~0.2-0.6 ms, so the time budget bounds their walk.
     max_value_bytes: int = 1024 * 1024
     max_bytes: int = 8 * 1024 * 1024  # value bytes read per EVAL
-    max_micros: int = 10_000  # Redis time per EVAL: TIME is read every `check_every` entries or 128 KiB
+    max_micros: int = 5_000  # Redis time per EVAL: TIME is read every `check_every` entries or 128 KiB
     check_every: int = 8
 
 

@@ -231,7 +231,9 @@ class RedisDepthSource:
                     self._last.clear()
                 self._last[id(plan)] = (plan, commands, replies, reading)
         except BrokerError as exc:
-            raise classify(exc, self.target) from None
+            scrubbed = classify(exc, self.target)
+            scrubbed.retry_after = exc.retry_after  # an overrun parse says when to try again
+            raise scrubbed from None
         reading = self._account(reading, names, skip, started, ranks)
         reading = replace(reading, changed_at=changes(self._previous, reading))
         self._previous = reading
