@@ -18,6 +18,7 @@ from redis import exceptions as rexc
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from celery_fleet.brokers.redis.resp import BOUNDED_REPLIES
 from celery_fleet.brokers.redis.scripts import DEFAULT_SCAN_LIMIT, Command, Reply
 from celery_fleet.brokers.redis.source import RedisDepthSource
 from celery_fleet.brokers.redis.target import RedisTarget, classify
@@ -160,6 +161,7 @@ def open_clients(
         max_connections=max_connections,
         health_check_interval=0,
         driver_info=None,  # no CLIENT SETINFO: the ACL user need not allow it
+        **BOUNDED_REPLIES,  # replies bounded in bytes before they are read (and RESP2: no HELLO 3)
     )
     if target.sentinels:
         if not master_name:
@@ -170,7 +172,7 @@ def open_clients(
         # TLS (broker_use_ssl) applies to the master's connections.
         tls_kwargs, digest = _tls_kwargs(tls)
         timeouts = {"socket_connect_timeout": connect_timeout, "socket_timeout": read_timeout}
-        sentinel = aioredis_sentinel.Sentinel(list(target.sentinels), sentinel_kwargs=dict(timeouts))
+        sentinel = aioredis_sentinel.Sentinel(list(target.sentinels), sentinel_kwargs={**timeouts, **BOUNDED_REPLIES})
         client = sentinel.master_for(
             master_name, username=target.username, password=target.password, db=target.db,
             **({"ssl": True, **tls_kwargs} if tls is not None else {}), **common,
