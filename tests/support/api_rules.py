@@ -82,8 +82,8 @@ def concrete(path: str) -> str:
 # The rest of a valid node, where a rule's bad example goes below a node the base object lacks.
 NODE_BASES: dict[str, dict[str, Any]] = {
     "spec.broker.urlSecretRef": {"key": "url"},
-    "spec.podTemplate.spec.containers": {"name": "sidecar", "image": "busybox"},
-    "spec.tiers.podTemplate.spec.containers": {"name": "sidecar", "image": "busybox"},
+    "spec.podTemplate.spec.containers": {"name": "sidecar"},
+    "spec.tiers.podTemplate.spec.containers": {"name": "sidecar"},
 }
 
 

@@ -886,6 +886,7 @@ class ContainerOverlay(_Spec):
             "spec.tiers[].extraArgs",
             ["-n", "x"],
         ),
+        _worker_field_unset("image", "use spec.image or spec.tiers[].image", "other:1"),
         _worker_field_unset(
             "env",
             "set the worker's variables in spec.env or spec.tiers[].env, where the operator's own names are refused",
@@ -895,13 +896,14 @@ class ContainerOverlay(_Spec):
 
     name: Annotated[str, Field(min_length=1, max_length=63)] = Field(
         description=f"Container name, the merge key: '{WORKER_CONTAINER}' is the Celery worker (its command, "
-        "args and env may not be set here); another name adds a sidecar."
+        "args, env and image may not be set here); another name adds a sidecar."
     )
     command: list[str] | None = Field(default=None, description="Container command (not for the worker).")
     args: list[str] | None = Field(default=None, description="Container args (not for the worker).")
     env: list[KubeObject] | None = Field(
         default=None, description="Container env, merged by name (not for the worker: use spec.env)."
     )
+    image: str | None = Field(default=None, description="Container image (not for the worker: use spec.image).")
 
 
 class PodSpecOverlay(_Spec):
@@ -1329,8 +1331,8 @@ class CeleryWorkerPoolSpec(WorkloadSpec):
         default=None,
         description="Overlay merged onto every tier's generated pod template (then the tier's own "
         "podTemplate): sidecars, initContainers, lifecycle hooks, startupProbe, hostAliases, dnsConfig, "
-        "runtimeClassName... The worker container's command, args and env, the selector labels and "
-        "terminationGracePeriodSeconds are refused: the fields that set them keep scale-in correct.",
+        "runtimeClassName... The worker container's command, args, env and image, the selector labels "
+        "and terminationGracePeriodSeconds are refused: the fields that set them keep scale-in correct.",
     )
 
 
