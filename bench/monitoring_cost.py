@@ -47,10 +47,13 @@ def start_worker(url: str, pod: str, monitoring: Monitoring, log: Path) -> subpr
         return subprocess.Popen([sys.executable, "-m", "celery", *args], stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
-def totals(client: Any) -> tuple[dict[str, int], int]:
+def totals(client: Any) -> tuple[dict[str, int], int, int]:
+    """Calls per command, bytes into and out of Redis (gossip shows in the output: every worker reads every
+    other worker's events)."""
     stats = client.info("commandstats")
     calls = {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
-    return calls, int(client.info("stats")["total_net_input_bytes"])
+    net = client.info("stats")
+    return calls, int(net["total_net_input_bytes"]), int(net["total_net_output_bytes"])
 
 
 def run(name: str, monitoring: Monitoring, work: Path) -> str:
@@ -67,7 +70,7 @@ def run(name: str, monitoring: Monitoring, work: Path) -> str:
         startup = time.monotonic() - started
         client.config_resetstat()
         time.sleep(IDLE_SECONDS)  # a fixed measuring window, not a wait for a condition
-        idle, idle_bytes = totals(client)
+        idle, idle_bytes, idle_out = totals(client)
         client.config_resetstat()
         sys.path.insert(0, str(ROOT / "tests" / "support"))
         os.environ["CELERY_BROKER_URL"] = server.url
@@ -79,7 +82,7 @@ def run(name: str, monitoring: Monitoring, work: Path) -> str:
                 app.send_task("plainapp.hold", args=[0], queue="work", connection=conn)
         done = "plain:done"
         wait_for(lambda: client.llen(done) >= TASKS, timeout=120, message=f"{name}: {TASKS} tasks done")
-        busy, busy_bytes = totals(client)
+        busy, busy_bytes, busy_out = totals(client)
     finally:
         for w in workers:
             w.send_signal(signal.SIGTERM)
@@ -90,8 +93,9 @@ def run(name: str, monitoring: Monitoring, work: Path) -> str:
     per_task = sum(busy.values()) / TASKS
     return (
         f"| {name} | {sum(idle.values()) / IDLE_SECONDS:.1f} | {publish_idle:.2f} | "
-        f"{idle_bytes / IDLE_SECONDS / 1024:.1f} | {per_task:.1f} | {busy.get('publish', 0) / TASKS:.1f} | "
-        f"{busy_bytes / TASKS / 1024:.2f} | {startup:.1f} s |"
+        f"{idle_bytes / IDLE_SECONDS / 1024:.1f} | {idle_out / IDLE_SECONDS / 1024:.1f} | {per_task:.1f} | "
+        f"{busy.get('publish', 0) / TASKS:.1f} | {busy_bytes / TASKS / 1024:.2f} | {busy_out / TASKS / 1024:.2f} | "
+        f"{startup:.1f} s |"
     )
 
 
@@ -104,8 +108,9 @@ def main() -> None:
         f"{TASKS} no-op tasks (`plainapp.hold(0)`, which itself writes one RPUSH per start and finish).",
         "",
         "| tier.monitoring | idle: commands/s (3 workers) | idle: PUBLISH/s per worker | idle: KiB/s in | "
-        "per task: commands | per task: PUBLISH | per task: KiB in | start to ready |",
-        "|---|---|---|---|---|---|---|---|",
+        "idle: KiB/s out | per task: commands | per task: PUBLISH | per task: KiB in | per task: KiB out | "
+        "start to ready |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *rows,
     ])  # fmt: skip
     write_result("monitoring_cost", "Monitoring toggles: what events, heartbeats, gossip and mingle cost Redis", body)
