@@ -246,3 +246,31 @@ def test_overlay_changes_the_config_hash_so_pods_roll() -> None:
 def test_strategic_merge(base: dict[str, Any], overlay: dict[str, Any], expected: dict[str, Any]) -> None:
     assert merge(base, overlay) == expected
     assert merge(base, {}) == base
+
+
+def test_what_the_model_depends_on_survives_an_overlay_stored_before_the_rules() -> None:
+    # Built without validation, as an object stored before the overlay rules existed would be.
+    spec = parse_pool({**POOL, "broker": {"url": "rediss://r:6380/0", "tls": {"ca": {"secretName": "ca", "key": "ca"}}},
+                       "tiers": [TIER]})  # fmt: skip
+    plain = tier_deployment("shop", "prod", "uid", spec, spec.tiers[0])["spec"]["template"]
+    from celery_fleet.api.models import ContainerOverlay, PodMetadataOverlay, PodSpecOverlay, PodTemplateOverlay
+
+    worker_overlay = ContainerOverlay.model_construct(
+        name="worker", command=["sh"], args=["-n", "x"], env=[{"name": "A", "value": "x"}], image="other:1"
+    )
+    overlay = PodTemplateOverlay.model_construct(
+        metadata=PodMetadataOverlay.model_construct(labels={"celeryfleet.io/tier": "x"}, annotations=None),
+        spec=PodSpecOverlay.model_construct(
+            containers=[worker_overlay],
+            init_containers=None,
+            termination_grace_period_seconds=1,
+            volumes=[{"name": "celery-fleet-broker-tls", "emptyDir": {}}],
+        ),
+    )
+    tier = spec.tiers[0].model_copy(update={"pod_template": overlay})
+    got = tier_deployment("shop", "prod", "uid", spec, tier)["spec"]["template"]
+    for key in ("image", "command", "args", "env"):
+        assert got["spec"]["containers"][0][key] == plain["spec"]["containers"][0][key], key
+    assert got["metadata"]["labels"] == plain["metadata"]["labels"]
+    assert got["spec"]["terminationGracePeriodSeconds"] == plain["spec"]["terminationGracePeriodSeconds"]
+    assert got["spec"]["volumes"] == plain["spec"]["volumes"]

@@ -421,17 +421,19 @@ def rollout_strategy(tier: Tier) -> Manifest:
 
 
 def _overlaid(template: Manifest, *overlays: Any, own_labels: Mapping[str, str], worker: Manifest) -> Manifest:
-    """The overlays merged in turn; what scale-in depends on is put back (the models refuse it already)."""
+    """The overlays merged in turn; what the model depends on is put back (the models refuse it already, but
+    an object stored before those rules must not break scale-in either), and so are the operator's volumes."""
+    ours = {v["name"]: v for v in template["spec"].get("volumes", []) if v["name"] == BROKER_TLS_VOLUME}
     grace = template["spec"]["terminationGracePeriodSeconds"]
     for overlay in overlays:
         if overlay is not None:
             template = merge(template, overlay.model_dump(by_alias=True, exclude_none=True))
     template["metadata"]["labels"] = {**template["metadata"]["labels"], **own_labels}
     pod = template["spec"]
-    pod["containers"] = [
-        {**c, "command": worker["command"], "args": worker["args"]} if c.get("name") == WORKER_CONTAINER else c
-        for c in pod["containers"]
-    ]
+    kept = {key: worker[key] for key in ("image", "command", "args", "env")}
+    pod["containers"] = [{**c, **kept} if c.get("name") == WORKER_CONTAINER else c for c in pod["containers"]]
+    if ours:
+        pod["volumes"] = [ours.get(v.get("name"), v) for v in pod["volumes"]]
     pod["terminationGracePeriodSeconds"] = grace
     return template
 
