@@ -119,7 +119,9 @@ fi
 
 say "starting the operator (log: .local/demo/operator.log)"
 metrics_port="$(free_port)"; health_port="$(free_port)"
+# The demo's Redis listens on loopback, which the operator refuses as a broker by default: allowed here.
 "$root/.venv/bin/celery-fleet" run --namespace "$ns" --kubeconfig "$KUBECONFIG" \
+  --broker-allow 127.0.0.0/8 --broker-allow ::1/128 \
   --metrics-addr 127.0.0.1 --metrics-port "$metrics_port" --health-endpoint "http://127.0.0.1:$health_port/healthz" \
   >"$dir/operator.log" 2>&1 &
 echo $! > "$dir/operator.pid"

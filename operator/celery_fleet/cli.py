@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from celery_fleet import __version__
+from celery_fleet.metrics import DEFAULT_SERIES_PER_NAMESPACE, DEFAULT_SERIES_PER_POOL
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +25,48 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"), help="default: in-cluster, then KUBECONFIG")
     run.add_argument("--metrics-port", type=int, default=8000, help="Prometheus /metrics port (0: off)")
     run.add_argument("--metrics-addr", default="0.0.0.0", help="address the metrics server binds")
+    run.add_argument(
+        "--metrics-max-series-per-pool",
+        type=int,
+        default=DEFAULT_SERIES_PER_POOL,
+        metavar="N",
+        help="per-queue series a pool may have before new ones are left out and counted in "
+        "celery_fleet_metric_series_dropped_total (0: no cap)",
+    )
+    run.add_argument(
+        "--metrics-max-series-per-namespace",
+        type=int,
+        default=DEFAULT_SERIES_PER_NAMESPACE,
+        metavar="N",
+        help="series the pools of one namespace may have together (0: no cap)",
+    )
+    policy = run.add_argument_group(
+        "broker destination policy (the operator connects to every broker a pool names; by default it refuses "
+        "loopback, link-local, the unspecified address, its own pod and the apiserver)"
+    )
+    policy.add_argument(
+        "--broker-allow",
+        action="append",
+        default=[],
+        metavar="CIDR|HOST",
+        help="allow brokers at these addresses (the most specific CIDR wins; allowing one lifts a default "
+        "deny, e.g. 127.0.0.0/8 for local brokers) or host names (*.example.com; when any name is listed, "
+        "only listed names); repeatable",
+    )
+    policy.add_argument(
+        "--broker-deny",
+        action="append",
+        default=[],
+        metavar="CIDR|HOST",
+        help="refuse brokers at these addresses or host names (a deny wins a tie); repeatable",
+    )
+    policy.add_argument(
+        "--own-address",
+        action="append",
+        default=[a for a in os.environ.get("POD_IPS", os.environ.get("POD_IP", "")).split(",") if a],
+        metavar="IP",
+        help="this pod's addresses, refused as brokers (default: $POD_IPS or $POD_IP)",
+    )
     run.add_argument(
         "--health-endpoint",
         default="http://0.0.0.0:8080/healthz",
@@ -82,14 +125,32 @@ def _run(args: argparse.Namespace) -> int:
     import kopf
 
     from celery_fleet import logs, metrics
+    from celery_fleet.brokers.destination import apiserver_addresses
     from celery_fleet.handlers import kopf_handlers  # noqa: F401  (registers the handlers)
     from celery_fleet.handlers.fleet import Fleet, FleetConfig
     from celery_fleet.kube.client import Kube, connect
+    from celery_fleet.planning.broker_policy import BrokerPolicy, PolicyError
 
+    try:  # refused before anything connects
+        BrokerPolicy.build(args.broker_allow, args.broker_deny)
+    except PolicyError as err:
+        sys.stderr.write(f"celery-fleet run: --broker-allow/--broker-deny: {err}\n")
+        return 2
     logs.configure(args.log_level, args.json_logs)
-    kube = Kube(connect(args.kubeconfig, maxsize=args.workers * 2 + 8))
+    transport = connect(args.kubeconfig, maxsize=args.workers * 2 + 8)
+    kube = Kube(transport)
+    policy = BrokerPolicy.build(
+        args.broker_allow,
+        args.broker_deny,
+        own_addresses=args.own_address,
+        apiserver_addresses=apiserver_addresses(transport.credentials.server),
+    )
+    metrics.SERIES_BUDGET.configure(args.metrics_max_series_per_pool, args.metrics_max_series_per_namespace)
     config = FleetConfig(
-        poll_interval=args.poll_interval, reconcile_workers=args.workers, elector_image=args.elector_image
+        poll_interval=args.poll_interval,
+        reconcile_workers=args.workers,
+        elector_image=args.elector_image,
+        broker_policy=policy,
     )
     metrics.serve(args.metrics_port, args.metrics_addr)
     kopf.run(

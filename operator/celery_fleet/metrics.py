@@ -15,6 +15,72 @@ from prometheus_client.registry import Collector
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 
+# Series a pool may have, and a namespace (its pools together), before new ones are left out: a
+# maximal pool (10 tiers x 32 queues x 10 priority steps) makes ~3,500 series and 100 of them made
+# one scrape peak at 515 MB. 0: no cap. `celery-fleet run --metrics-max-series-per-pool/-namespace`.
+DEFAULT_SERIES_PER_POOL = 500
+DEFAULT_SERIES_PER_NAMESPACE = 20_000
+
+
+class SeriesBudget:
+    """How many series each pool and each namespace holds across the gauges that share this budget,
+    and which new ones were left out (each counted once in `celery_fleet_metric_series_dropped_total`).
+
+    The pool's cap counts and refuses only series of gauges marked `capped` (one per queue or
+    priority list: the ones that grow with the spec; a pool's other series are at most 71); the
+    namespace's cap counts and refuses every series, so a namespace of many small pools is bounded too.
+    """
+
+    def __init__(self, per_pool: int = 0, per_namespace: int = 0) -> None:
+        self.per_pool, self.per_namespace = per_pool, per_namespace
+        self._pools: dict[tuple[str, str], list[int]] = {}  # owner -> [every series, capped series]
+        self._namespaces: dict[str, int] = {}
+        self._dropped: dict[tuple[str, str], set[int]] = {}  # hashes of the label sets left out, per pool
+        self.on_drop: Callable[[str], None] = lambda namespace: None
+
+    def configure(self, per_pool: int, per_namespace: int) -> None:
+        self.per_pool, self.per_namespace = per_pool, per_namespace
+
+    def admit(self, owner: tuple[str, str], labels: tuple[str, ...], capped: bool) -> bool:
+        """Whether a new series of `owner` may be kept; counts it when it is."""
+        counts = self._pools.get(owner) or [0, 0]
+        namespace = self._namespaces.get(owner[0], 0)
+        if (capped and 0 < self.per_pool <= counts[1]) or 0 < self.per_namespace <= namespace:
+            left_out = self._dropped.setdefault(owner, set())
+            if hash(labels) not in left_out:
+                left_out.add(hash(labels))
+                self.on_drop(owner[0])
+            return False
+        counts[0] += 1
+        counts[1] += capped
+        self._pools[owner], self._namespaces[owner[0]] = counts, namespace + 1
+        return True
+
+    def release(self, owner: tuple[str, str], n: int, *, capped: bool, gone: bool) -> None:
+        """`n` series of `owner` were removed (`gone`: it has none left in that gauge)."""
+        counts = self._pools.get(owner)
+        if n and counts is not None:
+            counts[0] -= n
+            counts[1] -= n if capped else 0
+            if counts[0] <= 0:
+                del self._pools[owner]
+            in_namespace = self._namespaces.get(owner[0], 0) - n
+            if in_namespace > 0:
+                self._namespaces[owner[0]] = in_namespace
+            else:
+                self._namespaces.pop(owner[0], None)
+        if gone and owner not in self._pools:
+            self._dropped.pop(owner, None)  # a pool created again under its name is counted afresh
+
+    def held(self, owner: tuple[str, str], *, capped: bool = False) -> int:
+        """Series `owner` holds (`capped`: only those its own cap counts)."""
+        counts = self._pools.get(owner)
+        return 0 if counts is None else counts[1 if capped else 0]
+
+    def left_out(self, owner: tuple[str, str]) -> int:
+        return len(self._dropped.get(owner, ()))
+
+
 class OwnedGauge(Collector):
     """A gauge whose series each belong to one object: its first two labels are that object's
     namespace and name. Samples are plain floats grouped by object, rendered when scraped.
@@ -24,19 +90,38 @@ class OwnedGauge(Collector):
     cost that pool's series, not a scan of every pool's.
     """
 
-    def __init__(self, name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry) -> None:
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        registry: CollectorRegistry,
+        *,
+        budget: SeriesBudget | None = None,
+        capped: bool = False,
+    ) -> None:
         assert tuple(labelnames[:2]) in {("namespace", "pool"), ("namespace", "beat")}, labelnames
         self.name, self.documentation, self.labelnames = name, documentation, tuple(labelnames)
         self._samples: dict[tuple[str, str], dict[tuple[str, ...], float]] = {}
+        self.budget, self.capped = budget, capped
         registry.register(self)
 
     def get(self, labels: tuple[str, ...]) -> float | None:
         return self._samples.get((labels[0], labels[1]), {}).get(labels)
 
-    def set(self, labels: tuple[str, ...], value: float) -> None:
+    def set(self, labels: tuple[str, ...], value: float) -> bool:
+        """Set a series; False when it is new and its pool's or namespace's budget is spent (left out)."""
         if len(labels) != len(self.labelnames):
             raise ValueError(f"{self.name}: {len(self.labelnames)} label values wanted, got {len(labels)}")
-        self._samples.setdefault((labels[0], labels[1]), {})[labels] = float(value)
+        owner = (labels[0], labels[1])
+        series = self._samples.get(owner)
+        if series is None or labels not in series:
+            if self.budget is not None and not self.budget.admit(owner, labels, self.capped):
+                return False
+            if series is None:
+                series = self._samples[owner] = {}
+        series[labels] = float(value)
+        return True
 
     def remove_by_labels(self, labels: Mapping[str, str]) -> None:
         """Remove the series matching every given label (namespace and name among them)."""
@@ -45,10 +130,13 @@ class OwnedGauge(Collector):
         if series is None:
             return
         at = [(self.labelnames.index(k), v) for k, v in labels.items()]
-        for key in [k for k in series if all(k[i] == v for i, v in at)]:
+        removed = [k for k in series if all(k[i] == v for i, v in at)]
+        for key in removed:
             del series[key]
         if not series:
             del self._samples[owner]
+        if self.budget is not None:
+            self.budget.release(owner, len(removed), capped=self.capped, gone=not series)
 
     def describe(self) -> Iterable[Metric]:
         yield GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
@@ -60,6 +148,16 @@ class OwnedGauge(Collector):
                 family.add_metric(labels, value)
         yield family
 
+
+SERIES_BUDGET = SeriesBudget(DEFAULT_SERIES_PER_POOL, DEFAULT_SERIES_PER_NAMESPACE)
+SERIES_DROPPED = Counter(
+    "celery_fleet_metric_series_dropped",
+    "Distinct per-pool series left out because the pool or its namespace reached its series cap "
+    "(--metrics-max-series-per-pool / --metrics-max-series-per-namespace).",
+    ["namespace"],
+    registry=REGISTRY,
+)
+SERIES_BUDGET.on_drop = lambda namespace: SERIES_DROPPED.labels(namespace).inc()
 
 RECONCILES = Counter(
     "celery_fleet_reconciles_total",
@@ -89,27 +187,37 @@ QUEUE_DEPTH = OwnedGauge(
     "Messages waiting in a queue's priority sub-list.",
     ["namespace", "pool", "tier", "queue_name", "priority"],
     registry=REGISTRY,
+    budget=SERIES_BUDGET,
+    capped=True,
 )
 IN_FLIGHT = OwnedGauge(
     "celery_fleet_queue_in_flight",
     "Messages reserved or running (kombu unacked) for a queue.",
     ["namespace", "pool", "tier", "queue_name"],
     registry=REGISTRY,
+    budget=SERIES_BUDGET,
+    capped=True,
 )
 DESIRED_REPLICAS = OwnedGauge(
     "celery_fleet_tier_desired_replicas",
     "Replicas the autoscaler wants.",
     ["namespace", "pool", "tier"],
     registry=REGISTRY,
+    budget=SERIES_BUDGET,
 )
 CURRENT_REPLICAS = OwnedGauge(
     "celery_fleet_tier_replicas",
     "spec.replicas of the tier Deployment.",
     ["namespace", "pool", "tier"],
     registry=REGISTRY,
+    budget=SERIES_BUDGET,
 )
 MAX_REPLICAS = OwnedGauge(
-    "celery_fleet_tier_max_replicas", "replicas.max of the tier.", ["namespace", "pool", "tier"], registry=REGISTRY
+    "celery_fleet_tier_max_replicas",
+    "replicas.max of the tier.",
+    ["namespace", "pool", "tier"],
+    registry=REGISTRY,
+    budget=SERIES_BUDGET,
 )
 SCALING_DECISIONS = Counter(
     "celery_fleet_scaling_decisions_total",
@@ -129,6 +237,7 @@ BROKER_UP = OwnedGauge(
     "1 when the pool's broker answered the last poll.",
     ["namespace", "pool"],
     registry=REGISTRY,
+    budget=SERIES_BUDGET,
 )
 BEAT_LEADER_CHANGES = Counter(
     "celery_fleet_beat_leader_changes_total",
@@ -201,12 +310,14 @@ BUSY_WORKERS = OwnedGauge(
     "Workers that ran or held tasks, or did not answer, at the tier's last scale-in decision.",
     ["namespace", "pool", "tier"],
     registry=REGISTRY,
+    budget=SERIES_BUDGET,
 )
 SCHEDULED_TASKS = OwnedGauge(
     "celery_fleet_tier_scheduled_tasks",
     "ETA / countdown tasks the tier's workers hold until due (not demand), at the last decision.",
     ["namespace", "pool", "tier"],
     registry=REGISTRY,
+    budget=SERIES_BUDGET,
 )
 
 STALE_UNACKED = OwnedGauge(
@@ -215,6 +326,7 @@ STALE_UNACKED = OwnedGauge(
     "kombu restores them), not counted in flight.",
     ["namespace", "pool", "tier"],
     registry=REGISTRY,
+    budget=SERIES_BUDGET,
 )
 
 

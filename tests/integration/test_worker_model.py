@@ -93,10 +93,12 @@ def test_a_busy_worker_of_the_plain_app_leaves_the_next_message_queued(
         not disable_prefetch and "worker_disable_prefetch" not in conf
     ), conf
 
+    # The second message is sent once the first runs: two sent together can both be fetched in the
+    # moment before the first starts (one BRPOP each while the pool is still free), under any setting.
     with app.connection_for_write() as conn:
-        for _ in range(2):
-            app.send_task("plainapp.hold", args=[TASK_SECONDS], queue=queue, connection=conn)
-    wait_for(lambda: redis_db.llen("plain:started") == 1, timeout=30, message="the first task started")
+        app.send_task("plainapp.hold", args=[TASK_SECONDS], queue=queue, connection=conn)
+        wait_for(lambda: redis_db.llen("plain:started") == 1, timeout=30, message="the first task started")
+        app.send_task("plainapp.hold", args=[TASK_SECONDS], queue=queue, connection=conn)
     # While the first task runs (until its done record), watch where the second message is.
     seen: set[tuple[int, int]] = set()
 

@@ -80,7 +80,11 @@ def concrete(path: str) -> str:
 
 
 # The rest of a valid node, where a rule's bad example goes below a node the base object lacks.
-NODE_BASES: dict[str, dict[str, Any]] = {"spec.broker.urlSecretRef": {"key": "url"}}
+NODE_BASES: dict[str, dict[str, Any]] = {
+    "spec.broker.urlSecretRef": {"key": "url"},
+    "spec.podTemplate.spec.containers": {"name": "sidecar"},
+    "spec.tiers.podTemplate.spec.containers": {"name": "sidecar"},
+}
 
 
 def _node(obj: dict[str, Any], path: str) -> dict[str, Any]:
@@ -89,7 +93,11 @@ def _node(obj: dict[str, Any], path: str) -> dict[str, Any]:
     for part in path.split(".") if path else ():
         key, is_list = (part[:-2], True) if part.endswith("[]") else (part, False)
         at = f"{at}.{key}" if at else key
-        node = node[key][0] if is_list else node.setdefault(key, copy.deepcopy(NODE_BASES.get(at, {})))
+        if is_list:
+            # A list the base object lacks gets one item, the rest of a valid one.
+            node = node.setdefault(key, [copy.deepcopy(NODE_BASES.get(at, {}))])[0]
+        else:
+            node = node.setdefault(key, copy.deepcopy(NODE_BASES.get(at, {})))
     assert isinstance(node, dict)
     return node
 

@@ -12,17 +12,27 @@ from pathlib import Path
 from tests.support.redis_server import free_port
 from tests.support.wait import wait_for
 
+# The tests' brokers listen on loopback, which the operator refuses by default (a tenant's
+# `redis://:6379` would be the operator's own loopback): the test operator allows it explicitly.
+ALLOW_LOOPBACK = ("--broker-allow", "127.0.0.0/8", "--broker-allow", "::1/128")
+
 
 class OperatorProcess:
     def __init__(
-        self, kubeconfig: Path, namespaces: list[str], log_path: Path, *extra: str, command: list[str] | None = None
+        self,
+        kubeconfig: Path,
+        namespaces: list[str],
+        log_path: Path,
+        *extra: str,
+        command: list[str] | None = None,
+        allow_loopback: bool = True,
     ) -> None:
         # `command` runs `celery-fleet` some other way (the built image, in tests/integration/test_image.py).
         self.command = command or [sys.executable, "-m", "celery_fleet.cli"]
         self.kubeconfig = kubeconfig
         self.namespaces = namespaces
         self.log_path = log_path
-        self.extra = list(extra)
+        self.extra = [*(ALLOW_LOOPBACK if allow_loopback else ()), *extra]
         self.metrics_port = free_port()
         self.health_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None

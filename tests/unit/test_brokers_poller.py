@@ -223,3 +223,23 @@ def test_registry_shares_pollers_per_url_and_closes_unused_ones() -> None:
         assert made[2].closed and len(registry) == 0
 
     asyncio.run(main())
+
+
+def test_our_own_slow_poll_is_not_retried_before_its_budget_allows() -> None:
+    source, clock = Source(), Clock()
+    p = poller(source, clock)  # backoff 1 s after a first failure
+    source.failures = [BrokerError(ErrorKind.OWN_POLL_SLOW, "our script overran", retry_after=3.0)]
+
+    async def main() -> None:
+        with pytest.raises(BrokerError) as err:
+            await p.read("x", [A])
+        assert err.value.kind is ErrorKind.OWN_POLL_SLOW  # never reported as an unreachable broker
+        clock.now += 2.9
+        with pytest.raises(BrokerError):
+            await p.read("x", [A])  # answered from the cached failure: no new poll
+        assert len(source.reads) == 1
+        clock.now += 0.1
+        await p.read("x", [A])
+        assert len(source.reads) == 2
+
+    asyncio.run(main())

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import threading
 from collections.abc import Sequence
 
 import pytest
 from redis import exceptions as rexc
 
 from celery_fleet.api.models import ReplicaBounds, Tier
-from celery_fleet.brokers import BrokerError, DepthReading, ErrorKind, QueueRef, observe_tiers, queue_refs
+from celery_fleet.brokers import BrokerError, DepthReading, ErrorKind, QueueRef, observe_tiers, queue_refs, routing
+from celery_fleet.brokers.redis import source as source_module
 from celery_fleet.brokers.redis.poll import parse_poll, plan_poll, priority_key, queued_by_priority
+from celery_fleet.brokers.redis.resp import BoundedRESP2Parser, ReplyTooLarge
 from celery_fleet.brokers.redis.scripts import POLL_SCRIPT, Command, Reply
 from celery_fleet.brokers.redis.source import RedisDepthSource
 from celery_fleet.brokers.redis.target import RedisTarget, classify
@@ -41,13 +44,17 @@ def test_plan_is_one_eval_per_prefix_reading_every_priority_list() -> None:
     plan = plan_poll(refs, scan_limit=123)
     assert plan.commands == (
         ("EVAL", POLL_SCRIPT, 10, "a", f"a{SEP}3", f"a{SEP}6", f"a{SEP}9", "b", f"b{SEP}3", f"b{SEP}6", f"b{SEP}9",
-         "unacked", "unacked_index", 123, "_kombu.binding.", *BOUND_ARGS, 3600),
+         "unacked", "unacked_index", 123, "_kombu.binding.", *BOUND_ARGS, 3600, *WALK_ARGS, 0),
         ("EVAL", POLL_SCRIPT, 4, "p:c", f"p:c{SEP}5", "p:unacked", "p:unacked_index", 123, "p:_kombu.binding.",
-         *BOUND_ARGS, 3600),
+         *BOUND_ARGS, 3600, *WALK_ARGS, 0),
     )  # fmt: skip
 
 
 BOUND_ARGS = (512, 16, 256, 1024, 255)
+WALK_ARGS = (1024 * 1024, 8 * 1024 * 1024, 5_000, 8)  # value bound, bytes and µs per EVAL, TIME every 8
+# The in-flight part of a reply that walked nothing: hlen, walked, unparsed, pairs, bindings, stale,
+# next rank, too large, zcard, bytes read, why it stopped.
+NOTHING: list[object] = [0, 0, 0, [], [], 0, 0, 0, 0, 0, b""]
 
 
 def test_plan_cuts_a_huge_layout_into_bounded_evals_that_scan_once() -> None:
@@ -56,7 +63,7 @@ def test_plan_cuts_a_huge_layout_into_bounded_evals_that_scan_once() -> None:
     assert [c[2] for c in plan.commands] == [10, 10, 6]  # lists + the unacked hash and its index
     assert [c[c[2] + 3] for c in plan.commands] == [50, -1, -1]  # only the first walks `unacked`
     lengths = [[1] * 8, [1] * 8, [1] * 4]
-    replies = [[lengths[0], *script_reply(0, [])], [lengths[1], 0, 0, 0, [], [], 0], [lengths[2], 0, 0, 0, [], [], 0]]
+    replies = [[lengths[0], *script_reply(0, [])], [lengths[1], *NOTHING], [lengths[2], *NOTHING]]
     reading = parse_poll(plan, replies)
     assert reading.observe(refs) == Observation(20, 0)
 
@@ -82,8 +89,9 @@ def script_reply(
     for ex, members in (bindings or {}).items():
         flat_bindings += [ex.encode(), [m.encode() for m in members]]
     scanned = kw.get("scanned", size)
+    tail = [kw.get("next_rank", 0), kw.get("too_large", 0), size, 0, b""]
     stale = kw.get("stale", sum(p[3] for p in pairs if len(p) == 4))
-    return [size, scanned, kw.get("unparsed", 0), flat_pairs, flat_bindings, stale]
+    return [size, scanned, kw.get("unparsed", 0), flat_pairs, flat_bindings, stale, *tail]
 
 
 def poll(
@@ -187,10 +195,12 @@ def test_a_binding_table_too_big_to_read_leaves_its_messages_unattributed() -> N
     assert reading.unacked[KeyLayout()].unattributed == 5
 
 
-def test_scan_limit_extrapolates_and_says_so() -> None:
+def test_an_unfinished_first_walk_extrapolates_and_says_so() -> None:
     reading = poll([HIGH], [0] * 4, script_reply(100_000, [("", "high_priority", 1000)], scanned=10_000))
-    seen = reading.observe([HIGH])
-    assert seen == Observation(0, 10_000, in_flight_exact=False)
+    assert reading.observe([HIGH]) == Observation(0, 1000, in_flight_exact=False)  # parse_poll: this walk only
+    fake = FakeRedis({}, script=script_reply(100_000, [("", "high_priority", 1000)], scanned=10_000, next_rank=10_000))
+    reading = asyncio.run(RedisDepthSource(fake, TARGET).read([HIGH]))
+    assert reading.observe([HIGH]) == Observation(0, 10_000, in_flight_exact=False)
     assert not reading.unacked[KeyLayout()].exact
 
 
@@ -210,12 +220,12 @@ def test_failed_script_fails_every_tier_of_the_prefix() -> None:
 
 def test_unexpected_script_reply_is_an_error() -> None:
     with pytest.raises(BrokerError) as err:
-        parse_poll(plan_poll([HIGH]), [[[0, 0], 0, 0, 0, [], [], 0]])  # 2 lengths for 4 lists
+        parse_poll(plan_poll([HIGH]), [[[0, 0], *NOTHING]])  # 2 lengths for 4 lists
     assert err.value.kind is ErrorKind.RESPONSE_ERROR
 
 
 def test_malformed_in_flight_part_makes_in_flight_unknown() -> None:
-    reading = poll([HIGH], [3, 0, 0, 0], [0, 0, 0, b"not-a-list", [], 0])
+    reading = poll([HIGH], [3, 0, 0, 0], [0, 0, 0, b"not-a-list", *NOTHING[4:]])
     assert reading.depth(HIGH) == 3
     seen = reading.observe([HIGH])
     assert isinstance(seen, ReadFailure) and "in-flight count unknown" in seen.message
@@ -226,6 +236,7 @@ def test_malformed_in_flight_part_makes_in_flight_unknown() -> None:
     [
         pytest.param(rexc.ResponseError("NOAUTH Authentication required."), id="noauth"),
         pytest.param(rexc.NoPermissionError("NOPERM this user has no permissions to run 'eval'"), id="noperm"),
+        pytest.param(rexc.ResponseError("Protocol error: unauthenticated multibulk length"), id="resp2-no-auth"),
     ],
 )
 def test_auth_error_in_a_reply_fails_the_poll(reply: Exception) -> None:
@@ -326,7 +337,7 @@ class FakeRedis:
 
     def __init__(self, lists: dict[str, int], script: list[object] | None = None) -> None:
         self.lists = lists
-        self.script = script if script is not None else [0, 0, 0, [], [], 0]
+        self.script = script if script is not None else NOTHING
         self.round_trips: list[Sequence[Command]] = []
         self.fail: BaseException | None = None
 
@@ -397,14 +408,14 @@ def limits(fake: FakeRedis) -> list[int]:
 
 
 def test_in_flight_walk_is_held_to_its_budget_of_redis_time() -> None:
-    fake = FakeRedis({"high_priority": 1}, script=[50, 50, 0, [b"", b"high_priority", 50, 0], [], 0])
+    fake = FakeRedis({"high_priority": 1}, script=[50, 50, 0, [b"", b"high_priority", 50, 0], [], 0, 0, 0, 50, 0, b""])
     clock = StepClock()
     source = RedisDepthSource(fake, TARGET, inflight_budget=0.02, clock=clock)  # 10 ms poll -> walk every 0.5 s
 
     async def main() -> None:
         first = await source.read([HIGH])
         assert limits(fake) == [source.scan_limit] and first.observe([HIGH]) == Observation(1, 50)
-        fake.script = [60, 0, 0, [], [], 0]  # what a skipped walk answers: HLEN only
+        fake.script = [60, *NOTHING[1:]]  # what a skipped walk answers: HLEN only
         second = await source.read([HIGH])
         assert limits(fake) == [0]
         assert second.observe([HIGH]) == Observation(1, 50)  # the last counts, with their age
@@ -486,7 +497,7 @@ def test_a_queue_that_did_not_change_keeps_its_revision_when_others_did() -> Non
         pytest.param([("", "high_priority", 5, 2)], None, 3, 2, id="stale-taken-out-of-in-flight"),
         pytest.param([("", "high_priority", 4, 4)], None, 0, 4, id="all-stale-holds-nothing"),
         pytest.param([("", "high_priority", 3, 0), ("", "low_priority", 2, 2)], None, 3, 0, id="other-queue-stale"),
-        pytest.param([("", "high_priority", 10, 5)], 10, 50, 50, id="sample-extrapolated-both"),
+        pytest.param([("", "high_priority", 10, 5)], 10, 5, 5, id="parse-counts-what-it-walked"),
     ],
 )
 def test_stale_unacked_is_reported_apart_from_in_flight(
@@ -509,7 +520,7 @@ def test_stale_counted_beyond_the_entries_makes_in_flight_unknown() -> None:
 def test_visibility_timeout_is_the_scripts_last_argument_and_splits_layouts() -> None:
     short = queue_refs(["a"], layout=KeyLayout(visibility_timeout=30))
     plan = plan_poll([*short, *queue_refs(["b"])])
-    assert sorted(c[-1] for c in plan.commands) == [30, 3600]
+    assert sorted(c[int(c[2]) + 3 + 7] for c in plan.commands) == [30, 3600]
 
 
 @pytest.mark.parametrize(
@@ -544,3 +555,202 @@ def test_polls_that_alternate_walking_unacked_keep_their_revisions() -> None:
 
     walk1, reuse1, walk2, reuse2 = asyncio.run(polls())
     assert (walk2.revision, reuse2.revision) == (walk1.revision, reuse1.revision)
+
+
+# -- cost budgets: walks over several polls, our own slow script, replies bounded in bytes -----------------
+
+
+def test_a_walk_cut_by_its_budget_goes_on_next_poll_and_publishes_when_whole() -> None:
+    def chunk(walked: int, next_rank: int, n: int, stopped: bytes) -> list[object]:
+        return [300, walked, 0, [b"", b"high_priority", n, 0], [], 0, next_rank, 0, 300, 0, stopped]
+
+    fake = FakeRedis({}, script=chunk(100, 100, 10, b"time"))
+    source = RedisDepthSource(fake, TARGET, inflight_budget=0)  # walk every poll
+
+    async def main() -> list[DepthReading]:
+        readings = [await source.read([HIGH])]
+        fake.script = chunk(100, 200, 20, b"bytes")
+        readings.append(await source.read([HIGH]))
+        fake.script = chunk(100, 0, 30, b"")
+        readings.append(await source.read([HIGH]))
+        fake.script = chunk(100, 100, 0, b"time")  # a new walk from rank 0: the whole one stands meanwhile
+        readings.append(await source.read([HIGH]))
+        return readings
+
+    first, second, whole, next_walk = asyncio.run(main())
+    ranks = [c[0][-1] for c in fake.round_trips]
+    assert ranks == [0, 100, 200, 0]  # each EVAL resumes where the last stopped
+    assert first.observe([HIGH]) == Observation(0, 30, in_flight_exact=False)  # 10 of 100 walked, x3
+    assert second.observe([HIGH]) == Observation(0, 45, in_flight_exact=False)  # 30 of 200, x1.5
+    assert whole.observe([HIGH]) == Observation(0, 60, in_flight_exact=True)
+    assert whole.unacked[KeyLayout()].scanned == 300 and whole.unacked[KeyLayout()].walk_stopped == "time"
+    assert next_walk.observe([HIGH]) == Observation(0, 60, in_flight_exact=True)
+
+
+def test_values_too_large_to_read_are_counted_as_unattributed() -> None:
+    reading = poll([HIGH], [0] * 4, script_reply(10, [("", "high_priority", 6)], too_large=4))
+    summary = reading.unacked[KeyLayout()]
+    assert (summary.too_large, summary.unattributed) == (4, 4)
+
+
+def test_routing_past_the_polls_budget_is_counted_unrouted() -> None:
+    bindings = {"topic": [f"a.*{SEP}p{SEP}high_priority"]}
+    pairs = [("topic", f"a.{i}", 1) for i in range(10)]
+    reading = parse_poll(
+        plan_poll([HIGH]),
+        [[[0] * 4, *script_reply(10, pairs, bindings)]],
+        budget=routing.RoutingBudget(steps=3 * (2 + 2 * 3)),  # three keys' lookup and match
+    )
+    summary = reading.unacked[KeyLayout()]
+    assert (summary.unrouted, summary.unattributed) == (7, 7)
+    assert reading.observe([HIGH]) == Observation(0, 3)
+
+
+class StalledRedis:
+    """Answers the first poll, then (like Redis running a slow script) raises `fail`."""
+
+    def __init__(self, fail: BaseException, answer_first: bool = True) -> None:
+        self.fake = FakeRedis({"high_priority": 1})
+        self.fail = fail
+        self.calls = 0
+        self.answer_first = answer_first
+
+    async def __call__(self, commands: Sequence[Command]) -> list[Reply]:
+        self.calls += 1
+        if self.calls == 1 and self.answer_first:
+            return await self.fake(commands)
+        raise self.fail
+
+
+@pytest.mark.parametrize(
+    ("answer_first", "kind"),
+    [
+        pytest.param(True, ErrorKind.OWN_POLL_SLOW, id="a-broker-that-answered-times-out-on-our-walk"),
+        pytest.param(False, ErrorKind.TIMEOUT, id="a-broker-that-never-answered-is-a-timeout"),
+    ],
+)
+def test_a_timeout_while_our_script_walks_is_about_us(answer_first: bool, kind: ErrorKind) -> None:
+    stalled = StalledRedis(rexc.TimeoutError("Timeout reading from socket"), answer_first)
+    source = RedisDepthSource(stalled, TARGET, inflight_budget=0.02)
+    source._next_scan_at = 0.0
+
+    async def main() -> BrokerError:
+        if answer_first:
+            await source.read([HIGH])
+            source._next_scan_at = 0.0  # the walk is due again
+        with pytest.raises(BrokerError) as err:
+            await source.read([HIGH])
+        return err.value
+
+    err = asyncio.run(main())
+    assert err.kind is kind
+    if kind is ErrorKind.OWN_POLL_SLOW:
+        assert "poll script" in err.message and err.retry_after > 0
+        assert source._next_scan_at > 0  # the next polls read lengths only for a while
+
+
+def test_busy_while_we_walk_is_our_own_slow_script() -> None:
+    fake = FakeRedis({})
+
+    async def busy(commands: Sequence[Command]) -> list[Reply]:
+        await fake(commands)
+        return [rexc.ResponseError("BUSY Redis is busy running a script.") for _ in commands]
+
+    with pytest.raises(BrokerError) as err:
+        asyncio.run(RedisDepthSource(busy, TARGET).read([HIGH]))
+    assert err.value.kind is ErrorKind.OWN_POLL_SLOW
+
+
+def bounded_parse(data: bytes, limit: int = 1024) -> object:
+    async def main() -> object:
+        reader = asyncio.StreamReader()
+        reader.feed_data(data)
+        reader.feed_eof()
+        parser = BoundedRESP2Parser(socket_read_size=65536)
+        parser.max_reply_bytes = limit
+        parser.on_connect(type("Conn", (), {"_reader": reader, "encoder": None})())
+        return await parser.read_response(disable_decoding=True)
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("data", "reply"),
+    [
+        pytest.param(b"*3\r\n:1\r\n$3\r\nabc\r\n*1\r\n$-1\r\n", [1, b"abc", [None]], id="poll-shaped"),
+        pytest.param(b"+OK\r\n", b"OK", id="simple"),
+        pytest.param(b"*-1\r\n", None, id="nil-array"),
+    ],
+)
+def test_bounded_parser_reads_replies_within_the_bound(data: bytes, reply: object) -> None:
+    assert bounded_parse(data) == reply
+
+
+def test_bounded_parser_returns_error_replies() -> None:
+    assert isinstance(bounded_parse(b"-WRONGTYPE nope\r\n"), rexc.ResponseError)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b"$314572800\r\n" + b"x" * 64, id="a-300-MiB-bulk-string"),
+        pytest.param(b"*100000000\r\n:1\r\n", id="a-hundred-million-elements"),
+        pytest.param(b"*1\r\n" * 20 + b":1\r\n", id="nested-past-the-depth-bound"),
+        pytest.param(b"*20\r\n" + (b"$60\r\n" + b"y" * 60 + b"\r\n") * 20, id="many-small-strings-over-the-total"),
+        pytest.param(b"*10001\r\n" + b":1\r\n" * 10001, id="one-element-past-the-count-bound"),
+    ],
+)
+def test_bounded_parser_refuses_a_reply_over_the_bound_before_reading_it(data: bytes) -> None:
+    with pytest.raises(ReplyTooLarge):
+        bounded_parse(data)
+
+
+def test_a_reply_too_large_is_named_and_never_unreachable() -> None:
+    async def huge(commands: Sequence[Command]) -> list[Reply]:
+        raise ReplyTooLarge("a reply over 8388608 bytes")
+
+    with pytest.raises(BrokerError) as err:
+        asyncio.run(RedisDepthSource(huge, TARGET).read([HIGH]))
+    assert err.value.kind is ErrorKind.REPLY_TOO_LARGE
+
+
+def test_a_walk_under_way_for_queues_no_longer_polled_is_left_alone() -> None:
+    fake = FakeRedis({}, script=[300, 100, 0, [], [], 0, 100, 0, 300, 0, b"time"])
+    source = RedisDepthSource(fake, TARGET, inflight_budget=0)
+    other = QueueRef("other", "p:")
+
+    async def main() -> DepthReading:
+        await source.read([HIGH])
+        await source.read([other])  # the walk of the first layout is not resumed here
+        return await source.read([HIGH, LOW])  # its queues changed: it starts again
+
+    reading = asyncio.run(main())
+    assert [c[0][-1] for c in fake.round_trips] == [0, 0, 0]
+    assert reading.unacked[KeyLayout()].scanned == 100
+
+
+def test_a_parse_past_its_deadline_is_about_us_and_holds_the_next_parse() -> None:
+    fake = FakeRedis({"high_priority": 1})
+    source = RedisDepthSource(fake, TARGET, parse_deadline_seconds=0.05)
+    release = threading.Event()
+    real = parse_poll
+
+    def slow_parse(*args: object, **kwargs: object) -> DepthReading:
+        release.wait(5)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    async def main() -> list[BrokerError]:
+        errors = []
+        for _ in range(2):
+            with pytest.raises(BrokerError) as err:
+                await source.read([HIGH])
+            errors.append(err.value)
+        release.set()
+        return errors
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(source_module, "parse_poll", slow_parse)
+        overran, held = asyncio.run(main())
+    assert overran.kind is held.kind is ErrorKind.OWN_POLL_SLOW
+    assert "took over" in overran.message and "still parsing" in held.message  # one parse per broker at a time
+    assert overran.retry_after == held.retry_after == 0.05

@@ -9,7 +9,7 @@ import time
 import pytest
 from kombu.transport.virtual.exchange import TopicExchange
 
-from celery_fleet.brokers.routing import Binding, parse_binding, route, topic_matches
+from celery_fleet.brokers.routing import Binding, RoutingBudget, TopicTable, parse_binding, route, topic_matches
 
 SEP = "\x06\x16"
 WORDS = ["a", "b", "ab", "*", "#", ""]
@@ -73,3 +73,34 @@ def test_binding_members_use_the_configured_separator() -> None:
     assert parse_binding(f"k{SEP}{SEP}q", SEP) == Binding("k", "", "q")
     assert parse_binding("k::q", ":") == Binding("k", "", "q")
     assert parse_binding(f"k{SEP}q", SEP) is None
+
+
+def test_topic_table_agrees_with_kombu_literal_and_wildcard_keys() -> None:
+    rng = random.Random(24)
+    for _ in range(300):
+        table = [
+            Binding(".".join(rng.choice(["x", "y", "*", "#"]) for _ in range(rng.randint(1, 4))), "p", f"q{i}")
+            for i in range(6)
+        ]
+        routing_key = ".".join(rng.choice(["x", "y", ""]) for _ in range(rng.randint(1, 5)))
+        want = {b.queue for b in table if kombu_topic(b.routing_key, routing_key)}
+        assert TopicTable.of(table).route(routing_key, RoutingBudget()) == want
+
+
+def test_routing_work_is_bounded_per_poll_and_the_overflow_is_counted() -> None:
+    # A tenant's worst shapes: 256 wildcard bindings and 255-character keys of 128 one-letter words.
+    table = TopicTable.of([Binding("#." * 63 + f"b{i}", "p", f"q{i}") for i in range(256)])
+    budget = RoutingBudget()
+    started = time.perf_counter()
+    routed = [table.route("a." * 125 + f"b{i:03d}", budget) for i in range(436)]  # 254 characters
+    took = time.perf_counter() - started
+    assert routed.count(None) == budget.refused > 400  # most pairs left unrouted, each counted
+    assert budget.spent <= budget.steps
+    assert took < 1.0  # unbounded it is 111,616 matches of ~1 ms: minutes
+
+
+def test_literal_topic_keys_cost_one_lookup_whatever_their_number() -> None:
+    table = TopicTable.of([Binding(f"orders.{i}", "p", f"q{i}") for i in range(256)])
+    budget = RoutingBudget(steps=436)
+    assert [table.route(f"orders.{i}", budget) for i in range(436)][:2] == [{"q0"}, {"q1"}]
+    assert budget.refused == 0 and budget.spent == 436

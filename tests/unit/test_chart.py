@@ -152,6 +152,7 @@ def test_template_matches_golden(name: str, values: tuple[str, ...]) -> None:
 DOWNWARD_API_ENV = [
     {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
     {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+    {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
 ]
 
 
@@ -167,6 +168,7 @@ def test_default_install_objects() -> None:
         ("CustomResourceDefinition", "celerybeats.celeryfleet.io"),
         ("CustomResourceDefinition", "celeryworkerpools.celeryfleet.io"),
         ("Deployment", "celery-fleet"),
+        ("NetworkPolicy", "celery-fleet"),
         ("PodDisruptionBudget", "celery-fleet"),
         ("Role", "celery-fleet-leader-election"),
         ("RoleBinding", "celery-fleet-leader-election"),
@@ -253,7 +255,7 @@ def test_operator_args_probes_and_ports() -> None:
         "--renew-deadline=10",
         "--retry-period=2",
     ]
-    assert container["env"][:2] == DOWNWARD_API_ENV
+    assert container["env"][:3] == DOWNWARD_API_ENV
     assert "--all-namespaces" in args
     assert "--health-endpoint=http://0.0.0.0:8080/healthz" in args
     assert {"name": "CELERY_FLEET_ELECTOR_IMAGE", "value": "ghcr.io/celery-fleet/celery-fleet:0.1.0"} in container[

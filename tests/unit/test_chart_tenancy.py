@@ -32,8 +32,12 @@ def test_aggregated_roles_can_be_left_out() -> None:
     assert not find(docs, "ClusterRole", f"{RELEASE}-view") and not find(docs, "ClusterRole", f"{RELEASE}-edit")
 
 
-def test_no_network_policy_unless_asked() -> None:
-    assert not find(rendered(), "NetworkPolicy")
+def test_network_policy_on_by_default_and_can_be_turned_off() -> None:
+    # Issue 24 item 5: /metrics shows every tenant's queues; closed to all but monitoring by default.
+    assert one(rendered(), "NetworkPolicy")["spec"]["ingress"][0]["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]
+    assert not find(rendered("--set", "networkPolicy.enabled=false"), "NetworkPolicy")
 
 
 def test_network_policy_admits_only_metrics_from_the_chosen_namespace() -> None:

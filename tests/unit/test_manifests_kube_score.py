@@ -31,6 +31,9 @@ KEPT = {
     "No matching PodDisruptionBudget was found": "a single replica: a PDB would only block node drains",
     "The pod does not have a matching NetworkPolicy": "the operator needs the apiserver and every user's "
     "broker, whose addresses only the pool specs know",
+    "The pod does not have a matching egress NetworkPolicy": "ingress (/metrics) is closed by default; egress "
+    "must reach every broker a pool names, so the broker destination policy (--broker-allow/--broker-deny) "
+    "guards it, and networkPolicy.egress narrows it where the brokers' ranges are known",
 }
 
 

@@ -16,6 +16,7 @@ from celery_fleet.kube.client import Kube
 from celery_fleet.kube.events import EventPoster, EventType, ObjectRef
 from tests.support.fake_api import RecordingApi
 from tests.support.samples import sample
+from tests.support.wait import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMESPACE = "shop"
@@ -32,7 +33,10 @@ def _reconcile_pool(body: dict[str, Any], api: RecordingApi | None = None) -> tu
     api = api or RecordingApi()
     cache = FleetCache()
     key = cache.put_pool(body)
-    outcome = PoolReconciler(Kube(api), cache).reconcile(key)  # type: ignore[arg-type]  # duck-typed ApiClient
+    reconciler = PoolReconciler(Kube(api), cache)  # type: ignore[arg-type]  # duck-typed ApiClient
+    outcome = reconciler.reconcile(key)
+    # Events are posted off the reconcile's thread: a write counted later must not be one of these.
+    wait_for(lambda: reconciler.events.pending() == 0, timeout=10, interval=0.01, message="events posted")
     return api, cache, outcome
 
 

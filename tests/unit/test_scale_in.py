@@ -7,7 +7,6 @@ from typing import Any
 import pytest
 
 from celery_fleet.api.models import Autoscaling, ReplicaBounds, Tier
-from celery_fleet.brokers.control import confirmed, count_replies, take_census
 from celery_fleet.planning.scale_in import (
     COST_REMOVE,
     TierWorkers,
@@ -184,50 +183,6 @@ def test_owned_pods_follow_the_replicaset_to_the_deployment_uid(pod: dict[str, A
     ]
     assert owned_pods([pod], replicasets, "dep-uid") == ([pod] if ours else [])
     assert owned_pods([pod], replicasets, "") == []  # no Deployment of ours: no pods
-
-
-# -- worker replies are untrusted
-
-
-@pytest.mark.parametrize(
-    ("replies", "counts"),
-    [
-        pytest.param([{"celery@a": [{}, {}]}, {"celery@b": []}], {"celery@a": 2, "celery@b": 0}, id="well-formed"),
-        pytest.param([{"celery@x": [{}]}], {}, id="a-node-not-asked"),
-        pytest.param([{"celery@a": "busy"}], {}, id="not-a-list"),
-        pytest.param([{"celery@a": [], "celery@b": []}], {}, id="two-nodes-in-one-reply"),
-        pytest.param("garbage", {}, id="not-a-list-of-replies"),
-        pytest.param([{"celery@a": [1]}, {"celery@a": [1, 2, 3]}], {"celery@a": 1}, id="first-reply-wins"),
-    ],
-)
-def test_count_replies(replies: Any, counts: dict[str, int]) -> None:
-    assert count_replies(replies, ["celery@a", "celery@b"]) == counts
-
-
-def test_confirmed_needs_ok() -> None:
-    replies = [{"celery@a": {"ok": "no longer consuming from work"}}, {"celery@b": {"error": "nope"}}]
-    assert confirmed(replies, ["celery@a", "celery@b"]) == {"celery@a"}
-
-
-def test_census_protocol_asks_follow_ups_only_of_those_who_answered() -> None:
-    sent: list[tuple[str, list[str]]] = []
-    answers = {
-        "active": [{"celery@a": [{}]}, {"celery@b": []}],
-        "reserved": [{"celery@a": [{}]}, {"celery@b": []}],
-        "scheduled": [{"celery@a": []}, {"celery@b": [{}, {}]}],
-    }
-
-    def broadcast(command: str, _args: Any, destination: list[str]) -> list[Any]:
-        sent.append((command, destination))
-        return answers[command]
-
-    reports = take_census(broadcast, lambda: {"celery@c.celery.pidbox"}, ["a", "b", "c", "d"])
-    assert [c for c, _ in sent] == ["active", "reserved", "scheduled"]
-    assert sent[1][1] == ["celery@a", "celery@b"]
-    assert (reports["a"].active, reports["a"].reserved, reports["a"].busy) == (1, 1, True)
-    assert (reports["b"].scheduled, reports["b"].busy) == (2, False)
-    assert (reports["c"].answered, reports["c"].remote_control, reports["c"].busy) == (False, True, True)
-    assert (reports["d"].remote_control, reports["d"].busy) == (False, False)
 
 
 def test_status_reports_scheduled_and_busy_workers() -> None:

@@ -155,6 +155,13 @@ def pool_secret_broker() -> list[dict[str, Any]]:
     return pool_children("shop", "prod", UID, spec)
 
 
+def pool_placement() -> list[dict[str, Any]]:
+    """The sample with three differently placed tiers, a sidecar overlay and a command prefix."""
+    sample = Path(__file__).resolve().parents[2] / "deploy" / "samples" / "pool-placement.yaml"
+    obj = next(d for d in yaml.safe_load_all(sample.read_text()) if d and d["kind"] == "CeleryWorkerPool")
+    return pool_children(obj["metadata"]["name"], "prod", UID, parse_pool(obj))
+
+
 def beat_standby() -> list[dict[str, Any]]:
     spec = parse_beat(
         {
@@ -173,6 +180,7 @@ CASES = {
     "pool_default": pool_default,
     "pool_three_tiers": pool_three_tiers,
     "pool_secret_broker": pool_secret_broker,
+    "pool_placement": pool_placement,
     "beat_standby": beat_standby,
 }
 

@@ -29,6 +29,7 @@ from celery_fleet.api.rules import (
     Rule,
     Violation,
     at_most_one,
+    cel_string,
     cmp,
     compare,
     exactly_one,
@@ -767,8 +768,227 @@ class Shutdown(_Spec):
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# Per-tier pods: rollout, monitoring, the pod-template overlay
+# ---------------------------------------------------------------------------------------------
+
+# Names the worker pods' scale-in model depends on; the overlay may not touch them.
+WORKER_CONTAINER = "worker"
+POOL_LABEL = f"{GROUP}/pool"
+TIER_LABEL = f"{GROUP}/tier"
+MAX_OVERLAY_CONTAINERS = 16
+MAX_TIER_ENV = 64  # a tier's env is a list inside the tiers list: bounded for the apiserver's CEL cost
+MAX_COMMAND_PREFIX = 8
+# The merge rule, stated once for every per-tier pod field (and the tests that hold the builder to it).
+MERGE_RULE = (
+    "Merged over the pool's value: maps (nodeSelector, podLabels, podAnnotations) and env (keyed by name) "
+    "are merged key by key, the tier winning; envFrom is appended; other lists and objects (tolerations, "
+    "affinity, topologySpreadConstraints) and scalars replace the pool's whole ([] clears a list); unset inherits."
+)
+
+
+def _zero(value: Any) -> bool:
+    return value in (0, "0%") and not isinstance(value, bool)
+
+
+class RolloutStrategy(_Spec):
+    """The tier Deployment's RollingUpdate parameters."""
+
+    RULES = (
+        rule(
+            Expr(
+                "!(has(self.maxSurge) && string(self.maxSurge) in ['0', '0%']) || "
+                "(has(self.maxUnavailable) && !(string(self.maxUnavailable) in ['0', '0%']))",
+                lambda s: not _zero(s.max_surge) or (s.max_unavailable is not None and not _zero(s.max_unavailable)),
+                "||",
+            ),
+            "maxSurge and maxUnavailable must not both be 0 (the rollout could never replace a pod)",
+            field_path="maxSurge",
+            bad={"maxSurge": 0},
+        ),
+    )
+
+    max_surge: IntOrPercent = Field(
+        default=None,
+        description="Pods started above the replica count during a rollout: a number or a percentage "
+        "like '25%'. Unset: 1.",
+    )
+    max_unavailable: IntOrPercent = Field(
+        default=None,
+        description="Pods that may be stopped before their replacements are ready: a number or a "
+        "percentage. Unset: 0, so a rolling tier never runs below its replica count; raise both for "
+        "large tiers (e.g. maxSurge '25%').",
+    )
+
+
+class Monitoring(_Spec):
+    """Worker events and broadcasts that Flower and celery-exporter read; all off by default."""
+
+    events: bool = Field(
+        default=False,
+        description="Send task events (`-E`): Flower's and celery-exporter's task metrics "
+        "(celery_worker_tasks_active, task states) come from them. Cost: one Redis PUBLISH per task "
+        "state change (about 3 per task) to the celeryev exchange.",
+    )
+    heartbeat: bool = Field(
+        default=False,
+        description="Send worker heartbeats (drops `--without-heartbeat`): Flower's flower_worker_online "
+        "and celery-exporter's celery_worker_up come from them. Cost: one PUBLISH per worker every 2 s.",
+    )
+    gossip: bool = Field(
+        default=False,
+        description="Worker gossip (drops `--without-gossip`): each worker consumes every other worker's "
+        "events, a cost that grows with the square of the pod count. Flower does not need it.",
+    )
+    mingle: bool = Field(
+        default=False,
+        description="Mingle at start (drops `--without-mingle`): a broadcast to every worker and a wait "
+        "for replies on each pod start (revoked-task sync). Flower does not need it.",
+    )
+
+
+def _worker_field_unset(field: str, fix: str, bad: Any) -> Rule:
+    return rule(
+        Expr(
+            f"self.name != '{WORKER_CONTAINER}' || !has(self.{field})",
+            lambda c: c.name != WORKER_CONTAINER or value_at(c, field) is None,
+            "||",
+        ),
+        f"{field} of the {WORKER_CONTAINER} container is set by the operator: {fix}",
+        field_path=field,
+        bad={"name": WORKER_CONTAINER, field: bad},
+    )
+
+
+def _free_form_schema(schema: dict[str, Any], model: type[Any]) -> None:
+    # Only the declared fields are judged (and visible to CEL); the rest is passed to the pod.
+    model_schema_extra(schema, model)
+    schema["x-kubernetes-preserve-unknown-fields"] = True
+
+
+_FREE_FORM = ConfigDict(extra="allow", json_schema_extra=_free_form_schema)
+
+
+class ContainerOverlay(_Spec):
+    """A container of the overlay (any Container field), merged by name into the generated ones."""
+
+    model_config = _FREE_FORM
+
+    RULES = (
+        _worker_field_unset(
+            "command",
+            "the scale-in census depends on it; wrap it with commandPrefix (e.g. ['ddtrace-run'])",
+            ["python"],
+        ),
+        _worker_field_unset(
+            "args",
+            "node name, queues, pool, concurrency and prefetch come from the tier's fields; add options with "
+            "spec.tiers[].extraArgs",
+            ["-n", "x"],
+        ),
+        _worker_field_unset("image", "use spec.image or spec.tiers[].image", "other:1"),
+        _worker_field_unset(
+            "env",
+            "set the worker's variables in spec.env or spec.tiers[].env, where the operator's own names are refused",
+            [{"name": "X", "value": "1"}],
+        ),
+    )
+
+    name: Annotated[str, Field(min_length=1, max_length=63)] = Field(
+        description=f"Container name, the merge key: '{WORKER_CONTAINER}' is the Celery worker (its command, "
+        "args, env and image may not be set here); another name adds a sidecar."
+    )
+    command: list[str] | None = Field(default=None, description="Container command (not for the worker).")
+    args: list[str] | None = Field(default=None, description="Container args (not for the worker).")
+    env: list[KubeObject] | None = Field(
+        default=None, description="Container env, merged by name (not for the worker: use spec.env)."
+    )
+    image: str | None = Field(default=None, description="Container image (not for the worker: use spec.image).")
+
+
+class PodSpecOverlay(_Spec):
+    """Pod fields of the overlay (any PodSpec field): merged as a strategic merge patch would."""
+
+    model_config = _FREE_FORM
+
+    RULES = (
+        rule(
+            unset("terminationGracePeriodSeconds"),
+            "terminationGracePeriodSeconds is derived from the tier's time limits: set "
+            "spec.tiers[].terminationGracePeriodSeconds, which is checked against them",
+            field_path="terminationGracePeriodSeconds",
+            bad={"terminationGracePeriodSeconds": 5},
+        ),
+    )
+
+    containers: list[ContainerOverlay] | None = Field(
+        default=None,
+        max_length=MAX_OVERLAY_CONTAINERS,
+        description="Merged by name: fields of the 'worker' container (lifecycle, startupProbe, ports, "
+        "volumeMounts...) or new sidecars.",
+    )
+    init_containers: list[KubeObject] | None = Field(
+        default=None, max_length=MAX_OVERLAY_CONTAINERS, description="Init containers, merged by name."
+    )
+    termination_grace_period_seconds: int | None = Field(
+        default=None, description="Not settable here: use spec.tiers[].terminationGracePeriodSeconds."
+    )
+
+
+def _selector_label_unset(label: str) -> Rule:
+    return rule(
+        Expr(
+            f"!has(self.labels) || !({cel_string(label)} in self.labels)",
+            lambda m: label not in (m.labels or {}),
+            "||",
+        ),
+        f"label {label} selects the tier's pods and is set by the operator; remove it",
+        field_path="labels",
+        bad={"labels": {label: "x"}},
+    )
+
+
+class PodMetadataOverlay(_Spec):
+    """Labels and annotations added to the pods."""
+
+    RULES = (_selector_label_unset(POOL_LABEL), _selector_label_unset(TIER_LABEL))
+
+    labels: dict[str, str] | None = Field(default=None, description="Pod labels, merged by key.")
+    annotations: dict[str, str] | None = Field(default=None, description="Pod annotations, merged by key.")
+
+
+class PodTemplateOverlay(_Spec):
+    """A strategic merge onto the generated pod template, the escape hatch for what has no field."""
+
+    metadata: PodMetadataOverlay | None = Field(default=None, description="Labels and annotations.")
+    spec: PodSpecOverlay | None = Field(
+        default=None,
+        description="PodSpec fields. Maps are merged by key; containers, initContainers, volumes, "
+        "imagePullSecrets (by name), env (by name), volumeMounts (by mountPath), ports (by containerPort) "
+        "and hostAliases (by ip) are merged by key; other lists replace.",
+    )
+
+
 WorkerPoolKind = Literal["prefork", "threads", "gevent", "eventlet", "solo"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+def _worker_option_in_env(spec: Any) -> Violation | None:
+    for index, var in enumerate(spec.env):
+        if var.get("name") in WORKER_OPTION_ENV:
+            return Violation(f"env.{index}.name", f"({WORKER_OPTION_ENV[var['name']]})")
+    return None
+
+
+# On the pool's env and on each tier's.
+_WORKER_OPTION_IN_ENV = judged_elsewhere(
+    "sets a `celery worker` option the operator owns (Click reads CELERY_WORKER_<OPTION>); remove it",
+    _worker_option_in_env,
+    admission="operator",
+    why="a rule over every item of the unbounded env list exceeds the apiserver's CEL cost budget, "
+    "which the per-item env rules spend",
+    bad={"env": [{"name": "CELERY_WORKER_EXCLUDE_QUEUES", "value": "low_priority"}]},
+)
 
 
 _FALLBACK = "autoscaling.fallbackReplicas"
@@ -801,6 +1021,7 @@ class Tier(_Spec):
             details=lambda t: f"(got {t.autoscaling.fallback_replicas}, bounds {t.replicas.min}..{t.replicas.max})",
             bad={"autoscaling": {"fallbackReplicas": 20}},
         ),
+        _WORKER_OPTION_IN_ENV,
     )
 
     name: Annotated[
@@ -893,6 +1114,60 @@ class Tier(_Spec):
         "Passed as the setting `worker_disable_prefetch=(bool)true` after '--', which Celery before 5.6 "
         "ignores (workers start and prefetch as before) rather than the flag, which it refuses. "
         "False: Celery's prefetch (prefetchMultiplier messages per process).",
+    )
+    # Per-tier pods: each overrides the pool's field of the same name (MERGE_RULE).
+    image: str | None = Field(
+        default=None, min_length=1, max_length=512, description="Container image of this tier; unset: spec.image."
+    )
+    env: Annotated[list[EnvVar], _ENV_RULES] = Field(
+        default_factory=list,
+        max_length=MAX_TIER_ENV,
+        description="Environment variables (EnvVar) of this tier, merged over spec.env by name (the tier wins).",
+    )
+    env_from: Annotated[list[KubeObject], _ENV_FROM_RULES] = Field(
+        default_factory=list,
+        description="Environment sources (EnvFromSource) of this tier, after spec.envFrom (Kubernetes lets a "
+        "later source win on a key both define).",
+    )
+    pod_labels: dict[str, str] = Field(
+        default_factory=dict, description="Pod labels, merged over spec.podLabels by key (operator labels win)."
+    )
+    pod_annotations: dict[str, str] = Field(
+        default_factory=dict, description="Pod annotations, merged over spec.podAnnotations by key."
+    )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Pod nodeSelector, merged over spec.nodeSelector by key (the tier wins)."
+    )
+    tolerations: list[KubeObject] | None = Field(
+        default=None, description="Pod tolerations; replace spec.tolerations when set ([] clears them)."
+    )
+    affinity: KubeObject | None = Field(
+        default=None, description="Pod affinity (Affinity); replaces spec.affinity when set ({} clears it)."
+    )
+    topology_spread_constraints: list[KubeObject] | None = Field(
+        default=None, description="Pod topologySpreadConstraints; replace the pool's when set ([] clears them)."
+    )
+    priority_class_name: ObjectName | None = Field(
+        default=None, description="Pod priorityClassName; replaces spec.priorityClassName when set."
+    )
+    rollout: RolloutStrategy | None = Field(
+        default=None, description="RollingUpdate maxSurge/maxUnavailable; unset: 1 and 0."
+    )
+    command_prefix: list[Annotated[str, Field(min_length=1, max_length=MAX_EXTRA_ARG_LENGTH)]] | None = Field(
+        default=None,
+        max_length=MAX_COMMAND_PREFIX,
+        description="Wrapper run before `celery`, e.g. ['ddtrace-run'] or ['newrelic-admin', 'run-program']; "
+        "replaces spec.commandPrefix when set. It must exec its arguments unchanged, so SIGTERM still "
+        "reaches Celery's main process.",
+    )
+    monitoring: Monitoring | None = Field(
+        default=None,
+        description="Turn worker events, heartbeats, gossip or mingle back on (for Flower or "
+        "celery-exporter); unset: all off.",
+    )
+    pod_template: PodTemplateOverlay | None = Field(
+        default=None,
+        description="Overlay merged onto this tier's generated pod template after spec.podTemplate.",
     )
 
 
@@ -988,26 +1263,12 @@ def _tier(name: str, queue: str, low: int = 0) -> KubeObject:
     return {"name": name, "queues": [queue], "concurrency": 1, "replicas": {"min": low, "max": 4}}
 
 
-def _worker_option_in_env(spec: Any) -> Violation | None:
-    for index, var in enumerate(spec.env):
-        if var.get("name") in WORKER_OPTION_ENV:
-            return Violation(f"env.{index}.name", f"({WORKER_OPTION_ENV[var['name']]})")
-    return None
-
-
 class CeleryWorkerPoolSpec(WorkloadSpec):
     """A fleet of Celery workers: one Deployment per tier, scaled on its queues' depth."""
 
     RULES = (
         *_BROKER_TLS_VOLUME_RULES,
-        judged_elsewhere(
-            "sets a `celery worker` option the operator owns (Click reads CELERY_WORKER_<OPTION>); remove it",
-            _worker_option_in_env,
-            admission="operator",
-            why="a rule over every item of the unbounded env list exceeds the apiserver's CEL cost budget, "
-            "which the per-item env rules spend",
-            bad={"env": [{"name": "CELERY_WORKER_EXCLUDE_QUEUES", "value": "low_priority"}]},
-        ),
+        _WORKER_OPTION_IN_ENV,
         unique(
             "tier names must be unique",
             path="tiers",
@@ -1044,7 +1305,9 @@ class CeleryWorkerPoolSpec(WorkloadSpec):
         description="Worker tiers, highest priority first. Omitted: high (queue high_priority, "
         "concurrency 4, 2-8 replicas), medium (medium_priority and celery, 6, 4-12), low (low_priority, "
         "2, 1-4). Tasks sent without a route go to Celery's default queue `celery`: when no tier lists "
-        "it and messages wait there, the pool says so (condition QueuesConsumed=False, Event UnconsumedQueue).",
+        "it and messages wait there, the pool says so (condition QueuesConsumed=False, Event UnconsumedQueue). "
+        "A tier's pod fields (image, env, envFrom, podLabels, podAnnotations, nodeSelector, tolerations, "
+        "affinity, topologySpreadConstraints, priorityClassName, commandPrefix) override the pool's. " + MERGE_RULE,
     )
     max_total_replicas: int | None = Field(
         default=None,
@@ -1056,6 +1319,20 @@ class CeleryWorkerPoolSpec(WorkloadSpec):
     paused: bool = Field(
         default=False,
         description="Stop autoscaling and leave the Deployments as they are.",
+    )
+    command_prefix: list[Annotated[str, Field(min_length=1, max_length=MAX_EXTRA_ARG_LENGTH)]] = Field(
+        default_factory=list,
+        max_length=MAX_COMMAND_PREFIX,
+        description="Wrapper run before `celery` in every tier, e.g. ['ddtrace-run'], ['newrelic-admin', "
+        "'run-program'] or ['opentelemetry-instrument']. It must exec its arguments unchanged, so SIGTERM "
+        "still reaches Celery's main process.",
+    )
+    pod_template: PodTemplateOverlay | None = Field(
+        default=None,
+        description="Overlay merged onto every tier's generated pod template (then the tier's own "
+        "podTemplate): sidecars, initContainers, lifecycle hooks, startupProbe, hostAliases, dnsConfig, "
+        "runtimeClassName... The worker container's command, args, env and image, the selector labels "
+        "and terminationGracePeriodSeconds are refused: the fields that set them keep scale-in correct.",
     )
 
 

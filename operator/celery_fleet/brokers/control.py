@@ -1,55 +1,54 @@
 """Celery remote control for scale-in: ask a tier's workers what they hold, drain the ones that go.
 
-Why Celery's own control API (kombu's pidbox) and not our own pidbox client on the Redis we
-already read: the wire format (fanout exchange ``celery.pidbox``, per-node queues, reply tickets,
-the reply exchange, kombu's binding tables, ``global_keyprefix``) is kombu's to change between
-releases, and ``app.control.broadcast`` works with a bare ``Celery(broker=url)``: it needs none
-of the user's code. What it costs: kombu is synchronous, so every call runs in this module's own
-small thread pool (never on the asyncio loop), and a reply is decoded by kombu before we see it,
-so its size is bounded only by Redis's own limits; we accept JSON only (never pickle), read only
-replies of the nodes we asked, and keep nothing of them but bounded counts.
+Spoken with our own pidbox client (:mod:`celery_fleet.brokers.redis.pidbox`) on the Redis
+clients every other read uses (:func:`~celery_fleet.brokers.redis.connection.open_clients`), so
+TLS, Sentinel, ``sep`` and the key prefix come from the pool's one connection setting. Not
+kombu's Mailbox: it cannot bound a reply in bytes before decoding it, keeps replies for other
+tickets, opens a pool per target, imports celery lazily in threads and builds TLS from the URL.
 
-One call per decision, never per poll: :meth:`CeleryControl.census` sends ``active`` to the
-tier's nodes (``destination`` = ``celery@<pod>``, returning as soon as all answered or after
-``timeout``), then ``reserved`` and ``scheduled`` to those that answered. A node that stays
-silent is looked up in kombu's binding table of the pidbox exchange (one SMEMBERS): present, it
-has remote control and is stuck or stopped (busy); absent, its app runs with remote control off.
+One call per decision, never per poll: :meth:`PidboxControl.census` sends ``active``,
+``reserved``, ``scheduled`` and ``active_queues`` to the tier's nodes (``destination`` =
+``celery@<pod>``) in one round with one absolute deadline. A node that has not answered all four
+by then is looked up in kombu's binding table of the pidbox exchange (SISMEMBER per node): bound,
+it has remote control and is stuck or stopped (busy); unbound, its app runs with remote control
+off. Any failure of the path raises :class:`ControlError`: the caller holds the scale-in
+(unknown), never takes the workers for idle.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import threading
-from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+import collections
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from celery_fleet.brokers.redis.connection import TlsSettings
+from celery_fleet.brokers.destination import DestinationCheck
+from celery_fleet.brokers.redis.connection import BrokerClients, TlsSettings, open_clients
+from celery_fleet.brokers.redis.pidbox import Call, Mailbox, PidboxClient, PidboxError, RequestResult
+from celery_fleet.brokers.redis.target import classify
+from celery_fleet.brokers.source import BrokerError
+from celery_fleet.planning.broker_policy import BrokerPolicy
 from celery_fleet.planning.scale_in import WorkerReport, hostname
-
-log = logging.getLogger(__name__)
 
 __all__ = [
     "CENSUS_TIMEOUT_SECONDS",
-    "CeleryControl",
     "ControlError",
     "ControlTarget",
+    "PidboxControl",
     "WorkerControl",
+    "census_reports",
     "confirmed",
-    "count_replies",
-    "take_census",
 ]
 
-# How long a census waits for a silent node (an answer from every node ends it at once).
+# How long a census waits for a silent node when the caller gives no deadline.
 CENSUS_TIMEOUT_SECONDS = 2.0
-PIDBOX_EXCHANGE = "celery.pidbox"  # kombu Mailbox("celery") -> exchange "celery.pidbox"
-# A reply naming more tasks than this is counted as this many (a count is all we keep).
-MAX_TASKS_COUNTED = 100_000
-# Celery apps kept (one per broker URL and key prefix): each holds a small connection pool.
-MAX_APPS = 32
+# Brokers with an open control client; the least recently used is closed past this.
+MAX_BROKERS = 64
+# Requests in flight per broker; each holds a pooled connection only for its round trips.
+PER_BROKER = 16
+CENSUS_CALLS = (Call("active"), Call("reserved"), Call("scheduled"), Call("active_queues"))
 
 
 class ControlError(Exception):
@@ -93,185 +92,179 @@ class WorkerControl(Protocol):
         ...
 
 
-# -- reply handling (pure: worker replies are untrusted input) -------------------------------------
-
-Broadcast = Callable[[str, Mapping[str, Any], list[str]], list[Any]]
+# -- turning answers into reports (pure) -----------------------------------------------------------
 
 
-def _replies(replies: Any, expected: Iterable[str]) -> Iterable[tuple[str, Any]]:
-    """(node, value) of each well-formed reply from a node we asked; anything else is ignored."""
-    wanted = set(expected)
-    if not isinstance(replies, list):
-        return
-    for item in replies[: len(wanted) * 2 + 1]:
-        if not isinstance(item, dict) or len(item) != 1:
-            continue
-        ((node, value),) = item.items()
-        if isinstance(node, str) and node in wanted:
-            yield node, value
-
-
-def count_replies(replies: Any, expected: Iterable[str]) -> dict[str, int]:
-    """Node -> how many tasks its reply lists (``active``, ``reserved``, ``scheduled``)."""
-    out: dict[str, int] = {}
-    for node, value in _replies(replies, expected):
-        if isinstance(value, list) and node not in out:
-            out[node] = min(len(value), MAX_TASKS_COUNTED)
-    return out
-
-
-def confirmed(replies: Any, expected: Iterable[str]) -> set[str]:
-    """Nodes that answered a consumer command with ``{"ok": ...}``."""
-    return {node for node, value in _replies(replies, expected) if isinstance(value, dict) and "ok" in value}
-
-
-def take_census(
-    broadcast: Broadcast, pidbox_queues: Callable[[], set[str]], pods: Sequence[str]
-) -> dict[str, WorkerReport]:
-    """The census protocol over injected I/O (see the module docstring)."""
-    nodes = {hostname(p): p for p in pods}
-    active = count_replies(broadcast("active", {}, list(nodes)), nodes)
-    answered = [n for n in nodes if n in active]
-    reserved: dict[str, int] = {}
-    scheduled: dict[str, int] = {}
-    if answered:
-        reserved = count_replies(broadcast("reserved", {}, answered), answered)
-        scheduled = count_replies(broadcast("scheduled", {}, answered), answered)
-    silent = [n for n in nodes if n not in active]
-    queues = pidbox_queues() if silent else set()
+def census_reports(nodes: Mapping[str, str], result: RequestResult) -> dict[str, WorkerReport]:
+    """One report per pod from the answers to :data:`CENSUS_CALLS`: a node that missed any of the
+    four counts as silent (busy, unless it has no pidbox binding and nothing was dropped unread:
+    remote control off)."""
     reports: dict[str, WorkerReport] = {}
     for node, pod in nodes.items():
-        if node in active:
-            # A node that answered `active` but not the follow-ups is treated as silent (busy).
-            whole = node in reserved and node in scheduled
+        got = [result.answers.get((i, node)) for i in range(len(CENSUS_CALLS))]
+        active, reserved, scheduled, queues = got
+        if isinstance(active, int) and isinstance(reserved, int) and isinstance(scheduled, int) and queues is not None:
             reports[pod] = WorkerReport(
-                pod, answered=whole, active=active[node], reserved=reserved.get(node, 0),
-                scheduled=scheduled.get(node, 0),
-            )  # fmt: skip
+                pod, active=active, reserved=reserved, scheduled=scheduled, queues=frozenset(queues)
+            )
         else:
-            reports[pod] = WorkerReport(pod, answered=False, remote_control=f"{node}.{PIDBOX_EXCHANGE}" in queues)
+            # A reply dropped unread may be this node's: then it has remote control (busy).
+            bound = result.bound.get(node, True) or result.dropped > 0
+            reports[pod] = WorkerReport(pod, answered=False, remote_control=bound)
     return reports
 
 
-# -- the Celery/kombu side --------------------------------------------------------------------------
+def confirmed(nodes: Mapping[str, str], queues: Sequence[str], result: RequestResult) -> set[str]:
+    """Pods whose worker answered ``ok`` for every queue (call ``i`` is ``queues[i]``)."""
+    calls = range(len(queues))
+    return {pod for node, pod in nodes.items() if all(result.answers.get((i, node)) is True for i in calls)}
 
 
-class CeleryControl:
-    """:class:`WorkerControl` over ``celery.app.control`` with a bare app per broker target."""
+# -- the client ------------------------------------------------------------------------------------
 
-    def __init__(self, timeout: float = CENSUS_TIMEOUT_SECONDS, threads: int = 4) -> None:
-        self.timeout = timeout
-        self.broadcasts = 0  # counted for the cost report
-        # Few threads: kombu names reply queues per thread, and blocking calls stay off the loop.
-        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="celery-control")
-        self._apps: OrderedDict[tuple[str, str, str], Any] = OrderedDict()
-        self._lock = threading.Lock()
 
-    def _app(self, target: ControlTarget) -> Any:
-        from celery import Celery
+def _mailbox(target: ControlTarget, clients: BrokerClients) -> Mailbox:
+    return Mailbox(
+        keyprefix=target.global_keyprefix, sep=target.sep, db=clients.target.db, sentinel=clients.sentinel is not None
+    )
 
-        key = (target.url, target.global_keyprefix, target.master_name or "")
-        with self._lock:
-            app = self._apps.get(key)
-            if app is not None:
-                self._apps.move_to_end(key)
-                return app
-            options: dict[str, Any] = {"socket_timeout": self.timeout + 3, "socket_connect_timeout": self.timeout}
-            if target.global_keyprefix:
-                options["global_keyprefix"] = target.global_keyprefix
-            if target.master_name:
-                options["master_name"] = target.master_name
-            app = Celery("celery-fleet-control", broker=target.url, set_as_current=False)
-            app.conf.update(
-                broker_transport_options=options,
-                accept_content=["json"],  # worker replies are untrusted: never unpickle them
-                task_serializer="json",
-                broker_connection_retry=False,
-                broker_connection_retry_on_startup=False,
-                broker_connection_max_retries=0,
-                broker_connection_timeout=self.timeout,
-                broker_pool_limit=2,
-            )
-            self._apps[key] = app
-            while len(self._apps) > MAX_APPS:
-                _, old = self._apps.popitem(last=False)
-                old.close()
-            return app
 
-    def _run(self, target: ControlTarget, work: Callable[[Any, Any], Any]) -> Any:
-        app = self._app(target)
-        try:
-            with app.connection_for_write() as conn:
-                return work(app, conn)
-        except Exception as exc:  # kombu/redis raise many kinds; none may leak the URL
-            raise ControlError(f"remote control failed ({type(exc).__name__})") from None
+@dataclass
+class _Broker:
+    pidbox: PidboxClient
+    slots: asyncio.Semaphore
+    destination: DestinationCheck | None = None  # the broker destination policy, as on the poll path
+    users: int = 0
+    evicted: bool = False
 
-    def _broadcaster(self, app: Any, conn: Any) -> Broadcast:
-        def broadcast(command: str, arguments: Mapping[str, Any], destination: list[str]) -> list[Any]:
-            self.broadcasts += 1
-            reply = app.control.broadcast(
-                command, arguments=dict(arguments), destination=destination, connection=conn, reply=True,
-                timeout=self.timeout, limit=len(destination),
-            )  # fmt: skip
-            return list(reply or [])
 
-        return broadcast
+def _key(target: ControlTarget) -> tuple[Any, ...]:
+    return (target.url, target.global_keyprefix, target.master_name, target.tls, target.sep)
 
-    def _census(self, target: ControlTarget, pods: Sequence[str]) -> dict[str, WorkerReport]:
-        def work(app: Any, conn: Any) -> dict[str, WorkerReport]:
-            def pidbox_queues() -> set[str]:
-                table = conn.default_channel.get_table(PIDBOX_EXCHANGE)
-                return {str(row[2]) for row in table if isinstance(row, (list, tuple)) and len(row) == 3}
 
-            return take_census(self._broadcaster(app, conn), pidbox_queues, pods)
+@dataclass
+class PidboxControl:
+    """:class:`WorkerControl` over :mod:`~celery_fleet.brokers.redis.pidbox`, one client per broker
+    (an LRU of at most ``max_brokers``, closed when evicted), ``per_broker`` requests at a time."""
 
-        result: dict[str, WorkerReport] = self._run(target, work)
-        return result
-
-    def _consumers(self, command: str, target: ControlTarget, pods: Sequence[str], queues: Sequence[str]) -> set[str]:
-        nodes = {hostname(p): p for p in pods}
-
-        def work(app: Any, conn: Any) -> set[str]:
-            broadcast = self._broadcaster(app, conn)
-            ok = set(nodes)
-            for queue in queues:
-                ok &= confirmed(broadcast(command, {"queue": queue}, list(nodes)), nodes)
-            return {nodes[n] for n in ok}
-
-        result: set[str] = self._run(target, work)
-        return result
+    timeout: float = CENSUS_TIMEOUT_SECONDS
+    max_brokers: int = MAX_BROKERS
+    per_broker: int = PER_BROKER
+    connect_timeout: float = 1.0
+    read_timeout: float = 2.0
+    broadcasts: int = 0  # commands published, for the cost report
+    commands: int = 0  # Redis commands sent, for the cost report
+    dropped: int = 0  # replies over a byte budget, dropped unread
+    # Keyed by the target, URL (and password) included: never in a repr.
+    _brokers: collections.OrderedDict[tuple[Any, ...], _Broker] = field(
+        default_factory=collections.OrderedDict, repr=False
+    )
+    _closing: set[asyncio.Task[None]] = field(default_factory=set, repr=False)
+    # The operator's broker destination policy: the control path connects only where a poll may
+    # (a drain resumed after a restart must not reach a broker the policy refuses).
+    policy: BrokerPolicy | None = None
 
     async def census(
         self, target: ControlTarget, pods: Sequence[str], *, deadline: float | None = None
     ) -> dict[str, WorkerReport]:
         if not pods:
             return {}
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._census, target, list(pods))
+        nodes = {hostname(p): p for p in pods}
+        result = await self._request(target, CENSUS_CALLS, list(nodes), deadline)
+        return census_reports(nodes, result)
 
     async def cancel_consumer(
         self, target: ControlTarget, pods: Sequence[str], queues: Sequence[str], *, deadline: float | None = None
     ) -> set[str]:
-        if not pods:
-            return set()
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._executor, self._consumers, "cancel_consumer", target, list(pods), list(queues)
-        )
+        return await self._consumers("cancel_consumer", target, pods, queues, deadline)
 
     async def add_consumer(
         self, target: ControlTarget, pods: Sequence[str], queues: Sequence[str], *, deadline: float | None = None
     ) -> set[str]:
+        return await self._consumers("add_consumer", target, pods, queues, deadline)
+
+    async def _consumers(
+        self, method: str, target: ControlTarget, pods: Sequence[str], queues: Sequence[str], deadline: float | None
+    ) -> set[str]:
         if not pods:
             return set()
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._executor, self._consumers, "add_consumer", target, list(pods), list(queues)
-        )
+        nodes = {hostname(p): p for p in pods}
+        calls = [Call(method, {"queue": q}) for q in queues]
+        result = await self._request(target, calls, list(nodes), deadline)
+        return confirmed(nodes, queues, result)
 
-    def close(self) -> None:
-        with self._lock:
-            for app in self._apps.values():
-                app.close()
-            self._apps.clear()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+    async def _request(
+        self, target: ControlTarget, calls: Sequence[Call], nodes: list[str], deadline: float | None
+    ) -> RequestResult:
+        deadline = time.monotonic() + self.timeout if deadline is None else deadline
+        broker = self._acquire(target)
+        try:
+            if broker.destination is not None:
+                try:
+                    await broker.destination.check()
+                except BrokerError as err:
+                    raise ControlError(err.message) from None
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ControlError("remote control: the deadline passed before a slot on the broker was free")
+            try:
+                await asyncio.wait_for(broker.slots.acquire(), remaining)
+            except TimeoutError:
+                raise ControlError("remote control: the deadline passed before a slot on the broker was free") from None
+            try:
+                self.broadcasts += len(calls)
+                result = await broker.pidbox.request(calls, nodes, deadline)
+            except PidboxError as err:
+                # Name the cause as the poller does (TLS refused, timeout, auth...), never the URL.
+                cause = err.__cause__
+                raise ControlError(
+                    classify(cause, broker.pidbox.clients.target).message if cause else str(err)
+                ) from None
+            finally:
+                broker.slots.release()
+        finally:
+            await self._release(broker)
+        self.commands += result.commands
+        self.dropped += result.dropped
+        return result
+
+    def _acquire(self, target: ControlTarget) -> _Broker:
+        key = _key(target)
+        broker = self._brokers.get(key)
+        if broker is None:
+            try:
+                destination = None if self.policy is None else DestinationCheck(target.url, self.policy)
+                clients = open_clients(
+                    target.url, tls=target.tls, master_name=target.master_name,
+                    connect_timeout=self.connect_timeout, read_timeout=self.read_timeout,
+                    max_connections=self.per_broker,
+                )  # fmt: skip
+            except BrokerError as err:
+                raise ControlError(err.message) from None  # already scrubbed of secrets
+            broker = _Broker(
+                PidboxClient(clients, _mailbox(target, clients)), asyncio.Semaphore(self.per_broker), destination
+            )
+            self._brokers[key] = broker
+            while len(self._brokers) > self.max_brokers:
+                _, old = self._brokers.popitem(last=False)
+                old.evicted = True
+                if old.users == 0:
+                    closing = asyncio.get_running_loop().create_task(old.pidbox.clients.aclose())
+                    self._closing.add(closing)  # a task nobody holds may be collected before it runs
+                    closing.add_done_callback(self._closing.discard)
+        self._brokers.move_to_end(key)
+        broker.users += 1
+        return broker
+
+    async def _release(self, broker: _Broker) -> None:
+        broker.users -= 1
+        if broker.evicted and broker.users == 0:
+            await broker.pidbox.clients.aclose()
+
+    def open_brokers(self) -> int:
+        return len(self._brokers)
+
+    async def aclose(self) -> None:
+        brokers, self._brokers = list(self._brokers.values()), collections.OrderedDict()
+        for broker in brokers:
+            await broker.pidbox.clients.aclose()

@@ -137,7 +137,8 @@ class BrokerPoller:
         except BrokerError as err:
             self._failures += 1
             self._failure = err
-            self._retry_at = self._clock() + self.backoff.delay(self._failures)
+            # Our own slow poll says how long it needs (err.retry_after): never sooner than that.
+            self._retry_at = self._clock() + max(self.backoff.delay(self._failures), err.retry_after)
             raise
         finally:
             self._inflight = None

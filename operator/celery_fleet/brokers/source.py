@@ -112,15 +112,21 @@ class ErrorKind(StrEnum):
     AUTH_FAILED = "AuthFailed"  # wrong password/user, or the ACL user lacks a permission
     RESPONSE_ERROR = "ResponseError"  # the server answered with an error (e.g. WRONGTYPE)
     INVALID_URL = "InvalidUrl"  # the URL from the spec/Secret cannot be used
+    REFUSED_BY_POLICY = "RefusedByPolicy"  # the operator's broker destination policy refuses the host
+    # The operator's own poll work was slow (Redis answered BUSY or our read timed out while our
+    # script ran; or parsing a reply overran): about us, not the broker; not retried before its budget allows.
+    OWN_POLL_SLOW = "OwnPollSlow"
+    REPLY_TOO_LARGE = "ReplyTooLarge"  # the server's reply passed the byte bound: refused unread
 
 
 class BrokerError(Exception):
     """A failed read. ``str(error)`` is safe to log and publish: it never holds a URL or password."""
 
-    def __init__(self, kind: ErrorKind, message: str) -> None:
+    def __init__(self, kind: ErrorKind, message: str, *, retry_after: float = 0.0) -> None:
         super().__init__(f"{kind.value}: {message}")
         self.kind = kind
         self.message = message
+        self.retry_after = retry_after  # seconds: the poller waits at least this long before the next try
 
     def as_failure(self) -> ReadFailure:
         return ReadFailure(self.kind.value, self.message)
@@ -138,6 +144,14 @@ class UnackedSummary:
     unattributed: int = 0  # entries whose queue could not be determined (unparsable, unknown exchange)
     error: str | None = None  # the script failed; in-flight counts for this prefix are unknown
     age_seconds: float = 0.0  # > 0: counts reused from an earlier poll (the scan budget was spent)
+    # What the cost budgets left out, each also counted in `unattributed`: values over the per-value
+    # byte bound (sized, never read), and entries whose routing did not fit the per-poll match budget.
+    too_large: int = 0
+    unrouted: int = 0
+    # Why the last walk stopped before the end of the index ("bytes", "time", "entries"; "" if it
+    # did not), and where the next one starts: a big hash is covered over several polls.
+    walk_stopped: str = ""
+    next_rank: int = 0
 
     @property
     def exact(self) -> bool:

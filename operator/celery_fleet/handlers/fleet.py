@@ -17,6 +17,7 @@ from celery_fleet.handlers.pool_reconciler import Outcome, PoolReconciler
 from celery_fleet.handlers.workqueue import WorkQueue
 from celery_fleet.kube.client import Kube
 from celery_fleet.kube.events import EventPoster
+from celery_fleet.planning.broker_policy import BrokerPolicy
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class FleetConfig:
     poll_interval: float = 1.0
     reconcile_workers: int = 4
     elector_image: str = "ghcr.io/celery-fleet/celery-fleet:0.1.0"
+    broker_policy: BrokerPolicy | None = None  # None: every broker destination is allowed (library default)
 
 
 @dataclass
@@ -81,7 +83,12 @@ class Fleet:
         metrics.BEATS.set_function(lambda: self.cache.counts()[2])
         self.beats = BeatReconciler(self.kube, self.cache, self.config.elector_image)
         self.autoscaler = Autoscaler(
-            self.kube, self.cache, self.pool_queue.add, interval=self.config.poll_interval, events=self.events
+            self.kube,
+            self.cache,
+            self.pool_queue.add,
+            interval=self.config.poll_interval,
+            events=self.events,
+            broker_policy=self.config.broker_policy,
         )
 
     async def _reconcile(

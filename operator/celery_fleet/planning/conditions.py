@@ -35,6 +35,8 @@ STALLED_REASONS = frozenset(
         "BrokerSecretInvalid",
         "ChildRejected",
         "ChildConflict",
+        # brokers.source.ErrorKind.REFUSED_BY_POLICY: the spec or the operator's policy must change.
+        "BrokerRefusedByPolicy",
     }
 )
 # Condition types earlier versions wrote and nothing writes any more: dropped on the next write.

@@ -36,23 +36,27 @@ from celery_fleet.api.models import (
     POD_NAME_ENV,
     POD_NAMESPACE_ENV,
     POOL_KIND,
+    POOL_LABEL,
+    TIER_LABEL,
+    WORKER_CONTAINER,
     Broker,
     BrokerTls,
     CeleryWorkerPoolSpec,
+    Monitoring,
     Tier,
     WorkloadSpec,
 )
+from celery_fleet.planning.overlay import merge
 from celery_fleet.planning.scale_in import hostname as node_name
 
 Manifest = dict[str, Any]
 
 MANAGED_BY = "celery-fleet"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
-POOL_LABEL = f"{GROUP}/pool"
-TIER_LABEL = f"{GROUP}/tier"
+# Re-exported: declared in api.models, whose overlay rules name them.
+__all__ = ["POOL_LABEL", "TIER_LABEL", "WORKER_CONTAINER"]
 CONFIG_HASH_ANNOTATION = f"{GROUP}/config-hash"
 
-WORKER_CONTAINER = "worker"
 REMAP_SIGTERM_ENV = "REMAP_SIGTERM"  # billiard: which signal SIGTERM acts as
 # spec.broker.tls files in worker and beat pods (kombu reads their paths from the URL query).
 BROKER_TLS_CA, BROKER_TLS_CERT, BROKER_TLS_KEY = "ca.crt", "tls.crt", "tls.key"
@@ -317,8 +321,13 @@ def worker_args(app: str, tier: Tier) -> list[str]:
     if tier.max_memory_per_child_kib is not None:
         args += ["--max-memory-per-child", str(tier.max_memory_per_child_kib)]
     # Gossip, mingle and heartbeat are worker-to-worker broadcasts through the broker that a fleet
-    # of many workers pays for on every start and every few seconds; nothing here needs them.
-    args += ["-O", "fair", "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    # of many workers pays for on every start and every few seconds; the operator needs none of them,
+    # Flower and celery-exporter need events and heartbeats (tier.monitoring turns them on).
+    monitoring = tier.monitoring or Monitoring()
+    args += ["-O", "fair"]
+    if monitoring.events:
+        args.append("--task-events")
+    args += [f"--without-{name}" for name in ("gossip", "mingle", "heartbeat") if not getattr(monitoring, name)]
     if tier.soft_time_limit_seconds is not None:
         args += ["--soft-time-limit", str(tier.soft_time_limit_seconds)]
     if tier.time_limit_seconds is not None:
@@ -375,12 +384,68 @@ def _with_remap(tail: Manifest, tier: Tier) -> Manifest:
     return {**tail, "env": [*tail["env"], {"name": REMAP_SIGTERM_ENV, "value": "SIGQUIT"}]}
 
 
-def tier_pod_template(pool_name: str, spec: CeleryWorkerPoolSpec, tier: Tier) -> Manifest:
+def _merged_env(pool: Sequence[Manifest], tier: Sequence[Manifest]) -> list[Manifest]:
+    by_name = {var["name"]: var for var in tier}
+    return [by_name.pop(var["name"], var) for var in pool] + list(by_name.values())
+
+
+def tier_workload(spec: CeleryWorkerPoolSpec, tier: Tier) -> CeleryWorkerPoolSpec:
+    """The pool's pod fields with the tier's merged over them (models.MERGE_RULE)."""
+    update: dict[str, Any] = {
+        "env": _merged_env(spec.env, tier.env),
+        "env_from": [*spec.env_from, *tier.env_from],
+        "pod_labels": {**spec.pod_labels, **tier.pod_labels},
+        "pod_annotations": {**spec.pod_annotations, **tier.pod_annotations},
+        "node_selector": {**spec.node_selector, **tier.node_selector},
+    }
+    replaced = (
+        "image",
+        "tolerations",
+        "affinity",
+        "topology_spread_constraints",
+        "priority_class_name",
+        "command_prefix",
+    )
+    for name in replaced:
+        value = getattr(tier, name)
+        if value is not None:
+            update[name] = value
+    return spec.model_copy(update=update)
+
+
+def rollout_strategy(tier: Tier) -> Manifest:
+    # Surge first, then stop an old worker: by default a rolling tier never runs below its replica count.
+    surge = tier.rollout.max_surge if tier.rollout and tier.rollout.max_surge is not None else 1
+    unavailable = tier.rollout.max_unavailable if tier.rollout and tier.rollout.max_unavailable is not None else 0
+    return {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": unavailable, "maxSurge": surge}}
+
+
+def _overlaid(template: Manifest, *overlays: Any, own_labels: Mapping[str, str], worker: Manifest) -> Manifest:
+    """The overlays merged in turn; what the model depends on is put back (the models refuse it already, but
+    an object stored before those rules must not break scale-in either), and so are the operator's volumes."""
+    ours = {v["name"]: v for v in template["spec"].get("volumes", []) if v["name"] == BROKER_TLS_VOLUME}
+    grace = template["spec"]["terminationGracePeriodSeconds"]
+    for overlay in overlays:
+        if overlay is not None:
+            template = merge(template, overlay.model_dump(by_alias=True, exclude_none=True))
+    template["metadata"]["labels"] = {**template["metadata"]["labels"], **own_labels}
+    pod = template["spec"]
+    kept = {key: worker[key] for key in ("image", "command", "args", "env")}
+    pod["containers"] = [{**c, **kept} if c.get("name") == WORKER_CONTAINER else c for c in pod["containers"]]
+    if ours:
+        pod["volumes"] = [ours.get(v.get("name"), v) for v in pod["volumes"]]
+    pod["terminationGracePeriodSeconds"] = grace
+    return template
+
+
+def tier_pod_template(pool_name: str, pool_spec: CeleryWorkerPoolSpec, tier: Tier) -> Manifest:
     """The tier's pod template, config-hash annotation included."""
+    spec = tier_workload(pool_spec, tier)
     container: Manifest = {
         **container_base(spec, WORKER_CONTAINER),
         # Exec form, no shell: SIGTERM reaches Celery's main process, which starts a warm shutdown.
-        "command": ["celery"],
+        # A command prefix (ddtrace-run...) execs celery in its place, keeping that true.
+        "command": [*spec.command_prefix, "celery"],
         "args": worker_args(spec.app, tier),
         **_with_remap(container_tail(spec, tier.resources), tier),
         "readinessProbe": broker_readiness_probe(),
@@ -394,10 +459,14 @@ def tier_pod_template(pool_name: str, spec: CeleryWorkerPoolSpec, tier: Tier) ->
     volumes = [*broker_tls_volume(spec.broker), *spec.volumes]
     if volumes:
         pod["volumes"] = volumes
-    metadata: Manifest = {"labels": pod_labels(spec, tier_labels(pool_name, tier.name))}
+    own_labels = tier_labels(pool_name, tier.name)
+    metadata: Manifest = {"labels": pod_labels(spec, own_labels)}
     if spec.pod_annotations:
         metadata["annotations"] = dict(spec.pod_annotations)
-    return with_config_hash({"metadata": metadata, "spec": pod})
+    template = {"metadata": metadata, "spec": pod}
+    if spec.pod_template is not None or tier.pod_template is not None:
+        template = _overlaid(template, spec.pod_template, tier.pod_template, own_labels=own_labels, worker=container)
+    return with_config_hash(template)
 
 
 def tier_deployment(
@@ -415,8 +484,7 @@ def tier_deployment(
         deployment_spec["replicas"] = replicas
     deployment_spec |= {
         "selector": {"matchLabels": tier_selector_labels(pool_name, tier.name)},
-        # Surge first, then stop an old worker: a rolling tier never runs below its replica count.
-        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+        "strategy": rollout_strategy(tier),
         "template": tier_pod_template(pool_name, spec, tier),
     }
     return {

@@ -25,7 +25,9 @@ thread, off the event loop.
 
 The modules, each importing only the ones after it (an import-linter contract):
 
-* :mod:`.connection`: redis.asyncio clients (TLS, ``;`` failover, Sentinel) -> a source: :func:`connect`.
+* :mod:`.connection`: every redis.asyncio client (TLS, ``;`` failover, Sentinel): :func:`open_clients`;
+  the poll source on them: :func:`connect`.
+* :mod:`.pidbox`: Celery remote control (kombu's pidbox wire format) on those clients, bounded in bytes.
 * :mod:`.source`: :class:`RedisDepthSource`, the ``QueueDepthSource`` (in-flight scan budget, layout checks).
 * :mod:`.poll`: pure: the commands of one poll and the parsing of their replies.
 * :mod:`.target`: the broker URL (safe to show, safe to connect with) and failures named without secrets.

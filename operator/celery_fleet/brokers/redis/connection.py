@@ -3,9 +3,11 @@ Sentinel discovery; the result is a :class:`~celery_fleet.brokers.redis.source.R
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
-import shutil
 import tempfile
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +18,7 @@ from redis import exceptions as rexc
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from celery_fleet.brokers.redis.resp import BOUNDED_REPLIES
 from celery_fleet.brokers.redis.scripts import DEFAULT_SCAN_LIMIT, Command, Reply
 from celery_fleet.brokers.redis.source import RedisDepthSource
 from celery_fleet.brokers.redis.target import RedisTarget, classify
@@ -43,24 +46,57 @@ class ConnectOptions:
     master_name: str | None = None
 
 
-class _ClientFiles:
-    """A client certificate and key as files (Python's ssl loads them only from paths): a private
-    directory readable by the operator alone, removed when the source closes."""
+class _CertificateFiles:
+    """Client certificates and keys as files (Python's ssl loads them only from paths), one pair per
+    distinct PEM content in one private directory, shared by every client that uses that content and
+    removed when the last one closes: 65 pools on one Secret write one pair, not 65."""
 
-    def __init__(self, cert_pem: str, key_pem: str) -> None:
-        self.dir = tempfile.mkdtemp(prefix="celery-fleet-tls-")
-        self.cert = os.path.join(self.dir, "tls.crt")
-        self.key = os.path.join(self.dir, "tls.key")
-        for path, text in ((self.cert, cert_pem), (self.key, key_pem)):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._dir: str | None = None
+        self._users: dict[str, int] = {}
 
-    def remove(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+    def acquire(self, cert_pem: str, key_pem: str) -> tuple[str, str, str]:
+        """(digest, cert path, key path); every acquire is paired with one :meth:`release`."""
+        digest = hashlib.sha256(f"{cert_pem}\0{key_pem}".encode()).hexdigest()
+        with self._lock:
+            if self._dir is None or not os.path.isdir(self._dir):
+                self._dir = tempfile.mkdtemp(prefix="celery-fleet-tls-")  # mode 0700
+            cert, key = self._paths(digest)
+            if digest not in self._users:
+                for path, text in ((cert, cert_pem), (key, key_pem)):
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                    with os.fdopen(fd, "w") as f:
+                        f.write(text)
+            self._users[digest] = self._users.get(digest, 0) + 1
+            return digest, cert, key
+
+    def release(self, digest: str) -> None:
+        with self._lock:
+            left = self._users.get(digest, 0) - 1
+            if left > 0:
+                self._users[digest] = left
+                return
+            self._users.pop(digest, None)
+            for path in self._paths(digest):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+
+    def _paths(self, digest: str) -> tuple[str, str]:
+        assert self._dir is not None
+        return os.path.join(self._dir, f"{digest}.crt"), os.path.join(self._dir, f"{digest}.key")
+
+    def files(self) -> list[str]:
+        """What is on disk now (for tests and the cost report)."""
+        with self._lock:
+            return sorted(os.listdir(self._dir)) if self._dir and os.path.isdir(self._dir) else []
 
 
-def _tls_kwargs(tls: TlsSettings | None) -> tuple[dict[str, Any], _ClientFiles | None]:
+CERTIFICATE_FILES = _CertificateFiles()
+
+
+def _tls_kwargs(tls: TlsSettings | None) -> tuple[dict[str, Any], str | None]:
+    """redis-py's ssl_* arguments, and the certificate digest to release when the clients close."""
     if tls is None:
         return {}, None
     kwargs: dict[str, Any] = {"ssl_cert_reqs": "none" if tls.insecure_skip_verify else "required"}
@@ -68,11 +104,90 @@ def _tls_kwargs(tls: TlsSettings | None) -> tuple[dict[str, Any], _ClientFiles |
         kwargs["ssl_check_hostname"] = False
     if tls.ca_pem:
         kwargs["ssl_ca_data"] = tls.ca_pem
-    files = None
+    digest = None
     if tls.cert_pem and tls.key_pem:
-        files = _ClientFiles(tls.cert_pem, tls.key_pem)
-        kwargs.update(ssl_certfile=files.cert, ssl_keyfile=files.key)
-    return kwargs, files
+        digest, cert, key = CERTIFICATE_FILES.acquire(tls.cert_pem, tls.key_pem)
+        kwargs.update(ssl_certfile=cert, ssl_keyfile=key)
+    return kwargs, digest
+
+
+@dataclass
+class BrokerClients:
+    """The redis.asyncio clients of one broker: one per ``;`` alternate, or the master the
+    Sentinels name. Close with :meth:`aclose` (it also releases certificate files)."""
+
+    target: RedisTarget
+    clients: list[aioredis.Redis[Any]]
+    sentinel: aioredis_sentinel.Sentinel | None = None
+    certificate: str | None = None
+    closed: bool = False
+
+    async def aclose(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            for client in self.clients:
+                await client.aclose()  # type: ignore[attr-defined]  # types-redis 4.6 predates aclose (redis 5)
+            for node in self.sentinel.sentinels if self.sentinel else ():
+                await node.aclose()  # type: ignore[attr-defined]
+        finally:
+            if self.certificate is not None:
+                CERTIFICATE_FILES.release(self.certificate)
+
+
+def open_clients(
+    url: str,
+    *,
+    tls: TlsSettings | None = None,
+    master_name: str | None = None,
+    connect_timeout: float = 1.0,
+    read_timeout: float = 2.0,
+    max_connections: int = 4,
+) -> BrokerClients:
+    """Every Redis client the operator opens (polls and remote control) is built here, so TLS (CA,
+    client certificate, verification), Sentinel and timeouts come from one place.
+
+    No CLIENT SETNAME/SETINFO and no other command the callers do not need, so the smallest ACL
+    user works (docs/install.md). redis-py's own retries are off: callers own reconnects.
+    Raises :class:`BrokerError` (named, no secret in it) for an unusable URL.
+    """
+    target = RedisTarget.parse(url)
+    common: dict[str, Any] = dict(
+        socket_connect_timeout=connect_timeout,
+        socket_timeout=read_timeout,
+        retry=Retry(NoBackoff(), 0),
+        retry_on_timeout=False,
+        max_connections=max_connections,
+        health_check_interval=0,
+        driver_info=None,  # no CLIENT SETINFO: the ACL user need not allow it
+        **BOUNDED_REPLIES,  # replies bounded in bytes before they are read (and RESP2: no HELLO 3)
+    )
+    if target.sentinels:
+        if not master_name:
+            raise BrokerError(
+                ErrorKind.INVALID_URL, "a sentinel:// broker needs spec.broker.masterName (Celery's master_name)"
+            )
+        # kombu's SentinelChannel: the first URL's user, password and database are the master's;
+        # TLS (broker_use_ssl) applies to the master's connections.
+        tls_kwargs, digest = _tls_kwargs(tls)
+        timeouts = {"socket_connect_timeout": connect_timeout, "socket_timeout": read_timeout}
+        sentinel = aioredis_sentinel.Sentinel(list(target.sentinels), sentinel_kwargs={**timeouts, **BOUNDED_REPLIES})
+        client = sentinel.master_for(
+            master_name, username=target.username, password=target.password, db=target.db,
+            **({"ssl": True, **tls_kwargs} if tls is not None else {}), **common,
+        )  # fmt: skip
+        return BrokerClients(target, [client], sentinel=sentinel, certificate=digest)
+    tls_kwargs, digest = _tls_kwargs(tls if target.tls else None)
+    try:
+        clients = [
+            aioredis.Redis.from_url(u, **(tls_kwargs if u.startswith("rediss:") else {}), **common) for u in target.urls
+        ]
+    except Exception as exc:
+        if digest is not None:
+            CERTIFICATE_FILES.release(digest)
+        raise classify(exc, target) from None
+    return BrokerClients(target, clients, certificate=digest)
 
 
 class _Failover:
@@ -127,10 +242,6 @@ class _Failover:
         self._packed[id(commands)] = (commands, packed)
         return packed
 
-    async def aclose(self) -> None:
-        for client in self.clients:
-            await client.aclose()  # type: ignore[attr-defined]  # types-redis 4.6 predates aclose (redis 5)
-
 
 def connect(
     url: str,
@@ -144,95 +255,22 @@ def connect(
 ) -> RedisDepthSource:
     """A source on ``redis.asyncio`` (Kopf runs on asyncio; a sync client would stall its loop).
 
-    No CLIENT SETNAME and no other command the reads do not need, so the smallest ACL user works
-    (docs/install.md). redis-py's own retries are off: the
-    :class:`~celery_fleet.brokers.poller.BrokerPoller` owns reconnects and their backoff, so a dead
-    broker costs one bounded timeout per segment per attempt, not three.
+    The :class:`~celery_fleet.brokers.poller.BrokerPoller` owns reconnects and their backoff, so a
+    dead broker costs one bounded timeout per segment per attempt, not three. On Sentinel every
+    new connection asks the Sentinels again, so a failover is followed once the old master's
+    connection fails.
     """
-    target = RedisTarget.parse(url)
-    if target.sentinels:
-        return _connect_sentinel(target, master_name, connect_timeout, read_timeout, scan_limit, inflight_budget)
-    tls_kwargs, files = _tls_kwargs(tls if target.tls else None)
-    try:
-        clients = [
-            aioredis.Redis.from_url(
-                u,
-                **(tls_kwargs if u.startswith("rediss:") else {}),
-                socket_connect_timeout=connect_timeout,
-                socket_timeout=read_timeout,
-                retry=Retry(NoBackoff(), 0),
-                retry_on_timeout=False,
-                max_connections=4,
-                health_check_interval=0,
-                driver_info=None,  # no CLIENT SETINFO: the ACL user need not allow it
-            )  # type: ignore[call-overload]  # types-redis 4.6 predates driver_info
-            for u in target.urls
-        ]
-    except Exception as exc:
-        if files is not None:
-            files.remove()
-        raise classify(exc, target) from None
-    failover = _Failover(clients)
-
-    async def close() -> None:
-        try:
-            await failover.aclose()
-        finally:
-            if files is not None:
-                files.remove()
-
+    opened = open_clients(
+        url, tls=tls, master_name=master_name, connect_timeout=connect_timeout, read_timeout=read_timeout
+    )
+    failover = _Failover(opened.clients)
+    # Sentinel discovery asks the Sentinels first: one more connect and read.
+    rounds = 2 if opened.sentinel else len(opened.clients)
     return RedisDepthSource(
         failover.round_trip,
-        target,
+        opened.target,
         scan_limit=scan_limit,
         inflight_budget=inflight_budget,
-        deadline_seconds=(connect_timeout + 2 * read_timeout) * len(clients),
-        close=close,
-    )
-
-
-def _connect_sentinel(
-    target: RedisTarget,
-    master_name: str | None,
-    connect_timeout: float,
-    read_timeout: float,
-    scan_limit: int,
-    inflight_budget: float,
-) -> RedisDepthSource:
-    """Read the master the Sentinels name, as kombu's SentinelChannel does: the first URL's user,
-    password and database are the master's; every new connection asks the Sentinels again, so a
-    failover is followed once the old master's connection fails."""
-    if not master_name:
-        raise BrokerError(
-            ErrorKind.INVALID_URL, "a sentinel:// broker needs spec.broker.masterName (Celery's master_name)"
-        )
-    timeouts: dict[str, Any] = {"socket_connect_timeout": connect_timeout, "socket_timeout": read_timeout}
-    sentinel = aioredis_sentinel.Sentinel(list(target.sentinels), sentinel_kwargs=dict(timeouts))
-    client = sentinel.master_for(
-        master_name,
-        username=target.username,
-        password=target.password,
-        db=target.db,
-        retry=Retry(NoBackoff(), 0),
-        retry_on_timeout=False,
-        max_connections=4,
-        health_check_interval=0,
-        driver_info=None,
-        **timeouts,
-    )
-    failover = _Failover([client])
-
-    async def close() -> None:
-        await failover.aclose()
-        for node in sentinel.sentinels:
-            await node.aclose()  # type: ignore[attr-defined]  # types-redis 4.6 predates aclose (redis 5)
-
-    return RedisDepthSource(
-        failover.round_trip,
-        target,
-        scan_limit=scan_limit,
-        inflight_budget=inflight_budget,
-        # Discovery asks the Sentinels first: one more connect and read.
-        deadline_seconds=2 * (connect_timeout + 2 * read_timeout),
-        close=close,
+        deadline_seconds=(connect_timeout + 2 * read_timeout) * rounds,
+        close=opened.aclose,
     )

@@ -1,9 +1,8 @@
 """One poll, pure: the commands (one EVAL of the poll script per key layout), then the reading
-built from their replies (kombu's routing applied to the in-flight counts)."""
+built from their replies (kombu's routing applied to the in-flight counts, within a work budget)."""
 
 from __future__ import annotations
 
-import math
 from collections import Counter, defaultdict
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -17,9 +16,11 @@ from celery_fleet.brokers.redis.scripts import (
     DEFAULT_SCAN_LIMIT,
     MAX_KEYS_PER_EVAL,
     POLL_SCRIPT,
+    WALK_BUDGET,
     Command,
     Reply,
     ReplyBounds,
+    WalkBudget,
 )
 from celery_fleet.brokers.redis.target import first_line
 from celery_fleet.brokers.source import (
@@ -61,6 +62,16 @@ class PollPlan:
     # (layout, ((queue, step), ...), whether this EVAL reads the unacked hash): one per command.
     batches: tuple[tuple[KeyLayout, tuple[tuple[QueueRef, int], ...], bool], ...]
 
+    def starting_at(self, ranks: Mapping[KeyLayout, int]) -> tuple[Command, ...]:
+        """The commands with each layout's walk resuming at its rank in ``unacked_index`` (the last
+        argument); the plan's own commands object when every walk starts at 0 (it stays cached)."""
+        if not any(ranks.values()):
+            return self.commands
+        return tuple(
+            (*c[:-1], ranks.get(layout, 0)) if scans else c
+            for c, (layout, _, scans) in zip(self.commands, self.batches, strict=True)
+        )
+
 
 def plan_poll(
     refs: Collection[QueueRef],
@@ -68,6 +79,7 @@ def plan_poll(
     skip_scan: Collection[KeyLayout] = (),
     bounds: ReplyBounds = BOUNDS,
     max_keys: int = MAX_KEYS_PER_EVAL,
+    walk: WalkBudget = WALK_BUDGET,
 ) -> PollPlan:
     """One EVAL per key layout (per ``max_keys`` lists); ``skip_scan`` layouts get scan limit 0 (HLEN only)."""
     ordered = sorted(set(refs))
@@ -78,34 +90,36 @@ def plan_poll(
             batches.append((p, tuple(steps[start : start + max_keys]), start == 0))
     commands: list[Command] = []
     limits = (bounds.max_routes, bounds.max_exchanges, bounds.max_bindings, bounds.max_member_bytes)
+    budget = (walk.max_value_bytes, walk.max_bytes, walk.max_micros, walk.check_every)
     for p, lists, scans in batches:
         keys = [priority_key(r, s) for r, s in lists] + [unacked_key(p), unacked_index_key(p)]
         limit = -1 if not (scans and p.ack_emulation) else 0 if p in skip_scan else scan_limit
         binding_prefix = p.keyprefix + BINDING_KEY_PREFIX
         commands.append(
             ("EVAL", POLL_SCRIPT, len(keys), *keys, limit, binding_prefix, *limits, bounds.max_name_bytes,
-             p.visibility_timeout)
+             p.visibility_timeout, *budget, 0)
         )  # fmt: skip
     return PollPlan(tuple(commands), tuple(batches))
 
 
-POLL_REPLY_LENGTH = 7
+POLL_REPLY_LENGTH = 12
 
 
-def reply_items(replies: Sequence[Reply]) -> int:
-    """How much parsing a poll's replies need (pairs and binding members), to keep big ones off the loop."""
-    items = 0
-    for reply in replies:
-        if isinstance(reply, list) and len(reply) == POLL_REPLY_LENGTH:
-            pairs, bindings = reply[4], reply[5]
-            items += len(pairs) if isinstance(pairs, list) else 0
-            if isinstance(bindings, list):
-                items += sum(len(b) for b in bindings[1::2] if isinstance(b, list))
-    return items
+def parse_poll(
+    plan: PollPlan,
+    replies: Sequence[Reply],
+    *,
+    duration_seconds: float = 0.0,
+    budget: routing.RoutingBudget | None = None,
+) -> DepthReading:
+    """Build the reading from the replies (an exception object stands for a command's error).
 
-
-def parse_poll(plan: PollPlan, replies: Sequence[Reply], *, duration_seconds: float = 0.0) -> DepthReading:
-    """Build the reading from the replies (an exception object stands for a command's error)."""
+    In-flight counts are those of the entries this poll walked (``UnackedSummary.scanned``), not
+    scaled up: the source adds walks that cover a big hash over several polls. Routing spends
+    ``budget`` (a fresh :class:`~celery_fleet.brokers.routing.RoutingBudget` when None); what does
+    not fit is ``unrouted``.
+    """
+    budget = budget if budget is not None else routing.RoutingBudget()
     if len(replies) != len(plan.commands):
         raise BrokerError(
             ErrorKind.RESPONSE_ERROR, f"expected {len(plan.commands)} replies in the round trip, got {len(replies)}"
@@ -140,7 +154,7 @@ def parse_poll(plan: PollPlan, replies: Sequence[Reply], *, duration_seconds: fl
         if not scans:
             continue  # a later chunk of a big layout: lengths only
         try:
-            summary, counts, stale = _parse_inflight(reply[1:], layout)
+            summary, counts, stale = _parse_inflight(reply[1:], layout, budget)
         except (TypeError, ValueError, IndexError) as exc:
             unacked[layout] = UnackedSummary(0, 0, error=f"unexpected in-flight reply ({exc})")
             continue
@@ -173,39 +187,55 @@ def parse_poll(plan: PollPlan, replies: Sequence[Reply], *, duration_seconds: fl
 
 
 def _parse_inflight(
-    reply: Sequence[Reply], layout: KeyLayout
+    reply: Sequence[Reply], layout: KeyLayout, budget: routing.RoutingBudget
 ) -> tuple[UnackedSummary, dict[frozenset[str], int], dict[frozenset[str], int]]:
     """Unacked counts per set of queues kombu routes them to (a delivery tag counts once per set):
     those workers hold, and those past the visibility timeout (stale), apart."""
-    size, scanned, unparsed, flat_pairs, flat_bindings, stale_total = reply
+    size, scanned, unparsed, flat_pairs, flat_bindings, stale_total, next_rank, too_large, _, _, stopped = reply
     if not isinstance(flat_pairs, list) or not isinstance(flat_bindings, list):
         raise ValueError("expected lists of pairs and bindings")
     size, scanned, unparsed, stale_total = _int(size), _int(scanned), _int(unparsed), _int(stale_total)
-    tables: dict[str, list[routing.Binding]] = {}
-    direct: dict[str, Mapping[str, frozenset[str]] | None] = {}
+    next_rank, too_large = _int(next_rank), _int(too_large)
+    direct: dict[str, Mapping[str, frozenset[str]]] = {}
+    topic: dict[str, routing.TopicTable] = {}
+    fanout: dict[str, frozenset[str]] = {}
     for i in range(0, len(flat_bindings), 2):
         exchange, members = reply_text(flat_bindings[i]), flat_bindings[i + 1]
         if not isinstance(members, list):
             continue  # too many bindings to read: its messages stay unattributed
         table = [b for b in (routing.parse_binding(reply_text(m), layout.sep) for m in members) if b is not None]
-        tables[exchange] = table
-        direct[exchange] = routing.route_table(exchange, table, layout.fanout_exchanges)
+        kind = routing.exchange_type(exchange, table, layout.fanout_exchanges)
+        if kind is routing.ExchangeType.FANOUT:
+            fanout[exchange] = frozenset(b.queue for b in table)
+        elif kind is routing.ExchangeType.TOPIC:
+            topic[exchange] = routing.TopicTable.of(table)
+        else:
+            direct[exchange] = routing.route_table(exchange, table) or {}
     counts: Counter[frozenset[str]] = Counter()
     stale: Counter[frozenset[str]] = Counter()
-    unattributed = unparsed
+    unattributed, unrouted = unparsed + too_large, 0
     for i in range(0, len(flat_pairs), 4):
+        # Each (exchange, routing key) comes once per walk (the script counts them): routed once.
         exchange, routing_key = reply_text(flat_pairs[i]), reply_text(flat_pairs[i + 1])
         n, old = _int(flat_pairs[i + 2]), _int(flat_pairs[i + 3])
         if not 0 <= old <= n:
             raise ValueError(f"{old} stale of {n} entries")
-        if exchange and exchange not in tables:
+        queues: frozenset[str] | None
+        if not exchange:
+            queues = frozenset((routing_key,)) if routing_key else frozenset()
+        elif exchange in fanout:
+            queues = fanout[exchange]
+        elif exchange in direct:
+            queues = direct[exchange].get(routing_key, frozenset())
+        elif exchange in topic:
+            queues = topic[exchange].route(routing_key, budget)
+            if queues is None:
+                unrouted += n  # the poll's match budget is spent: counted, not routed
+                unattributed += n
+                continue
+        else:
             unattributed += n  # its binding table was not read (bounds)
             continue
-        lookup = direct.get(exchange)
-        if lookup is not None:
-            queues = lookup.get(routing_key, frozenset())
-        else:
-            queues = routing.route(exchange, routing_key, tables.get(exchange, []), layout.fanout_exchanges)
         if not queues:
             unattributed += n  # kombu would deliver (and restore) it nowhere
             continue
@@ -213,12 +243,10 @@ def _parse_inflight(
             counts[queues] += n - old
         if old:
             stale[queues] += old
-    if scanned and scanned < size:
-        # Scan limit hit: scale the sample up to the whole hash (HSCAN order is unrelated to queues).
-        factor = size / scanned
-        counts = Counter({q: math.ceil(n * factor) for q, n in counts.items()})
-        stale = Counter({q: math.ceil(n * factor) for q, n in stale.items()})
-    summary = UnackedSummary(size=size, scanned=scanned, unattributed=unattributed, stale=stale_total)
+    summary = UnackedSummary(
+        size=size, scanned=scanned, unattributed=unattributed, stale=stale_total, too_large=too_large,
+        unrouted=unrouted, walk_stopped=reply_text(stopped), next_rank=next_rank,
+    )  # fmt: skip
     return summary, dict(counts), dict(stale)
 
 
@@ -235,7 +263,14 @@ def reply_text(value: object) -> str:
 
 
 def _auth_error(exc: BaseException) -> BrokerError | None:
-    if isinstance(exc, rexc.NoPermissionError) or str(exc).startswith(("NOPERM", "NOAUTH", "WRONGPASS")):
+    # Redis refuses a big command (our script) from an unauthenticated client with "Protocol error:
+    # unauthenticated multibulk length" before any NOAUTH (we speak RESP2: no HELLO on connect).
+    text = str(exc)
+    if (
+        isinstance(exc, rexc.NoPermissionError)
+        or text.startswith(("NOPERM", "NOAUTH", "WRONGPASS"))
+        or (text.startswith("Protocol error: unauthenticated"))
+    ):
         return BrokerError(ErrorKind.AUTH_FAILED, first_line(exc))
     return None
 

@@ -12,10 +12,10 @@ BINDING_KEY_PREFIX: Final = "_kombu.binding."
 # read-only keys, no channels, and only the read-only script call plus what the scripts run.
 # SELECT is for brokers on a database other than 0. No CLIENT SETNAME / SETINFO, no EVAL.
 READER_ACL: Final = (
-    "on resetkeys %R~* resetchannels -@all +eval_ro +llen +hlen +hscan +scard +smembers +zcount +zscore +time +scan"
-    " +select"
+    "on resetkeys %R~* resetchannels -@all +eval_ro +llen +hlen +hstrlen +hget +hscan +zcard +zrange +scard"
+    " +smembers +zcount +time +scan +select"
 )
-DEFAULT_SCAN_LIMIT: Final = 5_000  # ~6 µs of Redis time per 1 KB entry: ~30 ms at the limit
+DEFAULT_SCAN_LIMIT: Final = 5_000  # entries per EVAL at most; the WalkBudget usually stops it first
 
 
 @dataclass(frozen=True)
@@ -37,24 +37,45 @@ BOUNDS: Final = ReplyBounds()
 # Lists per EVAL: Redis runs a script without serving anyone else, so one poll of a huge fleet is
 # cut into several EVALs (still one round trip) instead of one long stall of the user's Redis.
 MAX_KEYS_PER_EVAL: Final = 1024
-# Replies bigger than this (pairs + binding members) are parsed in a worker thread.
+
+
+@dataclass(frozen=True)
+class WalkBudget:
+    """What one EVAL may spend walking ``unacked``: Redis serves nobody while it runs, and the cost
+    is the bytes copied into Lua, not the number of entries. The walk stops at the first budget
+    spent and the next poll goes on from there; what is skipped is counted, never dropped silently.
+    """
+
+    # A bigger value is sized (HSTRLEN), never read: "too large", unattributed. Celery messages of
+    # 100 KB are ordinary; reading one costs Redis ~0.2-0.6 ms, so the time budget bounds their walk.
+    max_value_bytes: int = 1024 * 1024
+    max_bytes: int = 8 * 1024 * 1024  # value bytes read per EVAL
+    max_micros: int = 5_000  # Redis time per EVAL: TIME is read every `check_every` entries or 128 KiB
+    check_every: int = 8
+
+
+WALK_BUDGET: Final = WalkBudget()
 
 Command = tuple[str | int, ...]
 Reply = object
 RoundTrip = Callable[[Sequence[Command]], Awaitable[list[Reply]]]
 
 # KEYS[1..n-2] = priority lists, KEYS[n-1] = the unacked hash, KEYS[n] = its index (the zset of
-# delivery times); ARGV = scan limit (-1: no unacked hash, kombu's ack_emulation is off),
-# binding-table key prefix, then the ReplyBounds in order, then the visibility timeout (seconds).
-# Returns {{LLEN or error per list}, hlen, scanned, unparsed,
-# {exchange, routing_key, count, stale, ...}, {exchange, {members} or SCARD when the table is too
-# big, ...}, stale}. `stale` (ZCOUNT) is how many index entries are older than the visibility
-# timeout by the Redis clock: kombu's restore_visible would put them back on their queues now, so
-# no live worker is holding them; only when there are any is each scanned entry's score read
-# (ZSCORE) to route its staleness, so the usual poll costs one ZCOUNT more.
+# delivery times). ARGV = entry limit (-1: no unacked hash, kombu's ack_emulation is off; 0: sizes
+# only), binding-table key prefix, the ReplyBounds in order, the visibility timeout (seconds), the
+# WalkBudget in order, then the rank in the index to start from.
+# Returns {{LLEN or error per list}, hlen, walked, unparsed, {exchange, routing_key, count, stale,
+# ...}, {exchange, {members} or SCARD when the table is too big, ...}, stale, next rank (0: the
+# index was walked to its end), too large, ZCARD, value bytes read, why it stopped ('' | 'bytes' |
+# 'time' | 'entries')}.
+# The walk goes by rank through `unacked_index` (delivery tag -> delivery time: small strings whose
+# scores tell staleness for free), sizes each value with HSTRLEN and reads it (HGET) only under the
+# per-value bound, so a hash of huge values costs Redis a few µs per entry, and it stops at the byte
+# and time budgets. `stale` (ZCOUNT) counts index entries older than the visibility timeout by the
+# Redis clock: kombu's restore_visible would put them back now, so no live worker holds them.
 # The exchange and routing key are the last two JSON strings of each value: they are located by
-# walking back from the end, so the payload (often kilobytes) is never decoded or pattern-matched
-# (an unanchored string.match costs ~8x more); cjson handles what the walk cannot (escapes).
+# walking back from the end, so the payload is never decoded; cjson handles what the walk cannot
+# (escapes), for small values only.
 POLL_SCRIPT: Final = r"""
 local function tail_strings(v)
   local j = #v - 1
@@ -71,58 +92,103 @@ local function tail_strings(v)
   if string.find(ex, '\\', 1, true) or string.find(rk, '\\', 1, true) then return nil end
   return ex, rk
 end
+local function micros()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
 local lists, unacked, index = #KEYS - 2, KEYS[#KEYS - 1], KEYS[#KEYS]
 local limit, bprefix = tonumber(ARGV[1]), ARGV[2]
 local max_routes, max_exchanges, max_bindings = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local max_member, max_name = tonumber(ARGV[6]), tonumber(ARGV[7])
+local max_value, max_bytes, max_micros = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
+local check_every, rank = tonumber(ARGV[12]), tonumber(ARGV[13])
+local started = micros()
 local lengths = {}
 for i = 1, lists do
   -- pcall: a name taken by a non-list key fails that queue only (the error goes back in place).
   lengths[i] = redis.pcall('LLEN', KEYS[i])
 end
-if limit < 0 then return {lengths, 0, 0, 0, {}, {}, 0} end
+if limit < 0 then return {lengths, 0, 0, 0, {}, {}, 0, 0, 0, 0, 0, ''} end
 local size = redis.call('HLEN', unacked)
-local now = redis.call('TIME')
-local ceiling = tonumber(now[1]) + tonumber(now[2]) / 1000000 - tonumber(ARGV[8])
+local total = redis.call('ZCARD', index)
+local ceiling = started / 1000000 - tonumber(ARGV[8])
 local stale = redis.call('ZCOUNT', index, '-inf', ceiling)
 local counts, stales, order = {}, {}, {}
-local scanned, unparsed = 0, 0
-if size > 0 and limit > 0 then
-  local cursor = '0'
-  repeat
-    local page = redis.call('HSCAN', unacked, cursor, 'COUNT', 500)
-    cursor = page[1]
-    local entries = page[2]
-    for i = 2, #entries, 2 do
-      local value = entries[i]
-      local ex, rk = tail_strings(value)
-      if not ex then
-        local ok, decoded = pcall(cjson.decode, value)
-        if ok and type(decoded) == 'table' and type(decoded[2]) == 'string' and type(decoded[3]) == 'string' then
-          ex, rk = decoded[2], decoded[3]
-        end
-      end
-      if ex and #ex <= max_name and #rk <= max_name then
-        local key = ex .. '\0' .. rk
-        if counts[key] == nil and #order < max_routes then
-          counts[key], stales[key] = 0, 0
-          order[#order + 1] = {ex, rk, key}
-        end
-        if counts[key] == nil then
-          unparsed = unparsed + 1
-        else
-          counts[key] = counts[key] + 1
-          if stale > 0 then
-            local score = tonumber(redis.call('ZSCORE', index, entries[i - 1]))
-            if score and score <= ceiling then stales[key] = stales[key] + 1 end
-          end
-        end
-      else
-        unparsed = unparsed + 1
-      end
-      scanned = scanned + 1
+local walked, unparsed, too_large, bytes, stopped = 0, 0, 0, 0, ''
+local function take(value, n, score)
+  local ex, rk = tail_strings(value)
+  if not ex and n <= 8192 then
+    local ok, decoded = pcall(cjson.decode, value)
+    if ok and type(decoded) == 'table' and type(decoded[2]) == 'string' and type(decoded[3]) == 'string' then
+      ex, rk = decoded[2], decoded[3]
     end
-  until cursor == '0' or scanned >= limit
+  end
+  if ex and #ex <= max_name and #rk <= max_name then
+    local key = ex .. '\0' .. rk
+    if counts[key] == nil and #order < max_routes then
+      counts[key], stales[key] = 0, 0
+      order[#order + 1] = {ex, rk, key}
+    end
+    if counts[key] == nil then
+      unparsed = unparsed + 1
+    else
+      counts[key] = counts[key] + 1
+      if score and score <= ceiling then stales[key] = stales[key] + 1 end
+    end
+  else
+    unparsed = unparsed + 1
+  end
+end
+local since_check, checked_bytes = 0, 0
+local function spent()
+  since_check = since_check + 1
+  if since_check >= check_every or bytes - checked_bytes >= 131072 then
+    since_check, checked_bytes = 0, bytes
+    if micros() - started >= max_micros then stopped = 'time' end
+  end
+  return stopped ~= ''
+end
+if limit > 0 and total > 0 then
+  if rank >= total then rank = 0 end
+  while rank < total and stopped == '' do
+    local page = redis.call('ZRANGE', index, rank, rank + 127, 'WITHSCORES')
+    if #page == 0 then break end
+    for i = 1, #page, 2 do
+      if walked >= limit then stopped = 'entries'; break end
+      local n = redis.call('HSTRLEN', unacked, page[i])
+      if n > max_value then
+        too_large = too_large + 1
+      elseif n > 0 then
+        if bytes + n > max_bytes and walked > 0 then stopped = 'bytes'; break end
+        bytes = bytes + n
+        take(redis.call('HGET', unacked, page[i]), n, tonumber(page[i + 1]))
+      end
+      -- n == 0: acked since the index was read (or an empty value): nothing in flight
+      walked = walked + 1
+      rank = rank + 1
+      if spent() then break end
+    end
+  end
+  if rank >= total then rank = 0 end
+elseif limit > 0 and size > 0 then
+  -- A hash without kombu's index (written by hand, or another app's): a few entries per HSCAN
+  -- page, their values unsized until read; the rank is the HSCAN cursor.
+  local cursor = tostring(rank)
+  repeat
+    local page = redis.call('HSCAN', unacked, cursor, 'COUNT', 8)
+    cursor = page[1]
+    for i = 2, #page[2], 2 do
+      local value = page[2][i]
+      local n = #value
+      bytes = bytes + n
+      if n > max_value then too_large = too_large + 1 else take(value, n, nil) end
+      walked = walked + 1
+      spent()
+    end
+    if walked >= limit then stopped = 'entries' end
+    if bytes >= max_bytes then stopped = 'bytes' end
+  until cursor == '0' or stopped ~= ''
+  rank = tonumber(cursor)
 end
 local pairs_out, seen, bindings, tables = {}, {}, {}, 0
 for _, item in ipairs(order) do
@@ -147,7 +213,7 @@ for _, item in ipairs(order) do
     end
   end
 end
-return {lengths, size, scanned, unparsed, pairs_out, bindings, stale}
+return {lengths, size, walked, unparsed, pairs_out, bindings, stale, rank, too_large, total, bytes, stopped}
 """
 
 

@@ -97,11 +97,22 @@ def classify(exc: BaseException, target: RedisTarget) -> BrokerError:
         return error(ErrorKind.UNREACHABLE, "cannot reach")
     if isinstance(exc, rexc.ResponseError):
         return error(ErrorKind.RESPONSE_ERROR, "error reply from")
+    if isinstance(exc, rexc.InvalidResponse | UnicodeDecodeError):
+        # Whatever answered is not Redis: what it said (a banner, a page) is not ours to publish.
+        return BrokerError(ErrorKind.RESPONSE_ERROR, f"the server at {where} does not answer as Redis does")
     if isinstance(exc, ValueError):
         return error(ErrorKind.INVALID_URL, "cannot use the broker URL for")
     return error(ErrorKind.RESPONSE_ERROR, "unexpected failure reading")
 
 
+# What of a server's own words may reach a status, an Event or a log line: one line, printable ASCII.
+FIRST_LINE_CHARS = 160
+
+
 def first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
+    """The error's first line, bounded and with anything unprintable replaced (it may come from the peer)."""
+    text = str(exc)[: FIRST_LINE_CHARS * 4].strip().splitlines()
+    if not text:
+        return type(exc).__name__
+    line = "".join(c if " " <= c <= "~" else "?" for c in text[0][:FIRST_LINE_CHARS])
+    return line + ("..." if len(text[0]) > FIRST_LINE_CHARS else "")

@@ -6,6 +6,7 @@ each broker's key layout against the specs."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import operator
 import time
@@ -15,13 +16,21 @@ from typing import Any
 from celery_fleet import metrics
 from celery_fleet.api.models import CeleryWorkerPoolSpec, InvalidSpec, parse_pool
 from celery_fleet.api.sharing import ModelTable, share_submodels
-from celery_fleet.brokers.control import CeleryControl, WorkerControl
+from celery_fleet.brokers.control import PidboxControl, WorkerControl
+from celery_fleet.brokers.destination import guard
 from celery_fleet.brokers.layout import mismatch_message
 from celery_fleet.brokers.poller import BrokerPoller, BrokerRegistry
 from celery_fleet.brokers.redis.connection import ConnectOptions, connect
-from celery_fleet.brokers.redis.source import RedisDepthSource
 from celery_fleet.brokers.redis.target import RedisTarget
-from celery_fleet.brokers.source import BrokerError, DepthReading, KeyLayout, QueueRef, queue_refs, unconsumed_refs
+from celery_fleet.brokers.source import (
+    BrokerError,
+    DepthReading,
+    KeyLayout,
+    QueueDepthSource,
+    QueueRef,
+    queue_refs,
+    unconsumed_refs,
+)
 from celery_fleet.handlers.autoscaler.pool import PoolScaler
 from celery_fleet.handlers.autoscaler.scale_in import ScaleIn
 from celery_fleet.handlers.autoscaler.signals import EventNotes, PoolSeries
@@ -29,6 +38,7 @@ from celery_fleet.handlers.cache import FleetCache, ObjKey
 from celery_fleet.handlers.pool_reconciler import pool_ref
 from celery_fleet.kube.client import Kube
 from celery_fleet.kube.events import EventPoster, post_event
+from celery_fleet.planning.broker_policy import BrokerPolicy
 from celery_fleet.planning.pool_status import queues_consumed
 
 log = logging.getLogger(__name__)
@@ -45,9 +55,12 @@ _Entry = tuple[ObjKey, Mapping[str, Any], CeleryWorkerPoolSpec, dict[str, list[Q
 BrokerKey = tuple[str, ConnectOptions | None]
 
 
-def _connect(url: str, options: ConnectOptions | None = None) -> RedisDepthSource:
+def _connect(
+    url: str, options: ConnectOptions | None = None, *, policy: BrokerPolicy | None = None
+) -> QueueDepthSource:
     options = options or ConnectOptions()
-    return connect(url, tls=options.tls, master_name=options.master_name)
+    # No socket is opened here; the guard checks the destinations before the first read does.
+    return guard(connect(url, tls=options.tls, master_name=options.master_name), url, policy)
 
 
 def _display(broker: str | BrokerKey) -> str:
@@ -71,6 +84,7 @@ class Autoscaler:
         layout_check_interval: float = LAYOUT_CHECK_SECONDS,
         control: WorkerControl | None = None,
         events: EventPoster | None = None,
+        broker_policy: BrokerPolicy | None = None,
     ) -> None:
         self.kube = kube
         self.cache = cache
@@ -78,8 +92,9 @@ class Autoscaler:
         self.interval = interval
         self.clock = clock
         # `is None`, not `or`: an empty registry has len() 0 and is falsy.
+        connect_to = functools.partial(_connect, policy=broker_policy)
         self.registry = (
-            registry if registry is not None else BrokerRegistry(_connect, max_age=interval / 2, display=_display)
+            registry if registry is not None else BrokerRegistry(connect_to, max_age=interval / 2, display=_display)
         )
         self._specs: dict[ObjKey, tuple[tuple[str, int], CeleryWorkerPoolSpec, dict[str, list[QueueRef]]]] = {}
         self._last_reading: dict[int, int] = {}
@@ -95,7 +110,7 @@ class Autoscaler:
         self._layout_due: dict[BrokerKey, tuple[float, frozenset[QueueRef], float]] = {}  # due, watched, checked
         self.layout_check_interval = layout_check_interval
         self._broker_tasks: dict[BrokerKey, asyncio.Task[None]] = {}
-        self.control: WorkerControl = control or CeleryControl()
+        self.control: WorkerControl = control or PidboxControl(policy=broker_policy)
         self.series = PoolSeries()
         notes = EventNotes(kube)
         self.scale_in = ScaleIn(kube, self.control, clock, notes)

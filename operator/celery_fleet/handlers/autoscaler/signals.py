@@ -18,12 +18,26 @@ log = logging.getLogger(__name__)
 
 
 class PoolSeries:
-    """The pools' gauges, written only when a value changes (`metrics.OwnedGauge`)."""
+    """The pools' gauges, written only when a value changes (`metrics.OwnedGauge`); a pool whose
+    series reach their cap (`metrics.SeriesBudget`) is warned about once, the rest is counted."""
+
+    def __init__(self) -> None:
+        self._capped: set[ObjKey] = set()  # pools warned about: once each, until deleted
 
     def set(self, gauge: metrics.OwnedGauge, labels: tuple[str, ...], value: float) -> None:
         """Set a pool's gauge (labels start with namespace, pool) if its value changed."""
-        if gauge.get(labels) != value:
-            gauge.set(labels, value)
+        if gauge.get(labels) != value and not gauge.set(labels, value):
+            key = (labels[0], labels[1])
+            if key not in self._capped:
+                self._capped.add(key)
+                budget = gauge.budget
+                assert budget is not None  # only a budgeted gauge refuses
+                log.warning(
+                    "pool %s/%s: metric series left out (the pool holds %d per-queue series of at most %d, its "
+                    "namespace at most %d series; see celery_fleet_metric_series_dropped_total and "
+                    "--metrics-max-series-per-pool/-namespace)",
+                    key[0], key[1], budget.held(key, capped=True), budget.per_pool, budget.per_namespace,
+                )  # fmt: skip
 
     def forget(
         self,
@@ -36,6 +50,7 @@ class PoolSeries:
         namespace, pool = key
         if keep is None:
             metrics.forget_pool(namespace, pool)
+            self._capped.discard(key)
             return
         queues = {tier: {r.name for r in refs} for tier, refs in keep.items()}
         for tier, old_refs in (old or {}).items():
