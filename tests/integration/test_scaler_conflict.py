@@ -159,3 +159,50 @@ def test_kubectl_get_shows_a_stalled_pool_not_ready(
         for name, start, end in zip(out[0].split(), starts, [*starts[1:], None], strict=True)
     }
     assert (cells["NAME"], cells["READY"], cells["REASON"]) == ("stalled", "False", "BrokerSecretMissing"), out
+
+
+KEDA_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {"name": "scaledobjects.keda.sh"},
+    "spec": {
+        "group": "keda.sh",
+        "names": {"kind": "ScaledObject", "listKind": "ScaledObjectList", "plural": "scaledobjects",
+                  "singular": "scaledobject"},
+        "scope": "Namespaced",
+        # Only what the operator reads; KEDA's own CRD is larger.
+        "versions": [{"name": "v1alpha1", "served": True, "storage": True,
+                      "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}}}],
+    },
+}  # fmt: skip
+
+
+def test_a_keda_scaled_object_is_seen_once_its_crd_exists_and_a_paused_one_is_not(
+    cluster: Cluster, k8s_api: client.ApiClient, operator: OperatorProcess, namespace: str,
+    redis_server: RedisServer,
+) -> None:  # fmt: skip
+    created = cluster.kubectl("get", "crd", "scaledobjects.keda.sh", check=False).returncode != 0
+    if created:  # the operator started without it: Kopf starts the watch when it appears
+        _apply(cluster, "default", KEDA_CRD)
+        cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/scaledobjects.keda.sh")
+    try:
+        _apply(cluster, namespace, _pool("kd", {"url": redis_server.url}))
+        wait_for(lambda: _replicas(k8s_api, namespace, "kd-low") == 1, timeout=120, message="low tier created")
+        scaled_object = {"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "metadata": {"name": "old"},
+                         "spec": {"scaleTargetRef": {"name": "kd-low"}}}  # fmt: skip
+        _apply(cluster, namespace, scaled_object)
+
+        def conflict_status() -> str | None:
+            c = _condition(_get(k8s_api, namespace, "kd"), "ScalerConflict")
+            return None if c is None else f"{c['status']}: {c['message']}"
+
+        expected = "True: tier low (Deployment kd-low) is also scaled by ScaledObject old"
+        wait_for(lambda: (conflict_status() or "").startswith(expected), timeout=60,
+                 message=lambda: f"ScalerConflict naming the ScaledObject: {conflict_status()}")  # fmt: skip
+        # The migration guide's first step: pause it. A paused ScaledObject writes nothing.
+        cluster.kubectl("annotate", "scaledobject", "old", "-n", namespace, "autoscaling.keda.sh/paused=true")
+        wait_for(lambda: (conflict_status() or "").startswith("False"), timeout=60,
+                 message=lambda: f"ScalerConflict cleared: {conflict_status()}")  # fmt: skip
+    finally:
+        if created:
+            cluster.kubectl("delete", "crd", "scaledobjects.keda.sh", "--wait=false", check=False)
