@@ -48,14 +48,16 @@ cluster-down: ## stop and delete the local control plane
 crds: generate ## regenerate CRDs (crds/, the chart's and deploy/'s copies) from the pydantic models
 
 .PHONY: generate
-generate: install ## regenerate every generated file: CRDs (crds/, chart, deploy/) and RBAC (chart, deploy/)
+generate: install ## regenerate every generated file: CRDs (crds/, chart, deploy/), RBAC (chart, deploy/), the chart README
 	$(PY) -m celery_fleet.api.crdgen
 	$(PY) -m celery_fleet.rbac
+	$(PY) -m celery_fleet.chartdoc
 
 .PHONY: verify
 verify: install ## fail when generated files are stale
 	$(PY) -m celery_fleet.api.crdgen --check
 	$(PY) -m celery_fleet.rbac --check
+	$(PY) -m celery_fleet.chartdoc --check
 
 .PHONY: lint
 lint: install ## ruff + import layering
