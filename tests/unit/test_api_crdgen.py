@@ -217,6 +217,7 @@ def test_ready_columns_read_the_ready_condition_not_pod_counts() -> None:
     assert pool_cols["Pods"]["jsonPath"] == ".status.ready"
     # Wide output (-o wide): busy workers per tier and why the pool is (not) ready.
     assert (pool_cols["Busy"]["jsonPath"], pool_cols["Busy"]["priority"]) == (".status.tiers[*].busyWorkers", 1)
+    assert (pool_cols["Scheduled"]["jsonPath"], pool_cols["Scheduled"]["priority"]) == (".status.tiers[*].scheduled", 1)
     assert pool_cols["Reason"]["jsonPath"] == '.status.conditions[?(@.type=="Ready")].reason'
     status = POOL["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
     assert "busyWorkers" in status["tiers"]["items"]["properties"]

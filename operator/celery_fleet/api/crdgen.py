@@ -310,6 +310,9 @@ def generate_crds() -> dict[str, Schema]:
             _column(
                 "Busy", ".status.tiers[*].busyWorkers", "string", "Busy workers per tier (last census).", priority=1
             ),
+            _column(
+                "Scheduled", ".status.tiers[*].scheduled", "string", "ETA/countdown tasks held per tier.", priority=1
+            ),
             _column("Reason", _READY_REASON, "string", "Reason of the Ready condition.", priority=1),
             _column("Paused", ".spec.paused", "boolean", "Autoscaling is paused.", priority=1),
             _AGE,
