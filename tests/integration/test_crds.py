@@ -491,7 +491,8 @@ def test_printer_columns_and_the_celery_category(
 ) -> None:
     for sample in ("pool-minimal.yaml", "beat.yaml"):
         cluster.kubectl("apply", "--server-side", "-n", unwatched_namespace, "-f", str(SAMPLES / sample))
-    pool_status = {"status": {"replicas": 7, "desiredReplicas": 9, "queued": 42, "ready": "6/7"}}
+    ready = {"type": "Ready", "status": "False", "reason": "Scaling", "lastTransitionTime": "2025-01-01T00:00:00Z"}
+    pool_status = {"status": {"replicas": 7, "desiredReplicas": 9, "queued": 42, "ready": "6/7", "conditions": [ready]}}
     beat_status = {
         "status": {
             "leader": "shop-beat-7d9f-abcde",
@@ -514,8 +515,9 @@ def test_printer_columns_and_the_celery_category(
         )
 
     pools = cluster.kubectl("get", "cwp", "-n", unwatched_namespace).stdout.splitlines()
-    assert pools[0].split() == ["NAME", "READY", "REPLICAS", "DESIRED", "QUEUED", "AGE"]
-    assert pools[1].split()[:5] == ["shop", "6/7", "7", "9", "42"]
+    # READY is the Ready condition; the pod counts have their own column.
+    assert pools[0].split() == ["NAME", "READY", "PODS", "DESIRED", "QUEUED", "AGE"]
+    assert pools[1].split()[:5] == ["shop", "False", "6/7", "9", "42"]
     beats = cluster.kubectl("get", "cbeat", "-n", unwatched_namespace).stdout.splitlines()
     assert beats[0].split() == ["NAME", "LEADER", "READY", "TRANSITIONS", "AGE"]
     assert beats[1].split()[:4] == ["shop", "shop-beat-7d9f-abcde", "True", "3"]
