@@ -518,6 +518,12 @@ def test_operator_down_alert_matches_the_scrape_job() -> None:
     docs = rendered("--set", "prometheusRule.enabled=true", "--set", "metrics.serviceMonitor.enabled=true")
     service = one(docs, "Service")["metadata"]["name"]
     assert f'job="{service}"' in _alerts()["CeleryFleetOperatorDown"]["expr"]
+    # Every replica is up under leader election (the standby too): a fleet nobody leads is down as well.
+    assert "absent(leader_election_master_status{" in _alerts()["CeleryFleetOperatorDown"]["expr"]
+    single = one(rendered("--set", "prometheusRule.enabled=true", "--set", "leaderElection.enabled=false",
+                          "--set", "replicaCount=1"), "PrometheusRule")  # fmt: skip
+    (down,) = [r for g in single["spec"]["groups"] for r in g["rules"] if r.get("alert") == "CeleryFleetOperatorDown"]
+    assert "leader_election_master_status" not in down["expr"]
     monitor = one(docs, "ServiceMonitor")
     assert monitor["spec"]["endpoints"][0]["port"] == "http-metrics"
     assert monitor["spec"]["endpoints"][0]["honorLabels"] is True
