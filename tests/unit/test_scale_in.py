@@ -56,7 +56,9 @@ def test_issue_12_scenario_keeps_the_busy_workers_under_early_ack() -> None:
     # 4 tasks of 60 s, concurrency 1, early ack: two workers run one and reserve one; Redis sees 2 in flight.
     workers = census(busy("p0", 1, 1), busy("p1", 1, 1), idle("p2"), idle("p3"))
     d = one(tier(), Observation(0, 2), 4, workers)
-    assert (d.desired, d.reason, d.busy_workers, d.asks_workers) == (2, Reason.QUEUE_DRAINED, 2, False)
+    # The 2 reserved messages wait behind running tasks: no demand for new pods; the busy floor keeps 2.
+    assert (d.desired, d.reason, d.busy_workers, d.asks_workers) == (2, Reason.BUSY_WORKERS, 2, False)
+    assert "2 reserved behind running tasks" in d.message
     # Nothing in Redis at all (both tasks running, none reserved): the busy floor still holds 2.
     workers = census(busy("p0"), busy("p1"), idle("p2"), idle("p3"))
     d = one(tier(), Observation(0, 0), 4, workers)

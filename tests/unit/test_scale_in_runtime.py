@@ -58,15 +58,21 @@ class ScriptedWorkers:
         self.mode = mode
         self.scheduled = 0
 
-    async def census(self, target: ControlTarget, pods: Sequence[str]) -> dict[str, WorkerReport]:
+    async def census(
+        self, target: ControlTarget, pods: Sequence[str], *, deadline: float | None = None
+    ) -> dict[str, WorkerReport]:
         if self.mode == "mute":
             return {p: WorkerReport(p, answered=False, remote_control=False) for p in pods}
         return {p: WorkerReport(p, active=1 if self.mode == "busy" else 0, scheduled=self.scheduled) for p in pods}
 
-    async def cancel_consumer(self, target: ControlTarget, pods: Sequence[str], queues: Sequence[str]) -> set[str]:
+    async def cancel_consumer(
+        self, target: ControlTarget, pods: Sequence[str], queues: Sequence[str], *, deadline: float | None = None
+    ) -> set[str]:
         return set()
 
-    async def add_consumer(self, target: ControlTarget, pods: Sequence[str], queues: Sequence[str]) -> set[str]:
+    async def add_consumer(
+        self, target: ControlTarget, pods: Sequence[str], queues: Sequence[str], *, deadline: float | None = None
+    ) -> set[str]:
         return set()
 
 
@@ -91,7 +97,7 @@ def _autoscaler(
 
 async def _decide(autoscaler: Autoscaler) -> None:
     await autoscaler.tick()
-    await asyncio.gather(*list(autoscaler.pools._scale_ins.values()))
+    await asyncio.gather(*list(autoscaler.pools._scale_ins.values()), *list(autoscaler.pools._resumes.values()))
 
 
 def test_a_deleted_pool_keeps_no_census_note_or_remote_control_state() -> None:

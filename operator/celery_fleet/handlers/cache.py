@@ -160,6 +160,8 @@ class PoolRuntime:
     # Tier -> why its workers could not be asked (remote control off), from the last census of that tier.
     remote_control_off: dict[str, str] = field(default_factory=dict)
     remote_control_checked: bool = False  # some tier's workers were asked at least once
+    # Tier -> why its scale-in is held (control path failed, pods unlisted): unknown, never idle.
+    scale_in_held: dict[str, str] = field(default_factory=dict)
 
 
 class FleetCache:
