@@ -382,8 +382,8 @@ def finish(
     marks = {p: Mark(Phase.DRAINED, now, tuple(queues), by_name[p].uid) for p in going}
     replicas = current - len(going) if going else None
     note = ""
-    busy = [p for p in kept if (w := after.get(p)) is not None and w.holds]
-    silent = [p for p in kept if p not in busy]
+    silent = [p for p in kept if (w := after.get(p)) is None or (w.ready and not w.answered)]
+    busy = [p for p in kept if p not in silent and (w := after.get(p)) is not None and w.holds]
     if busy:
         note = f"drained {', '.join(busy[:5])} took work during the census: kept drained until idle"
     if silent:
