@@ -471,3 +471,11 @@ def test_orphans_are_reported_only_when_the_census_covers_the_tier() -> None:
     assert covered.orphaned == 3
     partial = one(tier(), Observation(0, 5), 2, census(busy("a", 1, 1), WorkerReport("b", answered=False)))
     assert partial.orphaned is None
+
+
+def test_finish_removes_busy_candidates_only_when_the_tier_says_so() -> None:
+    pods = [pod("a", Phase.DRAINING), pod("b")]
+    before = census(busy("a"), idle("b"))
+    kept = finish(pods, ["a"], {"a": busy("a")}, 2, 1, Q, 1.0, before)
+    gone = finish(pods, ["a"], {"a": busy("a")}, 2, 1, Q, 1.0, before, remove_busy=True)
+    assert (kept.replicas, kept.kept, gone.replicas, tuple(gone.mark)) == (None, ("a",), 1, ("a",))

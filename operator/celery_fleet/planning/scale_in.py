@@ -357,9 +357,12 @@ def finish(
     queues: Sequence[str],
     now: float,
     before: TierWorkers,
+    *,
+    remove_busy: bool = False,
 ) -> Steps:
     """After the census of the drained candidates: those that hold nothing are marked ``drained`` with
-    cost -1000 and spec.replicas drops past them only; the others stay drained (marked ``draining``)."""
+    cost -1000 and spec.replicas drops past them only; the others stay drained (marked ``draining``).
+    ``remove_busy``: the tier removes busy workers (scaleInBusyWorkers: Remove, above replicas.max)."""
     by_name = {p.name: p for p in pods}
     confirmed: list[str] = []
     kept: list[str] = []
@@ -367,7 +370,7 @@ def finish(
         w = after.get(pod)
         if w is None or pod not in by_name:
             kept.append(pod)
-        elif not w.ready or not w.remote_control or not w.holds:
+        elif remove_busy or not w.ready or not w.remote_control or not w.holds:
             # Not connected (holds nothing), remote control off (cannot be asked: today's rule), or idle.
             confirmed.append(pod)
         else:

@@ -347,9 +347,9 @@ class PoolScaler:
             spec, body = inputs.spec, inputs.body
             current = {t: (deps[1] if deps[0] else None) for t, deps in
                        self._deployments(key, body, [t.name for t in spec.tiers]).items()}  # fmt: skip
-            workers = {t: w for t, w in census.workers.items() if t not in census.unknown}
-            # A tier whose census failed is asked as all-silent: every worker counts as busy (held).
-            workers.update({t: census.workers[t] for t in census.unknown if t in census.workers})
+            # A tier whose control path failed is in census.workers as all-silent (busy: held); one whose
+            # pods could not be listed is not, and no decision of it is acted on.
+            workers = census.workers
             decisions = decide(
                 spec.tiers, inputs.observations, current, dict(runtime.history), now=self.clock(),
                 max_total_replicas=spec.max_total_replicas, paused=spec.paused, workers=workers,

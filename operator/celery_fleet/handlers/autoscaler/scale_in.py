@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from celery_fleet import metrics
-from celery_fleet.api.models import Tier
+from celery_fleet.api.models import BusyWorkers, Tier
 from celery_fleet.brokers.control import ControlError, ControlTarget, WorkerControl
 from celery_fleet.handlers.autoscaler.signals import EventNotes
 from celery_fleet.handlers.cache import ObjKey
@@ -40,7 +40,7 @@ from celery_fleet.planning.scale_in import (
     tier_pod,
     write_mark,
 )
-from celery_fleet.planning.scaling import Decision, TierObservation
+from celery_fleet.planning.scaling import Decision, Reason, TierObservation
 from celery_fleet.planning.workload import POOL_LABEL, TIER_LABEL, tier_selector_labels
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ class Removal:
     live: Mapping[str, Mapping[str, Any]]  # pod name -> pod, as listed for the census
     deployment_uid: str  # the tier Deployment whose pods these are
     workers: TierWorkers  # the census before the drain
+    remove_busy: bool = False  # scaleInBusyWorkers: Remove, or above replicas.max: busy candidates go too
 
     @property
     def pods(self) -> list[TierPod]:
@@ -289,6 +290,8 @@ class ScaleIn:
                 census.live[d.tier],
                 census.deployments[d.tier],
                 census.workers[d.tier],
+                tiers[d.tier].autoscaling.scale_in_busy_workers is BusyWorkers.REMOVE
+                or d.reason is Reason.ABOVE_MAXIMUM,
             )
             for d in decisions
             if d.tier in census.workers and d.current is not None and d.desired < d.current
@@ -329,7 +332,10 @@ class ScaleIn:
             await self._undo(key, tier, removal.target, removal.queues, chosen, chosen, f"the drain failed: {err}")
             return None, f"the drain failed ({err})", set()
         after = {p: _report(p, removal.live.get(p, {}), reports) for p in chosen}
-        fin = finish(pods, chosen, after, d.current, d.desired, removal.queues, self.wall(), removal.workers)
+        fin = finish(
+            pods, chosen, after, d.current, d.desired, removal.queues, self.wall(), removal.workers,
+            remove_busy=removal.remove_busy,
+        )  # fmt: skip
         costs = dict(fin.costs)
         patches: dict[str, tuple[int | None, Mark | bool | None]] = {}
         for p, cost in costs.items():
