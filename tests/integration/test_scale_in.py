@@ -479,3 +479,123 @@ def test_remote_control_off_is_a_condition_not_stalled_and_clears_when_workers_a
                   and c, timeout=60, message="RemoteControl=True once the workers answer")  # fmt: skip
     print(f"remote control: {off['reason']}: {off['message']}; then {on['reason']}")
     assert on["reason"] == "Answering"
+
+
+# -- issue 23: the protocol recorded on the pods
+
+
+def _consuming(url: str, pods: list[str], queue: str) -> dict[str, bool]:
+    """Pod -> whether its worker consumes `queue` now (`inspect active_queues`, JSON replies only)."""
+    app = Celery("probe", broker=url)
+    app.conf.accept_content = ["json"]
+    app.conf.broker_connection_retry_on_startup = False
+    try:
+        replies = app.control.inspect(destination=[f"celery@{p}" for p in pods], timeout=1.5).active_queues() or {}
+    finally:
+        app.close()
+    return {p: any(q.get("name") == queue for q in replies.get(f"celery@{p}") or []) for p in pods}
+
+
+def _marked(k8s_api: client.ApiClient, namespace: str) -> dict[str, str]:
+    pods = client.CoreV1Api(k8s_api).list_namespaced_pod(namespace, label_selector="celeryfleet.io/scale-in").items
+    return {p.metadata.name: p.metadata.labels["celeryfleet.io/scale-in"] for p in pods}
+
+
+@pytest.fixture
+def own_namespace(cluster: Cluster, crds_installed: list[str]) -> Iterator[str]:
+    """A namespace the session's operator does not watch: this test runs (and kills) its own."""
+    import uuid
+
+    name = f"si-{uuid.uuid4().hex[:8]}"
+    cluster.kubectl("create", "namespace", name)
+    wait_for(lambda: cluster.kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode == 0,
+             timeout=30, message=f"default ServiceAccount in {name}")  # fmt: skip
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+def test_operator_sigkilled_mid_drain_then_restarted_every_live_worker_consumes_within_15s(
+    cluster: Cluster, k8s_api: client.ApiClient, own_namespace: str, redis_server: RedisServer, redis_db: Any,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    namespace, queue = own_namespace, _queue(own_namespace)
+    localrun = LocalRuntime(cluster, namespace, tmp_path, pythonpath=ROOT / "tests" / "support")
+    first = OperatorProcess(cluster.kubeconfig, [namespace], tmp_path / "operator-1.log")
+    second = OperatorProcess(cluster.kubeconfig, [namespace], tmp_path / "operator-2.log")
+    try:
+        first.start()
+        _setup(cluster, k8s_api, namespace, redis_server.url, _pool("kill", queue, lo=3, hi=3))
+        pids = wait_for(lambda: (p := _ready_pids(k8s_api, namespace)) and len(p) == 3 and p, timeout=120,
+                        message=lambda: f"three ready workers; localrun:\n{localrun.logs()[-1500:]}")  # fmt: skip
+        # SIGKILL the operator the moment its first mark is seen: the pods are marked (and perhaps drained).
+        cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(_pool("kill", queue, lo=0, hi=3)))
+        marked = wait_for(lambda: _marked(k8s_api, namespace) or None, timeout=60, interval=0.02,
+                          message="the operator marks its scale-in candidates")  # fmt: skip
+        first.kill()
+        killed_at = time.monotonic()
+        # What the dead operator left: the tier should keep its workers, and nothing may wait behind a drain.
+        cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(_pool("kill", queue, lo=3, hi=3)))
+        print(f"killed with marks {marked}, {time.monotonic() - killed_at:.2f}s ago")
+        second.start()
+        restarted = time.monotonic()
+
+        def all_consume() -> dict[str, bool] | None:
+            live = sorted(_ready_pids(k8s_api, namespace))
+            seen = _consuming(redis_server.url, live, queue)
+            return seen if live and all(seen.values()) and not _marked(k8s_api, namespace) else None
+
+        seen = wait_for(all_consume, timeout=15, interval=0.5,
+                        message=lambda: f"every live worker consumes {queue}, no mark left "
+                        f"(marks {_marked(k8s_api, namespace)}); operator:\n{second.logs()[-2000:]}")  # fmt: skip
+        took = time.monotonic() - restarted
+        # No task waits behind a drained worker: three tasks on three workers all start at once.
+        _send(redis_server.url, queue, 3, 3.0)
+        wait_for(lambda: len(_records(redis_db, "plain:done")) == 3, timeout=60, message="3 tasks done")
+        account = _account(redis_db, 3)
+        workers = {r["worker"] for r in _records(redis_db, "plain:started")}
+        print(f"sigkill mid-drain: marks {marked}; after restart all consume in {took:.1f}s {seen}; {account}; "
+              f"pids before {sorted(pids)}, ran on {sorted(workers)}")  # fmt: skip
+        assert account == {"lost": 0, "started_twice": 0, "redelivered": 0, "killed": 0}, account
+        assert took <= 15
+    finally:
+        second.stop()
+        first.stop()
+        localrun.stop()
+
+
+def test_task_sent_during_a_census_with_a_silent_worker_is_done_once(
+    cluster: Cluster, k8s_api: client.ApiClient, operator: OperatorProcess, namespace: str,
+    redis_server: RedisServer, redis_db: Any, localrun: LocalRuntime,
+) -> None:  # fmt: skip
+    """Four idle workers, one SIGSTOPped (a GC pause: the census waits for it to its deadline), min 4 -> 0,
+    a 20 s task sent the moment the first census broadcast goes out: an idle worker that already
+    answered "nothing" takes it. The census after the drain sees it: that worker keeps its pod."""
+    queue = _queue(namespace)
+    _setup(cluster, k8s_api, namespace, redis_server.url, _pool("mid", queue, lo=4, grace=5))
+    pids = wait_for(lambda: (p := _ready_pids(k8s_api, namespace)) and len(p) == 4 and p, timeout=180,
+                    message="four ready workers")  # fmt: skip
+    silent = sorted(pids)[0]
+    os.kill(pids[silent], signal.SIGSTOP)
+    monitor = redis_db.monitor()
+    try:
+        with monitor as m:
+            cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(_pool("mid", queue, lo=0)))
+            for command in m.listen():  # the first broadcast of the census
+                if "PUBLISH" in command["command"] and "pidbox" in command["command"]:
+                    break
+        _send(redis_server.url, queue, 1, 20.0)
+        sent_at = time.time()
+        wait_for(lambda: len(_records(redis_db, "plain:started")) == 1, timeout=30, message="the task starts")
+        worker = _records(redis_db, "plain:started")[0]["worker"]
+        wait_for(lambda: len(_records(redis_db, "plain:done")) == 1, timeout=60,
+                 message=lambda: f"the task done; localrun:\n{localrun.logs()[-1500:]}")  # fmt: skip
+        deployment = client.AppsV1Api(k8s_api).read_namespaced_deployment("mid-work", namespace)
+        started = _records(redis_db, "plain:started")[0]["at"] - sent_at
+        print(
+            f"census with a silent worker: task on {worker} at +{started:.2f}s, replicas now {deployment.spec.replicas}"
+        )
+    finally:
+        os.kill(pids[silent], signal.SIGCONT)
+    account = _account(redis_db, 1)
+    assert account == {"lost": 0, "started_twice": 0, "redelivered": 0, "killed": 0}, account
+    assert "SIGKILL" not in localrun.logs()

@@ -326,6 +326,7 @@ class ScaleIn:
         asked = [p for p in chosen if pod_running(removal.live.get(p, {}))]
         try:
             await self._consumers("cancel", removal.target, asked, removal.queues)
+            log.info("pool %s/%s: tier %s: drained %s before scale-in", namespace, name, tier, ", ".join(chosen))
             # Asked after the drain: a task started during the first census is seen now.
             reports = await self.ask(removal.target, asked)
         except ControlError as err:
