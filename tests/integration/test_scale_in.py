@@ -599,3 +599,74 @@ def test_task_sent_during_a_census_with_a_silent_worker_is_done_once(
     account = _account(redis_db, 1)
     assert account == {"lost": 0, "started_twice": 0, "redelivered": 0, "killed": 0}, account
     assert "SIGKILL" not in localrun.logs()
+
+
+def test_four_60s_tasks_on_a_0_to_4_tier_all_done_in_about_70s_no_pod_started_for_nothing(
+    cluster: Cluster, k8s_api: client.ApiClient, operator: OperatorProcess, namespace: str,
+    redis_server: RedisServer, redis_db: Any, localrun: LocalRuntime,
+) -> None:  # fmt: skip
+    """The issue's prefetch case, with workers that fetch only when a process is free (disablePrefetch,
+    Celery 5.6+): the scaler keeps the four busy workers (their running tasks are in no Redis key) and
+    starts no pod it then removes unused."""
+    queue = _queue(namespace)
+    pool = _pool("four", queue, lo=0, hi=4, grace=5)
+    pool["spec"]["tiers"][0]["disablePrefetch"] = True
+    _setup(cluster, k8s_api, namespace, redis_server.url, pool)
+    wait_for(lambda: client.AppsV1Api(k8s_api).read_namespaced_deployment("four-work", namespace), timeout=60,
+             message="the tier Deployment")  # fmt: skip
+    watcher = Watcher(k8s_api, namespace, "four-work")
+    watcher.start()
+    try:
+        sent_at = time.time()
+        _send(redis_server.url, queue, 4, 60.0)
+        wait_for(lambda: len(_records(redis_db, "plain:done")) == 4, timeout=110,
+                 message=lambda: f"4 tasks done (have {redis_db.llen('plain:done')}); replicas "
+                 f"{[n for _, n in watcher.seen.replicas]}")  # fmt: skip
+        done_in = max(r["at"] for r in _records(redis_db, "plain:done")) - sent_at
+    finally:
+        timeline = watcher.stop()
+    ran = {r["worker"] for r in _records(redis_db, "plain:started")}
+    unused = sorted(p for p in timeline.pods_gone if p not in ran)
+    account = _account(redis_db, 4)
+    print(f"four 60 s tasks: all done in {done_in:.1f}s; replicas {[n for _, n in timeline.replicas]}; "
+          f"pods started {len(timeline.pods_seen)}, removed unused {unused}; {account}")  # fmt: skip
+    assert account == {"lost": 0, "started_twice": 0, "redelivered": 0, "killed": 0}, account
+    assert done_in <= 75, done_in
+    assert not unused, unused
+
+
+def test_orphans_of_sigkilled_workers_ask_for_one_worker_within_one_census_not_one_hour(
+    cluster: Cluster, k8s_api: client.ApiClient, operator: OperatorProcess, namespace: str,
+    redis_server: RedisServer, redis_db: Any, localrun: LocalRuntime,
+) -> None:  # fmt: skip
+    """acks_late, kombu's default 1 h visibility timeout: two workers each run a task and are SIGKILLed.
+    Their `unacked` entries are nobody's (the restarted workers answer that they hold nothing), long
+    before they are stale: reported as orphaned, and they keep one worker, not two."""
+    queue = _queue(namespace)
+    fast = {"scaleDownStabilizationSeconds": 0, "cooldownSeconds": 1}
+    _setup(cluster, k8s_api, namespace, redis_server.url, _pool("orph", queue, acks_late=True, hi=2, **fast))
+    watcher = Watcher(k8s_api, namespace, "orph-work")
+    watcher.start()
+    try:
+        _send(redis_server.url, queue, 2, 300.0)
+        wait_for(lambda: len({r["worker"] for r in _records(redis_db, "plain:started")}) == 2, timeout=120,
+                 message=lambda: f"two workers run a task; localrun:\n{localrun.logs()[-1500:]}")  # fmt: skip
+        running = {r["worker"] for r in _records(redis_db, "plain:started")}
+        pids = wait_for(lambda: (p := _ready_pids(k8s_api, namespace)) and running <= set(p) and p, timeout=30,
+                        message="the running workers' pids")  # fmt: skip
+        for pod in running:
+            os.kill(pids[pod], signal.SIGKILL)
+        killed_at = time.time()
+        wait_for(lambda: any(n == 1 for t, n in watcher.seen.replicas if t > killed_at), timeout=60,
+                 message=lambda: f"back to one worker (replicas {watcher.seen.replicas[-3:]}); operator:\n"
+                 f"{operator.logs()[-1500:]}")  # fmt: skip
+        back_in = next(t for t, n in watcher.seen.replicas if t > killed_at and n == 1) - killed_at
+    finally:
+        timeline = watcher.stop()
+    scaled = [e.message for e in _events(k8s_api, namespace, "orph") if e.reason == "ScaledDown"]
+    print(f"orphans: back to 1 in {back_in:.1f}s after the kill; replicas {[n for _, n in timeline.replicas]}; "
+          f"{scaled[-1:]}; unacked {redis_db.hlen('unacked')}")  # fmt: skip
+    assert any("orphaned" in m for m in scaled), scaled
+    assert redis_db.hlen("unacked") == 2  # never written by us: kombu restores them after the timeout
+    started = _records(redis_db, "plain:started")
+    assert len(started) == 2 and not any(r["redelivered"] for r in started)
