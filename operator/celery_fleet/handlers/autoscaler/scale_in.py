@@ -124,6 +124,11 @@ class ScaleIn:
         # Marks this process wrote and still manages (busy drained candidates kept until idle); a mark
         # not in here was left by another process (or an earlier life of this one): `resume` undoes it.
         self._owned: dict[tuple[ObjKey, str], set[str]] = {}
+        # One round or one resume of a pool at a time: a resume never undoes what a round just chose.
+        self._locks: dict[ObjKey, asyncio.Lock] = {}
+
+    def _lock(self, key: ObjKey) -> asyncio.Lock:
+        return self._locks.setdefault(key, asyncio.Lock())
 
     # -- what is kept between polls
     def reusable_censuses(
@@ -146,6 +151,7 @@ class ScaleIn:
             del self._censuses[k]
         for k in [k for k in self._owned if k[0] == key]:
             del self._owned[k]
+        self._locks.pop(key, None)
 
     def owned(self, key: ObjKey, tier: str) -> set[str]:
         return set(self._owned.get((key, tier), ()))
@@ -301,6 +307,10 @@ class ScaleIn:
     async def remove(self, key: ObjKey, tier: str, removal: Removal, d: Decision) -> tuple[int | None, str, set[str]]:
         """Choose, mark, drain, ask again, mark drained (cost -1000): returns the replicas to write
         (None: nobody goes this time), what the scale's message adds and the pods marked to go."""
+        async with self._lock(key):
+            return await self._remove(key, tier, removal, d)
+
+    async def _remove(self, key: ObjKey, tier: str, removal: Removal, d: Decision) -> tuple[int | None, str, set[str]]:
         namespace, name = key
         assert d.current is not None
         pods = removal.pods
@@ -313,7 +323,7 @@ class ScaleIn:
         chosen = list(steps.drain)
         if not chosen:
             return None, "", set()
-        owned.update(steps.mark)  # before the marks exist: a concurrent resume never takes them for another's
+        owned.update(chosen)  # before the marks exist: a later resume never takes them for another's
         failed = await self._patch(namespace, {p: (None, m) for p, m in steps.mark.items()})
         owned.difference_update(failed)
         if failed:
@@ -385,14 +395,18 @@ class ScaleIn:
         except ApiError as err:
             log.warning("pool %s/%s: cannot list the pods of tier %s: %s", namespace, name, tier, err)
             return
-        owned = self.owned(key, tier)
-        pods = [tier_pod(p) for p in live.values() if not (only_unowned and p["metadata"]["name"] in owned)]
+        pods = [tier_pod(p) for p in live.values()]
         steps: Steps = release(pods, replicas=replicas)
         mine = self._owned.get((key, tier))
         if mine is not None:
             mine.intersection_update(live)  # gone pods are done
-        if steps.unmark:
-            await self._undo(key, tier, target, queues, steps.undrain, steps.unmark, why)
+        owned = self.owned(key, tier) if only_unowned else set()
+        undrain = [p for p in steps.undrain if p not in owned]
+        unmark = [p for p in steps.unmark if p not in owned]
+        # What each drain took away, as recorded, and what the tier consumes now.
+        taken = [q for p in pods if p.name in undrain and p.mark is not None for q in p.mark.queues]
+        if unmark:
+            await self._undo(key, tier, target, tuple(dict.fromkeys([*queues, *taken])), undrain, unmark, why)
 
     async def resume(
         self, key: ObjKey, target: ControlTarget, tiers: Mapping[str, tuple[str, int | None, tuple[str, ...]]]
@@ -400,6 +414,12 @@ class ScaleIn:
         """Marks this process does not own (a dead predecessor's, a late confirmation): finished (a
         drained pod on its way out is left alone) or undone. ``tiers``: tier -> (Deployment uid,
         spec.replicas, queues). One LIST by label when nothing is marked."""
+        async with self._lock(key):
+            await self._resume(key, target, tiers)
+
+    async def _resume(
+        self, key: ObjKey, target: ControlTarget, tiers: Mapping[str, tuple[str, int | None, tuple[str, ...]]]
+    ) -> None:
         namespace, name = key
         try:
             marked = await asyncio.to_thread(self.tier_pods, namespace, name, "", "")
