@@ -670,3 +670,43 @@ def test_orphans_of_sigkilled_workers_ask_for_one_worker_within_one_census_not_o
     assert redis_db.hlen("unacked") == 2  # never written by us: kombu restores them after the timeout
     started = _records(redis_db, "plain:started")
     assert len(started) == 2 and not any(r["redelivered"] for r in started)
+
+
+def test_countdown_tasks_on_a_min_0_tier_no_cycling_and_a_revoked_one_never_runs(
+    cluster: Cluster, k8s_api: client.ApiClient, operator: OperatorProcess, namespace: str,
+    redis_server: RedisServer, redis_db: Any, localrun: LocalRuntime,
+) -> None:  # fmt: skip
+    """30 countdown tasks (due in 45 s) on a min-0 tier with a fast cooldown: the worker holding them is
+    never removed (that would requeue them and start pods again: the issue's 1 -> 0 -> 3 -> 1 cycle, and
+    forget the revoke it got); one of them is revoked while held and never runs. At most 2 pod starts."""
+    queue = _queue(namespace)
+    fast = {"targetDepthPerReplica": 30, "scaleDownStabilizationSeconds": 0, "cooldownSeconds": 1}
+    _setup(cluster, k8s_api, namespace, redis_server.url, _pool("cd", queue, lo=0, hi=4, **fast))
+    wait_for(lambda: client.AppsV1Api(k8s_api).read_namespaced_deployment("cd-work", namespace), timeout=60,
+             message="the tier Deployment")  # fmt: skip
+    watcher = Watcher(k8s_api, namespace, "cd-work")
+    watcher.start()
+    app = Celery("producer", broker=redis_server.url)
+    app.conf.broker_connection_retry_on_startup = False
+    try:
+        with app.connection_for_write() as conn:
+            ids = [app.send_task("plainapp.hold", args=[0.1], queue=queue, connection=conn, countdown=45).id
+                   for _ in range(30)]  # fmt: skip
+        wait_for(lambda: redis_db.hlen("unacked") == 30, timeout=60, message="a worker holds all 30")
+        app.control.revoke(ids[0])  # every live worker keeps it in memory (no mingle, no statedb)
+        wait_for(
+            lambda: len(_records(redis_db, "plain:done")) == 29,
+            timeout=120,
+            message=lambda: f"29 done (have {redis_db.llen('plain:done')}); replicas {watcher.seen.replicas}",
+        )
+        wait_for(lambda: watcher.seen.replicas[-1][1] == 0, timeout=60, message="back to 0 once they ran")
+    finally:
+        timeline = watcher.stop()
+        app.close()
+    replicas = [n for _, n in timeline.replicas]
+    ran = {r["id"] for r in _records(redis_db, "plain:started")}
+    print(f"countdown on min 0: replicas {replicas}; pods started {len(timeline.pods_seen)}; ran {len(ran)}")
+    assert ids[0] not in ran
+    assert len(ran) == 29 and not any(r["redelivered"] for r in _records(redis_db, "plain:started"))
+    assert len(timeline.pods_seen) <= 2, timeline.pods_seen
+    assert replicas.count(0) <= 2, replicas  # 0 at the start and at the end: never in between
