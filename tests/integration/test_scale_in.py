@@ -737,3 +737,51 @@ def test_countdown_tasks_on_a_min_0_tier_no_cycling_and_a_revoked_one_never_runs
     assert len(ran) == 29 and not any(r["redelivered"] for r in _records(redis_db, "plain:started"))
     assert len(timeline.pods_seen) <= 2, timeline.pods_seen
     assert replicas.count(0) <= 2, replicas  # 0 at the start and at the end: never in between
+
+
+def test_busy_worker_cut_off_from_redis_for_45s_keeps_its_task_and_its_pod(
+    cluster: Cluster, k8s_api: client.ApiClient, operator: OperatorProcess, namespace: str,
+    redis_server: RedisServer, redis_db: Any, localrun: LocalRuntime,
+) -> None:  # fmt: skip
+    """The worker reaches the same Redis as its own ACL user; the test locks that user out for 45 s (its
+    connections killed, reconnects refused) while its 70 s task runs: the pod goes NotReady (the probe
+    sees no broker connection), the operator still reads the queues, and wants 0. A NotReady pod that
+    runs is asked, and silent means busy: the pod stays and the task finishes."""
+    queue = _queue(namespace)
+    user = f"w{namespace[-6:]}"
+    redis_db.execute_command("ACL", "SETUSER", user, "on", ">pw", "~*", "&*", "+@all")
+    pool = _pool("cut", queue, lo=1, hi=2, grace=5, cooldownSeconds=1, scaleDownStabilizationSeconds=0)
+    pool["spec"]["env"].append({"name": "PLAIN_BROKER_URL",
+                                "value": f"redis://{user}:pw@127.0.0.1:{redis_server.port}/0"})  # fmt: skip
+    _setup(cluster, k8s_api, namespace, redis_server.url, pool)
+    wait_for(lambda: len(_ready_pids(k8s_api, namespace)) == 1, timeout=120, message="one ready worker")
+    _send(redis_server.url, queue, 1, 70.0)
+    wait_for(lambda: _records(redis_db, "plain:started"), timeout=30, message="the task starts")
+    worker = _records(redis_db, "plain:started")[0]["worker"]
+    watcher = Watcher(k8s_api, namespace, "cut-work")
+    watcher.start()
+    try:
+        redis_db.execute_command("ACL", "SETUSER", user, "off")
+        redis_db.execute_command("CLIENT", "KILL", "USER", user)
+        cut_at = time.monotonic()
+        cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps({**pool, "spec": {
+            **pool["spec"], "tiers": [{**pool["spec"]["tiers"][0], "replicas": {"min": 0, "max": 2}}]}}))  # fmt: skip
+        wait_for(lambda: worker not in _ready_pids(k8s_api, namespace), timeout=30, message="the pod NotReady")
+        not_ready_at = time.monotonic() - cut_at
+        # The operator asks (and hears nothing) while the worker is cut off; it never removes it.
+        wait_for(lambda: time.monotonic() - cut_at >= 45, timeout=60, interval=1.0, message="45 s")
+        pods = {p.metadata.name for p in client.CoreV1Api(k8s_api).list_namespaced_pod(namespace).items
+                if not p.metadata.deletion_timestamp}  # fmt: skip
+        assert worker in pods, pods
+    finally:
+        redis_db.execute_command("ACL", "SETUSER", user, "on")
+    wait_for(lambda: len(_records(redis_db, "plain:done")) == 1, timeout=60,
+             message=lambda: f"the task done; localrun:\n{localrun.logs()[-1500:]}")  # fmt: skip
+    wait_for(lambda: watcher.seen.replicas and watcher.seen.replicas[-1][1] == 0, timeout=60,
+             message="scaled to 0 once it finished")  # fmt: skip
+    timeline = watcher.stop()
+    account = _account(redis_db, 1)
+    scaled = [e.message for e in _events(k8s_api, namespace, "cut") if e.reason in ("ScaledDown", "ScaleDownHeld")]
+    print(f"cut off 45 s: NotReady after {not_ready_at:.1f}s; replicas {[n for _, n in timeline.replicas]}; "
+          f"{account}; {scaled[:2]}")  # fmt: skip
+    assert account == {"lost": 0, "started_twice": 0, "redelivered": 0, "killed": 0}, account

@@ -402,10 +402,18 @@ class PoolScaler:
                 self._record(key, runtime, d, previous)
                 self.refresh_status(key)
                 return
+        # Known to the reconciler before the write: its watch event of our scale, handled in its thread while
+        # this one waits, must not find the old count and write it back (seen: 2 -> 1 -> 2 -> 1).
+        applied = runtime.desired.get(d.tier)
+        runtime.desired[d.tier] = d.desired
         try:
             await asyncio.to_thread(self.kube.scale, namespace, tier_child_name(name, d.tier), d.desired)
         except ApiError as err:
             log.warning("pool %s/%s: could not scale tier %s: %s", namespace, name, d.tier, err)
+            if applied is None:
+                runtime.desired.pop(d.tier, None)
+            else:
+                runtime.desired[d.tier] = applied
             self._steady.pop(key, None)
             if removal is not None:
                 await self.scale_in.release(key, d.tier, removal.target, removal.queues, removal.deployment_uid,
