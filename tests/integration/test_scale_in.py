@@ -590,39 +590,58 @@ def test_operator_sigkilled_mid_drain_then_restarted_every_live_worker_consumes_
         localrun.stop()
 
 
-def test_task_sent_during_a_census_with_a_silent_worker_is_done_once(
+def _pidbox_publishes(command: dict[str, Any]) -> bool:
+    return "PUBLISH" in command["command"] and "pidbox" in command["command"]
+
+
+@pytest.mark.parametrize("step", ["before-census", "during-census-one-silent", "census-to-drain", "drain-to-scale"])
+def test_task_sent_at_each_step_of_a_scale_in_is_done_once(
     cluster: Cluster, k8s_api: client.ApiClient, operator: OperatorProcess, namespace: str,
-    redis_server: RedisServer, redis_db: Any, localrun: LocalRuntime,
+    redis_server: RedisServer, redis_db: Any, localrun: LocalRuntime, step: str,
 ) -> None:  # fmt: skip
-    """Four idle workers, one SIGSTOPped (a GC pause: the census waits for it to its deadline), min 4 -> 0,
-    a 20 s task sent the moment the first census broadcast goes out: an idle worker that already
-    answered "nothing" takes it. The census after the drain sees it: that worker keeps its pod."""
+    """Four idle workers, min 4 -> 0, a 20 s task (longer than the 5 s grace period) sent at one step of
+    the scale-in: before the census; the moment its first broadcast goes out, one worker SIGSTOPped (a
+    GC pause: the census waits for it to its deadline), so an idle worker that already answered
+    "nothing" takes it; once the candidates are marked (between the census and the drain); after the
+    drain's broadcast (before the scale). Whoever takes it keeps its pod until it is done."""
     queue = _queue(namespace)
     _setup(cluster, k8s_api, namespace, redis_server.url, _pool("mid", queue, lo=4, grace=5))
     pids = wait_for(lambda: (p := _ready_pids(k8s_api, namespace)) and len(p) == 4 and p, timeout=180,
                     message="four ready workers")  # fmt: skip
-    silent = sorted(pids)[0]
-    os.kill(pids[silent], signal.SIGSTOP)
-    monitor = redis_db.monitor()
+    silent = sorted(pids)[0] if step == "during-census-one-silent" else None
+    if silent:
+        os.kill(pids[silent], signal.SIGSTOP)
+    scale_in = json.dumps(_pool("mid", queue, lo=0, grace=5))
     try:
-        with monitor as m:
-            cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(_pool("mid", queue, lo=0)))
-            for command in m.listen():  # the first broadcast of the census
-                if "PUBLISH" in command["command"] and "pidbox" in command["command"]:
-                    break
-        _send(redis_server.url, queue, 1, 20.0)
+        if step == "before-census":
+            _send(redis_server.url, queue, 1, 20.0)
+            cluster.kubectl("apply", "-n", namespace, "-f", "-", input=scale_in)
+        elif step == "census-to-drain":
+            cluster.kubectl("apply", "-n", namespace, "-f", "-", input=scale_in)
+            wait_for(lambda: _marked(k8s_api, namespace) or None, timeout=60, interval=0.02, message="marks")
+            _send(redis_server.url, queue, 1, 20.0)
+        else:
+            # The census sends active, reserved, scheduled; the drain's cancel_consumer is the next one.
+            wanted = 1 if step == "during-census-one-silent" else 4
+            with redis_db.monitor() as m:
+                cluster.kubectl("apply", "-n", namespace, "-f", "-", input=scale_in)
+                seen = 0
+                for command in m.listen():
+                    seen += _pidbox_publishes(command)
+                    if seen >= wanted:
+                        break
+            _send(redis_server.url, queue, 1, 20.0)
         sent_at = time.time()
         wait_for(lambda: len(_records(redis_db, "plain:started")) == 1, timeout=30, message="the task starts")
-        worker = _records(redis_db, "plain:started")[0]["worker"]
+        started = _records(redis_db, "plain:started")[0]
         wait_for(lambda: len(_records(redis_db, "plain:done")) == 1, timeout=60,
                  message=lambda: f"the task done; localrun:\n{localrun.logs()[-1500:]}")  # fmt: skip
         deployment = client.AppsV1Api(k8s_api).read_namespaced_deployment("mid-work", namespace)
-        started = _records(redis_db, "plain:started")[0]["at"] - sent_at
-        print(
-            f"census with a silent worker: task on {worker} at +{started:.2f}s, replicas now {deployment.spec.replicas}"
-        )
+        late = started["at"] - sent_at
+        print(f"{step}: task on {started['worker']} at +{late:.2f}s, replicas {deployment.spec.replicas}")
     finally:
-        os.kill(pids[silent], signal.SIGCONT)
+        if silent:
+            os.kill(pids[silent], signal.SIGCONT)
     account = _account(redis_db, 1)
     assert account == {"lost": 0, "started_twice": 0, "redelivered": 0, "killed": 0}, account
     assert "SIGKILL" not in localrun.logs()
