@@ -788,7 +788,19 @@ def test_busy_worker_cut_off_from_redis_for_45s_keeps_its_task_and_its_pod(
         wait_for(lambda: worker not in _ready_pids(k8s_api, namespace), timeout=30, message="the pod NotReady")
         not_ready_at = time.monotonic() - cut_at
         # The operator asks (and hears nothing) while the worker is cut off; it never removes it.
-        wait_for(lambda: time.monotonic() - cut_at >= 45, timeout=60, interval=1.0, message="45 s")
+        shown: list[Any] = []
+
+        def record_status() -> bool:
+            pool_now = client.CustomObjectsApi(k8s_api).get_namespaced_custom_object(GROUP, VERSION, namespace,
+                                                                                       PLURAL, "cut")  # fmt: skip
+            tier = next(iter((pool_now.get("status") or {}).get("tiers") or []), {})
+            seen = (tier.get("desiredReplicas"), tier.get("busyWorkers"), tier.get("inFlight"))
+            if not shown or shown[-1] != seen:
+                shown.append(seen)
+            return time.monotonic() - cut_at >= 45
+
+        wait_for(record_status, timeout=60, interval=1.0, message="45 s")
+        print(f"status during the cut (desired, busy, in flight): {shown}")
         pods = {p.metadata.name for p in client.CoreV1Api(k8s_api).list_namespaced_pod(namespace).items
                 if not p.metadata.deletion_timestamp}  # fmt: skip
         assert worker in pods, pods
@@ -804,3 +816,5 @@ def test_busy_worker_cut_off_from_redis_for_45s_keeps_its_task_and_its_pod(
     print(f"cut off 45 s: NotReady after {not_ready_at:.1f}s; replicas {[n for _, n in timeline.replicas]}; "
           f"{account}; {scaled[:2]}")  # fmt: skip
     assert account == {"lost": 0, "started_twice": 0, "redelivered": 0, "killed": 0}, account
+    # Asked while NotReady and cut off, and counted busy for its silence (not taken for idle).
+    assert shown and all(busy == 1 for _, busy, _ in shown), shown
