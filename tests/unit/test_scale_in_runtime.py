@@ -415,3 +415,32 @@ def test_scale_ups_never_wait_for_a_census() -> None:
         await asyncio.gather(*list(autoscaler.pools._scale_ins.values()))
 
     asyncio.run(main())
+
+
+def test_a_notready_pod_that_runs_is_asked_and_a_booting_one_holds_nothing() -> None:
+    from celery_fleet.handlers.autoscaler.scale_in import _report, pod_running
+
+    running = {"status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "False"}]}}
+    pending = {"status": {"phase": "Pending"}}
+    assert pod_running(running) and not pod_running(pending)
+    silent = {"p": WorkerReport("p", answered=False)}  # its mailbox exists: a worker that was connected
+    assert _report("p", running, silent).busy
+    booting = {"p": WorkerReport("p", answered=False, remote_control=False)}  # no mailbox yet
+    assert not _report("p", running, booting).busy and not _report("p", running, booting).ready
+    assert not _report("p", pending, {}).ready  # not asked: holds nothing
+
+
+def test_with_desired_records_the_scale_that_was_written() -> None:
+    from celery_fleet.api.models import Autoscaling, ReplicaBounds, Tier
+    from celery_fleet.planning.scaling import Observation, decide, with_desired
+
+    tier = Tier(name="w", queues=["w"], concurrency=1, replicas=ReplicaBounds(min=0, max=4),
+                autoscaling=Autoscaling(scale_down_stabilization_seconds=0, cooldown_seconds=0))  # fmt: skip
+    (d,) = decide([tier], {"w": Observation(0, 0)}, {"w": 4}, {}, now=10.0)
+    assert d.desired == 0
+    fewer = with_desired(d, 3, "drained p took work during the census: kept drained until idle")
+    assert fewer.desired == 3 and fewer.message.startswith("Scaled tier w 4 -> 3: ")
+    assert fewer.message.endswith("kept drained until idle")
+    assert [(e.from_replicas, e.to_replicas) for e in fewer.history.scale_events] == [(4, 3)]
+    held = with_desired(d, 4, "the drain failed")
+    assert held.message.startswith("Tier w holds 4") and held.history.scale_events == ()
