@@ -50,7 +50,7 @@ STATUS_REFRESH_SECONDS = 5.0
 # again (idle fleets are the common case), but at least this often all the same.
 FULL_DECIDE_SECONDS = 10.0
 # How often a pool's pods are searched (one LIST by label) for scale-in marks no process owns.
-RESUME_SECONDS = 30.0
+RESUME_SECONDS = 60.0
 
 
 @dataclass
