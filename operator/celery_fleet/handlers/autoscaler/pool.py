@@ -234,7 +234,10 @@ class PoolScaler:
             # Demand returned: drained candidates kept for their work get their queues back.
             self._start(key, frozenset(released), self._release(key, body, spec, released))
             self._steady.pop(key, None)
-            others = tuple(d for d in decisions if d.tier not in released and not d.asks_workers)
+            others = tuple(
+                d for d in decisions
+                if not d.asks_workers and (d.tier not in released or d.desired > (d.current or 0))
+            )  # fmt: skip
             return self._act(key, body, runtime, others, broker_problem, tier_problem) if others else []
         asking = [d.tier for d in decisions if d.asks_workers] if broker_problem is None else []
         if asking:
