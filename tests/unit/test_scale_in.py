@@ -55,7 +55,9 @@ def test_issue_12_scenario_keeps_the_busy_workers_under_early_ack() -> None:
     # 4 tasks of 60 s, concurrency 1, early ack: two workers run one and reserve one; Redis sees 2 in flight.
     workers = census(busy("p0", 1, 1), busy("p1", 1, 1), idle("p2"), idle("p3"))
     d = one(tier(), Observation(0, 2), 4, workers)
-    assert (d.desired, d.reason, d.busy_workers, d.asks_workers) == (2, Reason.QUEUE_DRAINED, 2, False)
+    # The 2 reserved messages wait behind running tasks: no demand for new pods; the busy floor keeps 2.
+    assert (d.desired, d.reason, d.busy_workers, d.asks_workers) == (2, Reason.BUSY_WORKERS, 2, False)
+    assert "2 reserved behind running tasks" in d.message
     # Nothing in Redis at all (both tasks running, none reserved): the busy floor still holds 2.
     workers = census(busy("p0"), busy("p1"), idle("p2"), idle("p3"))
     d = one(tier(), Observation(0, 0), 4, workers)
@@ -244,3 +246,191 @@ def test_shutdown_rules(shutdown: dict[str, Any], grace: int | None, error: str)
         t["terminationGracePeriodSeconds"] = grace
     with pytest.raises(InvalidSpec, match=error):
         parse_pool({"app": "a", "image": "i", "broker": {"url": "redis://r"}, "tiers": [t]})
+
+
+# -- the protocol recorded on the pods (planning.scale_in: begin, finish, release, strays)
+
+from celery_fleet.planning.scale_in import (  # noqa: E402  # the protocol's half of this file
+    COST_BUSY,
+    SCALE_IN_ANNOTATION,
+    Mark,
+    Phase,
+    TierPod,
+    begin,
+    finish,
+    read_mark,
+    release,
+    strays,
+    write_mark,
+)
+
+Q = ("work",)
+
+
+def pod(name: str, state: Phase | None = None, cost: int | None = None, uid: str | None = None) -> TierPod:
+    mark = None if state is None else Mark(state, 1.0, Q, uid if uid is not None else f"uid-{name}")
+    return TierPod(name, f"uid-{name}", mark, cost)
+
+
+@pytest.mark.parametrize(
+    ("pods", "workers", "keep", "drain", "marked", "undone"),
+    [
+        pytest.param(["a", "b", "c"], [idle("a"), busy("b"), idle("c")], 1, ("a", "c"), ("a", "c"), (),
+                     id="idle-chosen-and-marked-before-the-drain"),
+        pytest.param(["a", "b"], [idle("a"), idle("b", scheduled=2)], 1, ("a",), ("a",), (),
+                     id="non-holders-of-eta-first"),
+        pytest.param(["a", "b"], [WorkerReport("a", ready=False), idle("b")], 1, ("a",), ("a",), (),
+                     id="not-connected-first"),
+        pytest.param([("a", Phase.DRAINING), "b"], [idle("a"), idle("b")], 1, ("a",), (), (),
+                     id="already-draining-chosen-again-drained-again-not-remarked"),
+        pytest.param(["a", ("b", Phase.DRAINING)], [idle("a"), idle("b")], 1, ("b",), (), (),
+                     id="drained-one-preferred-over-a-consuming-one"),
+        pytest.param([("a", Phase.DRAINING), "b"], [idle("a"), idle("b")], 2, (), (), ("a",),
+                     id="marked-but-no-longer-chosen-gets-its-queues-back"),
+        pytest.param([("a", Phase.DRAINED), "b"], [idle("a"), busy("b")], 1, ("a",), ("a",), (),
+                     id="drained-pod-that-outlived-its-scale-marked-draining-again"),
+    ],
+)  # fmt: skip
+def test_begin(pods: list[Any], workers: list[WorkerReport], keep: int, drain: tuple[str, ...],
+               marked: tuple[str, ...], undone: tuple[str, ...]) -> None:  # fmt: skip
+    tier_pods = [pod(*p) if isinstance(p, tuple) else pod(p) for p in pods]
+    steps = begin(tier_pods, census(*workers), keep, Q, now=5.0)
+    assert steps.drain == drain
+    assert tuple(sorted(steps.mark)) == marked
+    assert all(m.state is Phase.DRAINING and m.queues == Q and m.at == 5.0 for m in steps.mark.values())
+    assert steps.undrain == steps.unmark == undone
+
+
+@pytest.mark.parametrize(
+    ("after", "current", "desired", "replicas", "going", "kept", "note"),
+    [
+        pytest.param({"a": idle("a"), "b": idle("b")}, 3, 1, 1, ("a", "b"), (), "",
+                     id="all-idle-after-the-drain-all-go"),
+        pytest.param({"a": busy("a"), "b": idle("b")}, 3, 1, 2, ("b",), ("a",), "took work during the census",
+                     id="task-started-during-the-first-census-keeps-its-pod-drained"),
+        pytest.param({"a": WorkerReport("a", answered=False), "b": idle("b")}, 3, 1, 2, ("b",), ("a",),
+                     "did not answer", id="silent-after-the-drain-is-busy"),
+        pytest.param({"a": busy("a", 0, 1), "b": busy("b")}, 3, 1, None, (), ("a", "b"), "",
+                     id="reserved-only-is-busy-nobody-goes"),
+        pytest.param({"a": idle("a", scheduled=1), "b": idle("b")}, 3, 1, 2, ("b",), ("a",), "",
+                     id="eta-taken-during-the-drain-kept"),
+        pytest.param({"a": WorkerReport("a", ready=False), "b": idle("b")}, 3, 1, 1, ("a", "b"), (), "",
+                     id="not-connected-holds-nothing"),
+        pytest.param({"a": idle("a"), "b": idle("b")}, 3, 2, 2, ("a",), ("b",), "",
+                     id="never-past-the-decision"),
+    ],
+)  # fmt: skip
+def test_finish(after: dict[str, WorkerReport], current: int, desired: int, replicas: int | None,
+                going: tuple[str, ...], kept: tuple[str, ...], note: str) -> None:  # fmt: skip
+    pods = [pod("a", Phase.DRAINING), pod("b", Phase.DRAINING), pod("c")]
+    before = census(idle("a"), idle("b"), busy("c"))
+    steps = finish(pods, ["a", "b"], after, current, desired, Q, 9.0, before)
+    assert steps.replicas == replicas
+    assert tuple(sorted(steps.mark)) == going
+    assert all(m.state is Phase.DRAINED for m in steps.mark.values())
+    assert {p for p, c in steps.costs.items() if c == COST_REMOVE} == set(going)
+    assert steps.costs["c"] >= COST_BUSY  # the busy one is the last the ReplicaSet controller would take
+    assert steps.kept == kept
+    assert note in steps.note
+
+
+@pytest.mark.parametrize(
+    ("pods", "replicas", "undrain", "unmark"),
+    [
+        pytest.param([pod("a", Phase.DRAINING), pod("b")], None, ("a",), ("a",), id="demand-returns"),
+        pytest.param([pod("a", Phase.DRAINED, COST_REMOVE), pod("b")], 1, (), (),
+                     id="drained-on-its-way-out-left-alone"),
+        pytest.param([pod("a", Phase.DRAINED, COST_REMOVE), pod("b")], 2, ("a",), ("a",),
+                     id="drained-but-the-scale-never-came-undone"),
+        pytest.param([pod("a", Phase.DRAINED, 0), pod("b")], 1, ("a",), ("a",),
+                     id="drained-without-its-cost-undone"),
+        pytest.param([pod("a", Phase.DRAINING), pod("b")], 1, ("a",), ("a",),
+                     id="draining-is-never-on-its-way-out"),
+        pytest.param([pod("a", Phase.DRAINING, uid="someone-else"), pod("b")], None, (), ("a",),
+                     id="copied-mark-removed-nothing-undrained"),
+    ],
+)  # fmt: skip
+def test_release(pods: list[TierPod], replicas: int | None, undrain: tuple[str, ...], unmark: tuple[str, ...]) -> None:
+    steps = release(pods, replicas=replicas)
+    assert (steps.undrain, steps.unmark) == (undrain, unmark)
+
+
+def test_strays_are_unmarked_live_workers_consuming_none_of_the_tier_queues() -> None:
+    workers = census(
+        WorkerReport("a", queues=frozenset()),  # a drain whose mark was lost
+        WorkerReport("b", queues=frozenset({"work"})),
+        WorkerReport("c", queues=None),  # not known (the kombu client does not ask): left alone
+        WorkerReport("d", queues=frozenset({"other"})),
+        WorkerReport("e", queues=frozenset()),  # marked: the protocol owns it
+    )
+    pods = [pod("a"), pod("b"), pod("c"), pod("d"), pod("e", Phase.DRAINING)]
+    assert strays(pods, workers, Q) == ("a", "d")
+
+
+@pytest.mark.parametrize(
+    ("raw", "state", "queues"),
+    [
+        pytest.param(Mark(Phase.DRAINED, 3.0, Q, "u").value(), Phase.DRAINED, Q, id="round-trip"),
+        pytest.param("{not json", Phase.DRAINING, (), id="malformed-reads-as-draining"),
+        pytest.param('{"state":"x","at":1,"queues":[],"uid":"u"}', Phase.DRAINING, (), id="unknown-state"),
+        pytest.param("x" * 5000, Phase.DRAINING, (), id="oversized-not-parsed"),
+    ],
+)  # fmt: skip
+def test_read_mark_is_bounded_and_never_fails(raw: str, state: Phase, queues: tuple[str, ...]) -> None:
+    mark = read_mark({"metadata": {"uid": "u", "annotations": {SCALE_IN_ANNOTATION: raw}}})
+    assert mark is not None and (mark.state, mark.queues) == (state, queues)
+
+
+def test_write_mark_sets_and_removes_annotation_and_label_together() -> None:
+    patch = write_mark(Mark(Phase.DRAINING, 1.0, Q, "u"))
+    assert patch["metadata"]["labels"] == {"celeryfleet.io/scale-in": "draining"}
+    assert read_mark({"metadata": {"uid": "u", **patch["metadata"]}}) == Mark(Phase.DRAINING, 1.0, Q, "u")
+    gone = write_mark(None)["metadata"]
+    assert gone == {"annotations": {SCALE_IN_ANNOTATION: None}, "labels": {"celeryfleet.io/scale-in": None}}
+
+
+# -- demand with the census: prefetch hostage, ETA, orphans
+
+
+@pytest.mark.parametrize(
+    ("obs", "current", "workers", "desired", "reason", "said"),
+    [
+        pytest.param(Observation(0, 2), 2, [busy("a", 1, 1), busy("b", 1, 1)], 2, Reason.BUSY_WORKERS,
+                     "2 reserved behind running tasks", id="hostage-is-no-demand-for-new-pods"),
+        pytest.param(Observation(0, 2), 2, [busy("a", 1, 1), busy("b", 1, 1)], 2, Reason.BUSY_WORKERS, "",
+                     id="hostage-raises-nothing"),
+        pytest.param(Observation(0, 2), 4, [busy("a", 1, 1), busy("b", 1, 1), idle("c"), idle("d")], 2,
+                     Reason.BUSY_WORKERS, "kept 2 busy", id="pods-started-for-the-hostage-go"),
+        pytest.param(Observation(0, 30), 3, [idle("a", scheduled=30), idle("b"), idle("c")], 1,
+                     Reason.BUSY_WORKERS, "holding ETA", id="eta-holder-kept-others-go"),
+        pytest.param(Observation(0, 30), 1, [idle("a", scheduled=30)], 1, Reason.BUSY_WORKERS, "holding ETA",
+                     id="never-to-zero-while-eta-held"),
+        pytest.param(Observation(0, 4), 3, [idle("a"), idle("b"), idle("c")], 1, Reason.QUEUE_DRAINED,
+                     "4 orphaned", id="orphans-ask-for-one-worker"),
+        pytest.param(Observation(0, 4), 3, [idle("a"), WorkerReport("b", answered=False), idle("c")], 4,
+                     Reason.QUEUE_BACKLOG, "4 in flight", id="orphans-need-every-worker-to-answer"),
+        pytest.param(Observation(0, 4), 1, [idle("a")], 1, Reason.STEADY, "orphaned", id="orphans-hold-one"),
+    ],
+)  # fmt: skip
+def test_demand_with_the_census(obs: Observation, current: int, workers: list[WorkerReport], desired: int,
+                                reason: Reason, said: str) -> None:  # fmt: skip
+    d = one(tier(lo=0, hi=4), obs, current, census(*workers))
+    assert (d.desired, d.reason) == (desired, reason), d.message
+    assert said in d.message
+
+
+def test_orphans_are_reported_only_when_the_census_covers_the_tier() -> None:
+    covered = one(tier(), Observation(0, 5), 2, census(busy("a", 1, 1), idle("b")))
+    # 5 in unacked; the live workers hold 2 (a running task counts, as under acks_late: never more orphans
+    # than there are, under early ack at most the running tasks fewer)
+    assert covered.orphaned == 3
+    partial = one(tier(), Observation(0, 5), 2, census(busy("a", 1, 1), WorkerReport("b", answered=False)))
+    assert partial.orphaned is None
+
+
+def test_finish_removes_busy_candidates_only_when_the_tier_says_so() -> None:
+    pods = [pod("a", Phase.DRAINING), pod("b")]
+    before = census(busy("a"), idle("b"))
+    kept = finish(pods, ["a"], {"a": busy("a")}, 2, 1, Q, 1.0, before)
+    gone = finish(pods, ["a"], {"a": busy("a")}, 2, 1, Q, 1.0, before, remove_busy=True)
+    assert (kept.replicas, kept.kept, gone.replicas, tuple(gone.mark)) == (None, ("a",), 1, ("a",))

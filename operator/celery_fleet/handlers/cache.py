@@ -165,6 +165,8 @@ class PoolRuntime:
     unconsumed: dict[str, int] | None = None
     # Tiers whose Deployment an HPA or ScaledObject also scales: their replicas are not written.
     held_by_other_scaler: frozenset[str] = frozenset()
+    # Tier -> why its scale-in is held (control path failed, pods unlisted): unknown, never idle.
+    scale_in_held: dict[str, str] = field(default_factory=dict)
 
 
 class FleetCache:

@@ -24,7 +24,7 @@ from celery_fleet.handlers.children import ChildConflict, apply_child
 from celery_fleet.kube.client import ApiError, Kube
 from celery_fleet.kube.events import EventPoster, ObjectRef
 from celery_fleet.planning import scaler_conflict
-from celery_fleet.planning.conditions import ConditionUpdate, conditions_equal, merge_conditions
+from celery_fleet.planning.conditions import ConditionUpdate, conditions_equal, merge_conditions, scale_in_condition
 from celery_fleet.planning.drift import drifted_fields, has_drifted
 from celery_fleet.planning.ownership import CHILD_CONFLICT, is_controlled_by
 from celery_fleet.planning.pool_status import (
@@ -398,6 +398,8 @@ class PoolReconciler:
             )
         if problem is None and runtime.unconsumed is not None:
             updates.append(queues_consumed(runtime.unconsumed, list(runtime.unconsumed)))
+        if problem is None and (scale_in := scale_in_condition(runtime.scale_in_held, runtime.remote_control_checked)):
+            updates.append(scale_in)
         if problem is None and runtime.layout_problem is not None:
             updates.append(ConditionUpdate("BrokerKeyLayout", "False", "UnreadPriorityLists", runtime.layout_problem))
         elif problem is None and runtime.layout_checked:

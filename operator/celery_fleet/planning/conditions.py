@@ -82,6 +82,16 @@ def blocked(reason: str, message: str) -> list[ConditionUpdate]:
     ]
 
 
+def scale_in_condition(held: Mapping[str, str], checked: bool) -> ConditionUpdate | None:
+    """ScaleIn: False while some tier's scale-in is held because its workers could not be asked (the
+    control path failed, the pods could not be listed): unknown is never idle. None: never asked."""
+    if held:
+        return ConditionUpdate("ScaleIn", "False", "WorkersUnknown", " ".join(held[t] for t in sorted(held)))
+    if checked:
+        return ConditionUpdate("ScaleIn", "True", "WorkersAsked", "every tier asked could be asked")
+    return None
+
+
 def merge_conditions(
     current: Iterable[Mapping[str, Any]] | None,
     updates: Iterable[ConditionUpdate],

@@ -39,7 +39,12 @@ The rules, per tier (``a`` is ``tier.autoscaling``):
   tasks, or not answering), neither by scale-down nor by the budget, unless
   ``a.scale_in_busy_workers`` is ``Remove``; the message says how many were kept. ETA /
   countdown tasks the workers hold are scheduled work: they leave the in-flight count (they sit
-  in ``unacked`` until due) and are reported as ``scheduled``.
+  in ``unacked`` until due) and are reported as ``scheduled``; a worker holding them counts as busy
+  (removing it requeues them and forgets its revokes), so a tier never goes to 0 while they are held.
+  Messages reserved behind a running task (early ack, default prefetch: the "prefetch hostage")
+  leave the in-flight count too: only that worker can run them, new pods never get them. When every
+  live worker answered, in-flight work none of them holds is orphaned (a dead worker's): reported,
+  not demand, and it asks for one worker at most (kombu restores it from a live consumer).
 * An approximate (extrapolated) in-flight count never lets a tier go from 1 to 0.
 """
 
@@ -67,6 +72,7 @@ __all__ = [
     "TierWorkers",
     "decide",
     "observe_tier",
+    "with_desired",
 ]
 
 
@@ -188,6 +194,8 @@ class Decision:
     scheduled: int | None = None
     busy_workers: int | None = None
     stale_unacked: int | None = None  # None when the read failed
+    # In flight but held by no live worker (a census covering every live worker); None: not known.
+    orphaned: int | None = None
     # The caller should ask the tier's workers and decide again: this decision lowers the tier, or
     # raises it or holds it above the queue's need on in-flight work that may be scheduled (ETA) tasks.
     asks_workers: bool = False
@@ -219,6 +227,7 @@ class _Proposal:
     workers: TierWorkers | None = None
     in_flight_driven: bool = False  # the recommendation exceeds what the queue alone asks for
     queue_only: int = 0  # what the queue alone asks for, within the bounds
+    orphaned: int | None = None  # in flight but held by no live worker (a census covering the tier)
 
 
 def decide(
@@ -296,6 +305,16 @@ def _propose(
     # ETA / countdown tasks sit in `unacked` until due: scheduled work, not current demand.
     scheduled = min(workers.scheduled, obs.in_flight) if workers is not None else 0
     in_flight = obs.in_flight - scheduled
+    hostage = orphaned = 0
+    if workers is not None:
+        # Reserved behind a running task (early ack, default prefetch): only that worker can run it.
+        hostage = min(workers.hostage, in_flight)
+        in_flight -= hostage
+        if workers.covered and obs.in_flight_exact:
+            # Every live worker answered: what none of them holds is a dead worker's (SIGKILL, OOM).
+            orphaned = max(0, obs.in_flight - workers.held)
+            orphaned = min(orphaned, in_flight)
+            in_flight -= orphaned
     counted_in_flight = in_flight if a.count_in_flight else 0
     demand = obs.queue_depth + counted_in_flight
     wanted = math.ceil(demand / a.target_depth_per_replica)
@@ -304,7 +323,7 @@ def _propose(
         recommended = 0
     # Entries past the visibility timeout are nobody's work, but kombu puts them back on their
     # queues only from a live consumer of the broker: they ask for one worker, never more.
-    restorer = obs.stale_unacked > 0 and recommended == 0 and hi > 0
+    restorer = (obs.stale_unacked > 0 or orphaned > 0) and recommended == 0 and hi > 0
     if restorer:
         recommended = 1
 
@@ -329,11 +348,19 @@ def _propose(
         history=new_history,
         observation=obs,
         recommended=recommended,
-        facts=_facts(obs, a.count_in_flight, a.target_depth_per_replica, scheduled if workers is not None else None),
+        facts=_facts(
+            obs,
+            a.count_in_flight,
+            a.target_depth_per_replica,
+            scheduled if workers is not None else None,
+            hostage,
+            orphaned,
+        ),
         workers=workers,
         queue_only=_clamp(math.ceil(obs.queue_depth / a.target_depth_per_replica), tier),
     )
     p.in_flight_driven = counted_in_flight > 0 and p.queue_only < recommended
+    p.orphaned = orphaned if workers is not None and workers.covered and obs.in_flight_exact else None
 
     if base > hi:
         p.desired, p.reason, p.detail = hi, Reason.ABOVE_MAXIMUM, f"above replicas.max {hi}"
@@ -344,8 +371,10 @@ def _propose(
 
     if recommended > base:
         _scale_up(p, recommended, now, wanted)
-        if restorer:
+        if restorer and obs.stale_unacked:
             p.detail = f"one worker for kombu to restore {obs.stale_unacked} message(s) past the visibility timeout"
+        elif restorer:
+            p.detail = f"one worker for kombu to restore {orphaned} orphaned message(s) when their visibility ends"
     elif recommended < base:
         _scale_down(p, recs, now, idle_since)
     elif lo == 0 and base == 0 and demand > 0:
@@ -514,7 +543,9 @@ def _keep_busy(p: _Proposal) -> None:
     # Above replicas.max the user's own bound wins (removed workers still get their warm shutdown).
     if census is None or p.desired >= p.base or p.reason is Reason.ABOVE_MAXIMUM:
         return
-    busy = len(census.busy)
+    # ETA holders count as busy: removing one requeues its tasks (the tier would start pods again for
+    # them) and forgets the revokes it got; so a tier never goes to 0 while they are held.
+    busy = len(census.holding)
     if p.desired >= busy:
         if busy:
             # Demand alone keeps them; still say so, so every scale-in names what it kept.
@@ -578,6 +609,7 @@ def _finish(p: _Proposal, now: float) -> Decision:
         scheduled=p.workers.scheduled if p.workers is not None else None,
         busy_workers=len(p.workers.busy) if p.workers is not None else None,
         stale_unacked=obs.stale_unacked if isinstance(obs, Observation) else None,
+        orphaned=p.orphaned,
         asks_workers=p.workers is None
         and p.current is not None
         and isinstance(obs, Observation)
@@ -600,11 +632,17 @@ def _direction(current: int, desired: int) -> Direction:
     return Direction.HOLD
 
 
-def _facts(obs: Observation, count_in_flight: bool, target: int, scheduled: int | None = None) -> str:
+def _facts(
+    obs: Observation, count_in_flight: bool, target: int, scheduled: int | None = None, hostage: int = 0,
+    orphaned: int = 0,
+) -> str:  # fmt: skip
     approx = "" if obs.in_flight_exact else "~"
     flight = f"{approx}{obs.in_flight} in flight"
-    if scheduled:
-        flight = f"{approx}{obs.in_flight - scheduled} in flight ({scheduled} scheduled, not demand)"
+    aside = [f"{n} {what}" for n, what in ((scheduled or 0, "scheduled"), (hostage, "reserved behind running tasks"),
+                                           (orphaned, "orphaned: held by no live worker")) if n]  # fmt: skip
+    if aside:
+        rest = obs.in_flight - (scheduled or 0) - hostage - orphaned
+        flight = f"{approx}{rest} in flight ({', '.join(aside)}, not demand)"
     if obs.stale_unacked:
         flight += f" ({obs.stale_unacked} past the visibility timeout, not in flight)"
     if count_in_flight:
@@ -620,3 +658,19 @@ def _within_events(events: tuple[ScaleEvent, ...], now: float, tier: Tier) -> tu
     a = tier.autoscaling
     keep = max(a.scale_up_period_seconds, a.scale_down_period_seconds)
     return tuple(e for e in events if e.at > now - keep)
+
+
+def with_desired(d: Decision, desired: int, note: str) -> Decision:
+    """``d`` as far as it could go: the scale-in protocol removed fewer pods than decided (drained
+    candidates took work during the census). Its history records the scale that is written."""
+    if desired == d.desired:
+        return d
+    start = d.current if d.current is not None else 0
+    events = tuple(e for e in d.history.scale_events if not (e.from_replicas == start and e.to_replicas == d.desired))
+    history = replace(d.history, scale_events=events)
+    if desired != start and d.history.last_scale_time is not None:
+        history = replace(history, scale_events=(*events, ScaleEvent(d.history.last_scale_time, start, desired)))
+    head = f"Scaled tier {d.tier} {start} -> {desired}" if desired != start else f"Tier {d.tier} holds {desired}"
+    body = d.message.split(": ", 1)[1] if ": " in d.message else ""
+    message = f"{head}: {body}; {note}" if body else f"{head}: {note}"
+    return replace(d, desired=desired, direction=_direction(start, desired), message=message, history=history)

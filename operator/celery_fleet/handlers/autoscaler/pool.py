@@ -3,7 +3,10 @@ scale subresource, Events, metrics and a status refresh through the pool's work 
 
 A decision that would lower a tier (or raise it on in-flight work that may be ETA tasks) first
 asks the tier's workers (:mod:`.scale_in`) in a background task, one per pool at a time, and
-decides again with their answer; the poll loop never waits for it."""
+decides again with their answer and the freshest observation; the poll loop never waits for it,
+and scale-ups of every tier (the asked ones included) go on meanwhile. Every RESUME_SECONDS (and on
+the first poll of a pool, i.e. at start) the pool's pods are searched for scale-in marks another
+process left, which are finished or undone."""
 
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from celery_fleet.planning.scaling import (
     Reason,
     TierObservation,
     decide,
+    with_desired,
 )
 from celery_fleet.planning.tier_scaling import applied_replicas, tier_scaling, with_skipped_polls
 from celery_fleet.planning.workload import tier_child_name
@@ -45,6 +49,18 @@ STATUS_REFRESH_SECONDS = 5.0
 # A pool whose inputs have not changed since a decision that changed nothing is not decided
 # again (idle fleets are the common case), but at least this often all the same.
 FULL_DECIDE_SECONDS = 10.0
+# How often a pool's pods are searched (one LIST by label) for scale-in marks no process owns.
+RESUME_SECONDS = 60.0
+
+
+@dataclass
+class _Inputs:
+    """The last observation of a pool: what a scale-in decides on once its census is back."""
+
+    body: Mapping[str, Any]
+    spec: CeleryWorkerPoolSpec
+    observations: Mapping[str, TierObservation]
+    tier_problem: tuple[str, str] | None
 
 
 @dataclass
@@ -93,12 +109,18 @@ class PoolScaler:
         self._shown: dict[ObjKey, tuple[Any, ...]] = {}  # the autoscaler's part of the last status refresh
         self._steady: dict[ObjKey, _Steady] = {}
         self._scale_ins: dict[ObjKey, asyncio.Task[None]] = {}
+        self._asking: dict[ObjKey, frozenset[str]] = {}  # the tiers a running scale-in works on
+        self._inputs: dict[ObjKey, _Inputs] = {}
+        self._resumed: dict[ObjKey, float] = {}
+        self._resumes: dict[ObjKey, asyncio.Task[None]] = {}
 
     def forget(self, key: ObjKey) -> None:
         """A deleted pool: nothing of it is kept (its censuses and notes included)."""
         self._last_status.pop(key, None)
         self._shown.pop(key, None)
         self._steady.pop(key, None)
+        self._inputs.pop(key, None)
+        self._resumed.pop(key, None)
         self.scale_in.forget(key)
         self.notes.forget(key)
 
@@ -112,6 +134,12 @@ class PoolScaler:
     ) -> list[Coroutine[Any, Any, None]]:
         """Observe, decide and settle one pool; returns the API calls to make (scales, Events)."""
         now = self.clock()
+        if now - self._resumed.get(key, float("-inf")) >= RESUME_SECONDS and key not in self._resumes:
+            # At start (a pool's first poll) and now and then: marks no process of ours owns.
+            self._resumed[key] = now
+            task = asyncio.get_running_loop().create_task(self._resume(key, body, spec))
+            self._resumes[key] = task
+            task.add_done_callback(lambda _t, k=key: self._resumes.pop(k, None))  # type: ignore[misc]
         steady = self._steady.get(key)
         version = self.cache.version(key)
         seen = None if isinstance(result, BrokerError) or result.revision is None else (result.revision, version)
@@ -187,8 +215,30 @@ class PoolScaler:
             max_total_replicas=spec.max_total_replicas,
             paused=spec.paused,
         )
-        if key in self._scale_ins:
-            return []  # that pool's workers are being asked; its decision follows from their answer
+        self._inputs[key] = _Inputs(body, spec, observations, tier_problem)
+        running = self._asking.get(key)
+        if running is not None:
+            # The asked tiers' decisions follow from their workers' answer; scale-ups never wait for it.
+            free = tuple(
+                d for d in decisions
+                if not d.asks_workers and (d.tier not in running or d.desired > (d.current or 0))
+            )  # fmt: skip
+            self._steady.pop(key, None)
+            return self._act(key, body, runtime, free, broker_problem, tier_problem) if free else []
+        released = [
+            d.tier for d in decisions
+            if self.scale_in.owned(key, d.tier) and d.recommended is not None and d.current is not None
+            and (d.recommended >= d.current or d.desired > d.current)
+        ]  # fmt: skip
+        if released and broker_problem is None:
+            # Demand returned: drained candidates kept for their work get their queues back.
+            self._start(key, frozenset(released), self._release(key, body, spec, released))
+            self._steady.pop(key, None)
+            others = tuple(
+                d for d in decisions
+                if not d.asks_workers and (d.tier not in released or d.desired > (d.current or 0))
+            )  # fmt: skip
+            return self._act(key, body, runtime, others, broker_problem, tier_problem) if others else []
         held = runtime.held_by_other_scaler  # an HPA or ScaledObject scales these: neither ask nor scale
         asking = [d.tier for d in decisions if d.asks_workers and d.tier not in held] if broker_problem is None else []
         if asking:
@@ -201,13 +251,11 @@ class PoolScaler:
                 if not any(d.tier in cached and d.desired < (d.current or 0) for d in again):
                     self._steady.pop(key, None)
                     return self._act(key, body, runtime, again, broker_problem, tier_problem)
-            task = asyncio.get_running_loop().create_task(
-                self._ask_then_decide(key, body, spec, observations, current, histories, now, asking, tier_problem)
-            )
-            self._scale_ins[key] = task
-            task.add_done_callback(lambda _t, k=key: self._scale_ins.pop(k, None))  # type: ignore[misc]
+            self._start(key, frozenset(asking), self._ask_then_decide(key, asking))
             self._steady.pop(key, None)
-            return []
+            # The other tiers are acted on now: a census never holds a pool's scale-ups.
+            others = tuple(d for d in decisions if d.tier not in asking)
+            return self._act(key, body, runtime, others, broker_problem, tier_problem) if others else []
         if (
             not broker_problem
             and not tier_problem
@@ -226,45 +274,96 @@ class PoolScaler:
         steady.skipped_at = now  # a skip shows nothing new: the status is not refreshed, its clock not moved
         return []
 
-    async def _ask_then_decide(
-        self,
-        key: ObjKey,
-        body: Mapping[str, Any],
-        spec: CeleryWorkerPoolSpec,
-        observations: Mapping[str, TierObservation],
-        current: Mapping[str, int | None],
-        histories: Mapping[str, Any],
-        now: float,
-        asking: list[str],
-        tier_problem: tuple[str, str] | None,
-    ) -> None:
-        """The background scale-in of one pool: ask the workers, decide again with their answer, act."""
-        namespace, name = key
-        runtime = self.cache.runtime[key]
-        url = runtime.broker_url
-        if url is None:
+    def _start(self, key: ObjKey, tiers: frozenset[str], work: Coroutine[Any, Any, None]) -> None:
+        """Run one background scale-in step of a pool (at most one at a time) over ``tiers``."""
+        if key in self._scale_ins:
+            work.close()
             return
-        ref = pool_ref(body)
-        target = ControlTarget(
-            url, spec.broker.global_keyprefix, spec.broker.master_name, tls=runtime.broker_tls, sep=spec.broker.sep
-        )
-        # Only pods of our own Deployments (by uid) are asked, annotated or drained.
+        task = asyncio.get_running_loop().create_task(work)
+        self._scale_ins[key] = task
+        self._asking[key] = tiers
+
+        def done(_t: asyncio.Task[None], k: ObjKey = key) -> None:
+            self._scale_ins.pop(k, None)
+            self._asking.pop(k, None)
+
+        task.add_done_callback(done)
+
+    def _target(self, key: ObjKey, spec: CeleryWorkerPoolSpec) -> ControlTarget | None:
+        runtime = self.cache.runtime[key]
+        if runtime.broker_url is None:
+            return None
+        b = spec.broker
+        return ControlTarget(runtime.broker_url, b.global_keyprefix, b.master_name, tls=runtime.broker_tls, sep=b.sep)
+
+    def _deployments(self, key: ObjKey, body: Mapping[str, Any], tiers: Any) -> dict[str, tuple[str, int | None]]:
+        """Tier -> (its Deployment's uid, spec.replicas): only our own Deployments (by uid)."""
         children = self.cache.children_of(key, owner_uid=str(body["metadata"].get("uid", "")))
-        deployments: dict[str, str] = {}
-        for t in asking:
-            dep = children.get(("Deployment", tier_child_name(name, t))) or {}
-            deployments[t] = str((dep.get("metadata") or {}).get("uid", ""))
+        out: dict[str, tuple[str, int | None]] = {}
+        for t in tiers:
+            dep = children.get(("Deployment", tier_child_name(key[1], t))) or {}
+            replicas = (dep.get("spec") or {}).get("replicas")
+            out[t] = (str((dep.get("metadata") or {}).get("uid", "")), None if replicas is None else int(replicas))
+        return out
+
+    async def _resume(self, key: ObjKey, body: Mapping[str, Any], spec: CeleryWorkerPoolSpec) -> None:
+        target = self._target(key, spec)
+        if target is None:
+            return
+        deps = self._deployments(key, body, [t.name for t in spec.tiers])
+        tiers = {t.name: (deps[t.name][0], deps[t.name][1], tuple(t.queues)) for t in spec.tiers if deps[t.name][0]}
         try:
-            census = await self.scale_in.census(key, ref, target, observations, asking, deployments)
-            if census is None:
-                return
+            await self.scale_in.resume(key, target, tiers)
+        except Exception:  # one pool's failed resume must not end autoscaling
+            log.exception("pool %s/%s: resuming scale-in marks failed", *key)
+
+    async def _release(
+        self, key: ObjKey, body: Mapping[str, Any], spec: CeleryWorkerPoolSpec, tiers: list[str]
+    ) -> None:
+        target = self._target(key, spec)
+        if target is None:
+            return
+        deps = self._deployments(key, body, tiers)
+        queues = {t.name: tuple(t.queues) for t in spec.tiers}
+        try:
+            for tier in tiers:
+                await self.scale_in.release(key, tier, target, queues[tier], deps[tier][0], "demand returned")
+        except Exception:
+            log.exception("pool %s/%s: releasing drained workers failed", *key)
+
+    async def _ask_then_decide(self, key: ObjKey, asking: list[str]) -> None:
+        """The background scale-in of one pool: ask the workers, decide again with their answer and the
+        freshest observation (the poll went on meanwhile), act on the asked tiers."""
+        namespace, name = key
+        inputs = self._inputs.get(key)
+        runtime = self.cache.runtime.get(key)
+        if inputs is None or runtime is None:
+            return
+        target = self._target(key, inputs.spec)
+        if target is None:
+            return
+        ref = pool_ref(inputs.body)
+        deployments = {t: uid for t, (uid, _) in self._deployments(key, inputs.body, asking).items()}
+        try:
+            census = await self.scale_in.census(key, ref, target, inputs.observations, asking, deployments)
             self._note_remote_control(key, runtime, census)
+            inputs = self._inputs.get(key) or inputs  # the freshest observation, not the one that asked
+            spec, body = inputs.spec, inputs.body
+            current = {t: (deps[1] if deps[0] else None) for t, deps in
+                       self._deployments(key, body, [t.name for t in spec.tiers]).items()}  # fmt: skip
+            # A tier whose control path failed is in census.workers as all-silent (busy: held); one whose
+            # pods could not be listed is not, and no decision of it is acted on.
+            workers = census.workers
             decisions = decide(
-                spec.tiers, observations, current, histories, now=now,
-                max_total_replicas=spec.max_total_replicas, paused=spec.paused, workers=census.workers,
+                spec.tiers, inputs.observations, current, dict(runtime.history), now=self.clock(),
+                max_total_replicas=spec.max_total_replicas, paused=spec.paused, workers=workers,
             )  # fmt: skip
-            removals = self.scale_in.removals(decisions, census, target, {t.name: t for t in spec.tiers})
-            calls = census.notes + self._act(key, body, runtime, decisions, None, tier_problem, removals)
+            mine = tuple(d for d in decisions if d.tier in census.workers)
+            removals = self.scale_in.removals(mine, census, target, {t.name: t for t in spec.tiers})
+            calls = census.notes + self._act(key, body, runtime, mine, None, inputs.tier_problem, removals)
+            queues = {t.name: tuple(t.queues) for t in spec.tiers}
+            for tier, w in census.workers.items():
+                calls.append(self.scale_in.give_back(key, tier, target, w, census.live[tier], queues[tier]))
             if calls:
                 await asyncio.gather(*calls)
         except Exception:  # one pool's failed scale-in must not end autoscaling
@@ -272,14 +371,19 @@ class PoolScaler:
 
     def _note_remote_control(self, key: ObjKey, runtime: PoolRuntime, census: Census) -> None:
         """The RemoteControl condition's input: which asked tiers have workers that cannot be asked."""
-        before = (dict(runtime.remote_control_off), runtime.remote_control_checked)
+        before = (dict(runtime.remote_control_off), runtime.remote_control_checked, dict(runtime.scale_in_held))
+        for tier in census.deployments:
+            if tier in census.unknown:
+                runtime.scale_in_held[tier] = census.unknown[tier]
+            else:
+                runtime.scale_in_held.pop(tier, None)
         for tier in census.workers:
             if tier in census.remote_control_off:
                 runtime.remote_control_off[tier] = census.remote_control_off[tier]
             else:
                 runtime.remote_control_off.pop(tier, None)  # they answer again
         runtime.remote_control_checked = True
-        if (runtime.remote_control_off, runtime.remote_control_checked) != before:
+        if (runtime.remote_control_off, runtime.remote_control_checked, runtime.scale_in_held) != before:
             self.refresh_status(key)
 
     async def _scale_tier(
@@ -287,21 +391,43 @@ class PoolScaler:
     ) -> None:
         namespace, name = key
         runtime = self.cache.runtime[key]
-        drained: set[str] = set()
-        if removal is not None:
-            drained = await self.scale_in.prepare_removal(key, d.tier, removal)
+        going: set[str] = set()
+        if removal is not None and d.current is not None:
+            replicas, note, going = await self.scale_in.remove(key, d.tier, removal, d)
+            d = with_desired(d, d.current if replicas is None else max(d.desired, replicas), note)
+            written = self.cache.children_of(key).get(("Deployment", tier_child_name(name, d.tier))) or {}
+            if going and (written.get("spec") or {}).get("replicas") != d.current:
+                # A scale-up was written meanwhile: this round's count is stale; its candidates go back.
+                await self.scale_in.release(key, d.tier, removal.target, removal.queues, removal.deployment_uid,
+                                            "the tier was scaled meanwhile")  # fmt: skip
+                return
+            if d.desired == d.current:
+                self.scale_in.forget_census(key, d.tier)
+                self._record(key, runtime, d, previous)
+                self.refresh_status(key)
+                return
+        # Known to the reconciler before the write: its watch event of our scale, handled in its thread while
+        # this one waits, must not find the old count and write it back (seen: 2 -> 1 -> 2 -> 1).
+        applied = runtime.desired.get(d.tier)
+        runtime.desired[d.tier] = d.desired
         try:
             await asyncio.to_thread(self.kube.scale, namespace, tier_child_name(name, d.tier), d.desired)
         except ApiError as err:
             log.warning("pool %s/%s: could not scale tier %s: %s", namespace, name, d.tier, err)
+            if applied is None:
+                runtime.desired.pop(d.tier, None)
+            else:
+                runtime.desired[d.tier] = applied
             self._steady.pop(key, None)
-            if removal is not None and drained:
-                await self.scale_in.undrain(key, d.tier, removal, drained, "the scale failed")
+            if removal is not None:
+                await self.scale_in.release(key, d.tier, removal.target, removal.queues, removal.deployment_uid,
+                                            "the scale failed")  # fmt: skip
             return
         self.cache.note_replicas(key, tier_child_name(name, d.tier), d.desired)
         self.scale_in.forget_census(key, d.tier)
-        if removal is not None and drained:
-            asyncio.get_running_loop().create_task(self.scale_in.check_drained(key, d.tier, removal, drained))
+        if removal is not None and going:
+            asyncio.get_running_loop().create_task(self.scale_in.check_drained(
+                key, d.tier, removal.target, removal.queues, removal.deployment_uid, going))  # fmt: skip
         # Only once the replicas were written: the history records the scale as done.
         self._record(key, runtime, d, previous, scaled_at=utcnow())
         direction = "ScaledUp" if d.direction is Direction.UP else "ScaledDown"
