@@ -49,8 +49,8 @@ def test_apply_k_installs_the_operator_then_samples_apply(
     kinds = sorted(str(d["kind"]) for d in base_installed)
     assert kinds == [
         "ClusterRole", "ClusterRole", "ClusterRole", "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding",
-        "CustomResourceDefinition", "CustomResourceDefinition", "Deployment", "Namespace", "Role", "RoleBinding",
-        "Service", "ServiceAccount",
+        "CustomResourceDefinition", "CustomResourceDefinition", "Deployment", "Namespace", "NetworkPolicy", "Role",
+        "RoleBinding", "Service", "ServiceAccount",
     ], applied.stdout  # fmt: skip
     # The operator's pod is admitted by the base's own restricted namespace.
     core = client.CoreV1Api(k8s_api)
@@ -87,7 +87,11 @@ def test_apply_k_installs_the_operator_then_samples_apply(
     def deployments() -> set[str]:
         return {d.metadata.name for d in apps.list_namespaced_deployment(namespace).items}
 
-    expected = {f"{p}-high" for p in pool_names} | {f"{b}-beat" for b in beat_names}
+    # Each pool's first tier (its own names, or the default tiers' high).
+    first_tiers = {
+        p["metadata"]["name"]: ((p["spec"].get("tiers") or [{"name": "high"}])[0]["name"]) for p in pools["items"]
+    }
+    expected = {f"{p}-{t}" for p, t in first_tiers.items()} | {f"{b}-beat" for b in beat_names}
     wait_for(
         lambda: expected <= deployments(),
         timeout=180,
