@@ -172,7 +172,9 @@ def open_clients(
         # TLS (broker_use_ssl) applies to the master's connections.
         tls_kwargs, digest = _tls_kwargs(tls)
         timeouts = {"socket_connect_timeout": connect_timeout, "socket_timeout": read_timeout}
-        sentinel = aioredis_sentinel.Sentinel(list(target.sentinels), sentinel_kwargs={**timeouts, **BOUNDED_REPLIES})
+        # The Sentinels' own clients take Redis() arguments only (no parser_class): their replies
+        # (SENTINEL MASTERS) are small and read once per discovery.
+        sentinel = aioredis_sentinel.Sentinel(list(target.sentinels), sentinel_kwargs=dict(timeouts))
         client = sentinel.master_for(
             master_name, username=target.username, password=target.password, db=target.db,
             **({"ssl": True, **tls_kwargs} if tls is not None else {}), **common,
