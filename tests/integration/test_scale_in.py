@@ -181,7 +181,10 @@ def test_issue_scenario_no_task_lost_busy_workers_kept_idle_pods_removed(
     cluster: Cluster, k8s_api: client.ApiClient, operator: OperatorProcess, namespace: str,
     redis_server: RedisServer, redis_db: Any, localrun: LocalRuntime, acks_late: bool,
 ) -> None:  # fmt: skip
-    _setup(cluster, k8s_api, namespace, redis_server.url, _pool("scen", _queue(namespace), acks_late=acks_late))
+    pool = _pool("scen", _queue(namespace), acks_late=acks_late)
+    # Celery's own default (prefetch on), not the operator's: busy workers then hold a reserved message each.
+    pool["spec"]["tiers"][0]["disablePrefetch"] = False
+    _setup(cluster, k8s_api, namespace, redis_server.url, pool)
     wait_for(lambda: client.AppsV1Api(k8s_api).read_namespaced_deployment("scen-work", namespace), timeout=60,
              message="the tier Deployment")  # fmt: skip
     watcher = Watcher(k8s_api, namespace, "scen-work")
