@@ -269,3 +269,20 @@ def test_progress_only_status_writes_are_coalesced_and_a_condition_change_is_not
     reconciler.reconcile(key)
     assert len(api.statuses()) == written + 2
     assert _condition(api.statuses()[-1], "Ready")["status"] == "True"
+
+
+@pytest.mark.parametrize(
+    ("problem", "status"),
+    [
+        pytest.param(("BrokerOwnPollSlow", "our own read overran its budget"), "True", id="own-slow-poll-is-about-us"),
+        pytest.param(("BrokerUnreachable", "cannot reach redis:6379/0"), "False", id="unreachable-broker"),
+    ],
+)
+def test_broker_reachable_names_our_own_slow_poll_as_ours(problem: tuple[str, str], status: str) -> None:
+    api = RecordingApi()
+    cache = FleetCache()
+    key = cache.put_pool(_pool())
+    cache.runtime[key].broker_problem = problem
+    PoolReconciler(Kube(api), cache).reconcile(key)  # type: ignore[arg-type]  # duck-typed ApiClient
+    condition = _condition(api.statuses()[-1], "BrokerReachable")
+    assert (condition["status"], condition["reason"]) == (status, problem[0])

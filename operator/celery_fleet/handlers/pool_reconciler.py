@@ -19,6 +19,7 @@ from celery_fleet import metrics
 from celery_fleet.api.broker_url import BrokerUrlError, parse_broker_url
 from celery_fleet.api.models import API_VERSION, POOL_KIND, CeleryWorkerPoolSpec, InvalidSpec, Tier, parse_pool
 from celery_fleet.brokers.redis.connection import TlsSettings
+from celery_fleet.brokers.source import ErrorKind
 from celery_fleet.handlers.cache import FleetCache, ObjKey, PoolRuntime
 from celery_fleet.handlers.children import ChildConflict, apply_child
 from celery_fleet.kube.client import ApiError, Kube
@@ -37,6 +38,8 @@ from celery_fleet.planning.pool_status import (
 from celery_fleet.planning.workload import POOL_LABEL, TIER_LABEL, pool_children, tier_child_name
 
 log = logging.getLogger(__name__)
+# The autoscaler's reason when the operator's own poll work was slow (brokers.source.ErrorKind.OWN_POLL_SLOW).
+OWN_POLL_SLOW_REASON = f"Broker{ErrorKind.OWN_POLL_SLOW.value}"
 
 POOL_API_VERSION = API_VERSION
 
@@ -386,7 +389,11 @@ class PoolReconciler:
         status, updates = pool_status(inp)
         if problem is None and runtime.broker_problem is not None:
             reason, message = runtime.broker_problem
-            updates.append(ConditionUpdate("BrokerReachable", "False", reason, message))
+            # Our own read overran its budget: the broker answered, so the condition is about us, not it.
+            if reason == OWN_POLL_SLOW_REASON:
+                updates.append(ConditionUpdate("BrokerReachable", "True", reason, message))
+            else:
+                updates.append(ConditionUpdate("BrokerReachable", "False", reason, message))
         elif problem is None and runtime.scaling:
             updates.append(ConditionUpdate("BrokerReachable", "True", "Polled", "the broker answered the last poll"))
         if problem is None and runtime.remote_control_off:

@@ -23,7 +23,7 @@ from celery_fleet.brokers.source import BrokerError, DepthReading, ErrorKind, Qu
 from celery_fleet.handlers.autoscaler.scale_in import Census, Removal, ScaleIn
 from celery_fleet.handlers.autoscaler.signals import EventNotes, PoolSeries
 from celery_fleet.handlers.cache import FleetCache, ObjKey, PoolRuntime
-from celery_fleet.handlers.pool_reconciler import pool_ref, utcnow
+from celery_fleet.handlers.pool_reconciler import OWN_POLL_SLOW_REASON, pool_ref, utcnow
 from celery_fleet.kube.client import ApiError, Kube
 from celery_fleet.kube.events import EventPoster, ObjectRef, post_event
 from celery_fleet.planning.pool_status import TierScaling
@@ -501,8 +501,8 @@ class PoolScaler:
         if problem != runtime.broker_problem:
             urgent = True
             if problem is not None:
-                if broker_problem is not None:
-                    self.series.set(metrics.BROKER_UP, (namespace, name), 0)
+                if broker_problem is not None and broker_problem[0] != OWN_POLL_SLOW_REASON:
+                    self.series.set(metrics.BROKER_UP, (namespace, name), 0)  # our own slow read: not the broker
                 log.warning("pool %s/%s: %s", namespace, name, problem[1])
                 calls.append(asyncio.to_thread(post_event, self.kube, ref, problem[0], problem[1], "Warning"))
             elif runtime.broker_problem is not None:
