@@ -27,6 +27,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.integration)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_kombu_pools() -> None:
+    """Celery apps share kombu's process-wide connection pools, keyed by broker URL: a connection
+    pooled before a test stopped, restarted or CLIENT KILLed the shared Redis would come back dead
+    ("Connection closed by server") in a later test's fresh app. Each test starts with none."""
+    import sys
+
+    pools = sys.modules.get("kombu.pools")
+    if pools is not None:
+        pools.reset()
+
+
 @pytest.fixture(scope="session")
 def cluster() -> Cluster:
     return ensure_cluster()
