@@ -64,6 +64,18 @@ def test_the_status_record_follows_the_decision(d: Decision, scaled_at: str | No
     assert tier_scaling(d, PREVIOUS, scaled_at=scaled_at) == expected
 
 
+def test_orphans_are_kept_from_the_last_census_that_covered_the_tier() -> None:
+    covered = Decision(
+        tier="high", current=1, desired=1, direction=Direction.HOLD, reason=Reason.STEADY, message="m",
+        history=HISTORY, queue_depth=0, in_flight=3, orphaned=3,
+    )  # fmt: skip
+    after = tier_scaling(covered, PREVIOUS)
+    assert after.orphaned == 3
+    assert tier_scaling(decision(1, 1, queue_depth=0, in_flight=3), after).orphaned == 3, "no census: kept"
+    zero = Decision(**{**covered.__dict__, "orphaned": 0})
+    assert tier_scaling(zero, after).orphaned == 0, "a covering census that finds none clears it"
+
+
 @pytest.mark.parametrize(
     ("d", "previous", "written", "expected"),
     [

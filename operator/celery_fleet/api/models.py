@@ -1459,6 +1459,12 @@ class TierStatus(_Status):
         "left by workers that died; kombu puts them back on the queue when a worker of the broker next checks "
         "(every 10-100 s). Not counted in inFlight.",
     )
+    orphaned: int | None = Field(
+        default=None,
+        description="In-flight messages no live worker of the tier held when a census last covered all of them: "
+        "left by workers that died before the visibility timeout. Not demand; the tier keeps one worker (at "
+        "least) so kombu can restore them. Unset until such a census.",
+    )
 
 
 class CeleryWorkerPoolStatus(_Status):

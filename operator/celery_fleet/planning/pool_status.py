@@ -35,6 +35,7 @@ class TierScaling:
     scheduled: int | None = None
     busy_workers: int | None = None
     stale_unacked: int | None = None
+    orphaned: int | None = None
 
 
 @dataclass(frozen=True)

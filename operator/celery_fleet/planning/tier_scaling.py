@@ -34,6 +34,7 @@ def tier_scaling(d: Decision, previous: TierScaling, *, scaled_at: str | None = 
         scheduled=d.scheduled if d.scheduled is not None else previous.scheduled,
         busy_workers=d.busy_workers if d.busy_workers is not None else previous.busy_workers,
         stale_unacked=d.stale_unacked if d.stale_unacked is not None else previous.stale_unacked,
+        orphaned=d.orphaned if d.orphaned is not None else previous.orphaned,
     )
 
 
