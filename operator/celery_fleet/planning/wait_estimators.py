@@ -28,6 +28,7 @@ __all__ = [
     "Completions",
     "ServiceTime",
     "StartUp",
+    "WaitEstimates",
     "completions",
 ]
 
@@ -62,10 +63,19 @@ class ArrivalRate:
     half_life: float = ARRIVAL_HALF_LIFE
 
     def observe(self, now: float, arrived: float, dt: float) -> ArrivalRate:
+        """Count ``arrived`` tasks over ``dt`` seconds; a burst far above the rate is clipped.
+
+        The clip (twice the expected count, or 4 standard deviations above it) keeps a burst out of
+        the steady rate and its dispersion: the queued burst is the backlog rule's to drain, and a
+        rate that doubles per poll still passes whole.
+        """
         if dt <= 0 or not math.isfinite(arrived):
             return self
         k = _decay(self.at, now, self.half_life)
         n = max(0.0, arrived)
+        if self.seconds > 0:
+            expected = self.rate * dt
+            n = min(n, max(2 * expected, expected + 4 * math.sqrt(expected) + 2))
         return replace(
             self,
             at=now,
@@ -220,3 +230,57 @@ def completions(before: Mapping[str, float], after: Mapping[str, float], before_
         d = max(mid - delivered, poll / 2, 1e-3)
         out.append((d, max(1.0, poll / d)))
     return Completions(samples=tuple(out), completed=sum(w for _, w in out))
+
+
+# Kept between polls: at most this many in-flight entries (delivery tag -> delivery time); beyond it
+# the run times come from the first ones only and the completion count from conservation.
+MAX_TRACKED = 4096
+
+
+@dataclass(frozen=True)
+class WaitEstimates:
+    """Every estimate of one tier, and the last reading they were advanced from."""
+
+    arrivals: ArrivalRate = ArrivalRate()
+    service: ServiceTime = ServiceTime()
+    startup: StartUp = StartUp()
+    at: float | None = None
+    queued: int = 0
+    in_flight: int = 0
+    delivered: tuple[tuple[str, float], ...] = ()  # (tag, delivery time on the caller's clock)
+
+    def observe(
+        self,
+        now: float,
+        queued: int,
+        in_flight: int,
+        ages: Mapping[str, float] | None,
+        startups: Sequence[float] = (),
+    ) -> WaitEstimates:
+        """Advance to a new poll. ``ages``: seconds since delivery of each in-flight entry (kombu's
+        ``unacked_index``, read against the broker's clock), None when the poll did not read them."""
+        startup = self.startup.observe(now, startups)
+        seen = {} if ages is None else {t: now - max(0.0, a) for t, a in list(ages.items())[:MAX_TRACKED]}
+        if self.at is None or now <= self.at:
+            return replace(self, startup=startup, at=now, queued=queued, in_flight=in_flight,
+                           delivered=tuple(seen.items()))  # fmt: skip
+        dt = now - self.at
+        service = self.service
+        if ages is not None and self.delivered:
+            done = completions(dict(self.delivered), seen, self.at, now)
+            service = service.observe(now, done.samples)
+            completed = done.completed
+        else:
+            # Without entries: Little's law, the busy slots over the mean run time.
+            completed = min(self.in_flight, in_flight) * dt / service.mean if service.known else math.nan
+        arrived = (queued - self.queued) + (in_flight - self.in_flight) + completed
+        return replace(
+            self,
+            arrivals=self.arrivals.observe(now, arrived, dt),
+            service=service,
+            startup=startup,
+            at=now,
+            queued=queued,
+            in_flight=in_flight,
+            delivered=tuple(seen.items()),
+        )

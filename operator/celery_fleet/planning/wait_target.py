@@ -15,7 +15,7 @@
 
 Delayed turn-off (Gandhi & Harchol-Balter's AutoScale): when start-up is slow, the caller holds the
 highest recommendation of the last ``hold_seconds`` (= ``HOLD_STARTUPS`` x start-up) before scaling
-down, so the next burst finds warm pods instead of paying the start-up again.
+down, so load that returns within a start-up finds warm pods instead of paying the start-up again.
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ __all__ = [
     "wait_quantile",
 ]
 
-# Idle pods are held this many start-up times: the ski-rental break-even is one start-up of cost;
-# the simulation (bench/results/wait_target.md) showed 3 keeps a train of bursts on warm pods.
-HOLD_STARTUPS = 3.0
+# Idle pods are held this many start-ups: holding one costs what restarting it would (ski rental's
+# break-even); the simulation (bench/results/wait_target.md) found 2 and 4 cost 10-50 % more for <1 s of p95.
+HOLD_STARTUPS = 1.0
 _MAX_SLOTS = 100_000
 
 
