@@ -171,7 +171,6 @@ class _World:
         self.running: list[tuple[float, int, int]] = []  # (end, task id, pod id)
         self.in_flight = 0
         self.delivered: dict[int, float] = {}  # task id -> delivery time (kombu's unacked_index)
-        self.started: list[tuple[int, float, float]] = []  # (pod id, created, ready at)
         self.spec = params.initial_replicas
         self.peak_replicas = self.spec
         self.peak_pods = 0
@@ -203,8 +202,6 @@ class _World:
             if pod.ended is not None or pod.draining:
                 continue
             pod.ready = True
-            if ready_at > pod.created:  # warm pods at t=0 have no start-up to report
-                self.started.append((pod.id, pod.created, ready_at))
             self._block(pod, ready_at)
 
     def _block(self, pod: _Pod, since: float) -> None:
@@ -305,7 +302,6 @@ class _World:
             ready_replicas=sum(1 for p in self.deployment if p.ready),
             workers=tuple((p.id, p.running, len(p.reserved)) for p in self.deployment if p.ready),
             in_flight_ages=ages,
-            started=tuple(self.started),
         )
 
     def _sample(self, now: float) -> None:

@@ -35,7 +35,6 @@ class OperatorScaler:
         self.name = name
         # What a wait target needs (unacked_index ages, ready pods, start-ups): issue 25.
         self.wait_inputs = wait_inputs
-        self._reported: set[int] = set()
         self.ask_workers = ask_workers
         self.tier = tier
         self.poll_interval = poll_interval
@@ -50,10 +49,9 @@ class OperatorScaler:
         self._next += self.poll_interval
         observation = Observation(queue_depth=sum(view.list_lengths.values()), in_flight=view.in_flight)
         if self.wait_inputs:
-            fresh = tuple(ready - created for pod, created, ready in view.started if pod not in self._reported)
-            self._reported.update(pod for pod, _, _ in view.started)
+            # Start-ups are measured as the operator does: from spec.replicas raised to readyReplicas.
             observation = replace(observation, in_flight_ages=view.in_flight_ages,
-                                  ready_replicas=view.ready_replicas, startups=fresh)  # fmt: skip
+                                  ready_replicas=view.ready_replicas)  # fmt: skip
         args = ([self.tier], {self.tier.name: observation}, {self.tier.name: view.spec_replicas},
                 {self.tier.name: self.history})  # fmt: skip
         (decision,) = decide(*args, now=now)

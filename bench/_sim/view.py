@@ -20,8 +20,6 @@ class FleetView:
     workers: tuple[tuple[int, int, int], ...] = ()
     # kombu's unacked_index as the poll would read it: delivery tag -> seconds since delivery.
     in_flight_ages: Mapping[str, float] | None = None
-    # (pod id, created, consuming since) of every pod that became ready: its start-up time.
-    started: tuple[tuple[int, float, float], ...] = ()
 
 
 class Autoscaler(Protocol):

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from celery_fleet.api.models import Autoscaling, ReplicaBounds, Tier
 from celery_fleet.planning.scaling import Decision, Observation, Reason, TierHistory, decide
-from celery_fleet.planning.wait_estimators import ArrivalRate, ServiceTime, StartUp, completions
+from celery_fleet.planning.wait_estimators import ArrivalRate, ServiceTime, StartUp, WaitEstimates, completions
 from celery_fleet.planning.wait_target import (
     Fleet,
     Load,
@@ -176,6 +176,18 @@ def test_startup_planning_is_mean_plus_a_deviation() -> None:
     assert not StartUp().known
 
 
+def test_startup_is_measured_from_a_raise_to_ready() -> None:
+    est = WaitEstimates().observe(0.0, 0, 0, None, replicas=2, ready=2)
+    est = est.observe(1.0, 50, 0, None, replicas=2, ready=2)  # this poll's decision raises to 5
+    est = est.observe(2.0, 50, 0, None, replicas=5, ready=2)  # raised at 1.0 (the last poll's decision)
+    est = est.observe(9.0, 40, 0, None, replicas=5, ready=4)
+    assert not est.startup.known
+    est = est.observe(14.0, 30, 0, None, replicas=5, ready=5)
+    assert est.startup.mean == pytest.approx(13.0) and est.ordered == ()
+    lowered = est.observe(15.0, 0, 0, None, replicas=8, ready=5).observe(16.0, 0, 0, None, replicas=6, ready=5)
+    assert lowered.ordered == ()  # lowered below the raise before it was ready: never completes
+
+
 def test_completions_weigh_short_tasks_by_inverse_visibility() -> None:
     before = {"a": 10.0, "b": 19.5, "c": 5.0}
     got = completions(before, {"c": 5.0}, before_at=20.0, now=21.0)
@@ -202,8 +214,7 @@ def _run(tier: Tier, polls: list[tuple[int, dict[str, float], tuple[float, ...]]
     history = TierHistory()
     d: Decision | None = None
     for i, (queued, ages, startups) in enumerate(polls):
-        obs = Observation(queue_depth=queued, in_flight=len(ages), in_flight_ages=ages, ready_replicas=current,
-                          startups=startups)  # fmt: skip
+        obs = Observation(queue_depth=queued, in_flight=len(ages), in_flight_ages=ages, startups=startups)
         (d,) = decide([tier], {"t": obs}, {"t": current}, {"t": history}, now=float(i))
         history, current = d.history, d.desired
     assert d is not None

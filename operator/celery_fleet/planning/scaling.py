@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from celery_fleet.api.models import Autoscaling, BusyWorkers, Tier
@@ -95,7 +95,8 @@ class Observation:
     # For a wait target (all optional): seconds since delivery of each in-flight entry (kombu's
     # unacked_index: delivery tag -> age), the pods consuming now, the start-ups (created ->
     # consuming, seconds) seen since the last poll, and the oldest waiting message's age.
-    in_flight_ages: Mapping[str, float] | None = None
+    # Not compared: ages move every poll, and a poll whose counts did not change is skipped as before.
+    in_flight_ages: Mapping[str, float] | None = field(default=None, compare=False)
     ready_replicas: int | None = None
     startups: tuple[float, ...] = ()
     oldest_age: float | None = None
@@ -726,8 +727,9 @@ def _wait_staffing(
     if a.target_wait_seconds is None:
         return None, None
     est = (history.wait or WaitEstimates()).observe(
-        now, obs.queue_depth, obs.in_flight, obs.in_flight_ages, obs.startups
-    )
+        now, obs.queue_depth, obs.in_flight, obs.in_flight_ages, obs.startups,
+        replicas=base, ready=obs.ready_replicas,
+    )  # fmt: skip
     if not est.service.known or not est.arrivals.known:
         return None, est
     load = Load(

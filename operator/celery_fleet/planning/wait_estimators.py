@@ -248,6 +248,9 @@ class WaitEstimates:
     queued: int = 0
     in_flight: int = 0
     delivered: tuple[tuple[str, float], ...] = ()  # (tag, delivery time on the caller's clock)
+    replicas: int | None = None  # the Deployment's spec.replicas at the last poll
+    # Scale-ups not yet ready: (when spec.replicas was raised, the ready count that completes it).
+    ordered: tuple[tuple[float, int], ...] = ()
 
     def observe(
         self,
@@ -256,14 +259,20 @@ class WaitEstimates:
         in_flight: int,
         ages: Mapping[str, float] | None,
         startups: Sequence[float] = (),
+        *,
+        replicas: int | None = None,
+        ready: int | None = None,
     ) -> WaitEstimates:
         """Advance to a new poll. ``ages``: seconds since delivery of each in-flight entry (kombu's
-        ``unacked_index``, read against the broker's clock), None when the poll did not read them."""
-        startup = self.startup.observe(now, startups)
+        ``unacked_index``, read against the broker's clock), None when the poll did not read them.
+        ``startups``: start-ups measured elsewhere; ``replicas`` / ``ready``: the Deployment's spec and
+        ready counts, from which start-ups are measured here (raise -> ready, within a poll)."""
+        ordered, measured = self._ordered(now, replicas, ready)
+        startup = self.startup.observe(now, (*startups, *measured))
         seen = {} if ages is None else {t: now - max(0.0, a) for t, a in list(ages.items())[:MAX_TRACKED]}
         if self.at is None or now <= self.at:
             return replace(self, startup=startup, at=now, queued=queued, in_flight=in_flight,
-                           delivered=tuple(seen.items()))  # fmt: skip
+                           delivered=tuple(seen.items()), replicas=replicas, ordered=ordered)  # fmt: skip
         dt = now - self.at
         service = self.service
         if ages is not None and self.delivered:
@@ -283,4 +292,19 @@ class WaitEstimates:
             queued=queued,
             in_flight=in_flight,
             delivered=tuple(seen.items()),
+            replicas=replicas,
+            ordered=ordered,
         )
+
+    def _ordered(
+        self, now: float, replicas: int | None, ready: int | None
+    ) -> tuple[tuple[tuple[float, int], ...], tuple[float, ...]]:
+        """Pending scale-ups after this poll, and the start-ups they completed."""
+        pending = list(self.ordered)
+        if replicas is not None and self.replicas is not None and replicas > self.replicas and self.at is not None:
+            pending.append((self.at, replicas))  # raised by the decision of the last poll
+        if replicas is not None:
+            pending = [(t, n) for t, n in pending if n <= replicas]  # lowered since: never completes
+        measured = tuple(now - t for t, n in pending if ready is not None and ready >= n)
+        left = tuple((t, n) for t, n in pending if ready is None or ready < n)
+        return left[-16:], measured  # bounded: the most recent scale-ups
