@@ -249,6 +249,7 @@ class WaitEstimates:
     in_flight: int = 0
     delivered: tuple[tuple[str, float], ...] = ()  # (tag, delivery time on the caller's clock)
     replicas: int | None = None  # the Deployment's spec.replicas at the last poll
+    polled_at: float | None = None  # the last poll, with or without ages
     # Scale-ups not yet ready: (when spec.replicas was raised, the ready count that completes it).
     ordered: tuple[tuple[float, int], ...] = ()
 
@@ -269,24 +270,21 @@ class WaitEstimates:
         ready counts, from which start-ups are measured here (raise -> ready, within a poll)."""
         ordered, measured = self._ordered(now, replicas, ready)
         startup = self.startup.observe(now, (*startups, *measured))
-        seen = {} if ages is None else {t: now - max(0.0, a) for t, a in list(ages.items())[:MAX_TRACKED]}
+        if ages is None:
+            # This poll did not walk the index (the walk's Redis-time budget, a partial walk): the next
+            # one that does covers the whole interval, from the last reading kept here.
+            return replace(self, startup=startup, replicas=replicas, ordered=ordered, polled_at=now)
+        seen = {t: now - max(0.0, a) for t, a in list(ages.items())[:MAX_TRACKED]}
         if self.at is None or now <= self.at:
-            return replace(self, startup=startup, at=now, queued=queued, in_flight=in_flight,
-                           delivered=tuple(seen.items()), replicas=replicas, ordered=ordered)  # fmt: skip
+            first = replace(self, at=now, queued=queued, in_flight=in_flight, delivered=tuple(seen.items()))
+            return replace(first, startup=startup, replicas=replicas, ordered=ordered, polled_at=now)
         dt = now - self.at
-        service = self.service
-        if ages is not None and self.delivered:
-            done = completions(dict(self.delivered), seen, self.at, now)
-            service = service.observe(now, done.samples)
-            completed = done.completed
-        else:
-            # Without entries: Little's law, the busy slots over the mean run time.
-            completed = min(self.in_flight, in_flight) * dt / service.mean if service.known else math.nan
-        arrived = (queued - self.queued) + (in_flight - self.in_flight) + completed
+        done = completions(dict(self.delivered), seen, self.at, now)
+        arrived = (queued - self.queued) + (in_flight - self.in_flight) + done.completed
         return replace(
             self,
             arrivals=self.arrivals.observe(now, arrived, dt),
-            service=service,
+            service=self.service.observe(now, done.samples),
             startup=startup,
             at=now,
             queued=queued,
@@ -294,6 +292,7 @@ class WaitEstimates:
             delivered=tuple(seen.items()),
             replicas=replicas,
             ordered=ordered,
+            polled_at=now,
         )
 
     def _ordered(
@@ -301,8 +300,13 @@ class WaitEstimates:
     ) -> tuple[tuple[tuple[float, int], ...], tuple[float, ...]]:
         """Pending scale-ups after this poll, and the start-ups they completed."""
         pending = list(self.ordered)
-        if replicas is not None and self.replicas is not None and replicas > self.replicas and self.at is not None:
-            pending.append((self.at, replicas))  # raised by the decision of the last poll
+        if (
+            replicas is not None
+            and self.replicas is not None
+            and replicas > self.replicas
+            and self.polled_at is not None
+        ):
+            pending.append((self.polled_at, replicas))  # raised by the decision of the last poll
         if replicas is not None:
             pending = [(t, n) for t, n in pending if n <= replicas]  # lowered since: never completes
         measured = tuple(now - t for t, n in pending if ready is not None and ready >= n)

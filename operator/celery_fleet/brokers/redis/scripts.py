@@ -70,7 +70,7 @@ RoundTrip = Callable[[Sequence[Command]], Awaitable[list[Reply]]]
 # 'time' | 'entries'), whether the ages are whole (1 | 0), {route number, delivery tag, age in ms,
 # ...}}. The ages (issue 25: run times for a wait target) come only from a walk of the whole index
 # in this EVAL, at most MAX_AGES entries with tags of at most MAX_TAG bytes; else they are not whole
-# and the list is empty (a bounded reply: 256 x ~60 bytes).
+# and the list is empty (a bounded reply: 1024 x ~50 bytes).
 # The walk goes by rank through `unacked_index` (delivery tag -> delivery time: small strings whose
 # scores tell staleness for free), sizes each value with HSTRLEN and reads it (HGET) only under the
 # per-value bound, so a hash of huge values costs Redis a few µs per entry, and it stops at the byte
@@ -79,7 +79,7 @@ RoundTrip = Callable[[Sequence[Command]], Awaitable[list[Reply]]]
 # The exchange and routing key are the last two JSON strings of each value: they are located by
 # walking back from the end, so the payload is never decoded; cjson handles what the walk cannot
 # (escapes), for small values only.
-MAX_AGES: Final = 256  # in-flight entries whose age one poll returns (a wait target's run times)
+MAX_AGES: Final = 1024  # in-flight entries whose age one poll returns (a wait target's run times): ~50 KB
 MAX_TAG: Final = 64  # bytes of a delivery tag returned with its age (kombu's are 36-byte uuids)
 POLL_SCRIPT: Final = r"""
 local function tail_strings(v)
