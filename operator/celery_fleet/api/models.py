@@ -629,7 +629,9 @@ class Autoscaling(_Spec):
         "arrival rate, run-time distribution and pod start-up it measures (Erlang C for steady load, "
         "drains a backlog within the target minus the start-up, holds idle pods 3 start-ups when "
         "start-up is slow). When set it replaces targetDepthPerReplica, which then only applies "
-        "until the first run times are measured. Unset: scale on depth.",
+        "until the first run times are measured. Run times are read from kombu's unacked_index, so "
+        "the app must run task_acks_late=True (under early ack a running task leaves unacked as it "
+        "starts and its run time cannot be seen). Unset: scale on depth.",
     )
     target_wait_percentile: int = Field(
         default=95,
