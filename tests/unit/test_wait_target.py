@@ -280,3 +280,9 @@ def test_an_explicit_window_still_wins() -> None:
 def test_the_field_is_validated(field: str, value: int) -> None:
     with pytest.raises(ValidationError, match=field.replace("target", "target_").lower()[:10] + "|" + field):
         Autoscaling.model_validate({field: value})
+
+
+def test_readings_closer_than_half_a_second_do_not_make_a_rate() -> None:
+    est = WaitEstimates().observe(0.0, 0, 1, {"a": 0.5})
+    again = est.observe(0.01, 40, 1, {"a": 0.51})  # a decision taken again right after a census
+    assert again.arrivals == est.arrivals and again.at == 0.0

@@ -235,6 +235,7 @@ def completions(before: Mapping[str, float], after: Mapping[str, float], before_
 # Kept between polls: at most this many in-flight entries (delivery tag -> delivery time); beyond it
 # the run times come from the first ones only and the completion count from conservation.
 MAX_TRACKED = 4096
+MIN_INTERVAL = 0.5  # seconds between the readings the rates are taken over
 
 
 @dataclass(frozen=True)
@@ -270,8 +271,9 @@ class WaitEstimates:
         ready counts, from which start-ups are measured here (raise -> ready, within a poll)."""
         ordered, measured = self._ordered(now, replicas, ready)
         startup = self.startup.observe(now, (*startups, *measured))
-        if ages is None:
-            # This poll did not walk the index (the walk's Redis-time budget, a partial walk): the next
+        if ages is None or (self.at is not None and now - self.at < MIN_INTERVAL):
+            # Too close to the last reading for a rate (a decision taken again after a census), or this
+            # poll did not walk the index (the walk's Redis-time budget, a partial walk): the next
             # one that does covers the whole interval, from the last reading kept here.
             return replace(self, startup=startup, replicas=replicas, ordered=ordered, polled_at=now)
         seen = {t: now - max(0.0, a) for t, a in list(ages.items())[:MAX_TRACKED]}
