@@ -12,6 +12,11 @@ Each scenario (a trace on a tier) is replayed for several seeds against three au
 Then variants that show what closes the misses, and the closed-loop check's prediction.
 Writes bench/results/autoscale_sim.md and bench/results/autoscale_<scenario>.png. Run: `make bench`
 or `.venv/bin/python bench/autoscale_sim.py [--seeds N] [--only SCENARIO]`.
+
+`--wait` (issue 25) instead compares `autoscaling.targetWaitSeconds` with KEDA + HPA, the depth target,
+static max and an offline oracle (`_sim/oracle.py`) on every trace plus a drift trace, one table per
+trace in bench/results/wait_target.md; `--trace-csv FILE [--startups-csv FILE] --tier T --target S`
+replays any trace (CSV `arrival,priority,duration`; start-ups `startup`) into wait_target_<name>.md.
 """
 
 from __future__ import annotations

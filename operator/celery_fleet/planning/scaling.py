@@ -22,6 +22,11 @@ The rules, per tier (``a`` is ``tier.autoscaling``):
   of that period (rounded up, at least 1; the HPA's rule, default 100 %).
   A fresh history (first poll, operator restart) starts the window with the current replica
   count, so a restart never scales down before a full window of observations.
+* Wait target (``a.target_wait_seconds``): once run times are measured, the recommendation is
+  ``planning.wait_target.staff`` (Erlang C for steady load, the backlog drained within the target
+  minus the start-up, never below what is in flight) from the estimates kept in
+  ``TierHistory.wait``, instead of the depth rule; the scale-down window becomes one measured
+  start-up (delayed turn-off), or ``a.scale_down_stabilization_seconds`` when set explicitly and longer.
 * Read failure: hold the current replicas. ``a.fallback_replicas`` only ever raises (never lowers)
   a tier: "never scale down because a read failed" wins over the fallback. A failed poll counts as
   a recommendation of the held count, so the window after recovery still starts from it.
@@ -93,8 +98,9 @@ class Observation:
     # no live worker holds them): reported, not in `in_flight`, not demand.
     stale_unacked: int = 0
     # For a wait target (all optional): seconds since delivery of each in-flight entry (kombu's
-    # unacked_index: delivery tag -> age), the pods consuming now, the start-ups (created ->
-    # consuming, seconds) seen since the last poll, and the oldest waiting message's age.
+    # unacked_index: delivery tag -> age), the pods consuming now, start-ups (created -> consuming,
+    # seconds) measured elsewhere since the last poll, and the oldest waiting message's age (no poll
+    # reads it yet: the backlog rule then takes the queued messages as fresh).
     # Not compared: ages move every poll, and a poll whose counts did not change is skipped as before.
     in_flight_ages: Mapping[str, float] | None = field(default=None, compare=False)
     ready_replicas: int | None = None
@@ -498,8 +504,8 @@ def _scale_down(p: _Proposal, recs: tuple[Recommendation, ...], now: float, idle
             f"recommends {p.recommended}, but {stabilized} was recommended within the "
             f"{window:g}s scale-down stabilization window"
         )
-        if window > a.scale_down_stabilization_seconds:
-            p.detail += " (idle pods held 3 start-ups: start-up is slow against the wait target)"
+        if p.staffing is not None:
+            p.detail += " (the wait target's delayed turn-off: idle pods are held one measured start-up)"
         return
     removed = sum(
         max(0, e.from_replicas - e.to_replicas)
