@@ -13,9 +13,11 @@ How it is computed (greedy, one pass over the trace in arrival order, priorities
 * Cost = sum over lives of (start-up + ready -> last task end), the same worker-seconds the
   simulator charges (creation -> exit).
 
-Every task meets the target (where ``replicas.max`` allows), so the oracle's cost bounds the
-cheapest schedule for "p100 <= target" from above; for "p95 <= target" the cheapest may be lower
-(5 % of tasks could be left late), which makes the "<= 1.2x the oracle" ratio a lenient one.
+With ``late_fraction`` 0 every task meets the target (where ``replicas.max`` allows); with 0.05 (a
+p95 target) the first tasks that would need a new pod wait for a free slot instead while 5 % of the
+trace lasts, which the traces here find only 1-3 % cheaper. Either way it is a greedy schedule that
+meets the target, so its cost bounds the cheapest one from above: "<= 1.2x the oracle" is lenient
+by however far the greedy is from the optimum.
 """
 
 from __future__ import annotations
@@ -59,8 +61,11 @@ def oracle(
     min_pods: int,
     max_pods: int,
     startup: float | Sequence[float],
+    late_fraction: float = 0.0,
 ) -> OracleResult:
-    """``startup``: seconds per pod start (a sequence: the n-th start gets the n-th, cycling)."""
+    """``startup``: seconds per pod start (a sequence: the n-th start gets the n-th, cycling).
+    ``late_fraction``: this share of the tasks may start after the target (0.05 for a p95 target):
+    a task that would need a new pod waits for the earliest free slot instead, while the share lasts."""
     starts = [startup] if isinstance(startup, (int, float)) else list(startup)
     n_start = 0
 
@@ -73,6 +78,7 @@ def oracle(
     pods = [_Pod(concurrency, 0.0, warm=True) for _ in range(min_pods)]
     startup_of: dict[int, float] = {}
     waits: list[float] = []
+    late_left = int(late_fraction * len(trace.tasks))
     for task in trace.tasks:
         a, deadline = task.arrival, task.arrival + target
         chosen: tuple[_Pod, int, float] | None = None
@@ -82,6 +88,11 @@ def oracle(
             if start <= deadline:
                 chosen = (pod, i, start)
                 break
+        if chosen is None and late_left > 0 and pods:
+            late_left -= 1  # cheaper than a pod: this one is among the tasks the percentile leaves out
+            pod = min(pods, key=lambda p: min(p.free))
+            i = min(range(concurrency), key=pod.free.__getitem__)
+            chosen = (pod, i, max(a, pod.free[i]))
         if chosen is None:
             if len(pods) < max_pods:
                 pod = _Pod(concurrency, a, warm=False)
