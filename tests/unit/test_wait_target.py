@@ -286,3 +286,9 @@ def test_readings_closer_than_half_a_second_do_not_make_a_rate() -> None:
     est = WaitEstimates().observe(0.0, 0, 1, {"a": 0.5})
     again = est.observe(0.01, 40, 1, {"a": 0.51})  # a decision taken again right after a census
     assert again.arrivals == est.arrivals and again.at == 0.0
+
+
+def test_the_slot_search_stops_at_replicas_max() -> None:
+    # A million busy slots on a tier of at most 10 pods x 4: asks for more than the max, fast.
+    s = staff(WaitTarget(5), Load(1e6, 1.0), Fleet(4, 10, queued=0, in_flight=0, max_pods=10))
+    assert s.pods == 11  # one slot past the max: the caller clamps and reports AtMaximum

@@ -746,5 +746,5 @@ def _wait_staffing(
         startup=est.startup.mean if est.startup.known else DEFAULT_STARTUP,
     )
     ready = obs.ready_replicas if obs.ready_replicas is not None else base
-    fleet = Fleet(tier.concurrency, ready, obs.queue_depth, in_flight, obs.oldest_age)
+    fleet = Fleet(tier.concurrency, ready, obs.queue_depth, in_flight, obs.oldest_age, tier.replicas.max)
     return staff(WaitTarget(a.target_wait_seconds, a.target_wait_percentile), load, fleet), est

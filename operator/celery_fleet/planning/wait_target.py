@@ -66,6 +66,7 @@ class Fleet:
     queued: int  # every priority sub-list of the tier's queues
     in_flight: int  # reserved + running
     oldest_age: float | None = None  # of the oldest waiting message, when the poll knows it
+    max_pods: int | None = None  # replicas.max: the search for slots stops there
 
 
 class StaffingRule(StrEnum):
@@ -110,16 +111,19 @@ def wait_quantile(n: int, a: float, service_mean: float, k: float, p: float) -> 
     return service_mean * k / (n - a) * math.log(c / tail)
 
 
-def _steady_slots(target: WaitTarget, a: float, s: float, k: float) -> int:
+def _steady_slots(target: WaitTarget, a: float, s: float, k: float, cap: int) -> int:
+    """The fewest slots meeting the target, or ``cap`` when more would be needed (O(cap) at most)."""
     if a <= 0:
         return 0
     tail = 1 - target.percentile / 100
     n = max(1, math.floor(a) + 1)
+    if n >= cap:
+        return cap
     # Erlang B carried along as n grows: O(n) in all.
     b = 1.0
     for j in range(1, n + 1):
         b = a * b / (j + a * b)
-    while n < _MAX_SLOTS:
+    while n < cap:
         c = n * b / (n - a * (1 - b))
         if c <= tail or s * k / (n - a) * math.log(c / tail) <= target.seconds:
             return n
@@ -136,7 +140,8 @@ def staff(target: WaitTarget, load: Load, fleet: Fleet) -> Staffing:
     T = max(0.0, load.startup)
     hold = HOLD_STARTUPS * T
 
-    steady = _steady_slots(target, a, s, k)
+    cap = min(_MAX_SLOTS, fleet.max_pods * c + 1) if fleet.max_pods is not None else _MAX_SLOTS
+    steady = _steady_slots(target, a, s, k, cap)
     n0 = fleet.ready_pods * c
     waiting = fleet.queued
     backlog = 0
