@@ -28,9 +28,23 @@ from .keda_hpa import (
     KedaHpaScaler,
     KedaRedisListsTrigger,
 )
+from .oracle import OracleResult, oracle
 from .scalers import OperatorScaler, StaticFleet
 from .summary import Summary, summarize
-from .traces import DEFAULT_PRIORITY_STEPS, Durations, Task, Trace, diurnal, poisson_bursts, priority_step, step_burst
+from .traces import (
+    DEFAULT_PRIORITY_STEPS,
+    Durations,
+    Task,
+    Trace,
+    diurnal,
+    drift,
+    poisson_bursts,
+    priority_step,
+    read_csv_startups,
+    read_csv_trace,
+    step_burst,
+    write_csv_trace,
+)
 from .view import Autoscaler, FleetView
 
 __all__ = [
@@ -49,6 +63,7 @@ __all__ = [
     "KedaHpaScaler",
     "KedaRedisListsTrigger",
     "OperatorScaler",
+    "OracleResult",
     "Prediction",
     "Samples",
     "ScalingEvents",
@@ -61,15 +76,20 @@ __all__ = [
     "closed_loop_trace",
     "compare_waits",
     "diurnal",
+    "drift",
     "list_key",
+    "oracle",
     "percentile",
     "poisson_bursts",
     "predict_waits",
     "priority_step",
+    "read_csv_startups",
+    "read_csv_trace",
     "read_trace",
     "scaling_events",
     "simulate",
     "step_burst",
     "summarize",
+    "write_csv_trace",
     "write_trace",
 ]

@@ -64,6 +64,8 @@ class FleetParams:
     scale_in: Literal["replicaset", "idle-first"] = "replicaset"
     # After the horizon, keep going until every task ran (each scaler pays for its own tail).
     max_overrun: float = 3600.0
+    # Replayed start-ups (seconds, the n-th pod created gets the n-th, cycling); None: drawn from startup_delay.
+    startup_times: tuple[float, ...] | None = None
 
     @classmethod
     def for_tier(cls, tier: Tier, *, initial_replicas: int | None = None, **overrides: object) -> FleetParams:
@@ -161,12 +163,14 @@ class _World:
         self.finishes = [math.nan] * n
         self.done = 0
         self.pods: list[_Pod] = []
+        self.cold = 0  # pods created with a start-up (not warm at t=0)
         self.deployment: list[_Pod] = []  # the ReplicaSet's pods: not terminating
         self.pending: list[tuple[float, int]] = []  # (ready_at, pod id)
         self.capacity = params.concurrency * params.prefetch_multiplier
         self.blocked: deque[tuple[_Pod, float]] = deque()  # workers in BRPOP, and since when
         self.running: list[tuple[float, int, int]] = []  # (end, task id, pod id)
         self.in_flight = 0
+        self.delivered: dict[int, float] = {}  # task id -> delivery time (kombu's unacked_index)
         self.spec = params.initial_replicas
         self.peak_replicas = self.spec
         self.peak_pods = 0
@@ -179,7 +183,13 @@ class _World:
 
     def _create(self, now: float, *, warm: bool = False) -> None:
         lo, hi = self.p.startup_delay
-        ready_at = now if warm else now + self.rng.uniform(lo, hi)
+        if warm:
+            ready_at = now
+        elif self.p.startup_times:
+            ready_at = now + self.p.startup_times[self.cold % len(self.p.startup_times)]
+        else:
+            ready_at = now + self.rng.uniform(lo, hi)
+        self.cold += 0 if warm else 1
         pod = _Pod(len(self.pods), now, ready_at)
         self.pods.append(pod)
         self.deployment.append(pod)
@@ -228,6 +238,7 @@ class _World:
         # Reserved, not started: back to the head of their lists, earliest reserved next out.
         for task in reversed(pod.reserved):
             self.lists[self.step_of[task.id]].append(task)
+            self.delivered.pop(task.id, None)
         self.in_flight -= len(pod.reserved)
         pod.reserved.clear()
         if pod.running:
@@ -249,6 +260,7 @@ class _World:
             self.finishes[task_id] = end
             self.done += 1
             self.in_flight -= 1
+            self.delivered.pop(task_id, None)
             pod.running -= 1
             if pod.reserved and not pod.draining:
                 self._start(pod.reserved.popleft(), pod, end)
@@ -271,6 +283,7 @@ class _World:
             task = source.pop()
             self.in_flight += 1
             at = max(since, task.arrival)
+            self.delivered[task.id] = at
             if pod.running < self.p.concurrency:
                 self._start(task, pod, at)
             else:
@@ -279,7 +292,8 @@ class _World:
 
     # -- the loop -----------------------------------------------------------------------------------
 
-    def view(self) -> FleetView:
+    def view(self, now: float | None = None) -> FleetView:
+        ages = None if now is None else {str(i): now - at for i, at in self.delivered.items()}
         return FleetView(
             list_lengths={self.keys[s]: len(q) for s, q in self.lists.items()},
             in_flight=self.in_flight,
@@ -287,6 +301,7 @@ class _World:
             status_replicas=len(self.deployment),
             ready_replicas=sum(1 for p in self.deployment if p.ready),
             workers=tuple((p.id, p.running, len(p.reserved)) for p in self.deployment if p.ready),
+            in_flight_ages=ages,
         )
 
     def _sample(self, now: float) -> None:
@@ -324,7 +339,7 @@ class _World:
             guard = 0
             while self.scaler.due() <= now + 1e-9 and guard < 1000:
                 guard += 1
-                desired = self.scaler.tick(now, self.view())
+                desired = self.scaler.tick(now, self.view(now))
                 if desired is not None and desired != self.spec:
                     self.spec = desired
                     self.peak_replicas = max(self.peak_replicas, desired)

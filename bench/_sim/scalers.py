@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from celery_fleet.api.models import Tier
 from celery_fleet.planning.scale_in import TierWorkers, WorkerReport
 from celery_fleet.planning.scaling import Decision, Observation, TierHistory, decide
@@ -28,8 +30,11 @@ class OperatorScaler:
         phase: float = 0.0,
         name: str = "celery-fleet",
         ask_workers: bool = True,
+        wait_inputs: bool = False,
     ):
         self.name = name
+        # What a wait target needs (unacked_index ages, ready pods, start-ups): issue 25.
+        self.wait_inputs = wait_inputs
         self.ask_workers = ask_workers
         self.tier = tier
         self.poll_interval = poll_interval
@@ -43,6 +48,10 @@ class OperatorScaler:
     def tick(self, now: float, view: FleetView) -> int | None:
         self._next += self.poll_interval
         observation = Observation(queue_depth=sum(view.list_lengths.values()), in_flight=view.in_flight)
+        if self.wait_inputs:
+            # Start-ups are measured as the operator does: from spec.replicas raised to readyReplicas.
+            observation = replace(observation, in_flight_ages=view.in_flight_ages,
+                                  ready_replicas=view.ready_replicas)  # fmt: skip
         args = ([self.tier], {self.tier.name: observation}, {self.tier.name: view.spec_replicas},
                 {self.tier.name: self.history})  # fmt: skip
         (decision,) = decide(*args, now=now)

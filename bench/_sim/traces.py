@@ -7,10 +7,12 @@ autoscalers see exactly the same tasks (same arrivals, priorities and durations)
 from __future__ import annotations
 
 import bisect
+import csv
 import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 __all__ = [
     "DEFAULT_PRIORITY_STEPS",
@@ -18,9 +20,13 @@ __all__ = [
     "Task",
     "Trace",
     "diurnal",
+    "drift",
     "poisson_bursts",
     "priority_step",
+    "read_csv_startups",
+    "read_csv_trace",
     "step_burst",
+    "write_csv_trace",
 ]
 
 # kombu's Redis transport default `priority_steps`; step 0 is the bare queue name.
@@ -179,3 +185,73 @@ def diurnal(
         f"{peak_rate:g} -> {base_rate:g}/s; {prioritised_fraction:.0%} prioritised"
     )
     return _build(name, desc, arrivals, rng, durations or Durations(), prioritised_fraction, horizon)
+
+
+def drift(
+    seed: int,
+    *,
+    name: str = "drift",
+    rate: float = 3.0,
+    change_at: float = 900.0,
+    factor: float = 2.0,
+    horizon: float = 1800.0,
+    prioritised_fraction: float = 0.5,
+    durations: Durations | None = None,
+) -> Trace:
+    """Steady Poisson arrivals whose task run times are multiplied by ``factor`` from ``change_at``."""
+    rng = random.Random(f"drift/{seed}")
+    d = durations or Durations()
+    arrivals = sorted(_poisson(rng, rate, 0.0, horizon))
+    tasks = tuple(
+        Task(
+            id=i,
+            arrival=round(a, 6),
+            priority=_priority(rng, prioritised_fraction),
+            duration=min(d.cap, d.draw(rng) * (factor if a >= change_at else 1.0)),
+        )
+        for i, a in enumerate(arrivals)
+    )
+    desc = (
+        f"Poisson arrivals at {rate:g}/s; task run times x{factor:g} from t={change_at:g}s; "
+        f"{prioritised_fraction:.0%} prioritised"
+    )
+    return Trace(name=name, description=desc, tasks=tasks, horizon=horizon)
+
+
+def write_csv_trace(trace: Trace, path: Path) -> None:
+    """CSV with a header: ``arrival,priority,duration`` (seconds from the trace's start), one task a row."""
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["arrival", "priority", "duration"])
+        w.writerows([f"{t.arrival:.6f}", t.priority, f"{t.duration:.6f}"] for t in trace.tasks)
+
+
+def read_csv_trace(path: Path, *, name: str | None = None, horizon: float | None = None) -> Trace:
+    """A trace from ``arrival,priority,duration`` rows (header required; any order, sorted here).
+
+    The horizon defaults to the last arrival; rows with a negative time or a priority outside 0-9 are refused.
+    """
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    parsed = []
+    for n, r in enumerate(rows, start=2):
+        try:
+            arrival, priority, duration = float(r["arrival"]), int(r["priority"]), float(r["duration"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path}:{n}: want arrival,priority,duration numbers ({exc})") from None
+        if arrival < 0 or duration < 0 or not 0 <= priority <= 9:
+            raise ValueError(f"{path}:{n}: negative time or priority outside 0-9")
+        parsed.append((arrival, priority, duration))
+    parsed.sort()
+    tasks = tuple(Task(id=i, arrival=a, priority=p, duration=d) for i, (a, p, d) in enumerate(parsed))
+    end = horizon if horizon is not None else (tasks[-1].arrival if tasks else 0.0)
+    return Trace(name=name or path.stem, description=f"replayed from {path.name}", tasks=tasks, horizon=end)
+
+
+def read_csv_startups(path: Path) -> tuple[float, ...]:
+    """Pod start-up times (seconds), one a row under a ``startup`` header: the n-th pod created gets the n-th."""
+    with path.open(newline="") as f:
+        values = tuple(float(r["startup"]) for r in csv.DictReader(f))
+    if not values or any(v < 0 for v in values):
+        raise ValueError(f"{path}: want at least one non-negative startup")
+    return values

@@ -18,6 +18,8 @@ class FleetView:
     ready_replicas: int
     # (pod id, running, reserved) of every ready pod: what Celery remote control would answer.
     workers: tuple[tuple[int, int, int], ...] = ()
+    # kombu's unacked_index as the poll would read it: delivery tag -> seconds since delivery.
+    in_flight_ages: Mapping[str, float] | None = None
 
 
 class Autoscaler(Protocol):

@@ -101,6 +101,8 @@ def test_default_tiers_are_fresh_objects_per_pool() -> None:
 def test_autoscaling_defaults() -> None:
     assert Autoscaling().model_dump() == {
         "target_depth_per_replica": 10,
+        "target_wait_seconds": None,
+        "target_wait_percentile": 95,
         "activation_depth": 0,
         "count_in_flight": True,
         "scale_up_max_step": None,

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from celery_fleet.brokers import BrokerRegistry
 from celery_fleet.brokers.source import QueueDepthSource
 from celery_fleet.handlers.autoscaler.loop import Autoscaler
@@ -117,3 +119,26 @@ def test_a_pool_created_again_under_its_name_keeps_nothing_of_the_old_one() -> N
         assert forgotten == [key]
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("target", "ready"), [pytest.param(10, 3, id="wait target"), pytest.param(None, None, id="depth")]
+)
+def test_a_wait_target_gets_the_ready_pods(monkeypatch: Any, target: int | None, ready: int | None) -> None:
+    """The loop feeds a tier with targetWaitSeconds the Deployment's readyReplicas (its estimators
+    measure start-ups from it; the decision itself is planning's, tested there); other tiers go as before."""
+    import celery_fleet.handlers.autoscaler.pool as pool_module
+    from celery_fleet.planning.scaling import Observation
+
+    seen: list[Observation] = []
+    real = pool_module.decide
+
+    def spy(tiers: Any, observations: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.extend(o for o in observations.values() if isinstance(o, Observation))
+        return real(tiers, observations, *args, **kwargs)
+
+    monkeypatch.setattr(pool_module, "decide", spy)
+    if target is not None:
+        monkeypatch.setitem(AUTOSCALING, "targetWaitSeconds", target)
+    _tick(ScriptedSource({"high_priority": 5}), replicas=3)
+    assert seen and seen[0].ready_replicas == ready

@@ -620,6 +620,25 @@ class Autoscaling(_Spec):
         description="Desired replicas = ceil(depth / targetDepthPerReplica), where depth is the "
         "tier's queued messages (all priority steps), plus in-flight ones when countInFlight.",
     )
+    target_wait_seconds: int | None = Field(
+        default=None,
+        ge=1,
+        le=86_400,
+        description="Scale on the queue wait users feel: the targetWaitPercentile of the time from "
+        "enqueue to start stays within this many seconds. The operator staffs the tier from the "
+        "arrival rate, run-time distribution and pod start-up it measures (Erlang C for steady load, "
+        "drains a backlog within the target minus the start-up, holds idle pods 3 start-ups when "
+        "start-up is slow). When set it replaces targetDepthPerReplica, which then only applies "
+        "until the first run times are measured. Run times are read from kombu's unacked_index, so "
+        "the app must run task_acks_late=True (under early ack a running task leaves unacked as it "
+        "starts and its run time cannot be seen). Unset: scale on depth.",
+    )
+    target_wait_percentile: int = Field(
+        default=95,
+        ge=50,
+        le=99,
+        description="The percentile of the queue wait that targetWaitSeconds bounds (50-99).",
+    )
     activation_depth: int = Field(
         default=0,
         ge=0,

@@ -179,6 +179,9 @@ class DepthReading:
     queue_errors: Mapping[QueueRef, str] = field(default_factory=dict)
     in_flight_routes: Mapping[tuple[KeyLayout, frozenset[str]], int] = field(default_factory=dict)
     stale_routes: Mapping[tuple[KeyLayout, frozenset[str]], int] = field(default_factory=dict)
+    # Seconds since delivery of each in-flight entry (delivery tag -> age), per set of queues it routes
+    # to, for the layouts whose whole `unacked_index` this poll walked (a wait target's run times).
+    in_flight_ages: Mapping[KeyLayout, Mapping[frozenset[str], Mapping[str, float]]] = field(default_factory=dict)
     # Two readings with the same (not None) revision hold the same queue lengths and in-flight counts
     # (a source reuses it when the broker's answer was the same): an idle fleet's pools skip deciding.
     revision: int | None = None
@@ -229,11 +232,19 @@ class DepthReading:
         stale = sum(
             n for (layout, queues), n in self.stale_routes.items() if not names.get(layout, set()).isdisjoint(queues)
         )
+        ages: dict[str, float] | None = None
+        if all(p in self.in_flight_ages for p in layouts):
+            ages = {}
+            for p in layouts:
+                for queues, tags in self.in_flight_ages[p].items():
+                    if not names.get(p, set()).isdisjoint(queues):
+                        ages.update(tags)
         return Observation(
             queue_depth=sum(self.depth(r) for r in unique),
             in_flight=in_flight,
             in_flight_exact=exact,
             stale_unacked=stale,
+            in_flight_ages=ages,
         )
 
 

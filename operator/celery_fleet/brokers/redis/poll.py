@@ -14,7 +14,9 @@ from celery_fleet.brokers.redis.scripts import (
     BINDING_KEY_PREFIX,
     BOUNDS,
     DEFAULT_SCAN_LIMIT,
+    MAX_AGES,
     MAX_KEYS_PER_EVAL,
+    MAX_TAG,
     POLL_SCRIPT,
     WALK_BUDGET,
     Command,
@@ -102,7 +104,9 @@ def plan_poll(
     return PollPlan(tuple(commands), tuple(batches))
 
 
-POLL_REPLY_LENGTH = 12
+POLL_REPLY_LENGTH = 14
+# A script from before the in-flight ages (issue 25) answers 12: read as whole counts, no ages.
+_REPLY_LENGTHS = (12, POLL_REPLY_LENGTH)
 
 
 def parse_poll(
@@ -130,6 +134,7 @@ def parse_poll(
     routes: Counter[tuple[KeyLayout, frozenset[str]]] = Counter()
     stale_routes: Counter[tuple[KeyLayout, frozenset[str]]] = Counter()
     unacked: dict[KeyLayout, UnackedSummary] = {}
+    ages: dict[KeyLayout, dict[frozenset[str], dict[str, float]]] = {}
     for (layout, lists, scans), reply in zip(plan.batches, replies, strict=True):
         if isinstance(reply, BaseException):
             auth = _auth_error(reply)
@@ -139,7 +144,7 @@ def parse_poll(
             queue_errors.update((r, why) for r, _ in lists)
             unacked[layout] = UnackedSummary(0, 0, error=why)
             continue
-        if not isinstance(reply, list) or len(reply) != POLL_REPLY_LENGTH or not isinstance(reply[0], list):
+        if not isinstance(reply, list) or len(reply) not in _REPLY_LENGTHS or not isinstance(reply[0], list):
             raise BrokerError(ErrorKind.RESPONSE_ERROR, "unexpected reply to the poll script")
         lengths = reply[0]
         if len(lengths) != len(lists):
@@ -154,7 +159,7 @@ def parse_poll(
         if not scans:
             continue  # a later chunk of a big layout: lengths only
         try:
-            summary, counts, stale = _parse_inflight(reply[1:], layout, budget)
+            summary, counts, stale, route_ages = _parse_inflight(reply[1:], layout, budget)
         except (TypeError, ValueError, IndexError) as exc:
             unacked[layout] = UnackedSummary(0, 0, error=f"unexpected in-flight reply ({exc})")
             continue
@@ -170,6 +175,12 @@ def parse_poll(
             mine = queues & watched
             if mine:
                 stale_routes[(layout, frozenset(mine))] += n
+        if route_ages is not None:
+            kept = ages.setdefault(layout, {})
+            for queues, tags in route_ages.items():
+                mine = frozenset(queues & watched)
+                if mine:
+                    kept.setdefault(mine, {}).update(tags)
     for ref in queue_errors:
         queued.pop(ref, None)
     # Readings are never changed: queues with the same counts share one mapping (an idle fleet's
@@ -183,15 +194,26 @@ def parse_poll(
         queue_errors=queue_errors,
         in_flight_routes=dict(routes),
         stale_routes=dict(stale_routes),
+        in_flight_ages={layout: a for layout, a in ages.items() if layout not in queue_errors_layouts(unacked)},
     )
+
+
+def queue_errors_layouts(unacked: Mapping[KeyLayout, UnackedSummary]) -> set[KeyLayout]:
+    return {p for p, s in unacked.items() if s.error is not None}
 
 
 def _parse_inflight(
     reply: Sequence[Reply], layout: KeyLayout, budget: routing.RoutingBudget
-) -> tuple[UnackedSummary, dict[frozenset[str], int], dict[frozenset[str], int]]:
+) -> tuple[
+    UnackedSummary, dict[frozenset[str], int], dict[frozenset[str], int], dict[frozenset[str], dict[str, float]] | None
+]:
     """Unacked counts per set of queues kombu routes them to (a delivery tag counts once per set):
-    those workers hold, and those past the visibility timeout (stale), apart."""
-    size, scanned, unparsed, flat_pairs, flat_bindings, stale_total, next_rank, too_large, _, _, stopped = reply
+    those workers hold, and those past the visibility timeout (stale), apart; and the ages (seconds
+    since delivery) of the entries held, per set of queues, when the script walked the whole index."""
+    size, scanned, unparsed, flat_pairs, flat_bindings, stale_total, next_rank, too_large, _, _, stopped = reply[:11]
+    whole, flat_ages = (reply[11], reply[12]) if len(reply) > 11 else (0, [])
+    if not isinstance(flat_ages, list) or len(flat_ages) > 3 * MAX_AGES:
+        raise ValueError("expected at most MAX_AGES (route, tag, age) triples")
     if not isinstance(flat_pairs, list) or not isinstance(flat_bindings, list):
         raise ValueError("expected lists of pairs and bindings")
     size, scanned, unparsed, stale_total = _int(size), _int(scanned), _int(unparsed), _int(stale_total)
@@ -214,7 +236,9 @@ def _parse_inflight(
     counts: Counter[frozenset[str]] = Counter()
     stale: Counter[frozenset[str]] = Counter()
     unattributed, unrouted = unparsed + too_large, 0
+    route_queues: list[frozenset[str] | None] = []  # by the script's route number - 1
     for i in range(0, len(flat_pairs), 4):
+        route_queues.append(None)
         # Each (exchange, routing key) comes once per walk (the script counts them): routed once.
         exchange, routing_key = reply_text(flat_pairs[i]), reply_text(flat_pairs[i + 1])
         n, old = _int(flat_pairs[i + 2]), _int(flat_pairs[i + 3])
@@ -239,6 +263,7 @@ def _parse_inflight(
         if not queues:
             unattributed += n  # kombu would deliver (and restore) it nowhere
             continue
+        route_queues[-1] = queues
         if n > old:
             counts[queues] += n - old
         if old:
@@ -247,7 +272,17 @@ def _parse_inflight(
         size=size, scanned=scanned, unattributed=unattributed, stale=stale_total, too_large=too_large,
         unrouted=unrouted, walk_stopped=reply_text(stopped), next_rank=next_rank,
     )  # fmt: skip
-    return summary, dict(counts), dict(stale)
+    ages: dict[frozenset[str], dict[str, float]] | None = None
+    if _int(whole) == 1:
+        ages = {}
+        for i in range(0, len(flat_ages) - 2, 3):
+            route, tag, age_ms = _int(flat_ages[i]), reply_text(flat_ages[i + 1]), _int(flat_ages[i + 2])
+            if not 1 <= route <= len(route_queues) or len(tag) > MAX_TAG:
+                raise ValueError(f"age of route {route} of {len(route_queues)}")
+            queues = route_queues[route - 1]
+            if queues:  # unrouted entries are no tier's
+                ages.setdefault(queues, {})[tag] = max(0, age_ms) / 1000
+    return summary, dict(counts), dict(stale), ages
 
 
 def _int(value: object) -> int:

@@ -67,7 +67,10 @@ RoundTrip = Callable[[Sequence[Command]], Awaitable[list[Reply]]]
 # Returns {{LLEN or error per list}, hlen, walked, unparsed, {exchange, routing_key, count, stale,
 # ...}, {exchange, {members} or SCARD when the table is too big, ...}, stale, next rank (0: the
 # index was walked to its end), too large, ZCARD, value bytes read, why it stopped ('' | 'bytes' |
-# 'time' | 'entries')}.
+# 'time' | 'entries'), whether the ages are whole (1 | 0), {route number, delivery tag, age in ms,
+# ...}}. The ages (issue 25: run times for a wait target) come only from a walk of the whole index
+# in this EVAL, at most MAX_AGES entries with tags of at most MAX_TAG bytes; else they are not whole
+# and the list is empty (a bounded reply: 1024 x ~50 bytes).
 # The walk goes by rank through `unacked_index` (delivery tag -> delivery time: small strings whose
 # scores tell staleness for free), sizes each value with HSTRLEN and reads it (HGET) only under the
 # per-value bound, so a hash of huge values costs Redis a few µs per entry, and it stops at the byte
@@ -76,6 +79,8 @@ RoundTrip = Callable[[Sequence[Command]], Awaitable[list[Reply]]]
 # The exchange and routing key are the last two JSON strings of each value: they are located by
 # walking back from the end, so the payload is never decoded; cjson handles what the walk cannot
 # (escapes), for small values only.
+MAX_AGES: Final = 1024  # in-flight entries whose age one poll returns (a wait target's run times): ~50 KB
+MAX_TAG: Final = 64  # bytes of a delivery tag returned with its age (kombu's are 36-byte uuids)
 POLL_SCRIPT: Final = r"""
 local function tail_strings(v)
   local j = #v - 1
@@ -108,14 +113,15 @@ for i = 1, lists do
   -- pcall: a name taken by a non-list key fails that queue only (the error goes back in place).
   lengths[i] = redis.pcall('LLEN', KEYS[i])
 end
-if limit < 0 then return {lengths, 0, 0, 0, {}, {}, 0, 0, 0, 0, 0, ''} end
+if limit < 0 then return {lengths, 0, 0, 0, {}, {}, 0, 0, 0, 0, 0, '', 0, {}} end
 local size = redis.call('HLEN', unacked)
 local total = redis.call('ZCARD', index)
 local ceiling = started / 1000000 - tonumber(ARGV[8])
 local stale = redis.call('ZCOUNT', index, '-inf', ceiling)
-local counts, stales, order = {}, {}, {}
+local counts, stales, order, route_no = {}, {}, {}, {}
 local walked, unparsed, too_large, bytes, stopped = 0, 0, 0, 0, ''
-local function take(value, n, score)
+local ages, aged, whole = {}, 0, rank == 0
+local function take(value, n, score, tag)
   local ex, rk = tail_strings(value)
   if not ex and n <= 8192 then
     local ok, decoded = pcall(cjson.decode, value)
@@ -128,12 +134,21 @@ local function take(value, n, score)
     if counts[key] == nil and #order < max_routes then
       counts[key], stales[key] = 0, 0
       order[#order + 1] = {ex, rk, key}
+      route_no[key] = #order
     end
     if counts[key] == nil then
       unparsed = unparsed + 1
     else
       counts[key] = counts[key] + 1
       if score and score <= ceiling then stales[key] = stales[key] + 1 end
+      if whole and score and tag and aged < MAX_AGES and #tag <= MAX_TAG then
+        aged = aged + 1
+        ages[#ages + 1] = route_no[key]
+        ages[#ages + 1] = tag
+        ages[#ages + 1] = math.floor(started / 1000 - score * 1000)
+      elseif whole then
+        whole = false
+      end
     end
   else
     unparsed = unparsed + 1
@@ -161,7 +176,7 @@ if limit > 0 and total > 0 then
       elseif n > 0 then
         if bytes + n > max_bytes and walked > 0 then stopped = 'bytes'; break end
         bytes = bytes + n
-        take(redis.call('HGET', unacked, page[i]), n, tonumber(page[i + 1]))
+        take(redis.call('HGET', unacked, page[i]), n, tonumber(page[i + 1]), page[i])
       end
       -- n == 0: acked since the index was read (or an empty value): nothing in flight
       walked = walked + 1
@@ -189,7 +204,10 @@ elseif limit > 0 and size > 0 then
     if bytes >= max_bytes then stopped = 'bytes' end
   until cursor == '0' or stopped ~= ''
   rank = tonumber(cursor)
+  whole = false
 end
+if stopped ~= '' or rank ~= 0 or limit <= 0 then whole = false end
+if not whole then ages = {} end
 local pairs_out, seen, bindings, tables = {}, {}, {}, 0
 for _, item in ipairs(order) do
   pairs_out[#pairs_out + 1] = item[1]
@@ -213,8 +231,9 @@ for _, item in ipairs(order) do
     end
   end
 end
-return {lengths, size, walked, unparsed, pairs_out, bindings, stale, rank, too_large, total, bytes, stopped}
-"""
+return {lengths, size, walked, unparsed, pairs_out, bindings, stale, rank, too_large, total, bytes, stopped,
+        whole and 1 or 0, ages}
+""".replace("MAX_AGES", str(MAX_AGES)).replace("MAX_TAG", str(MAX_TAG))
 
 
 # ARGV = cursor, MATCH pattern ('' for none), COUNT, max key length. Returns {cursor, {keys}}: one

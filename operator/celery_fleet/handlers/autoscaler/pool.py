@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from celery_fleet import metrics
@@ -192,6 +192,11 @@ class PoolScaler:
         for t in spec.tiers:
             dep = children.get(("Deployment", tier_child_name(name, t.name)))
             current[t.name] = None if dep is None else int((dep.get("spec") or {}).get("replicas", 0))
+            seen_tier = observations.get(t.name)
+            if dep is not None and t.autoscaling.target_wait_seconds is not None and isinstance(seen_tier, Observation):
+                # A wait target measures start-ups (spec raised -> ready) and drains with the ready pods.
+                ready = (dep.get("status") or {}).get("readyReplicas") or 0
+                observations[t.name] = replace(seen_tier, ready_replicas=int(ready))
         signature = (
             int(body["metadata"].get("generation", 0)),
             tuple(observations.get(t.name) for t in spec.tiers),
