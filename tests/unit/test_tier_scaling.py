@@ -104,3 +104,23 @@ def test_skipped_polls_recommend_the_steady_count() -> None:
 def test_no_skipped_poll_leaves_the_histories() -> None:
     histories = {"high": HISTORY}
     assert with_skipped_polls(histories, None, {"high": 4}) == histories
+
+
+def test_every_reason_is_either_demand_or_a_limit() -> None:
+    """A new Reason must be classed: it either follows demand or limits the tier (status limitedBy)."""
+    from celery_fleet.planning.scaling import LIMITING
+
+    demand = {Reason.QUEUE_BACKLOG, Reason.WAIT_TARGET, Reason.QUEUE_DRAINED, Reason.STEADY, Reason.ACTIVATION,
+              Reason.IDLE}  # fmt: skip
+    assert demand | LIMITING == set(Reason) and not demand & LIMITING
+
+
+@pytest.mark.parametrize(
+    ("reason", "limited_by"),
+    [(Reason.BUDGET_LIMITED, "BudgetLimited"), (Reason.BUSY_WORKERS, "BusyWorkers"), (Reason.STEADY, None)],
+)
+def test_limited_by_is_the_last_decisions_limiting_reason(reason: Reason, limited_by: str | None) -> None:
+    d = Decision(
+        tier="high", current=4, desired=4, direction=Direction.HOLD, reason=reason, message="m", history=HISTORY,
+    )  # fmt: skip
+    assert tier_scaling(d, TierScaling(limited_by="AtMaximum")).limited_by == limited_by

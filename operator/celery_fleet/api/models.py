@@ -1484,6 +1484,13 @@ class TierStatus(_Status):
         "left by workers that died before the visibility timeout. Not demand; the tier keeps one worker (at "
         "least) so kombu can restore them. Unset until such a census.",
     )
+    limited_by: str | None = Field(
+        default=None,
+        description="What keeps the tier from the replicas its demand asks for now, as the last decision's reason "
+        "(AtMaximum, BudgetLimited, BusyWorkers, StabilizationWindow, Cooldown, ScaleUpLimited, ScaleDownLimited, "
+        "BrokerUnreachable, FallbackReplicas, InFlightApproximate, Paused, BelowActivation, AboveMaximum, "
+        "BelowMinimum): the HPA's ScalingLimited. Unset when nothing limits it.",
+    )
 
 
 class CeleryWorkerPoolStatus(_Status):

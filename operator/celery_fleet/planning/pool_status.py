@@ -36,6 +36,7 @@ class TierScaling:
     busy_workers: int | None = None
     stale_unacked: int | None = None
     orphaned: int | None = None
+    limited_by: str | None = None
 
 
 @dataclass(frozen=True)

@@ -196,6 +196,15 @@ class Reason(StrEnum):
     IN_FLIGHT_APPROXIMATE = "InFlightApproximate"  # stays at 1: the in-flight count was extrapolated
 
 
+# Reasons that keep a tier from its own recommendation (the HPA's ScalingLimited): status.tiers[].limitedBy.
+LIMITING = frozenset({
+    Reason.BELOW_ACTIVATION, Reason.COOLDOWN, Reason.STABILIZATION_WINDOW, Reason.SCALE_UP_LIMITED,
+    Reason.SCALE_DOWN_LIMITED, Reason.AT_MAXIMUM, Reason.ABOVE_MAXIMUM, Reason.BELOW_MINIMUM,
+    Reason.BUDGET_LIMITED, Reason.BROKER_UNREACHABLE, Reason.FALLBACK_REPLICAS, Reason.PAUSED,
+    Reason.BUSY_WORKERS, Reason.IN_FLIGHT_APPROXIMATE,
+})  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Decision:
     tier: str

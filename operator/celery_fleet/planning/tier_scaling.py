@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 
 from celery_fleet.planning.pool_status import TierScaling
-from celery_fleet.planning.scaling import Decision, Recommendation, TierHistory
+from celery_fleet.planning.scaling import LIMITING, Decision, Recommendation, TierHistory
 
 
 def tier_scaling(d: Decision, previous: TierScaling, *, scaled_at: str | None = None) -> TierScaling:
@@ -35,6 +35,7 @@ def tier_scaling(d: Decision, previous: TierScaling, *, scaled_at: str | None = 
         busy_workers=d.busy_workers if d.busy_workers is not None else previous.busy_workers,
         stale_unacked=d.stale_unacked if d.stale_unacked is not None else previous.stale_unacked,
         orphaned=d.orphaned if d.orphaned is not None else previous.orphaned,
+        limited_by=d.reason.value if d.reason in LIMITING else None,
     )
 
 
