@@ -16,6 +16,9 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+# What the elector (--schedule-state) hands beat: JSON naming the Lease and the *paths* of the
+# credential files, never a token or key (the environment of a process is easy to read).
+STATE_ENV = "CELERY_FLEET_BEAT_STATE"
 # The group's name (celery_fleet.GROUP), spelled out: the elector imports nothing of the operator.
 ANNOTATION = "celeryfleet.io/beat-schedule"
 STATE_VERSION = 1
