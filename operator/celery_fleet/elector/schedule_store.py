@@ -52,7 +52,7 @@ class StoreConfig:
 
     @classmethod
     def for_endpoint(cls, endpoint: ApiEndpoint, namespace: str, lease: str, identity: str) -> StoreConfig:
-        if endpoint.token_source is not None and endpoint.token_file is None:
+        if endpoint.token_source is not None and endpoint.token_file is None and endpoint.client_cert_file is None:
             # A token held in this process's memory cannot be handed to beat without putting it
             # in the environment.
             raise UsageError("--schedule-state needs credentials in files (a token file or a client certificate)")

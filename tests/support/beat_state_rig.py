@@ -1,0 +1,54 @@
+"""Electors running `celery beat` with the LeaseScheduler (tests/support/beat_slots_app.py), as a
+CeleryBeat pod runs it: the single file, --schedule-state, the shared state on the Lease."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.support.beatapp import BeatElector, Timings, admin_connection, standalone_elector
+
+ROOT = Path(__file__).resolve().parents[2]
+LEASE_SCHEDULER = "celery_fleet.beat.scheduler:LeaseScheduler"
+
+
+def start_slots_elector(
+    identity: str,
+    *,
+    workdir: Path,
+    kubeconfig: Path,
+    namespace: str,
+    lease: str,
+    broker_url: str,
+    timings: Timings,
+    server: str | None = None,
+    queue: str = "slots",
+    extra_env: dict[str, str] | None = None,
+) -> BeatElector:
+    elector = standalone_elector(workdir)
+    log_path = workdir / f"{identity}.log"
+    argv = [
+        sys.executable, str(elector),
+        *admin_connection(kubeconfig, server),
+        "--namespace", namespace, "--lease", lease, "--identity", identity,
+        *timings.flags(), "--schedule-state",
+        "--",
+        sys.executable, "-m", "celery", "-A", "tests.support.beat_slots_app", "beat",
+        "--scheduler", LEASE_SCHEDULER, "--loglevel", "INFO",
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        # The repository for the app module; `celery_fleet` then comes from the single file the
+        # elector appends, as in a pod (it shadows the development install).
+        "PYTHONPATH": str(ROOT),
+        "SLOTS_BROKER_URL": broker_url,
+        "SLOTS_QUEUE": queue,
+        "SLOTS_SENDER": identity,
+        **(extra_env or {}),
+    }
+    env.pop("KUBECONFIG", None)
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(workdir))
+    return BeatElector(identity, proc, log_path)
