@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -180,7 +181,7 @@ def test_a_failover_keeps_last_runs_and_sends_the_gap_slot_once(
     assert first_new["slot"] >= gap_slot and first_new["published_at"] >= gap_slot, describe()
     assert math.floor(first_new["published_at"] / ALIGNED_SECONDS) * ALIGNED_SECONDS == first_new["slot"]
     intervals = [s["published_at"] for s in sends if s["task"] == INTERVAL_TASK]
-    closest = min(b - a for a, b in zip(intervals, intervals[1:], strict=False))
+    closest = min(b - a for a, b in itertools.pairwise(intervals))
     assert closest > INTERVAL_SECONDS / 2, f"an interval run sent twice: {describe()}"
     stored = _stored(cluster, namespace)
     assert set(stored) == {"aligned", "interval"}
