@@ -241,3 +241,15 @@ def test_without_the_elector_the_scheduler_refuses_to_start(monkeypatch: pytest.
     monkeypatch.delenv(STATE_ENV, raising=False)
     with pytest.raises(UsageError, match="--schedule-state"):
         LeaseScheduler(app=_app({}))
+
+
+def test_an_entry_that_never_ran_is_recorded_from_its_first_start() -> None:
+    # The first leader dies before the entry's first slot: the next one must count from the same origin.
+    lease = MemoryLease()
+    before = datetime.now(UTC)
+    first = _scheduler(_app({"every-minute": {"task": "t.x", "schedule": 60.0}}), lease)
+    origin = lease.state()["every-minute"]
+    assert origin.total_run_count == 0 and origin.last_run_at >= before - timedelta(seconds=1)
+    second = _scheduler(_app({"every-minute": {"task": "t.x", "schedule": 60.0}}), lease)
+    assert second.schedule["every-minute"].last_run_at == first.schedule["every-minute"].last_run_at
+    assert lease.puts == 1  # the second start found it there

@@ -71,11 +71,30 @@ class LeaseScheduler(Scheduler):  # type: ignore[misc]  # Celery is untyped
         if problem:
             log.warning("beat: %s", problem)
         now = _utc(self.app.now(), self.app.timezone)
-        for name, state in restore(stored, list(self.schedule), now).items():
+        restored = restore(stored, list(self.schedule), now)
+        for name, state in restored.items():
             entry = self.schedule[name]
             entry.last_run_at = state.last_run_at.astimezone(self.app.timezone)
             entry.total_run_count = state.total_run_count
-        log.info("beat: schedule state read from the lease: %d of %d entries had run", len(stored), len(self.schedule))
+        # An entry that never ran counts from when it was first scheduled, as in Celery's own file:
+        # recorded now, so a slot due before its first run, in a failover, is not lost.
+        origins = {
+            name: EntryState(_utc(entry.last_run_at, self.app.timezone), entry.total_run_count)
+            for name, entry in self.schedule.items()
+            if name not in restored
+        }
+        if origins:
+            try:
+                self._store.record_runs(origins, keep=set(self.schedule))
+            except Deposed as exc:
+                self._depose(exc)
+                return False
+            except LeaseApiError as exc:
+                log.warning("beat: cannot record the new entries' start, sending nothing until it can: %s", exc)
+                return False
+        log.info(
+            "beat: schedule state read from the lease: %d of %d entries had run", len(restored), len(self.schedule)
+        )
         self._loaded = True
         return True
 

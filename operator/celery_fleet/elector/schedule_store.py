@@ -145,6 +145,10 @@ class ScheduleStore:
 
     def record(self, name: str, run: EntryState, keep: Collection[str] | None = None) -> None:
         """Store `run` of `name`, or raise: Deposed (never send), LeaseApiError (not recorded, retry)."""
+        self.record_runs({name: run}, keep)
+
+    def record_runs(self, runs: Mapping[str, EntryState], keep: Collection[str] | None = None) -> None:
+        """Store several runs in one write; raises as `record`."""
         if self.term is None:
             raise LeaseApiError("the schedule state was never loaded")
         for _ in range(ATTEMPTS):
@@ -153,8 +157,10 @@ class ScheduleStore:
                 holder = lease.record.holder if lease is not None else "<deleted>"
                 raise Deposed(f"the lease now shows {holder or '<nobody>'}, not this term of {self.identity}")
             raw = _annotation(lease)
-            stored, _ = parse_state(raw)
-            value = encode_state(record_run(stored, name, run, keep))
+            merged, _ = parse_state(raw)
+            for name, run in runs.items():
+                merged = record_run(merged, name, run, keep)
+            value = encode_state(merged)
             if value == raw:
                 return  # already there (or not shareable): the fence check above was the point
             try:
@@ -162,4 +168,4 @@ class ScheduleStore:
                 return
             except LeaseConflict:
                 continue  # usually the elector's own renewal: read again
-        raise LeaseApiError(f"the lease changed under each of {ATTEMPTS} attempts to record {name!r}")
+        raise LeaseApiError(f"the lease changed under each of {ATTEMPTS} attempts to record {sorted(runs)}")
