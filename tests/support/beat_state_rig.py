@@ -26,18 +26,23 @@ def start_slots_elector(
     server: str | None = None,
     queue: str = "slots",
     extra_env: dict[str, str] | None = None,
+    per_pod_file: bool = False,
 ) -> BeatElector:
+    """`per_pod_file`: Celery's PersistentScheduler with a schedule file of its own, as before issue 29."""
     elector = standalone_elector(workdir)
     log_path = workdir / f"{identity}.log"
     argv = [
         sys.executable, str(elector),
         *admin_connection(kubeconfig, server),
         "--namespace", namespace, "--lease", lease, "--identity", identity,
-        *timings.flags(), "--schedule-state",
+        *timings.flags(), *([] if per_pod_file else ["--schedule-state"]),
         "--",
-        sys.executable, "-m", "celery", "-A", "tests.support.beat_slots_app", "beat",
-        "--scheduler", LEASE_SCHEDULER, "--loglevel", "INFO",
+        sys.executable, "-m", "celery", "-A", "tests.support.beat_slots_app", "beat", "--loglevel", "INFO",
     ]  # fmt: skip
+    if per_pod_file:
+        argv += ["--scheduler", "celery.beat:PersistentScheduler", "--schedule", str(workdir / f"{identity}-schedule")]
+    else:
+        argv += ["--scheduler", LEASE_SCHEDULER]
     env = {
         **os.environ,
         # The repository for the app module; `celery_fleet` then comes from the single file the
