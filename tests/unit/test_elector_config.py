@@ -55,6 +55,8 @@ def test_the_bundled_modules_import_only_the_standard_library_and_each_other() -
 def test_every_module_of_the_package_is_bundled_or_deliberately_left_out() -> None:
     modules = {p.stem for p in bundle.package_dir().glob("*.py")}
     assert modules - set(bundle.BUNDLED_MODULES) == {"bundle"}
+    beat = {p.stem for p in (bundle.package_dir().parent / "beat").glob("*.py")}
+    assert beat == set(bundle.BUNDLED_BEAT_MODULES)  # beat's scheduler reaches pods in the same file
 
 
 @pytest.mark.parametrize("name", [name for name, _ in bundle.members()])
