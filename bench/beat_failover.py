@@ -350,7 +350,8 @@ def slots_report(
     last = trials[-1] if trials else None
     lines += [
         "",
-        f"Over the whole run: duplicates **{last.duplicates if last else 0}**, missed minutes "
+        f"Over the whole run: duplicates **{last.duplicates if last else 0}**, gap minutes never sent "
+        f"**{sum(x.minute_sends == 0 for x in trials)}**, other minutes missed (holes between sent minutes) "
         f"**{last.missed if last else 0}**, countdowns restarted **{sum(x.interval_restarted for x in trials)}**, "
         f"seconds with two beats **{overlaps:.3f}** (the duplicates/missed columns are cumulative).",
         "",
