@@ -12,6 +12,9 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -26,7 +29,7 @@ from celery_fleet.elector.schedule_state import ANNOTATION, EntryState, parse_st
 from celery_fleet.elector.schedule_store import Deposed, ScheduleStore
 from celery_fleet.leader import endpoint_from_kubeconfig
 from tests.support.beat_slots_app import ALIGNED_TASK, INTERVAL_TASK, read_sends
-from tests.support.beat_state_rig import start_slots_elector
+from tests.support.beat_state_rig import ROOT, start_django_beat_elector, start_slots_elector
 from tests.support.beatapp import BeatElector, Timings
 from tests.support.cluster import Cluster
 from tests.support.redis_server import RedisServer
@@ -35,6 +38,7 @@ from tests.support.wait import wait_for
 pytestmark = pytest.mark.integration
 
 LEASE = "beat"
+DJBEAT_QUEUE = "djbeat"
 T0 = datetime(2026, 12, 8, 1, 0, tzinfo=UTC)
 
 
@@ -185,4 +189,73 @@ def test_a_failover_keeps_last_runs_and_sends_the_gap_slot_once(
     assert closest > INTERVAL_SECONDS / 2, f"an interval run sent twice: {describe()}"
     stored = _stored(cluster, namespace)
     assert set(stored) == {"aligned", "interval"}
+    redis.close()
+
+
+# =========================================================================== django-celery-beat (SQLite)
+
+
+def test_django_celery_beat_under_the_elector_keeps_its_state_in_the_database(
+    cluster: Cluster,
+    namespace: str,
+    redis_server: RedisServer,
+    redis_db: Any,
+    tmp_path: Path,
+    electors: dict[str, BeatElector],
+) -> None:
+    """The documented combination (docs/beat.md): one DatabaseScheduler at a time, and its run count,
+    synced after each send (beat_sync_every = 1), carries on through a kill -9 of the leader."""
+    database = tmp_path / "beat.sqlite3"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DJBEAT_DB": str(database)}
+
+    def djbeat(command: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "tests.support.djbeat_app", command], env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    djbeat("setup")  # an interval task every 3 s
+    redis = redis_server.client()
+    for identity in ("beat-a", "beat-b"):
+        electors[identity] = start_django_beat_elector(
+            identity,
+            workdir=tmp_path,
+            kubeconfig=cluster.kubeconfig,
+            namespace=namespace,
+            lease=LEASE,
+            broker_url=redis_server.url,
+            timings=TIMINGS,
+            database=database,
+        )
+
+    def sends() -> list[tuple[str, float]]:
+        out = [json.loads(raw)["headers"] for raw in redis.lrange(DJBEAT_QUEUE, 0, -1)]
+        return sorted(((h["sender"], float(h["published_at"])) for h in out), key=lambda s: s[1])
+
+    def describe() -> str:
+        lines = [str(sends())]
+        for e in electors.values():
+            lines += e.log_path.read_text(errors="replace").splitlines()[-12:]
+        return "\n".join(lines)
+
+    def leading() -> BeatElector | None:
+        now_leading = [e for e in electors.values() if e.is_leading()]
+        assert len(now_leading) <= 1, "two beats at once"
+        return now_leading[0] if now_leading else None
+
+    old = wait_for(leading, timeout=30, message=describe)
+    wait_for(lambda: sum(s[0] == old.identity for s in sends()) >= 2, timeout=40, message=describe)
+    old.kill_with_beat()
+    new = next(e for e in electors.values() if e is not old)
+    wait_for(lambda: sum(s[0] == new.identity for s in sends()) >= 2, timeout=40, message=describe)
+
+    sent = sends()
+    gaps = [b[1] - a[1] for a, b in itertools.pairwise(sent)]
+    assert min(gaps) > 1.5, f"a run sent twice: {describe()}"
+    # The count the new leader synced includes the old leader's runs: the state is the database's.
+    # (At most the run in flight at the kill is missing from it.)
+    count = int(djbeat("count"))
+    from_old = sum(s[0] == old.identity for s in sent)
+    assert count > from_old and count >= len(sent) - 1, f"total_run_count {count}: {describe()}"
     redis.close()
