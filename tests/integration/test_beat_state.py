@@ -29,7 +29,7 @@ from celery_fleet.elector.schedule_state import ANNOTATION, EntryState, parse_st
 from celery_fleet.elector.schedule_store import Deposed, ScheduleStore
 from celery_fleet.leader import endpoint_from_kubeconfig
 from tests.support.beat_slots_app import ALIGNED_TASK, INTERVAL_TASK, read_sends
-from tests.support.beat_state_rig import ROOT, start_django_beat_elector, start_slots_elector
+from tests.support.beat_state_rig import ROOT, start_app_elector, start_slots_elector
 from tests.support.beatapp import BeatElector, Timings
 from tests.support.cluster import Cluster
 from tests.support.redis_server import RedisServer
@@ -218,15 +218,16 @@ def test_django_celery_beat_under_the_elector_keeps_its_state_in_the_database(
     djbeat("setup")  # an interval task every 3 s
     redis = redis_server.client()
     for identity in ("beat-a", "beat-b"):
-        electors[identity] = start_django_beat_elector(
+        electors[identity] = start_app_elector(
             identity,
             workdir=tmp_path,
             kubeconfig=cluster.kubeconfig,
             namespace=namespace,
             lease=LEASE,
-            broker_url=redis_server.url,
             timings=TIMINGS,
-            database=database,
+            app="tests.support.djbeat_app",
+            scheduler="django_celery_beat.schedulers:DatabaseScheduler",
+            env={"DJBEAT_DB": str(database), "DJBEAT_BROKER_URL": redis_server.url, "DJBEAT_SENDER": identity},
         )
 
     def sends() -> list[tuple[str, float]]:
@@ -258,4 +259,63 @@ def test_django_celery_beat_under_the_elector_keeps_its_state_in_the_database(
     count = int(djbeat("count"))
     from_old = sum(s[0] == old.identity for s in sent)
     assert count > from_old and count >= len(sent) - 1, f"total_run_count {count}: {describe()}"
+    redis.close()
+
+
+# =========================================================================== redbeat, its lock off
+
+
+def test_redbeat_with_its_lock_off_fails_over_with_the_lease(
+    cluster: Cluster,
+    namespace: str,
+    redis_server: RedisServer,
+    redis_db: Any,
+    tmp_path: Path,
+    electors: dict[str, BeatElector],
+) -> None:
+    """redbeat_lock_key = None (docs/beat.md): the new leader does not wait for redbeat's lock
+    (25 minutes by default), sends nothing twice, and its run count goes on from Redis."""
+    redis = redis_server.client()
+    for identity in ("beat-a", "beat-b"):
+        electors[identity] = start_app_elector(
+            identity,
+            workdir=tmp_path,
+            kubeconfig=cluster.kubeconfig,
+            namespace=namespace,
+            lease=LEASE,
+            timings=TIMINGS,
+            app="tests.support.redbeat_app",
+            scheduler="redbeat.RedBeatScheduler",
+            env={"REDBEAT_BROKER_URL": redis_server.url, "REDBEAT_SENDER": identity},
+        )
+
+    def sends() -> list[tuple[str, float]]:
+        out = [json.loads(raw)["headers"] for raw in redis.lrange("redbeat", 0, -1)]
+        return sorted(((h["sender"], float(h["published_at"])) for h in out), key=lambda s: s[1])
+
+    def describe() -> str:
+        lines = [str(sends())]
+        for e in electors.values():
+            lines += e.log_path.read_text(errors="replace").splitlines()[-12:]
+        return "\n".join(lines)
+
+    def leading() -> BeatElector | None:
+        now_leading = [e for e in electors.values() if e.is_leading()]
+        assert len(now_leading) <= 1, "two beats at once"
+        return now_leading[0] if now_leading else None
+
+    old = wait_for(leading, timeout=30, message=describe)
+    wait_for(lambda: sum(s[0] == old.identity for s in sends()) >= 2, timeout=40, message=describe)
+    old.kill_with_beat()
+    new = next(e for e in electors.values() if e is not old)
+    # Well inside redbeat's default lock timeout (25 minutes): its lock is not in the way.
+    wait_for(lambda: sum(s[0] == new.identity for s in sends()) >= 2, timeout=40, message=describe)
+
+    sent = sends()
+    gaps = [b[1] - a[1] for a, b in itertools.pairwise(sent)]
+    assert min(gaps) > 1.5, f"a run sent twice: {describe()}"
+    meta = json.loads(redis.hget("redbeat:every-few-seconds", "meta") or "{}")
+    from_old = sum(s[0] == old.identity for s in sent)
+    assert meta.get("total_run_count", 0) > from_old, f"redbeat meta {meta}: {describe()}"
+    assert not redis.exists("redbeat::lock"), "redbeat took its own lock"
     redis.close()

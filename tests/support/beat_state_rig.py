@@ -59,19 +59,20 @@ def start_slots_elector(
     return BeatElector(identity, proc, log_path)
 
 
-def start_django_beat_elector(
+def start_app_elector(
     identity: str,
     *,
     workdir: Path,
     kubeconfig: Path,
     namespace: str,
     lease: str,
-    broker_url: str,
     timings: Timings,
-    database: Path,
+    app: str,
+    scheduler: str,
+    env: dict[str, str],
 ) -> BeatElector:
-    """`celery beat` on django-celery-beat's DatabaseScheduler (tests/support/djbeat_app.py, SQLite
-    at `database`, shared by the pods as a database would be), under the elector."""
+    """`celery -A app beat --scheduler scheduler` under the elector, without --schedule-state: a
+    scheduler that keeps its own state (django-celery-beat, redbeat)."""
     elector = standalone_elector(workdir)
     log_path = workdir / f"{identity}.log"
     argv = [
@@ -79,17 +80,10 @@ def start_django_beat_elector(
         *admin_connection(kubeconfig, None),
         "--namespace", namespace, "--lease", lease, "--identity", identity, *timings.flags(),
         "--",
-        sys.executable, "-m", "celery", "-A", "tests.support.djbeat_app", "beat", "--loglevel", "INFO",
-        "--scheduler", "django_celery_beat.schedulers:DatabaseScheduler",
+        sys.executable, "-m", "celery", "-A", app, "beat", "--loglevel", "INFO", "--scheduler", scheduler,
     ]  # fmt: skip
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "DJBEAT_DB": str(database),
-        "DJBEAT_BROKER_URL": broker_url,
-        "DJBEAT_SENDER": identity,
-    }
-    env.pop("KUBECONFIG", None)
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    full_env.pop("KUBECONFIG", None)
     with log_path.open("ab") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(workdir))
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=str(workdir))
     return BeatElector(identity, proc, log_path)
