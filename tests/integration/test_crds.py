@@ -86,7 +86,7 @@ def test_apiserver_defaults_a_minimal_beat(cluster: Cluster, crds_installed: lis
     spec = get_json(cluster, "cbeat", "tiny", "-n", namespace)["spec"]
     assert spec["lease"] == {"durationSeconds": 15, "renewDeadlineSeconds": 10, "retryPeriodSeconds": 2}
     assert spec["standby"] == 1
-    assert spec["scheduler"] == "celery.beat:PersistentScheduler"
+    assert "scheduler" not in spec  # unset: the operator's LeaseScheduler, chosen in the pod template
 
 
 # --- Invalid objects ---------------------------------------------------------------------------

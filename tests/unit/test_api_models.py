@@ -119,7 +119,7 @@ def test_autoscaling_defaults() -> None:
 
 def test_beat_defaults() -> None:
     spec = parse_beat({"app": "a", "image": "i", "broker": {"urlSecretRef": {"name": "s", "key": "url"}}})
-    assert spec.scheduler == "celery.beat:PersistentScheduler"
+    assert spec.scheduler is None  # the operator's LeaseScheduler (planning.beat_workload.DEFAULT_SCHEDULER)
     assert (spec.lease.duration_seconds, spec.lease.renew_deadline_seconds, spec.lease.retry_period_seconds) == (
         15,
         10,

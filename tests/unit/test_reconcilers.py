@@ -205,6 +205,33 @@ def test_a_new_beat_gets_its_identity_and_lease_before_its_pods() -> None:
     assert [c["image"] for c in init] == [ELECTOR_IMAGE]
 
 
+def _warnings(api: RecordingApi) -> list[tuple[str, str]]:
+    return [
+        (b["reason"], b.get("message") or b.get("note") or "")
+        for (m, path, b) in api.writes
+        if m == "POST" and "/events" in path and b.get("type") == "Warning"
+    ]
+
+
+def test_a_beat_on_a_scheduler_that_cannot_be_exactly_once_is_warned_about_once() -> None:
+    body = _beat(scheduler="celery.beat:PersistentScheduler")
+    api, cache = RecordingApi(), FleetCache()
+    key = cache.put_beat(body)
+    reconciler = BeatReconciler(Kube(api), cache, ELECTOR_IMAGE)  # type: ignore[arg-type]
+    reconciler.reconcile(key)
+    reconciler.reconcile(key)
+    warned = [w for w in _warnings(api) if w[0] == "SchedulerNotExactlyOnce"]
+    assert len(warned) == 1 and "file of the pod" in warned[0][1]
+    assert "--schedule-state" not in api.applied()[-1]["spec"]["template"]["spec"]["containers"][0]["command"]
+
+
+def test_a_beat_on_the_default_scheduler_is_not_warned_about() -> None:
+    api, _ = _reconcile_beat(_beat())
+    assert not [w for w in _warnings(api) if w[0] == "SchedulerNotExactlyOnce"]
+    command = api.applied()[-1]["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert "--schedule-state" in command and "celery_fleet.beat.scheduler:LeaseScheduler" in command
+
+
 def test_a_beat_whose_broker_secret_is_missing_runs_no_pods() -> None:
     body = _beat(broker={"urlSecretRef": {"name": "shop-broker", "key": "url"}})
     api, outcome = _reconcile_beat(body, RecordingApi(broker_url=None))

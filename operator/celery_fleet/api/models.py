@@ -1394,11 +1394,13 @@ class CeleryBeatSpec(WorkloadSpec):
 
     RULES = _BEAT_VOLUME_RULES
 
-    scheduler: str = Field(
-        default="celery.beat:PersistentScheduler",
+    scheduler: str | None = Field(
+        default=None,
         min_length=1,
         max_length=253,
-        description="Beat scheduler class (--scheduler), e.g. django_celery_beat.schedulers:DatabaseScheduler.",
+        description="Beat scheduler class (--scheduler), e.g. django_celery_beat.schedulers:DatabaseScheduler. "
+        "Unset: the operator's own, which keeps each entry's last run on the beat's Lease so a failover "
+        "neither skips nor repeats a run (docs/beat.md); it ships with the elector, not in your image.",
     )
     lease: LeaseSpec = Field(
         default_factory=LeaseSpec,

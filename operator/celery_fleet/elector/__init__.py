@@ -14,6 +14,8 @@ Modules, each one concern:
 - `loop`: the elector loop, level-triggered: leading and not running -> start, and so on;
 - `process`: the child process, signals, the clock, log lines and the fence thread;
 - `lease_client`: the Lease endpoints over HTTP with a wall-clock deadline per request;
+- `schedule_state` (pure) and `schedule_store`: beat's shared schedule state on the Lease, read
+  and written from inside `celery beat` by celery_fleet.beat.scheduler (`--schedule-state`);
 - `cli`: flags and in-cluster credentials; `__main__`: the entry point;
 - `bundle`: builds the single file (not part of it).
 

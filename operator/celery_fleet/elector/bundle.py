@@ -16,7 +16,11 @@ import zipfile
 from pathlib import Path
 
 # The modules a pod needs, in the package; `bundle` itself stays out.
-BUNDLED_MODULES = ("__init__", "election", "process", "loop", "lease_client", "cli", "__main__")
+BUNDLED_MODULES = (
+    "__init__", "election", "schedule_state", "process", "loop", "lease_client", "schedule_store", "cli", "__main__",
+)  # fmt: skip
+# Beat's scheduler (celery_fleet.beat), which the elector puts on beat's path with --schedule-state.
+BUNDLED_BEAT_MODULES = ("__init__", "scheduler")
 _SHEBANG = b"#!/usr/bin/env python3\n"
 _ENTRY = b"import sys\n\nfrom celery_fleet.elector.cli import main\n\nsys.exit(main())\n"
 _EPOCH = (1980, 1, 1, 0, 0, 0)
@@ -32,6 +36,8 @@ def members() -> list[tuple[str, bytes]]:
     out = [("__main__.py", _ENTRY), ("celery_fleet/__init__.py", (here.parent / "__init__.py").read_bytes())]
     for module in BUNDLED_MODULES:
         out.append((f"celery_fleet/elector/{module}.py", (here / f"{module}.py").read_bytes()))
+    for module in BUNDLED_BEAT_MODULES:
+        out.append((f"celery_fleet/beat/{module}.py", (here.parent / "beat" / f"{module}.py").read_bytes()))
     return out
 
 

@@ -32,6 +32,8 @@ from celery_fleet.elector.process import (
     install_signal_handlers,
     stderr_log,
 )
+from celery_fleet.elector.schedule_state import STATE_ENV
+from celery_fleet.elector.schedule_store import StoreConfig
 
 EXIT_USAGE = 2
 LEASE_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -59,6 +61,12 @@ def build_parser(prog: str = "elector") -> argparse.ArgumentParser:
     election.add_argument(
         "--stop-grace", type=float, help="SIGKILL CMD this long after SIGTERM (default (duration - renew-deadline) / 2)"
     )
+    election.add_argument(
+        "--schedule-state",
+        action="store_true",
+        help="let CMD (celery beat with celery_fleet.beat.scheduler:LeaseScheduler) keep its schedule "
+        "state on the lease: exports the lease and the credential file paths to it, and this file on its PYTHONPATH",
+    )
     conn = parser.add_argument_group("apiserver (default: in-cluster)")
     conn.add_argument(
         "--service-account-dir",
@@ -85,6 +93,8 @@ class Invocation:
     timings: ElectionTimings
     endpoint: ApiEndpoint
     command: list[str]
+    # The schedule state's configuration for CMD (--schedule-state), else None.
+    schedule_state: StoreConfig | None = None
 
 
 def in_cluster_endpoint(environ: Mapping[str, str], service_account_dir: str) -> ApiEndpoint:
@@ -166,7 +176,25 @@ def parse_invocation(
         raise UsageError("no namespace for the lease: pass --namespace or set POD_NAMESPACE")
     if shutil.which(command[0]) is None:
         raise UsageError(f"command {command[0]!r} not found on PATH")
-    return Invocation(args.lease, namespace, identity, timings, endpoint, command)
+    state = StoreConfig.for_endpoint(endpoint, namespace, args.lease, identity) if args.schedule_state else None
+    return Invocation(args.lease, namespace, identity, timings, endpoint, command, state)
+
+
+def bundle_root() -> str:
+    """What to put on PYTHONPATH for `celery_fleet` as this process has it: the single file when
+    run from it (.../elector.pyz/celery_fleet/elector/cli.py), else the source tree."""
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def command_environment(invocation: Invocation, environ: Mapping[str, str]) -> dict[str, str] | None:
+    """The command's environment: ours, plus the schedule state's with --schedule-state (None: ours)."""
+    if invocation.schedule_state is None:
+        return None
+    env = dict(environ)
+    # Appended: a `celery_fleet` the image already has (a development install) stays first.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (environ.get("PYTHONPATH"), bundle_root()) if p)
+    env[STATE_ENV] = invocation.schedule_state.to_env()
+    return env
 
 
 def run(invocation: Invocation, api: HttpLeaseApi, on_elector: Callable[[Elector], None] | None = None) -> int:
@@ -186,7 +214,7 @@ def run(invocation: Invocation, api: HttpLeaseApi, on_elector: Callable[[Elector
         retry_period=f"{timings.retry_period:g}",
         stop_grace=f"{timings.stop_grace:g}",
     )
-    command = ChildProcess(invocation.command)
+    command = ChildProcess(invocation.command, command_environment(invocation, os.environ))
     fence = ThreadFence(command, timings.stop_grace, clock.wake)
     elector = Elector(Election(invocation.identity, timings), api, command, clock, shutdown, emit, fence)
     if on_elector is not None:

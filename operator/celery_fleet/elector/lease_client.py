@@ -226,6 +226,23 @@ class HttpLeaseApi:
         self._expect(status, reply, "PUT", (200,))
         return Lease.from_body(reply)
 
+    def replace_annotation(self, lease: Lease, key: str, value: str, timeout: float) -> Lease:
+        """Set one annotation, compare-and-swap on lease.resource_version; the spec is sent as read.
+
+        Raises LeaseConflict when the lease changed (409) or was deleted (404) since it was read."""
+        body = copy.deepcopy(dict(lease.body))
+        metadata = body.setdefault("metadata", {})
+        metadata["resourceVersion"] = lease.resource_version
+        metadata.pop("managedFields", None)
+        annotations = dict(metadata.get("annotations") or {})
+        annotations[key] = value
+        metadata["annotations"] = annotations
+        status, reply = self._request("PUT", self._item, body, timeout)
+        if status in (404, 409):
+            raise LeaseConflict("lease changed since it was read" if status == 409 else "lease was deleted", status)
+        self._expect(status, reply, "PUT", (200,))
+        return Lease.from_body(reply)
+
     def _expect(self, status: int, body: Mapping[str, Any], method: str, ok: tuple[int, ...]) -> None:
         if status in ok:
             return

@@ -62,14 +62,16 @@ def _die_with_parent(parent_pid: int) -> Callable[[], None]:
 class ChildProcess:
     """The real command, in its own session so its whole group can be signalled."""
 
-    def __init__(self, argv: Sequence[str]) -> None:
+    def __init__(self, argv: Sequence[str], env: Mapping[str, str] | None = None) -> None:
         self.argv = list(argv)
+        self.env = dict(env) if env is not None else None
         self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> int:
         self._proc = subprocess.Popen(
             self.argv,
             start_new_session=True,
+            env=self.env,
             # The hook calls only prctl and getppid: no lock another thread (the fence, a health
             # server) could hold at fork time is needed in the child.
             preexec_fn=_die_with_parent(os.getpid()),

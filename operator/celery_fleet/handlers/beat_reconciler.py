@@ -20,6 +20,7 @@ from celery_fleet.handlers.children import ChildConflict, apply_child
 from celery_fleet.handlers.pool_reconciler import Outcome, object_version, rejected_child, utcnow
 from celery_fleet.kube.client import ApiError, Kube
 from celery_fleet.kube.events import ObjectRef, post_event
+from celery_fleet.planning.beat_scheduler import NOT_EXACTLY_ONCE, scheduler_advice
 from celery_fleet.planning.beat_status import BeatStatusInput, beat_status, current_leader, parse_time, view_lease
 from celery_fleet.planning.beat_workload import beat_children, beat_names
 from celery_fleet.planning.conditions import conditions_equal, merge_conditions
@@ -48,6 +49,7 @@ class BeatRuntime:
     applied: dict[tuple[str, str], tuple[str, float, str]] = field(default_factory=dict)
     leader: str | None = None
     leaderless_since: dt.datetime | None = None
+    advised: tuple[int, str] | None = None  # (generation, advice) last posted as a Warning Event
 
 
 class BeatReconciler:
@@ -94,6 +96,11 @@ class BeatReconciler:
                     f"spec.broker.urlSecretRef: Secret {namespace}/{sref.name} has no (non-empty) key {sref.key!r}. "
                     "Create it or point urlSecretRef at an existing Secret.",
                 )
+        advice = scheduler_advice(spec.scheduler)
+        generation = int(body["metadata"].get("generation", 0))
+        if advice is not None and runtime.advised != (generation, advice):
+            post_event(self.kube, ref, NOT_EXACTLY_ONCE, advice, "Warning")
+            runtime.advised = (generation, advice)
         if problem is None and not spec.paused:
             try:
                 self._apply_children(key, body, spec, ref, runtime)

@@ -64,6 +64,10 @@ ELECTOR_PATH = f"{ELECTOR_DIR}/{ELECTOR_FILE}"
 # non-root user or a read-only root filesystem cannot; give it a writable place of its own.
 SCHEDULE_FILE = f"{SCHEDULE_DIR}/celerybeat-schedule"
 
+# spec.scheduler unset: schedule state on the Lease, fenced (docs/beat.md). The elector ships it
+# and, with --schedule-state, puts it on beat's path.
+DEFAULT_SCHEDULER = "celery_fleet.beat.scheduler:LeaseScheduler"
+
 # CeleryBeatSpec has no log level; `--loglevel` in extraArgs overrides this (the last one wins).
 BEAT_LOG_LEVEL = "INFO"
 BEAT_GRACE_MARGIN_SECONDS = 5
@@ -198,13 +202,14 @@ def beat_command(beat_name: str, spec: CeleryBeatSpec) -> list[str]:
         # The kubelet's default, said out loud so a runtime that maps mounts (localrun) can see it.
         "--service-account-dir",
         SERVICE_ACCOUNT_DIR,
+        *(["--schedule-state"] if spec.scheduler is None else []),
         "--",
         "celery",
         "-A",
         spec.app,
         "beat",
         "--scheduler",
-        spec.scheduler,
+        spec.scheduler or DEFAULT_SCHEDULER,
         "--schedule",
         SCHEDULE_FILE,
         "--loglevel",
