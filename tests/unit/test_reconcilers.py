@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kubernetes.client.rest import ApiException
 
 from celery_fleet.api.models import Tier
 from celery_fleet.handlers.beat_reconciler import BeatReconciler
@@ -313,3 +314,32 @@ def test_broker_reachable_names_our_own_slow_poll_as_ours(problem: tuple[str, st
     PoolReconciler(Kube(api), cache).reconcile(key)  # type: ignore[arg-type]  # duck-typed ApiClient
     condition = _condition(api.statuses()[-1], "BrokerReachable")
     assert (condition["status"], condition["reason"]) == (status, problem[0])
+
+
+class _PoolGoneApi(RecordingApi):
+    """The pool was deleted with its namespace: writes for it answer 404; `exists` says what a GET of it finds."""
+
+    def __init__(self, exists: bool) -> None:
+        super().__init__()
+        self.exists = exists
+
+    def call_api(self, path: str, method: str, **kwargs: Any) -> tuple[Any, int, dict[str, str]]:
+        if "/celeryworkerpools/" in path:
+            self.calls.append((method, path, {}, ""))
+            namespace, name = path.split("/")[5], path.split("/")[7]
+            if method == "GET" and self.exists:
+                return {"metadata": {"namespace": namespace, "name": name, "uid": "u1"}}, 200, {}
+            raise ApiException(status=404, reason="Not Found")
+        return super().call_api(path, method, **kwargs)
+
+
+@pytest.mark.parametrize("exists", [False, True], ids=["gone-is-forgotten", "a-404-of-something-else-is-retried"])
+def test_a_pool_deleted_with_its_namespace_is_forgotten_not_retried_forever(exists: bool) -> None:
+    """Deleting a namespace stops its watch before the pool's DELETED event: a 404 for the pool itself,
+    confirmed by a GET, drops it from the cache (the autoscaler forgets what is not cached)."""
+    body = _pool()
+    body["metadata"].update(namespace=NAMESPACE, uid="u1")
+    _, cache, outcome = _reconcile_pool(body, _PoolGoneApi(exists))
+    key = (NAMESPACE, body["metadata"]["name"])
+    assert outcome.error is exists
+    assert (cache.pool(key) is not None) is exists

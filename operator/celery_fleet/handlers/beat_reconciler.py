@@ -59,6 +59,21 @@ class BeatReconciler:
         self.elector_image = elector_image
         self.runtime: dict[ObjKey, BeatRuntime] = {}
 
+    def _gone(self, key: ObjKey, body: dict[str, Any]) -> bool:
+        """Whether a 404 was the beat itself (its namespace deleted: the watch stopped before its DELETED
+        event). A failed read is not gone: it is retried."""
+        try:
+            if self.kube.get(BEAT_API_VERSION, "CeleryBeat", *key) is not None:
+                return False
+        except ApiError:
+            return False
+        if not self.cache.drop_beat_if_uid(key, body["metadata"].get("uid")):
+            return False
+        self.runtime.pop(key, None)
+        metrics.forget_beat(*key)
+        log.info("beat %s/%s: gone (its namespace deleted?), forgotten", *key)
+        return True
+
     def reconcile(self, key: ObjKey) -> Outcome:
         body = self.cache.beats.get(key)
         if body is None or body["metadata"].get("deletionTimestamp"):
@@ -71,6 +86,8 @@ class BeatReconciler:
             metrics.RECONCILES.labels("CeleryBeat", "error" if outcome.error else "ok").inc()
             return outcome
         except ApiError as err:
+            if err.status == 404 and self._gone(key, body):
+                return Outcome()
             metrics.RECONCILES.labels("CeleryBeat", "error").inc()
             log.warning("beat %s/%s: API error, will retry: %s", *key, err)
             return Outcome(error=True)

@@ -199,6 +199,15 @@ class FleetCache:
             self._versions.pop(key, None)
             self.children.pop(key, None)  # the GC deletes them; their DELETED events find nothing to drop
 
+    def drop_pool_if_uid(self, key: ObjKey, uid: str | None) -> bool:
+        """Drop the pool only if the cached one is still `uid` (one created again under its name is kept)."""
+        with self._lock:
+            body = self.pools.get(key)
+            if body is None or body["metadata"].get("uid") != uid:
+                return False
+        self.drop_pool(key)
+        return True
+
     def version(self, key: ObjKey) -> int | None:
         """Changes whenever the pool or any of its children is written (None: not cached)."""
         return self._versions.get(key)
@@ -216,6 +225,14 @@ class FleetCache:
     def drop_beat(self, key: ObjKey) -> None:
         with self._lock:
             self.beats.pop(key, None)
+
+    def drop_beat_if_uid(self, key: ObjKey, uid: str | None) -> bool:
+        with self._lock:
+            body = self.beats.get(key)
+            if body is None or body["metadata"].get("uid") != uid:
+                return False
+            self.beats.pop(key, None)
+            return True
 
     # -- children
     def put_child(self, owner_label: str, body: Mapping[str, Any], deleted: bool = False) -> ObjKey | None:

@@ -137,11 +137,28 @@ class PoolReconciler:
             metrics.RECONCILES.labels("CeleryWorkerPool", "error" if outcome.error else "ok").inc()
             return outcome
         except ApiError as err:
+            if err.status == 404 and self._gone(key, body):
+                return Outcome()
             metrics.RECONCILES.labels("CeleryWorkerPool", "error").inc()
             log.warning("pool %s/%s: API error, will retry: %s", *key, err)
             return Outcome(error=True)
         finally:
             metrics.RECONCILE_SECONDS.labels("CeleryWorkerPool").observe(time.perf_counter() - started)
+
+    def _gone(self, key: ObjKey, body: Mapping[str, Any]) -> bool:
+        """Whether a 404 was the pool itself. Deleting a namespace stops the watch of it (Kopf) before
+        the pool's DELETED event arrives: without this the cache kept the pool, retried forever and
+        polled its broker. Any doubt (the read failed) is not gone: it is retried."""
+        try:
+            if self.kube.get(POOL_API_VERSION, "CeleryWorkerPool", *key) is not None:
+                return False
+        except ApiError:
+            return False
+        if not self.cache.drop_pool_if_uid(key, body["metadata"].get("uid")):
+            return False
+        self._status_written.pop(key, None)
+        log.info("pool %s/%s: gone (its namespace deleted?), forgotten", *key)
+        return True
 
     def _reconcile(self, key: ObjKey, body: dict[str, Any]) -> Outcome:
         namespace, name = key
