@@ -208,6 +208,14 @@ class FleetCache:
         self.drop_pool(key)
         return True
 
+    def uids(self) -> tuple[dict[ObjKey, str | None], dict[ObjKey, str | None]]:
+        """Pool and beat key -> uid, as cached now (the sweep's snapshot before it lists)."""
+        with self._lock:
+            return (
+                {k: b["metadata"].get("uid") for k, b in self.pools.items()},
+                {k: b["metadata"].get("uid") for k, b in self.beats.items()},
+            )
+
     def version(self, key: ObjKey) -> int | None:
         """Changes whenever the pool or any of its children is written (None: not cached)."""
         return self._versions.get(key)

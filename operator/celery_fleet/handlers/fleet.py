@@ -10,13 +10,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from celery_fleet import metrics
+from celery_fleet.api.models import API_VERSION, BEAT_KIND, POOL_KIND
 from celery_fleet.handlers.autoscaler.loop import Autoscaler
 from celery_fleet.handlers.beat_reconciler import BeatReconciler
 from celery_fleet.handlers.cache import FleetCache, ObjKey
 from celery_fleet.handlers.pool_reconciler import Outcome, PoolReconciler
 from celery_fleet.handlers.workqueue import WorkQueue
-from celery_fleet.kube.client import Kube
+from celery_fleet.kube.client import ApiError, Kube
 from celery_fleet.kube.events import EventPoster
+from celery_fleet.planning import sweep
 from celery_fleet.planning.broker_policy import BrokerPolicy
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,10 @@ async def trim_malloc_periodically(interval: float = MALLOC_TRIM_SECONDS) -> Non
     while True:
         await asyncio.sleep(interval)
         await asyncio.to_thread(libc.malloc_trim, 0)
+
+
+# How often cached pools and beats are checked against a LIST (objects of a deleted namespace).
+SWEEP_SECONDS = 300.0
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,42 @@ class Fleet:
     async def _reconcile_beat(self, key: ObjKey) -> None:
         await self._reconcile("CeleryBeat", self.beats.reconcile, self.beat_queue, key)
 
+    def sweep(self) -> list[ObjKey]:
+        """Drop cached pools and beats that are gone though no DELETED event came (their namespace's
+        watch stopped first: planning.sweep). One LIST per namespace and kind with cached objects;
+        a failed LIST keeps them (unknown is not gone). Blocking: run it in a thread."""
+        pools, beats = self.cache.uids()
+        dropped: list[ObjKey] = []
+        for kind, snapshot, drop, queue in (
+            (POOL_KIND, pools, self.cache.drop_pool_if_uid, self.pool_queue),
+            (BEAT_KIND, beats, self.cache.drop_beat_if_uid, self.beat_queue),
+        ):
+            for namespace in sorted({key[0] for key in snapshot}):
+                try:
+                    items = self.kube.list(API_VERSION, kind, namespace)
+                except ApiError as err:
+                    if err.status != 404:
+                        log.warning("sweep of %s in %s: %s; kept", kind, namespace, err)
+                        continue
+                    items = []
+                uids = [str((item.get("metadata") or {}).get("uid")) for item in items]
+                for key in sweep.gone(snapshot, namespace, uids):
+                    if drop(key, snapshot[key]):
+                        log.info(
+                            "%s %s/%s: gone without a DELETED event (its namespace deleted?), forgotten", kind, *key
+                        )
+                        dropped.append(key)
+                        queue.add(key)  # its reconciler forgets the rest (status record, metrics)
+        return dropped
+
+    async def sweep_periodically(self, interval: float = SWEEP_SECONDS) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await asyncio.to_thread(self.sweep)
+            except Exception:  # a bug must not stop the sweep for good
+                log.exception("sweep of deleted pools and beats crashed")
+
     async def run(self) -> None:
         limit_malloc_arenas()
         # Reconciles and scale calls use the blocking client in threads; asyncio's default pool
@@ -126,4 +168,5 @@ class Fleet:
             self.beat_queue.run(self._reconcile_beat, 2),
             self.autoscaler.run(),
             trim_malloc_periodically(),
+            self.sweep_periodically(),
         )
