@@ -179,8 +179,9 @@ KEDA_CRD = {
 
 def test_a_keda_scaled_object_is_seen_once_its_crd_exists_and_a_paused_one_is_not(
     cluster: Cluster, k8s_api: client.ApiClient, operator: OperatorProcess, namespace: str,
-    redis_server: RedisServer,
+    redis_server: RedisServer, redis_db: Any,
 ) -> None:  # fmt: skip
+    # redis_db flushes the shared Redis: the HPA test's backlog on the same queue names would scale kd up.
     created = cluster.kubectl("get", "crd", "scaledobjects.keda.sh", check=False).returncode != 0
     if created:  # the operator started without it: Kopf starts the watch when it appears
         _apply(cluster, "default", KEDA_CRD)
